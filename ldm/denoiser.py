@@ -1,0 +1,53 @@
+"""Turning a diffusers U-Net into the denoiser callable the samplers take."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .process import q_sample, to_x0
+
+
+def unet_net(unet) -> Callable:
+    """``net(x, t, context) -> output`` for a ``UNet2DConditionModel``.
+
+    ``context`` holds ``encoder_hidden_states`` (B, L, D) and, for a 9-channel inpainting U-Net,
+    ``concat`` (B, 5, h, w): the mask and the masked image's latents, appended to the input
+    channels. The network runs in its own dtype; the output comes back as float32.
+    """
+    dtype = unet.dtype
+
+    def net(x: torch.Tensor, t: float, context: dict) -> torch.Tensor:
+        inp = x
+        if "concat" in context:
+            inp = torch.cat([x, context["concat"].to(x.dtype)], dim=1)  # (B, 4 + 5, h, w)
+        expected = unet.config.in_channels
+        if inp.shape[1] != expected:
+            raise ValueError(f"the U-Net takes {expected} input channels but got {inp.shape[1]}"
+                             + ("; a 9-channel inpainting U-Net needs a mask and an image (use inpaint)"
+                                if expected == 9 else ""))
+        out = unet(inp.to(dtype), torch.tensor(t, dtype=torch.float32, device=x.device),
+                   encoder_hidden_states=context["encoder_hidden_states"].to(dtype)).sample
+        return out.float()
+
+    return net
+
+
+def make_denoiser(model_fn: Callable, prediction_type: str) -> Callable:
+    """``denoise(x, t, alpha_bar) -> x0`` from ``model_fn(x, t) -> output`` of ``prediction_type``."""
+    def denoise(x: torch.Tensor, t: float, alpha_bar: float) -> torch.Tensor:
+        return to_x0(model_fn(x, t), x, alpha_bar, prediction_type)
+    return denoise
+
+
+def blend_known(denoise: Callable, known: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor) -> Callable:
+    """Inpainting on an ordinary checkpoint by latent blending (Avrahami et al. 2023, "Blended
+    latent diffusion"): at every step the region to keep (``keep`` = 1) is replaced by the known
+    latents noised to the current level with a fixed noise, before and after the network's estimate.
+    """
+    def denoise_blended(x, t, alpha_bar):
+        x = keep * q_sample(known, noise, alpha_bar) + (1 - keep) * x
+        x0 = denoise(x, t, alpha_bar)
+        return keep * known + (1 - keep) * x0
+    return denoise_blended

@@ -1,0 +1,194 @@
+"""Loading Stable-Diffusion-layout models (diffusers' directory format), safely.
+
+A model directory holds model_index.json and the parts unet/, vae/, text_encoder/, tokenizer/ and
+scheduler/, weights as safetensors. SD 1.x (epsilon, 768-wide text) and SD 2.x (v-prediction,
+1024-wide text) differ only in what those files say, which is read, not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class ModelError(ValueError):
+    """A model path that cannot be used, with what is wrong and how to fix it."""
+
+
+@dataclass
+class Model:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    schedule: NoiseSchedule
+    name: str
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet.config.in_channels == 9
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``auto`` (or None) is fp16 on CUDA and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose auto, fp32, fp16 or bf16")
+    return DTYPES[dtype]
+
+
+def _weights(part_dir: Path) -> tuple[list[Path], list[Path]]:
+    files = [p for p in part_dir.iterdir() if p.is_file()]
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    return safe, pickled
+
+
+def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, bool]:
+    """Check that ``path`` is a complete model directory; return, per weighted part, whether it
+    loads from safetensors. Raises ModelError naming what is missing or unsafe."""
+    if not path.exists():
+        raise ModelError(f"model directory {str(path)!r} does not exist; give --model a diffusers-format "
+                         "Stable Diffusion directory (model_index.json, unet/, vae/, text_encoder/, "
+                         "tokenizer/, scheduler/)")
+    if not path.is_dir():
+        raise ModelError(f"--model {str(path)!r} is a file, not a model directory; single-file checkpoints are "
+                         "not read: convert it to diffusers' directory format first")
+    missing = [p for p in PARTS if not (path / p).is_dir()]
+    if not (path / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if not (path / "scheduler" / "scheduler_config.json").is_file() and "scheduler" not in missing:
+        missing.append("scheduler/scheduler_config.json")
+    if missing:
+        raise ModelError(f"model directory {str(path)!r} is incomplete: missing {', '.join(missing)}")
+    use_safe = {}
+    for part in WEIGHT_PARTS:
+        safe, pickled = _weights(path / part)
+        if safe:
+            use_safe[part] = True
+        elif pickled:
+            if not allow_pickle:
+                raise ModelError(
+                    f"{part}/ holds only pickle weights ({pickled[0].name}); loading pickle can run arbitrary "
+                    "code, so it is refused by default. Convert the model to safetensors, or pass "
+                    "--allow-pickle (allow_pickle=True) if you trust where the file came from")
+            log.warning("loading pickle weights from %s (allowed explicitly)", pickled[0])
+            use_safe[part] = False
+        else:
+            raise ModelError(f"model directory {str(path)!r} is incomplete: {part}/ has no weights "
+                             "(expected a .safetensors file)")
+    return use_safe
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id ("org/name") fetched to the local cache."""
+    path = Path(name_or_path).expanduser()
+    text = str(name_or_path)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return path  # a local path (check_model_dir says so if it does not exist)
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(text, allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*"])
+    except Exception as exc:  # no network, unknown repo, gated repo
+        raise ModelError(f"{text!r} is not a local directory and could not be fetched from the hub "
+                         f"({type(exc).__name__}: {exc}); download it elsewhere and pass its directory") from exc
+    return Path(local)
+
+
+def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
+               attention: str = "auto") -> Model:
+    """Load a diffusers-format Stable Diffusion model.
+
+    ``dtype``: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16; the VAE and text encoder share it.
+    ``attention``: auto (xformers when installed and on CUDA, else PyTorch's scaled-dot-product
+    attention), sdpa, or xformers.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_model_path(name_or_path)
+    use_safe = check_model_dir(path, allow_pickle)
+    torch_dtype = resolve_dtype(dtype, device)
+    device = torch.device(device)
+    if device.type == "cpu" and torch_dtype == torch.float16:
+        log.warning("fp16 on the CPU is slow and some operations lack fp16 kernels; fp32 or bf16 is better there")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safe["unet"],
+                                                    torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safe["vae"], torch_dtype=torch_dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=use_safe["text_encoder"],
+                                                     dtype=torch_dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"could not load the model in {str(path)!r}: {exc}") from exc
+    schedule = NoiseSchedule.from_file(path / "scheduler" / "scheduler_config.json")
+    for m in (unet, vae, text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    set_attention(unet, vae, attention, device)
+    text_width = text_encoder.config.hidden_size
+    cross = unet.config.cross_attention_dim
+    if text_width != cross:
+        raise ModelError(f"model {str(path)!r}: the text encoder is {text_width} wide but the U-Net attends to "
+                         f"{cross}-wide text; the parts do not belong together")
+    name = _model_name(path)
+    return Model(unet, vae, text_encoder, tokenizer, schedule, name, path)
+
+
+def _model_name(path: Path) -> str:
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        if index.get("_name_or_path"):
+            return str(index["_name_or_path"])
+    except (OSError, ValueError):
+        pass
+    return path.resolve().name
+
+
+def set_attention(unet, vae, attention: str, device: torch.device) -> str:
+    """Choose the attention kernel; returns the one in use."""
+    if attention not in ("auto", "sdpa", "xformers"):
+        raise ModelError(f"unknown attention {attention!r}; choose auto, sdpa or xformers")
+    want_x = attention == "xformers" or (attention == "auto" and device.type == "cuda")
+    if want_x:
+        try:
+            import xformers  # noqa: F401
+            if device.type != "cuda":
+                raise RuntimeError("xformers needs a CUDA device")
+            unet.enable_xformers_memory_efficient_attention()
+            vae.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except (ImportError, RuntimeError, ModuleNotFoundError) as exc:
+            if attention == "xformers":
+                raise ModelError(f"xformers attention was asked for but is not usable: {exc}") from exc
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet.set_attn_processor(AttnProcessor2_0())
+    vae.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"

@@ -1,0 +1,183 @@
+"""Noise schedules and timestep spacing, with the values diffusers' schedulers use.
+
+A ``NoiseSchedule`` is built from a diffusers ``scheduler_config.json`` (any scheduler class: the
+keys that define the schedule are read, the rest ignored) and hands samplers a ``Steps``: the
+timesteps at which the network is evaluated and the alpha_bar level before and after each step.
+Samplers never see the schedule itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .process import PREDICTION_TYPES
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "trailing", "linspace")
+# Where diffusers clamps the last alpha_bar of a zero-terminal-SNR schedule for sigma-space samplers.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Per-step betas, float32, computed the way diffusers computes them."""
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":  # the latent-diffusion schedule (Rombach et al. 2022)
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17, betas capped at 0.999
+        def f(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        n = num_train_timesteps
+        betas = [min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha_bar) so that the last step has zero SNR (Lin et al. 2023, Alg. 1)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0,
+                     integer: bool = True) -> np.ndarray:
+    """Descending timesteps for ``num_steps`` sampling steps, as diffusers defines each spacing.
+
+    Lin et al. 2023, table 2: ``leading`` (the Stable Diffusion default, offset by ``steps_offset``),
+    ``trailing`` (starts at the last training timestep), ``linspace`` (both ends). ``integer=False``
+    keeps linspace's fractional values, as diffusers' Euler schedulers do; DDIM rounds them.
+    """
+    if num_steps < 1:
+        raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
+    if num_steps > num_train_timesteps:
+        raise ValueError(f"steps={num_steps} exceeds the schedule's {num_train_timesteps} training timesteps")
+    T = num_train_timesteps
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, num_steps, dtype=np.float64)[::-1]
+        if integer:
+            ts = ts.round()
+    elif spacing == "leading":
+        ratio = T // num_steps
+        ts = (np.arange(0, num_steps) * ratio).round()[::-1] + steps_offset
+    elif spacing == "trailing":
+        ratio = T / num_steps
+        ts = np.round(np.arange(T, 0, -ratio)) - 1
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {SPACINGS}")
+    return np.ascontiguousarray(ts, dtype=np.float64)
+
+
+class Steps(NamedTuple):
+    """What a sampler needs: the network is evaluated at ``timesteps[i]`` on a sample at level
+    ``alpha_bars[i]``, and step i moves it to level ``alpha_bars[i + 1]``."""
+
+    timesteps: list[float]   # n values
+    alpha_bars: list[float]  # n + 1 values
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def tail(self, start: int) -> "Steps":
+        """The steps from index ``start`` on (image-to-image skips the first ones)."""
+        return Steps(self.timesteps[start:], self.alpha_bars[start:])
+
+
+@dataclass
+class NoiseSchedule:
+    """The discrete-time noise schedule of a model, with diffusers' config names and defaults."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    rescale_betas_zero_snr: bool = False
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of {SPACINGS}")
+        betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        if self.rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._ab = self.alphas_cumprod.double().numpy()
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NoiseSchedule":
+        """Build from a diffusers scheduler config; keys that do not define the schedule are ignored."""
+        names = {f.name for f in fields(cls) if f.init}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        if config.get("clip_sample") or config.get("thresholding"):
+            import warnings
+            warnings.warn("the scheduler config asks for clip_sample/thresholding; this project's samplers do "
+                          "not clip x_0 (Stable Diffusion configs turn both off)", stacklevel=2)
+        if config.get("trained_betas") is not None:
+            raise ValueError("scheduler configs with explicit trained_betas are not supported; "
+                             "give beta_schedule/beta_start/beta_end instead")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "NoiseSchedule":
+        return cls.from_config(json.loads(Path(path).read_text()))
+
+    def to_config(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    # --- values at timesteps -----------------------------------------------------------------
+    def alpha_bar(self, t: float) -> float:
+        """alpha_bar at timestep t; fractional t interpolates sigma = sqrt((1 - ab) / ab) linearly,
+        as diffusers' Euler schedulers do."""
+        if float(t).is_integer():
+            return float(self._ab[int(t)])
+        sig = np.sqrt((1 - self._ab) / self._ab)
+        s = float(np.interp(t, np.arange(len(sig)), sig))
+        return 1.0 / (1.0 + s * s)
+
+    def snr(self, t) -> torch.Tensor:
+        """alpha_bar / (1 - alpha_bar) at integer timesteps (a tensor of indices)."""
+        ab = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long)]
+        return ab / (1 - ab)
+
+    def steps(self, num_steps: int, *, integer: bool = True, final: str = "zero",
+              spacing: str | None = None) -> Steps:
+        """The sampling steps for ``num_steps`` network evaluations.
+
+        ``final`` is where the last step lands: ``"zero"`` (noise-free, sigma = 0, as diffusers'
+        Euler, DPM-Solver and DDPM schedulers do) or ``"config"`` (DDIM: alpha_bar = 1 when the
+        config's ``set_alpha_to_one`` is true, else alpha_bar at timestep 0).
+        """
+        ts = spaced_timesteps(num_steps, self.num_train_timesteps, spacing or self.timestep_spacing,
+                              self.steps_offset, integer)
+        abs_ = [self.alpha_bar(t) for t in ts]
+        if final == "zero" or (final == "config" and self.set_alpha_to_one):
+            abs_.append(1.0)
+        elif final == "config":
+            abs_.append(float(self._ab[0]))
+        else:
+            raise ValueError(f"final must be 'zero' or 'config', got {final!r}")
+        return Steps([float(t) for t in ts], abs_)
+
+    def inversion_steps(self, steps: Steps) -> Steps:
+        """The steps that carry a clean sample up the levels of ``steps`` (DDIM inversion): the
+        network is evaluated at each level on the way up, from timestep 0 for the clean sample."""
+        ts = [0.0] + list(reversed(steps.timesteps[1:]))
+        abs_ = [float(self._ab[0])] + list(reversed(steps.alpha_bars[:-1]))
+        return Steps(ts, abs_)
