@@ -192,3 +192,11 @@ def set_attention(unet, vae, attention: str, device: torch.device) -> str:
     unet.set_attn_processor(AttnProcessor2_0())
     vae.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
+
+
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-model"
+
+
+def default_model_path() -> Path | None:
+    """The embedded default model shipped inside the package, when it is installed."""
+    return EMBEDDED_MODEL if (EMBEDDED_MODEL / "model_index.json").is_file() else None

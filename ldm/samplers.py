@@ -123,6 +123,8 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, callbac
     def update(i, x, x0, ab_t, ab_s):
         lam_t, lam_s = _lambda(ab_t), _lambda(ab_s)
         h = lam_s - lam_t
+        if h == 0:  # a step that stays at its level
+            return x
         d = x0
         if state["x0"] is not None and ab_s < 1.0 and math.isfinite(state["h"]) and math.isfinite(h):
             r = state["h"] / h
@@ -154,7 +156,7 @@ SAMPLERS = {
     "ddpm": (sample_ddpm, dict(integer=True, final="zero")),
     "euler": (sample_euler, dict(integer=False, final="zero")),
     "euler-a": (sample_euler_ancestral, dict(integer=False, final="zero")),
-    "dpmpp-2m": (sample_dpmpp_2m, dict(integer=True, final="zero")),
+    "dpmpp-2m": (sample_dpmpp_2m, dict(integer=True, final="zero", drop_lowest=True)),
 }
 STOCHASTIC = {"ddpm", "euler-a"}
 

@@ -44,7 +44,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Shift and scale sqrt(alpha_bar) so that the last step has zero SNR (Lin et al. 2023, Alg. 1)."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     ab = sqrt_ab**2
     alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
     return 1 - alphas
@@ -157,15 +157,22 @@ class NoiseSchedule:
         return ab / (1 - ab)
 
     def steps(self, num_steps: int, *, integer: bool = True, final: str = "zero",
-              spacing: str | None = None) -> Steps:
+              spacing: str | None = None, drop_lowest: bool = False) -> Steps:
         """The sampling steps for ``num_steps`` network evaluations.
 
         ``final`` is where the last step lands: ``"zero"`` (noise-free, sigma = 0, as diffusers'
         Euler, DPM-Solver and DDPM schedulers do) or ``"config"`` (DDIM: alpha_bar = 1 when the
         config's ``set_alpha_to_one`` is true, else alpha_bar at timestep 0).
+
+        ``drop_lowest`` spaces ``num_steps + 1`` timesteps and drops the lowest for the leading and
+        linspace spacings, as diffusers' multistep DPM-Solver does: a multistep solver becomes
+        unstable when its last steps are very uneven in log-SNR, as a step down to t ~ 0 is.
         """
-        ts = spaced_timesteps(num_steps, self.num_train_timesteps, spacing or self.timestep_spacing,
-                              self.steps_offset, integer)
+        spacing = spacing or self.timestep_spacing
+        if drop_lowest and spacing != "trailing":
+            ts = spaced_timesteps(num_steps + 1, self.num_train_timesteps, spacing, self.steps_offset, integer)[:-1]
+        else:
+            ts = spaced_timesteps(num_steps, self.num_train_timesteps, spacing, self.steps_offset, integer)
         abs_ = [self.alpha_bar(t) for t in ts]
         if final == "zero" or (final == "config" and self.set_alpha_to_one):
             abs_.append(1.0)

@@ -19,6 +19,7 @@ from PIL import Image
 from ldm import autoencoder
 from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.guidance import guided
+from ldm.images import to_pil, to_tensor
 from ldm.models import Model, load_model
 from ldm.process import q_sample
 from ldm.samplers import STOCHASTIC, get_sampler, invert_ddim, randn_like
@@ -55,18 +56,6 @@ def _validate_common(steps: int, guidance_scale: float, width: int, height: int,
                              f"got {v}; try {max(factor, round(v / factor) * factor)}")
         if v > MAX_SIDE:
             raise ValueError(f"{name}={v} is larger than {MAX_SIDE}")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
-
-
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> PIL images."""
-    arr = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
 
 
 class Pipeline:

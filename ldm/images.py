@@ -1,0 +1,52 @@
+"""Image files and tensors: reading with clear errors, conversions, grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Open an image file and convert it (RGBA, palette and greyscale included) to ``mode``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)  # transparent parts become white, not black
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images."""
+    arr = (pixels.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images (all of the first one's size) into a grid, row by row."""
+    if not images:
+        raise ValueError("no images for a grid")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

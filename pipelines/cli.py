@@ -1,0 +1,183 @@
+"""The ``ldm`` command: generate, img2img, inpaint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ldm.images import load_image, make_grid
+from ldm.models import ModelError, default_model_path
+from ldm.samplers import SAMPLERS
+
+from .pngmeta import format_parameters, save_png
+
+log = logging.getLogger("ldm")
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
+    p.add_argument("--model", help="a diffusers-format model directory or a hub id "
+                                   "(default: the embedded model, when installed)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--output", type=Path, help="write the one image to this PNG file")
+    out.add_argument("--output-dir", type=Path, help="write each image into this folder (default: outputs/)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
+    p.add_argument("--negative", default="", help="negative prompt (what the unconditional branch is given)")
+    p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
+                                                  "each image is written as soon as it is made")
+    p.add_argument("--batch-size", type=int, default=1, help="images per prompt, made in one batch (default 1)")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed+i (default: random)")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="default ddim")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale; 1 turns guidance off (default 7.5)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
+    p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim / euler-a (default 0; euler-a uses 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="weights' dtype (default auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"],
+                   help="attention kernel (default auto: xformers when installed on CUDA, else SDPA)")
+    p.add_argument("--vae-slicing", type=int, default=None, metavar="N",
+                   help="decode N images at a time (default: 1 at a time for batches over 4)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading .bin/.ckpt pickle weights (can run arbitrary code; only for trusted files)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Latent-diffusion text-to-image toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text to image")
+    _common(g)
+    g.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size)")
+    i = sub.add_parser("img2img", help="image to image (SDEdit)")
+    _common(i)
+    i.add_argument("--image", type=Path, required=True, help="the input image")
+    i.add_argument("--strength", type=float, default=0.8, help="how far to noise the image, in (0, 1] (default 0.8)")
+    n = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    _common(n)
+    n.add_argument("--image", type=Path, required=True, help="the input image")
+    n.add_argument("--mask", type=Path, required=True, help="a mask the image's size: white = repaint, black = keep")
+    n.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1)")
+    return parser
+
+
+def _prompts(args) -> list[str]:
+    if args.from_file:
+        if args.prompt:
+            raise ValueError("give either a prompt or --from-file, not both")
+        if not args.from_file.is_file():
+            raise ValueError(f"--from-file {str(args.from_file)!r} does not exist")
+        lines = [ln.strip() for ln in args.from_file.read_text(encoding="utf-8").splitlines()]
+        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not prompts:
+            raise ValueError(f"--from-file {str(args.from_file)!r} holds no prompt")
+        return prompts
+    if not args.prompt:
+        raise ValueError("no prompt: give one as an argument or use --from-file")
+    return [args.prompt]
+
+
+def _check_args(args):
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
+    if hasattr(args, "strength") and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    for name in ("width", "height"):
+        v = getattr(args, name, None)
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {v}; try {max(8, round(v / 8) * 8)}")
+
+
+def run(args) -> list[Path]:
+    import torch
+    from tqdm import tqdm
+
+    from .pipeline import Pipeline
+
+    _check_args(args)
+    prompts = _prompts(args)
+    n_images = len(prompts) * args.batch_size
+    if args.output and n_images > 1:
+        raise ValueError(f"--output names one file but this run makes {n_images} images; use --output-dir")
+    out_dir = args.output_dir or (None if args.output else Path("outputs"))
+    init = mask = None
+    if args.command in ("img2img", "inpaint"):
+        init = load_image(args.image)
+    if args.command == "inpaint":
+        mask = load_image(args.mask, mode="L")
+        if mask.size != init.size:
+            raise ValueError(f"--mask is {mask.size[0]}x{mask.size[1]} but --image is "
+                             f"{init.size[0]}x{init.size[1]}; they must be the same size")
+    model_path = args.model or default_model_path()
+    if model_path is None:
+        raise ModelError("no --model given and no embedded model is installed; pass --model DIR "
+                         "(a diffusers-format Stable Diffusion directory)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = Pipeline.from_pretrained(model_path, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                    attention=args.attention, vae_slice_size=args.vae_slicing)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    if args.seed is None:
+        log.info("seed %d", seed)
+    written, images = [], []
+    steps_per_batch = args.steps if not hasattr(args, "strength") else max(1, int(args.steps * args.strength))
+    bar = tqdm(total=len(prompts) * steps_per_batch, desc=args.command, unit="step", disable=args.quiet)
+    for k, prompt in enumerate(prompts):
+        seeds = [seed + k * args.batch_size + i for i in range(args.batch_size)]
+        paths = [args.output] if args.output else [out_dir / f"{k:05d}-{s}.png" for s in seeds]
+        if args.from_file and all(p.exists() for p in paths):  # a rerun keeps what an earlier run made
+            bar.update(steps_per_batch)
+            continue
+        common = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                      guidance_rescale=args.guidance_rescale, seeds=seeds, batch_size=args.batch_size,
+                      sampler=args.sampler, eta=args.eta, callback=lambda i, x, x0: bar.update(1))
+        if args.command == "generate":
+            res = pipe.text_to_image(prompt, width=args.width, height=args.height, **common)
+        elif args.command == "img2img":
+            res = pipe.image_to_image(prompt, init, strength=args.strength, **common)
+        else:
+            res = pipe.inpaint(prompt, init, mask, strength=args.strength, **common)
+        st = res.settings
+        for img, s, path in zip(res.images, res.seeds, paths):
+            params = format_parameters(prompt, args.negative, steps=st["steps"], sampler=st["sampler"],
+                                       guidance=st["guidance"], seed=s, width=st["width"], height=st["height"],
+                                       model=pipe.model.name, strength=st.get("strength"))
+            written.append(save_png(img, path, params))
+            images.append(img)
+    bar.close()
+    if args.grid and out_dir and len(images) > 1:
+        written.append(save_png(make_grid(images), out_dir / "grid.png", f"grid of {len(images)} images"))
+    for p in written:
+        print(p)
+    return written
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar; ours shows the work
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the images written so far are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Generation parameters in a PNG text chunk ``parameters``, in the layout AUTOMATIC1111's web UI
+writes and the tools around it (image browsers, civitai, ComfyUI importers) read:
+
+    a large red circle on a blue background
+    Negative prompt: blurry
+    Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: shapes
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+# our sampler names -> the names A1111 shows
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "dpmpp-2m": "DPM++ 2M"}
+
+
+def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float, seed: int,
+                      width: int, height: int, model: str, strength: float | None = None, **extra) -> str:
+    fields = [("Steps", steps), ("Sampler", SAMPLER_NAMES.get(sampler, sampler)), ("CFG scale", guidance),
+              ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", model)]
+    if strength is not None:
+        fields.append(("Denoising strength", strength))
+    fields += [(k, v) for k, v in extra.items() if v is not None]
+    lines = [prompt.replace("\n", " ")]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_value(v)}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def _value(v) -> str:
+    s = str(v)
+    return f'"{s}"' if ("," in s or ":" in s) else s
+
+
+def parse_parameters(text: str) -> dict:
+    """Read A1111 ``parameters`` text back into a dict with ``prompt``, ``negative_prompt`` and
+    each ``Key: value`` field of the last line."""
+    lines = text.split("\n")
+    last = lines[-1]
+    out = {"prompt": "", "negative_prompt": ""}
+    body = lines[:-1]
+    neg = [i for i, ln in enumerate(body) if ln.startswith("Negative prompt: ")]
+    if neg:
+        out["prompt"] = "\n".join(body[:neg[0]])
+        out["negative_prompt"] = "\n".join(body[neg[0]:])[len("Negative prompt: "):]
+    else:
+        out["prompt"] = "\n".join(body)
+    for m in re.finditer(r'\s*([\w ]+):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)', last):
+        v = m.group(2).strip()
+        out[m.group(1).strip()] = v[1:-1] if v.startswith('"') and v.endswith('"') else v
+    return out
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """Write ``image`` with its ``parameters`` chunk, atomically (a temporary file, then a rename),
+    so an interrupted run never leaves a truncated image behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path
+
+
+def read_parameters(path: str | Path) -> str | None:
+    with Image.open(path) as im:
+        return im.info.get("parameters") or getattr(im, "text", {}).get("parameters")

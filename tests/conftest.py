@@ -1,0 +1,24 @@
+import pytest
+
+from ldm.tiny import build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def sd1_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("sd1"), "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd2_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("sd2"), "sd2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def inpaint_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("inpaint"), "inpaint", seed=2)
+
+
+@pytest.fixture(scope="session")
+def sd1_pipe(sd1_dir):
+    from pipelines.pipeline import Pipeline
+    return Pipeline.from_pretrained(sd1_dir)
