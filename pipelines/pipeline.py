@@ -162,7 +162,8 @@ class Pipeline:
         Image i of a batch draws its noise from a generator seeded ``seed + i`` alone, so it equals a
         lone image made with that seed. ``latents`` starts from given noise (e.g. from ``invert``)."""
         dw, dh = self.default_size()
-        width, height = width or dw, height or dh
+        width = dw if width is None else width
+        height = dh if height is None else height
         _validate_common(steps, guidance_scale, width, height, self.model.vae_factor)
         prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
         seeds, gens = self._generators(seed, len(prompts), seeds)
