@@ -86,3 +86,20 @@ def build_checkpoint(directory: str | Path, kind: str = "sd1", size: str = "tiny
         f.unlink()
     tok_dir.rmdir()
     return directory
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m ldm.tiny",
+                                 description="Write a small random model with a real Stable Diffusion layout "
+                                             "(its images are noise: it is for trying the tools offline and for tests)")
+    ap.add_argument("directory")
+    ap.add_argument("--kind", default="sd1", choices=["sd1", "sd2", "inpaint"])
+    ap.add_argument("--size", default="tiny", choices=list(SIZES))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    print(build_checkpoint(a.directory, a.kind, a.size, a.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The ldm command end to end on a tiny model (in-process, through main())."""
+
+import pytest
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.pngmeta import format_parameters, parse_parameters, read_parameters
+
+
+def test_generate_writes_a_png_with_a1111_parameters(sd1_dir, tmp_path, capsys):
+    out = tmp_path / "one.png"
+    rc = main(["generate", "a large red circle on a blue background", "--model", str(sd1_dir), "--output", str(out),
+               "--seed", "7", "--steps", "3", "--negative", "blurry", "--sampler", "euler", "--guidance", "5",
+               "--quiet"])
+    assert rc == 0 and out.is_file()
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
+    text = read_parameters(out)
+    lines = text.split("\n")
+    assert lines[0] == "a large red circle on a blue background"
+    assert lines[1] == "Negative prompt: blurry"
+    assert lines[2] == f"Steps: 3, Sampler: Euler, CFG scale: 5.0, Seed: 7, Size: 64x64, Model: {sd1_dir.name}"
+    p = parse_parameters(text)
+    assert p["prompt"] == lines[0] and p["negative_prompt"] == "blurry" and p["Seed"] == "7"
+
+
+def test_cli_image_equals_the_pipeline_image(sd1_dir, sd1_pipe, tmp_path):
+    out = tmp_path / "a.png"
+    main(["generate", "a star", "--model", str(sd1_dir), "--output", str(out), "--seed", "3", "--steps", "2", "--quiet"])
+    expect = sd1_pipe.text_to_image("a star", steps=2, seed=3).images[0]
+    with Image.open(out) as im:
+        assert list(im.convert("RGB").getdata()) == list(expect.getdata())
+
+
+def test_batch_output_dir_and_grid(sd1_dir, tmp_path):
+    rc = main(["generate", "a star", "--model", str(sd1_dir), "--output-dir", str(tmp_path), "--batch-size", "3",
+               "--seed", "10", "--steps", "2", "--grid", "--quiet"])
+    assert rc == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["00000-10.png", "00000-11.png", "00000-12.png", "grid.png"]
+    with Image.open(tmp_path / "grid.png") as g:
+        assert g.size == (128, 128)
+    assert "Seed: 12" in read_parameters(tmp_path / "00000-12.png")
+
+
+def test_from_file_writes_each_prompt_and_a_rerun_skips_what_exists(sd1_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n# a comment\na blue square\n")
+    out = tmp_path / "out"
+    args = ["generate", "--from-file", str(prompts), "--model", str(sd1_dir), "--output-dir", str(out),
+            "--seed", "1", "--steps", "2", "--quiet"]
+    assert main(args) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-1.png", "00001-2.png"]
+    assert read_parameters(files[1]).startswith("a blue square\n")
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    files[1].unlink()
+    assert main(args) == 0
+    assert files[0].stat().st_mtime_ns == mtimes[0]  # kept, not regenerated
+    assert files[1].is_file()
+
+
+def test_img2img_and_inpaint_commands(sd1_dir, tmp_path):
+    img = tmp_path / "in.png"
+    Image.new("RGBA", (64, 64), (200, 20, 20, 128)).save(img)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(mask)
+    assert main(["img2img", "a star", "--model", str(sd1_dir), "--image", str(img), "--strength", "0.5",
+                 "--steps", "4", "--output", str(tmp_path / "i2i.png"), "--seed", "0", "--quiet"]) == 0
+    assert "Denoising strength: 0.5" in read_parameters(tmp_path / "i2i.png")
+    assert main(["inpaint", "a star", "--model", str(sd1_dir), "--image", str(img), "--mask", str(mask),
+                 "--steps", "2", "--output", str(tmp_path / "inp.png"), "--seed", "0", "--quiet"]) == 0
+    assert (tmp_path / "inp.png").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--width", "65"], "--width must be a positive multiple of 8, got 65"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--guidance", "-2"], "--guidance must be >= 0"),
+    (["--batch-size", "2", "--output", "x.png"], "use --output-dir"),
+])
+def test_bad_arguments_exit_2_with_a_message(sd1_dir, capsys, extra, message):
+    assert main(["generate", "a star", "--model", str(sd1_dir), "--quiet"] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_files_exit_2_with_a_message(sd1_dir, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    assert main(["img2img", "x", "--model", str(sd1_dir), "--image", str(broken)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64)).save(good)
+    small = tmp_path / "small.png"
+    Image.new("L", (32, 32)).save(small)
+    assert main(["inpaint", "x", "--model", str(sd1_dir), "--image", str(good), "--mask", str(small)]) == 2
+    assert "--mask is 32x32 but --image is 64x64" in capsys.readouterr().err
+    for s in ("0", "1.5"):
+        assert main(["img2img", "x", "--model", str(sd1_dir), "--image", str(good), "--strength", s]) == 2
+        assert "--strength must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_parameters_round_trip_with_commas_in_values():
+    text = format_parameters("a, b", "c", steps=2, sampler="dpmpp-2m", guidance=1.0, seed=3, width=8, height=16,
+                             model="my, model")
+    p = parse_parameters(text)
+    assert p["prompt"] == "a, b" and p["Sampler"] == "DPM++ 2M" and p["Model"] == "my, model" and p["Size"] == "8x16"
