@@ -34,9 +34,8 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
 def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     """Standard normal noise shaped like ``x``; a list of generators gives one per batch item."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu"
-                           if generator is None or generator.device.type == "cpu" else generator.device
-                           ).to(x.device, x.dtype)
+        device = "cpu" if generator is None else generator.device
+        return torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
     return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32, device=g.device)

@@ -199,7 +199,7 @@ class Pipeline:
         _validate_common(steps, guidance_scale, width, height, self.model.vae_factor)
         prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
         seeds, gens = self._generators(seed, len(prompts), seeds)
-        sched_steps, start = self._strength_steps(sampler, steps, strength)
+        sched_steps = self._strength_steps(sampler, steps, strength)
         z0 = z0.expand(len(prompts), -1, -1, -1)
         settings = dict(steps=steps, sampler=sampler, guidance=guidance_scale, width=width, height=height,
                         strength=strength)
@@ -211,11 +211,9 @@ class Pipeline:
         x = self._sample(denoise, x, sched_steps, sampler, eta, gens, callback)
         return self._finish(x, seeds, prompts, negs, settings)
 
-    def _strength_steps(self, sampler, steps, strength) -> tuple[Steps, int]:
+    def _strength_steps(self, sampler, steps, strength) -> Steps:
         """diffusers' convention: the last int(steps * strength) of the ``steps`` steps run."""
-        full = self._steps(sampler, steps)
-        start = steps - min(int(steps * strength), steps)
-        return full.tail(start), start
+        return self._steps(sampler, steps).tail(steps - min(int(steps * strength), steps))
 
     def inpaint(self, prompt, image, mask, *, strength: float = 1.0, negative_prompt=None, steps: int = 30,
                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed=None, seeds=None,
@@ -237,7 +235,7 @@ class Pipeline:
         prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
         n = len(prompts)
         seeds, gens = self._generators(seed, n, seeds)
-        sched_steps, _ = self._strength_steps(sampler, steps, strength)
+        sched_steps = self._strength_steps(sampler, steps, strength)
         if len(sched_steps) == 0:
             raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")
         z0 = z0.expand(n, -1, -1, -1)
