@@ -45,11 +45,14 @@ class Result:
         return to_pil(self.pixels)
 
 
-def _validate_common(steps: int, guidance_scale: float, width: int, height: int, factor: int):
+def _check_sampling(steps: int, guidance_scale: float):
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if guidance_scale < 0:
         raise ValueError(f"guidance scale must be >= 0 (1 turns guidance off), got {guidance_scale}")
+
+
+def _check_size(width: int, height: int, factor: int):
     for name, v in (("width", width), ("height", height)):
         if v % factor or v <= 0:
             raise ValueError(f"{name} must be a positive multiple of {factor} (the VAE's downsampling factor), "
@@ -144,12 +147,11 @@ class Pipeline:
         f = self.model.vae_factor
         return (n, self.model.unet.config.out_channels, height // f, width // f)
 
-    def encode_image(self, image: Image.Image | torch.Tensor, width=None, height=None) -> torch.Tensor:
-        """An image (PIL, or a tensor in [-1, 1]) -> scaled latents (1, 4, h, w)."""
+    def encode_image(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """An image (PIL, or a tensor in [-1, 1]) -> scaled latents (1, 4, h, w); its sides must be
+        multiples of the VAE's factor."""
         x = to_tensor(image) if isinstance(image, Image.Image) else image
-        if width is not None and (x.shape[-1] != width or x.shape[-2] != height):
-            raise ValueError(f"image is {x.shape[-1]}x{x.shape[-2]} but the size asked is {width}x{height}")
-        _validate_common(1, 1.0, x.shape[-1], x.shape[-2], self.model.vae_factor)
+        _check_size(x.shape[-1], x.shape[-2], self.model.vae_factor)
         return autoencoder.encode(self.model.vae, x.to(self.model.device))
 
     # --- the four tasks -------------------------------------------------------------------------
@@ -164,7 +166,8 @@ class Pipeline:
         dw, dh = self.default_size()
         width = dw if width is None else width
         height = dh if height is None else height
-        _validate_common(steps, guidance_scale, width, height, self.model.vae_factor)
+        _check_sampling(steps, guidance_scale)
+        _check_size(width, height, self.model.vae_factor)
         prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
         seeds, gens = self._generators(seed, len(prompts), seeds)
         sched_steps = self._steps(sampler, steps)
@@ -192,14 +195,12 @@ class Pipeline:
                        batch_size: int = 1, sampler: str = "ddim", eta: float = 0.0, callback=None) -> Result:
         """SDEdit (Meng et al. 2022): noise the image's latents to the level ``strength`` of the way up
         the schedule and denoise from there; about ``strength * steps`` steps run."""
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        _check_sampling(steps, guidance_scale)
+        sched_steps = self._strength_steps(sampler, steps, strength)
         z0 = self.encode_image(image)
         width, height = z0.shape[-1] * self.model.vae_factor, z0.shape[-2] * self.model.vae_factor
-        _validate_common(steps, guidance_scale, width, height, self.model.vae_factor)
         prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
         seeds, gens = self._generators(seed, len(prompts), seeds)
-        sched_steps = self._strength_steps(sampler, steps, strength)
         z0 = z0.expand(len(prompts), -1, -1, -1)
         settings = dict(steps=steps, sampler=sampler, guidance=guidance_scale, width=width, height=height,
                         strength=strength)
@@ -213,6 +214,8 @@ class Pipeline:
 
     def _strength_steps(self, sampler, steps, strength) -> Steps:
         """diffusers' convention: the last int(steps * strength) of the ``steps`` steps run."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         return self._steps(sampler, steps).tail(steps - min(int(steps * strength), steps))
 
     def inpaint(self, prompt, image, mask, *, strength: float = 1.0, negative_prompt=None, steps: int = 30,
@@ -222,8 +225,10 @@ class Pipeline:
 
         On a 9-channel inpainting U-Net the mask and the masked image's latents are extra input
         channels; on an ordinary checkpoint the kept region is blended back at every step."""
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        _check_sampling(steps, guidance_scale)
+        sched_steps = self._strength_steps(sampler, steps, strength)
+        if len(sched_steps) == 0:
+            raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")
         img_t = to_tensor(image) if isinstance(image, Image.Image) else image
         mask_t = self._mask_tensor(mask)
         if mask_t.shape[-2:] != img_t.shape[-2:]:
@@ -231,13 +236,9 @@ class Pipeline:
                              f"{img_t.shape[-1]}x{img_t.shape[-2]}; they must be the same size")
         z0 = self.encode_image(img_t)
         height, width = img_t.shape[-2:]
-        _validate_common(steps, guidance_scale, width, height, self.model.vae_factor)
         prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
         n = len(prompts)
         seeds, gens = self._generators(seed, n, seeds)
-        sched_steps = self._strength_steps(sampler, steps, strength)
-        if len(sched_steps) == 0:
-            raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")
         z0 = z0.expand(n, -1, -1, -1)
         lat_hw = z0.shape[-2:]
         noise = randn_like(z0, gens)
@@ -273,10 +274,10 @@ class Pipeline:
                callback=None) -> torch.Tensor:
         """DDIM inversion: the noise latents (1, 4, h, w) that DDIM sampling with the same prompt,
         steps and guidance maps back to ``image`` (exactly in the limit of many steps)."""
+        _check_sampling(steps, guidance_scale)
         z0 = self.encode_image(image)
         f = self.model.vae_factor
         width, height = z0.shape[-1] * f, z0.shape[-2] * f
-        _validate_common(steps, guidance_scale, width, height, f)
         denoise = self._denoiser([prompt], [""], guidance_scale, 0.0, self._empty_concat(1, width, height))
         inv = self.model.schedule.inversion_steps(self._steps("ddim", steps))
         return invert_ddim(denoise, z0, inv, callback=callback)
