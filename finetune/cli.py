@@ -1,0 +1,83 @@
+"""The training commands of ``ldm`` (plugged in through the ``ldm.commands`` entry point).
+
+Every training command shares --config, --model, --output-dir, --max-steps, --seed, --resume,
+--overwrite, --checkpoint-every, --mixed-precision and --set KEY=VALUE (any recipe key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# command -> (help, module, config class, objective class, default recipe)
+METHODS = {
+    "train-vae": ("train the autoencoder (AutoencoderKL, SD layout)", "finetune.vae", "VAEConfig", "VAEObjective",
+                  "shapes-vae.yaml"),
+    "train-clip": ("train the CLIP (open_clip, contrastive) and save its text tower", "finetune.clip", "CLIPConfig",
+                   "CLIPObjective", "shapes-clip.yaml"),
+    "train-unet": ("train the text-to-image U-Net on cached latents", "finetune.unet", "UNetConfig",
+                   "UNetObjective", "shapes-unet.yaml"),
+}
+
+
+def default_recipe(name: str) -> str | None:
+    path = CONFIGS / name
+    return str(path) if path.is_file() else None
+
+
+def _run_method(command: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    from .config import ConfigError, from_args
+    from .loop import TrainingError, train
+
+    _, module, cfg_name, obj_name, recipe = METHODS[command]
+    mod = importlib.import_module(module)
+    if args.config is None:
+        args.config = default_recipe(recipe)
+    try:
+        cfg = from_args(getattr(mod, cfg_name), args)
+        summary = train(getattr(mod, obj_name)(cfg), cfg, progress=not args.quiet)
+    except (ConfigError, TrainingError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    print(f"{command}: {summary['steps']} steps in {summary['seconds']:.0f} s "
+          f"({summary['steps_per_s']:.2f} steps/s), result in {cfg.output_dir}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the training commands to ``ldm``'s subparsers."""
+    from .config import add_common_flags
+
+    for command, (help_, *_rest) in METHODS.items():
+        p = sub.add_parser(command, help=help_)
+        add_common_flags(p)
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=lambda a, c=command: _run_method(c, a))
+    b = sub.add_parser("build-shapes-model", help="train the embedded shapes model from scratch (VAE, CLIP, U-Net)")
+    b.add_argument("--output-dir", type=Path, default=Path("runs/shapes"), help="work directory (default runs/shapes)")
+    b.add_argument("--install", action="store_true",
+                   help="copy the result (fp16) into the package as the embedded default model")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted build")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_build)
+
+
+def _build(args) -> int:
+    from .shapes_model import build
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        build(args.output_dir, install=args.install, resume=args.resume, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,114 @@
+"""Training the shapes CLIP contrastively with open_clip (Radford et al. 2021), with the real CLIP
+BPE tokenizer, then saving its text tower as a transformers ``CLIPTextModel`` + ``CLIPTokenizer``
+(frozen from then on, as Stable Diffusion freezes its text encoder) and the rest for CLIP score."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm import shapes
+from ldm.clip import build_open_clip, normalize_pixels, save_visual, text_tower_to_hf
+from ldm.tokenizer import write_clip_tokenizer
+
+from .config import TrainConfig
+from .loop import Objective
+
+
+@dataclass
+class CLIPConfig(TrainConfig):
+    embed_dim: int = 64
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_head_width: int = 32
+    patch_size: int = 8
+    text_width: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    context_length: int = 20
+    attribute_dropout: float = 0.2  # each of size/colour/background left out of a caption with this probability
+
+    def open_clip_cfg(self) -> dict:
+        return {"embed_dim": self.embed_dim,
+                "vision_cfg": {"image_size": shapes.CANVAS, "patch_size": self.patch_size, "width": self.vision_width,
+                               "layers": self.vision_layers, "head_width": self.vision_head_width},
+                "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
+                             "heads": self.text_heads, "layers": self.text_layers}}
+
+
+def pixels01(scenes) -> torch.Tensor:
+    """Rendered scenes as (N, 3, 64, 64) floats in [0, 1]."""
+    return torch.from_numpy(shapes.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
+
+
+class CLIPObjective(Objective):
+    name = "clip"
+
+    def __init__(self, cfg: CLIPConfig):
+        self.cfg = cfg
+
+    def setup(self, accelerator):
+        import open_clip
+
+        self.device = accelerator.device
+        self._tmp = tempfile.TemporaryDirectory()
+        self.tokenizer = write_clip_tokenizer(self._tmp.name, model_max_length=self.cfg.context_length)
+        self.model = build_open_clip(self.cfg.open_clip_cfg())
+        self.trainable = {"clip": self.model}
+        self.clip_loss = open_clip.ClipLoss()
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def tokens(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in set(captions) if c not in self._ids]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", truncation=True, max_length=self.cfg.context_length,
+                                 return_tensors="pt").input_ids
+            self._ids.update(zip(missing, ids))
+        return torch.stack([self._ids[c] for c in captions])
+
+    def batch(self, index, generator, rank, world):
+        rng = np.random.default_rng([self.cfg.seed, index, rank, 23])
+        base = (index * world + rank) * self.cfg.batch_size
+        scenes = [shapes.sample_scene(self.cfg.seed, base + j) for j in range(self.cfg.batch_size)]
+        captions = [shapes.partial_caption(sc, rng, self.cfg.attribute_dropout) for sc in scenes]
+        return {"pixels": pixels01(scenes), "ids": self.tokens(captions)}
+
+    def loss(self, batch, modules, generator):
+        img_f, txt_f, scale = modules["clip"](normalize_pixels(batch["pixels"]).to(self.device), batch["ids"].to(self.device))
+        loss = self.clip_loss(img_f, txt_f, scale)
+        acc = (img_f @ txt_f.T).argmax(1).eq(torch.arange(len(img_f), device=img_f.device)).float().mean()
+        return loss, {"acc": acc.item(), "scale": scale.item()}
+
+    @torch.no_grad()
+    def zero_shot(self, model, split: str, n: int = 512) -> dict[str, float]:
+        """Per attribute: how often the image's nearest full caption (among all of the split's captions
+        with the other attributes right) names the right value."""
+        model.eval()
+        scenes = [shapes.sample_scene(self.cfg.seed + 3, i, split) for i in range(n)]
+        img = torch.nn.functional.normalize(model.encode_image(normalize_pixels(pixels01(scenes)).to(self.device)), dim=-1)
+        combos = shapes.combinations("all")
+        caps = [shapes.caption(*c) for c in combos]
+        txt = torch.cat([torch.nn.functional.normalize(model.encode_text(self.tokens(caps[i:i + 256]).to(self.device)), dim=-1)
+                         for i in range(0, len(caps), 256)])
+        best = (img @ txt.T).argmax(1).tolist()
+        model.train()
+        out = {}
+        for k, attr in enumerate(("size", "color", "shape", "background")):
+            out[attr] = float(np.mean([combos[b][k] == getattr(sc, attr) for b, sc in zip(best, scenes)]))
+        out["all"] = float(np.mean([combos[b] == (sc.size, sc.color, sc.shape, sc.background) for b, sc in zip(best, scenes)]))
+        return out
+
+    def save(self, directory: Path, modules):
+        model = modules["clip"].eval()
+        cfg = self.cfg.open_clip_cfg()
+        directory = Path(directory)
+        text_tower_to_hf(model, cfg).save_pretrained(str(directory / "text_encoder"), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        save_visual(model, cfg, directory / "clip")
+        metrics = {split: self.zero_shot(model, split) for split in ("seen", "heldout")}
+        (directory / "clip" / "zero_shot.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,335 @@
+"""The one training loop of the project (minGPT's ``Trainer`` in spirit, on Accelerate).
+
+The loop owns the Accelerator, mixed precision, gradient accumulation, clipping, the learning-rate
+schedule, EMA, atomic checkpoints and resume, retention, logging, validation images and the progress
+bar. A training method is an :class:`Objective`: it says what trains, what a batch is, what the loss
+on a batch is, what happens after a step, and how its result is saved.
+
+Batches are a function of (seed, micro-step, process), not of a data loader's position, so a resumed
+run sees exactly the batches an uninterrupted one would, and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, to_dict
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Objective:
+    """A training method. Subclasses set ``self.trainable`` (name -> module) in ``setup`` and
+    implement ``batch`` and ``loss``; the rest has defaults."""
+
+    name = "train"
+
+    def setup(self, accelerator) -> None:
+        """Load models, move frozen parts to ``accelerator.device``, cache data, set ``self.trainable``."""
+        raise NotImplementedError
+
+    def parameters(self, modules: dict[str, torch.nn.Module]):
+        """The parameters the optimiser updates (default: every trainable parameter of ``modules``)."""
+        return [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+
+    def batch(self, index: int, generator: torch.Generator, rank: int, world: int) -> dict:
+        """Micro-batch number ``index`` for process ``rank`` of ``world``; all randomness from ``generator``."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict, modules: dict[str, torch.nn.Module], generator: torch.Generator):
+        """(scalar loss, dict of floats to log)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, modules: dict[str, torch.nn.Module]) -> None:
+        """Called after every optimiser step (textual inversion restores frozen rows here)."""
+
+    def validate(self, step: int, modules: dict[str, torch.nn.Module]) -> dict[str, list]:
+        """Validation images, name -> list of PIL images (default: none)."""
+        return {}
+
+    def save(self, directory: Path, modules: dict[str, torch.nn.Module]) -> None:
+        """Write the result (in the format users load) into ``directory``."""
+        raise NotImplementedError
+
+
+class EMA:
+    """Exponential moving average of parameters: ``shadow = d * shadow + (1 - d) * param``."""
+
+    def __init__(self, params, decay: float, warmup_steps: int = 0):
+        self.params = list(params)
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        d = 0.0 if self.updates <= self.warmup_steps else self.decay
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    @contextmanager
+    def swapped(self):
+        """Parameters hold the EMA weights inside the block, their own weights after it."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(saved, self.params):
+                    p.copy_(v)
+
+    def state_dict(self):
+        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state):
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+        self.updates = int(state["updates"])
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of the learning rate at optimiser step ``k``: linear warm-up, then constant,
+    linear or cosine decay to ``min_lr_ratio``."""
+    warm, total, floor = cfg.lr_warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+    if cfg.lr_scheduler not in ("constant", "linear", "cosine"):
+        raise TrainingError(f"lr_scheduler {cfg.lr_scheduler!r} is unknown; use constant, linear or cosine")
+
+    def f(k: int) -> float:
+        if k < warm:
+            return (k + 1) / warm
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        frac = min((k - warm) / max(total - warm, 1), 1.0)
+        if cfg.lr_scheduler == "linear":
+            return floor + (1 - floor) * (1 - frac)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    out = []
+    if output_dir.is_dir():
+        for d in output_dir.iterdir():
+            if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX) and (d / STATE_FILE).is_file():
+                try:
+                    out.append((int(d.name[len(CHECKPOINT_PREFIX):]), d))
+                except ValueError:
+                    pass
+    return sorted(out)
+
+
+def step_generator(seed: int, index: int, rank: int, salt: int = 0) -> torch.Generator:
+    """The generator of micro-step ``index`` on process ``rank``: independent of history."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + index * 7919 + rank * 104_729 + salt * 15_485_863) % (2**63 - 1))
+    return g
+
+
+def _default_tracker(report_to: str):
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+            return "tensorboard"
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+                return "tensorboard"
+            except ImportError:
+                return None
+    return report_to
+
+
+def _save_images(images: dict[str, list], directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, imgs in images.items():
+        for i, img in enumerate(imgs):
+            tmp = directory / f".{name}-{i}.png.tmp"
+            img.save(tmp, format="PNG")
+            os.replace(tmp, directory / f"{name}-{i}.png")
+
+
+def prepare_output_dir(output_dir: Path, cfg: TrainConfig) -> int:
+    """Check the output directory; returns the step to resume from (0 for a fresh run)."""
+    found = checkpoints(output_dir)
+    if cfg.resume:
+        return found[-1][0] if found else 0
+    if found and not cfg.overwrite:
+        raise TrainingError(
+            f"{output_dir} holds another run's checkpoints ({found[-1][1].name}); pass --resume to continue "
+            f"that run or --overwrite to start over (its checkpoints are then deleted)")
+    return 0
+
+
+def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> dict:
+    """Run ``objective`` for ``cfg.max_steps`` optimiser steps; returns a summary dict."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.auto import tqdm
+
+    output_dir = Path(cfg.output_dir)
+    start_step = prepare_output_dir(output_dir, cfg)
+    tracker = _default_tracker(cfg.report_to)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    main = accelerator.is_main_process
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and not cfg.resume:
+            for _, d in checkpoints(output_dir):
+                shutil.rmtree(d)
+    accelerator.wait_for_everyone()
+    torch.manual_seed(cfg.seed)  # model initialisation in setup is seeded alike on every process
+
+    objective.setup(accelerator)
+    names = list(objective.trainable)
+    params = objective.parameters(objective.trainable)
+    if not params:
+        raise TrainingError(f"{objective.name}: nothing to train (no parameter requires grad)")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    prepared = accelerator.prepare(*[objective.trainable[n] for n in names], optimizer, scheduler)
+    modules = dict(zip(names, prepared[:len(names)]))
+    optimizer, scheduler = prepared[len(names):]
+    ema = EMA(params, cfg.ema_decay, cfg.ema_warmup_steps) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    if start_step:
+        ckpt = output_dir / f"{CHECKPOINT_PREFIX}{start_step}"
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt}")
+    if tracker:
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
+        accelerator.init_trackers(objective.name, config=flat)
+
+    def unwrapped():
+        return {n: accelerator.unwrap_model(m) for n, m in modules.items()}
+
+    def save_checkpoint(step: int):
+        final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if main:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "seed": cfg.seed, "objective": objective.name}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # a checkpoint either exists whole or not at all
+            if cfg.checkpoints_total_limit:
+                for _, old in checkpoints(output_dir)[:-cfg.checkpoints_total_limit]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def run_validation(step: int):
+        if not main:
+            return
+        mods = unwrapped()
+        with (ema.swapped() if ema is not None else _nullcontext()):
+            images = objective.validate(step, mods)
+        if images:
+            _save_images(images, output_dir / "validation" / f"step-{step}")
+            for t in accelerator.trackers:
+                if t.name == "tensorboard":
+                    import numpy as np
+                    for name, imgs in images.items():
+                        t.writer.add_images(name, np.stack([np.asarray(i) for i in imgs]), step, dataformats="NHWC")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accum = cfg.gradient_accumulation_steps
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (main and progress),
+               desc=objective.name, dynamic_ncols=True)
+    t0, last_logs, losses = time.perf_counter(), {}, []
+    for m in modules.values():
+        m.train()
+    for step in range(start_step, cfg.max_steps):
+        logs_acc: dict[str, float] = {}
+        for micro in range(accum):
+            index = step * accum + micro
+            gen = step_generator(cfg.seed, index, rank)
+            batch = objective.batch(index, gen, rank, world)
+            with accelerator.accumulate(*modules.values()):
+                with accelerator.autocast():
+                    loss, logs = objective.loss(batch, modules, gen)
+                finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1).to(accelerator.device),
+                                            reduction="sum").item() == world
+                if not finite:
+                    last = checkpoints(output_dir)
+                    where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                    bar.close()
+                    accelerator.end_training()
+                    raise TrainingError(
+                        f"{objective.name}: the loss became {loss.item()} at step {step}; training stopped and "
+                        f"{where}. Lower learning_rate, or use mixed_precision=no/bf16, then --resume.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in {"loss": loss.item(), **logs}.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / accum
+        if ema is not None:
+            ema.update()
+        objective.after_step(step + 1, modules)
+        losses.append(logs_acc["loss"])
+        done = step + 1
+        bar.update(1)
+        if done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps:
+            last_logs = {**logs_acc, "lr": scheduler.get_last_lr()[0]}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in last_logs.items()})
+            accelerator.log(last_logs, step=done)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            save_checkpoint(done)
+        if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.max_steps:
+            run_validation(done)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    steps_run = cfg.max_steps - start_step
+
+    save_checkpoint(cfg.max_steps)
+    accelerator.wait_for_everyone()
+    if main:
+        mods = unwrapped()
+        with (ema.swapped() if ema is not None else _nullcontext()):
+            objective.save(output_dir, mods)
+    run_validation(cfg.max_steps)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary = {"steps": steps_run, "seconds": elapsed, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
+               "last_loss": losses[-1] if losses else None, "processes": world, **{k: v for k, v in last_logs.items()}}
+    if main:
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@contextmanager
+def _nullcontext():
+    yield

@@ -1,0 +1,79 @@
+"""``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
+the VAE, then the CLIP, then the U-Net on their latents and text states; ``--install`` copies the
+result (fp16 weights) into the package as the default model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .cli import default_recipe
+from .config import build as build_config, read_yaml
+
+log = logging.getLogger(__name__)
+
+STAGES = (("vae", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae.yaml"),
+          ("clip", "finetune.clip", "CLIPConfig", "CLIPObjective", "shapes-clip.yaml"),
+          ("model", "finetune.unet", "UNetConfig", "UNetObjective", "shapes-unet.yaml"))
+
+
+def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool):
+    values = read_yaml(default_recipe(recipe))
+    values.update(output_dir=str(out / stage), resume=resume, overwrite=not resume)
+    if stage == "model":
+        values.update(vae_dir=str(out / "vae"), clip_dir=str(out / "clip"))
+    return build_config(cls, values, recipe)
+
+
+def build(out: Path, *, install: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    import importlib
+
+    from .loop import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_file = out / "build_summary.json"
+    summary = json.loads(summary_file.read_text()) if resume and summary_file.is_file() else {}
+    for stage, module, cfg_name, obj_name, recipe in STAGES:
+        if resume and stage in summary:
+            log.info("%s: done in an earlier run (%.0f s), skipped", stage, summary[stage]["seconds"])
+            continue
+        mod = importlib.import_module(module)
+        cfg = build_stage_config(getattr(mod, cfg_name), recipe, out, stage, resume)
+        t0 = time.perf_counter()
+        result = train(getattr(mod, obj_name)(cfg), cfg, progress=progress)
+        summary[stage] = {**result, "seconds": time.perf_counter() - t0}
+        summary_file.write_text(json.dumps(summary, indent=2))
+        log.info("%s: %.0f s", stage, summary[stage]["seconds"])
+    if install:
+        install_model(out / "model", out / "clip" / "clip")
+    return summary
+
+
+def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, clip_target: Path | None = None):
+    """Copy a trained model (weights as fp16) and the CLIP's visual tower into the package."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    from ldm.clip import CONFIG_FILE, VISUAL_FILE
+    from ldm.models import EMBEDDED_CLIP, EMBEDDED_MODEL
+
+    target, clip_target = Path(target or EMBEDDED_MODEL), Path(clip_target or EMBEDDED_CLIP)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    clip_target.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.half().contiguous() for k, v in load_file(str(clip_dir / VISUAL_FILE)).items()}
+    save_file(sd, str(clip_target / VISUAL_FILE))
+    shutil.copy(clip_dir / CONFIG_FILE, clip_target / CONFIG_FILE)
+    log.info("installed %s and %s", target, clip_target)

@@ -1,0 +1,186 @@
+"""Base text-to-image training of the U-Net (Rombach et al. 2022): diffusers' ``UNet2DConditionModel``
+on cached VAE latents, conditioned on the frozen CLIP text encoder's hidden states, with caption
+dropout (an empty prompt some of the time) so that classifier-free guidance works (Ho & Salimans 2022).
+
+The loss is DDPM's simple loss (Ho et al. 2020, eq. 14) on the model's parameterisation, optionally
+weighted by min-SNR-gamma (Hang et al. 2023), which speeds up convergence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm import shapes
+from ldm.process import from_x0, q_sample
+from ldm.schedule import NoiseSchedule
+from ldm.tiny import SD1_SCHEDULER
+
+from .config import TrainConfig
+from .loop import Objective
+
+
+@dataclass
+class UNetConfig(TrainConfig):
+    vae_dir: str = "runs/shapes/vae"    # a directory holding vae/
+    clip_dir: str = "runs/shapes/clip"  # a directory holding text_encoder/ and tokenizer/ (and clip/)
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    layers_per_block: int = 1
+    attention_head_dim: int = 4
+    norm_num_groups: int = 16
+    prediction_type: str = "epsilon"
+    num_images: int = 40000             # training images rendered and encoded once
+    attribute_dropout: float = 0.15     # size/colour/background each left out of a caption
+    uncond_prob: float = 0.1            # empty caption (for classifier-free guidance)
+    snr_gamma: float = 5.0              # 0: plain MSE
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "a large red circle on a blue background", "a small yellow star on a black background",
+        "a large green circle on a white background", "a small purple triangle on a gray background"])
+
+
+def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
+                   snr_gamma: float = 0.0, reduce: bool = True):
+    """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction
+    against the true target of its parameterisation; per-sample losses when ``reduce`` is False."""
+    b = latents.shape[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    ab = schedule.alphas_cumprod[t].view(b, 1, 1, 1).to(latents.device)
+    noise = noise.to(latents.device)
+    xt = q_sample(latents, noise, ab)
+    target = from_x0(latents, xt, ab, schedule.prediction_type)
+    pred = unet(xt, t.to(latents.device), hidden).sample
+    per = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        snr = (ab / (1 - ab)).view(b)
+        # min-SNR-gamma in the epsilon form; v-prediction's loss is already (snr + 1)-scaled
+        denom = snr + 1 if schedule.prediction_type == "v_prediction" else snr
+        per = per * torch.minimum(snr, torch.full_like(snr, snr_gamma)) / denom
+    return per.mean() if reduce else per
+
+
+def build_unet(cfg: UNetConfig, cross_attention_dim: int, sample_size: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+        block_out_channels=list(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups)
+
+
+class TextCache:
+    """Hidden states of the frozen text encoder, computed once per distinct prompt."""
+
+    def __init__(self, text_encoder, tokenizer, device):
+        self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self.cache})
+        for i in range(0, len(missing), 512):
+            chunk = missing[i:i + 512]
+            ids = self.tokenizer(chunk, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            hs = self.text_encoder(ids.to(self.device))[0].float().cpu()
+            self.cache.update(zip(chunk, hs))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+class UNetObjective(Objective):
+    name = "unet"
+
+    def __init__(self, cfg: UNetConfig):
+        self.cfg = cfg
+
+    def setup(self, accelerator):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.device = accelerator.device
+        for d, part in ((cfg.vae_dir, "vae"), (cfg.clip_dir, "text_encoder"), (cfg.clip_dir, "tokenizer")):
+            if not (Path(d) / part).is_dir():
+                raise FileNotFoundError(f"{Path(d) / part} does not exist: train it first (ldm train-vae / train-clip) "
+                                        f"or point vae_dir / clip_dir at it")
+        self.vae = AutoencoderKL.from_pretrained(str(Path(cfg.vae_dir) / "vae")).eval().requires_grad_(False)
+        self.text_encoder = CLIPTextModel.from_pretrained(str(Path(cfg.clip_dir) / "text_encoder")).eval().requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(Path(cfg.clip_dir) / "tokenizer"))
+        self.vae.to(self.device)
+        self.text_encoder.to(self.device)
+        self.schedule = NoiseSchedule.from_config(dict(SD1_SCHEDULER, prediction_type=cfg.prediction_type))
+        self.text = TextCache(self.text_encoder, self.tokenizer, self.device)
+        # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
+        self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
+        lat = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(self.scenes), 500), desc="caching latents",
+                          disable=not accelerator.is_main_process):
+                x = torch.from_numpy(shapes.render_batch(self.scenes[i:i + 500])).permute(0, 3, 1, 2).float() / 127.5 - 1
+                lat.append(self.vae.encode(x.to(self.device)).latent_dist.mode().float().cpu())
+        self.latents = torch.cat(lat) * self.vae.config.scaling_factor
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.trainable = {"unet": build_unet(cfg, self.text_encoder.config.hidden_size, shapes.CANVAS // factor)}
+
+    def batch(self, index, generator, rank, world):
+        rng = np.random.default_rng([self.cfg.seed, index, rank, 31])
+        idx = torch.randint(0, len(self.scenes), (self.cfg.batch_size,), generator=generator)
+        prompts = []
+        for i in idx.tolist():
+            if rng.random() < self.cfg.uncond_prob:
+                prompts.append("")
+            else:
+                prompts.append(shapes.partial_caption(self.scenes[i], rng, self.cfg.attribute_dropout))
+        return {"latents": self.latents[idx], "hidden": self.text(prompts)}
+
+    def loss(self, batch, modules, generator):
+        loss = denoising_loss(modules["unet"], batch["latents"].to(self.device), batch["hidden"].to(self.device),
+                              self.schedule, generator, self.cfg.snr_gamma)
+        return loss, {}
+
+    def model(self, unet):
+        from ldm.models import Model
+
+        return Model(unet=unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                     schedule=self.schedule, name="shapes", path=Path(self.cfg.output_dir))
+
+    def validate(self, step, modules):
+        from ldm.images import make_grid
+        from pipelines.pipeline import Pipeline
+
+        unet = modules["unet"]
+        unet.eval()
+        pipe = Pipeline(self.model(unet))
+        with torch.no_grad():
+            res = pipe.text_to_image(self.cfg.validation_prompts, steps=25, seed=self.cfg.seed, batch_size=4)
+        unet.train()
+        return {"samples": [make_grid(res.images, cols=4)]}
+
+    def save(self, directory: Path, modules):
+        save_pipeline(directory, modules["unet"], self.vae, self.text_encoder, self.tokenizer, self.schedule)
+
+
+def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, dtype=None):
+    """Write a Stable Diffusion directory (model_index.json, unet, vae, text_encoder, tokenizer,
+    scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads."""
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    parts = [copy.deepcopy(m) for m in (unet, vae, text_encoder)]
+    if dtype is not None:
+        parts = [m.to(dtype) for m in parts]
+    cfg = {k: v for k, v in schedule.to_config().items() if k != "rescale_betas_zero_snr" or v}
+    scheduler = DDIMScheduler(**{**dict(clip_sample=False, set_alpha_to_one=False), **cfg})
+    pipe = StableDiffusionPipeline(vae=parts[1], text_encoder=parts[2], tokenizer=tokenizer, unet=parts[0],
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(directory), safe_serialization=True)

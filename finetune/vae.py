@@ -1,0 +1,129 @@
+"""Training the autoencoder of the shapes model: diffusers' ``AutoencoderKL`` in the Stable Diffusion
+layout (4 levels, downsampling factor 8, 4 latent channels), so 64x64 images become 4x8x8 latents.
+
+Loss: L1 reconstruction of the posterior sample plus a small KL term (Rombach et al. 2022 use
+1e-6 with perceptual and adversarial terms; flat-coloured shapes need neither). Its
+``scaling_factor`` is measured from the data after training: 1 / std of the latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm import shapes
+
+from .config import TrainConfig
+from .loop import Objective
+
+
+@dataclass
+class VAEConfig(TrainConfig):
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    kl_weight: float = 1e-6
+    random_color_fraction: float = 0.1   # images drawn in random RGB colours (not the palette)
+    crop_size: int = 32                  # train on random crops of this side (convolutions do not care) ...
+    full_size_steps: int = 200           # ... except for the last N steps, on whole 64x64 images
+    scale_images: int = 2048             # images used to measure scaling_factor
+
+
+def random_color_scene_pixels(rng: np.random.Generator, scene: shapes.Scene) -> np.ndarray:
+    """``scene`` drawn with a random shape colour and background (a generic-image prior for the VAE)."""
+    from PIL import Image, ImageDraw
+
+    fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    img = Image.new("RGB", (shapes.CANVAS, shapes.CANVAS), tuple(int(v) for v in bg))
+    shapes.draw_shape(ImageDraw.Draw(img), scene.shape, scene.x0, scene.y0, scene.s, scene.s,
+                      tuple(int(v) for v in fg), tuple(int(v) for v in bg))
+    return np.asarray(img)
+
+
+def images_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def build_vae(cfg: VAEConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                         up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(cfg.block_out_channels),
+                         layers_per_block=cfg.layers_per_block, latent_channels=4,
+                         norm_num_groups=cfg.norm_num_groups, sample_size=shapes.CANVAS)
+
+
+class VAEObjective(Objective):
+    name = "vae"
+
+    def __init__(self, cfg: VAEConfig):
+        self.cfg = cfg
+
+    def setup(self, accelerator):
+        self.device = accelerator.device
+        self.trainable = {"vae": build_vae(self.cfg)}
+
+    def batch(self, index, generator, rank, world):
+        rng = np.random.default_rng([self.cfg.seed, index, rank, 17])
+        base = (index * world + rank) * self.cfg.batch_size
+        scenes = [shapes.sample_scene(self.cfg.seed, base + j) for j in range(self.cfg.batch_size)]
+        pix = []
+        for sc in scenes:
+            if rng.random() < self.cfg.random_color_fraction:
+                pix.append(random_color_scene_pixels(rng, sc))
+            else:
+                pix.append(np.asarray(shapes.render(sc)))
+        x = images_to_tensor(np.stack(pix))  # (B, 3, 64, 64)
+        step = index // self.cfg.gradient_accumulation_steps
+        c = self.cfg.crop_size
+        if c and c < shapes.CANVAS and step < self.cfg.max_steps - self.cfg.full_size_steps:
+            if c % 8:
+                raise ValueError(f"crop_size {c} is not a multiple of 8")
+            ox, oy = (int(v) for v in rng.integers(0, shapes.CANVAS - c + 1, size=2))
+            x = x[:, :, oy:oy + c, ox:ox + c]
+        return {"pixels": x}
+
+    def loss(self, batch, modules, generator):
+        vae = modules["vae"]
+        x = batch["pixels"].to(self.device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        recon = vae.decode(z).sample
+        rec = (recon.float() - x).abs().mean()
+        kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
+        return rec + self.cfg.kl_weight * kl, {"l1": rec.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def measure_scale(self, vae) -> float:
+        """1 / std of posterior samples over ``scale_images`` training images (as Stable Diffusion did)."""
+        zs = []
+        for start in range(0, self.cfg.scale_images, 256):
+            scenes = [shapes.sample_scene(self.cfg.seed + 1, i) for i in range(start, min(start + 256, self.cfg.scale_images))]
+            x = images_to_tensor(shapes.render_batch(scenes)).to(self.device)
+            zs.append(vae.encode(x).latent_dist.sample().float().cpu())
+        return float(1.0 / torch.cat(zs).std())
+
+    def validate(self, step, modules):
+        from ldm.images import make_grid, to_pil
+
+        vae = modules["vae"]
+        vae.eval()
+        scenes = [shapes.sample_scene(self.cfg.seed + 2, i) for i in range(8)]
+        x = images_to_tensor(shapes.render_batch(scenes)).to(self.device)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        vae.train()
+        imgs = to_pil(((torch.cat([x, y]) + 1) / 2).clamp(0, 1))
+        return {"reconstruction": [make_grid(imgs, cols=8)]}
+
+    def save(self, directory: Path, modules):
+        vae = modules["vae"]
+        vae.eval()
+        scale = self.measure_scale(vae)
+        vae.register_to_config(scaling_factor=scale)
+        vae.save_pretrained(str(Path(directory) / "vae"), safe_serialization=True)

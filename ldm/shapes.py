@@ -1,0 +1,305 @@
+"""The shapes world (../shared/SHAPES.md): a deterministic renderer, captions, a seeded
+``datasets.Dataset``, and the detector that judges an image by the world's rules.
+
+Every sample is a function of ``(seed, index)`` alone, so a dataset of any size is reproducible and
+item ``i`` does not depend on how many items were asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CANVAS = 64
+PALETTE = {
+    "red": (215, 25, 35),
+    "green": (30, 165, 60),
+    "blue": (35, 75, 230),
+    "yellow": (245, 230, 50),
+    "purple": (145, 40, 200),
+    "orange": (245, 125, 0),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "teal": (0, 170, 190),
+}
+SHAPE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+BACKGROUNDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray")
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": (14, 22), "large": (30, 40)}
+SMALL_MAX = 26  # a detected box whose longer side is at most this is `small`
+HELD_OUT = (("purple", "triangle"), ("green", "circle"), ("orange", "star"))
+RESERVED_COLORS = ("teal",)
+RESERVED_SHAPES = ("ring",)
+ALL_SHAPES = SHAPES + RESERVED_SHAPES
+MARGIN = 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image of the world: what it shows and where."""
+    size: str
+    color: str
+    shape: str
+    background: str
+    s: int = 0   # side of the shape's box, px
+    x0: int = 0  # top-left corner of the box
+    y0: int = 0
+
+    @property
+    def caption(self) -> str:
+        return caption(self.size, self.color, self.shape, self.background)
+
+    @property
+    def held_out(self) -> bool:
+        return (self.color, self.shape) in HELD_OUT
+
+    @property
+    def reserved(self) -> bool:
+        return self.color in RESERVED_COLORS or self.shape in RESERVED_SHAPES
+
+
+def caption(size: str | None, color: str | None, shape: str, background: str | None) -> str:
+    """``a {size} {color} {shape} on a {background} background``; any attribute but the shape may be
+    None, which leaves it out (``a red circle``, ``a star on a black background``)."""
+    words = ["a"] + [w for w in (size, color) if w] + [shape]
+    if background:
+        words += ["on", "a", background, "background"]
+    return " ".join(words)
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator, drop: float) -> str:
+    """The scene's caption with size, colour and background each left out with probability ``drop``
+    (so that short prompts work); the shape is always named."""
+    keep = rng.random(3) >= drop
+    return caption(scene.size if keep[0] else None, scene.color if keep[1] else None, scene.shape,
+                   scene.background if keep[2] else None)
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+    """The attributes a caption names (None where it names none); the inverse of :func:`caption`."""
+    words = text.lower().split()
+    out: dict[str, str | None] = {"size": None, "color": None, "shape": None, "background": None}
+    if "background" in words:
+        i = words.index("background")
+        if i >= 1 and words[i - 1] in PALETTE:
+            out["background"] = words[i - 1]
+        words = words[:max(i - 3, 0)]  # drop "on a {bg} background"
+    for w in words:
+        if w in SIZES:
+            out["size"] = w
+        elif w in PALETTE and out["color"] is None:
+            out["color"] = w
+        elif w in ALL_SHAPES:
+            out["shape"] = w
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+def _star_points(x0: float, y0: float, w: float, h: float) -> list[tuple[float, float]]:
+    """Five-pointed star, one point up, in a box of w x h (w == h for the world's stars): outer radius
+    R = w/2, inner 0.4 R, centred horizontally, and vertically so that its height R(1 + cos 36)
+    is centred; for w != h it is stretched vertically to fill the box (used by the detector)."""
+    R = w / 2
+    height = R * (1 + math.cos(math.radians(36)))
+    sy = h / w
+    cx = x0 + (w - 1) / 2
+    top = y0 + ((w - 1) - height) / 2 * sy
+    pts = []
+    for k in range(10):
+        r = R if k % 2 == 0 else 0.4 * R
+        a = math.radians(90 + 36 * k)
+        pts.append((cx + r * math.cos(a), top + (R - r * math.sin(a)) * sy))
+    return pts
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, w: int, h: int, fill, hole_fill=None):
+    """Draw ``shape`` into the box [x0, x0+w-1] x [y0, y0+h-1] (no anti-aliasing)."""
+    x1, y1 = x0 + w - 1, y0 + h - 1
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x0 + (w - 1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    elif shape == "star":
+        draw.polygon(_star_points(x0, y0, w, h), fill=fill)
+    elif shape == "ring":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        rx, ry = (w - 1) / 4, (h - 1) / 4  # a hole of half the radius
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=hole_fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(ALL_SHAPES)}")
+
+
+def render(scene: Scene) -> Image.Image:
+    """The 64x64 RGB image of ``scene``."""
+    img = Image.new("RGB", (CANVAS, CANVAS), PALETTE[scene.background])
+    draw_shape(ImageDraw.Draw(img), scene.shape, scene.x0, scene.y0, scene.s, scene.s,
+               PALETTE[scene.color], PALETTE[scene.background])
+    return img
+
+
+def place(rng: np.random.Generator, size: str, color: str, shape: str, background: str) -> Scene:
+    """Draw the box side and position for a scene with these attributes."""
+    lo, hi = SIZES[size]
+    s = int(rng.integers(lo, hi + 1))
+    x0, y0 = (int(v) for v in rng.integers(MARGIN, CANVAS - MARGIN - s + 1, size=2))
+    return Scene(size, color, shape, background, s, x0, y0)
+
+
+def combinations(split: str = "train") -> list[tuple[str, str, str, str]]:
+    """All (size, colour, shape, background) of a split:
+    ``train`` (base training: no held-out pair, nothing reserved), ``heldout`` (only the held-out
+    pairs), ``seen`` (= train), ``all`` (train + heldout)."""
+    out = []
+    for size in SIZES:
+        for color in SHAPE_COLORS:
+            for shape in SHAPES:
+                held = (color, shape) in HELD_OUT
+                if split in ("train", "seen") and held or split == "heldout" and not held:
+                    continue
+                for bg in BACKGROUNDS:
+                    if bg != color:
+                        out.append((size, color, shape, bg))
+    if split not in ("train", "seen", "heldout", "all"):
+        raise ValueError(f"unknown split {split!r}; expected train, seen, heldout or all")
+    return out
+
+
+def sample_scene(seed: int, index: int, split: str = "train", *, color: str | None = None,
+                 shape: str | None = None, backgrounds=None, sizes=None) -> Scene:
+    """Scene ``index`` of the seeded stream for ``split``. ``color``/``shape`` fix those attributes
+    (reserved ones included: ``color="teal", shape="ring"`` renders the personalisation subject)."""
+    rng = np.random.default_rng([seed, index])
+    if color is None and shape is None:
+        combos = combinations(split)
+        size, color_, shape_, bg = combos[int(rng.integers(len(combos)))]
+        if sizes is not None or backgrounds is not None:
+            raise ValueError("sizes/backgrounds restrict a fixed colour or shape only")
+        return place(rng, size, color_, shape_, bg)
+    color = color or SHAPE_COLORS[int(rng.integers(len(SHAPE_COLORS)))]
+    shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
+    sizes = tuple(sizes or SIZES)
+    bgs = [b for b in (backgrounds or BACKGROUNDS) if b != color]
+    size = sizes[int(rng.integers(len(sizes)))]
+    bg = bgs[int(rng.integers(len(bgs)))]
+    return place(rng, size, color, shape, bg)
+
+
+def dataset(n: int, seed: int = 0, split: str = "train", **fixed):
+    """A ``datasets.Dataset`` of ``n`` rendered scenes: columns image (PIL), caption, size, color,
+    shape, background, s, x0, y0. Same (n, seed, split) gives the same rows."""
+    import datasets
+
+    scenes = [sample_scene(seed, i, split, **fixed) for i in range(n)]
+    cols = {k: [getattr(sc, k) for sc in scenes] for k in asdict(scenes[0])} if scenes else {}
+    cols["caption"] = [sc.caption for sc in scenes]
+    cols["image"] = [render(sc) for sc in scenes]
+    features = datasets.Features({
+        "image": datasets.Image(), "caption": datasets.Value("string"),
+        **{k: datasets.Value("string") for k in ("size", "color", "shape", "background")},
+        **{k: datasets.Value("int32") for k in ("s", "x0", "y0")},
+    })
+    return datasets.Dataset.from_dict(cols, features=features)
+
+
+def render_batch(scenes) -> np.ndarray:
+    """Scenes as a uint8 array (N, 64, 64, 3)."""
+    return np.stack([np.asarray(render(sc)) for sc in scenes])
+
+
+# ----------------------------------------------------------------------------------------------
+# judging
+
+_NAMES = list(PALETTE)
+_RGB = np.array([PALETTE[c] for c in _NAMES], dtype=np.float32)
+_BG_IDX = [_NAMES.index(c) for c in BACKGROUNDS]
+DIFF_THRESHOLD = 60.0  # RGB distance from the background that counts as "clearly different"
+
+
+def _nearest(rgb: np.ndarray, candidates: list[int]) -> str:
+    d = ((_RGB[candidates] - rgb) ** 2).sum(-1)
+    return _NAMES[candidates[int(d.argmin())]]
+
+
+def _template(shape: str, w: int, h: int) -> np.ndarray:
+    img = Image.new("L", (w, h), 0)
+    draw_shape(ImageDraw.Draw(img), shape, 0, 0, w, h, 255, 0)
+    return np.asarray(img) > 0
+
+
+def _largest(ndimage, mask: np.ndarray) -> np.ndarray | None:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return labels == counts.argmax()
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the detector reads in an image (None where there is no shape)."""
+    background: str
+    color: str | None
+    shape: str | None
+    size: str | None
+    box: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1 inclusive
+
+    def matches(self, **want) -> dict[str, bool]:
+        """Per attribute: does the reading match what was asked (attributes given as None are skipped)."""
+        return {k: getattr(self, k) == v for k, v in want.items() if v is not None}
+
+
+def detect(image) -> Reading:
+    """Read background, shape colour, shape and size class of an image, by SHAPES.md's rules."""
+    from scipy import ndimage
+
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = _nearest(bg_rgb, _BG_IDX)
+    diff = np.sqrt(((a - _RGB[_NAMES.index(background)]) ** 2).sum(-1)) > DIFF_THRESHOLD
+    region = _largest(ndimage, diff)
+    if region is None:
+        return Reading(background, None, None, None)
+    interior = ndimage.binary_erosion(region)
+    pix = a[interior] if interior.sum() >= 4 else a[region]
+    color = _nearest(np.median(pix, axis=0), list(range(len(_NAMES))))
+    # Second pass: a pixel belongs to the shape when it lies past the midpoint between the background
+    # and shape colours. Blur is linear, so a blurred edge still crosses the midpoint where it was.
+    bg_c, fg_c = _RGB[_NAMES.index(background)], _RGB[_NAMES.index(color)]
+    axis = fg_c - bg_c
+    t = ((a - bg_c) @ axis) / max(float(axis @ axis), 1e-6)
+    region = _largest(ndimage, t > 0.5)
+    if region is None:
+        return Reading(background, None, None, None)
+    ys, xs = np.nonzero(region)
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    crop = region[y0:y1 + 1, x0:x1 + 1]
+    best, shape = -1.0, None
+    for kind in ALL_SHAPES:
+        t = _template(kind, w, h)
+        iou = (t & crop).sum() / max((t | crop).sum(), 1)
+        if iou > best:
+            best, shape = iou, kind
+    size = "small" if max(w, h) <= SMALL_MAX else "large"
+    return Reading(background, color, shape, size, (int(x0), int(y0), int(x1), int(y1)))
+
+
+def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noise: float = 8.0) -> Image.Image:
+    """Gaussian blur of ``blur`` px radius and Gaussian pixel noise of std ``noise`` (the detector's
+    robustness test)."""
+    from PIL import ImageFilter
+
+    a = np.asarray(image.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
+    a = a + rng.normal(0, noise, a.shape)
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))

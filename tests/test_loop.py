@@ -1,0 +1,115 @@
+"""The shared training loop: schedule and EMA against closed forms; resume (also after kill -9)
+against an uninterrupted run; NaN, output-directory and recipe errors; two processes under
+``accelerate launch``."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import ConfigError, TrainConfig, build
+from finetune.loop import EMA, TrainingError, checkpoints, lr_lambda
+
+from loop_worker import main as worker
+
+WORKER = Path(__file__).with_name("loop_worker.py")
+
+
+def weights(d):
+    return load_file(str(Path(d) / "net.safetensors"))
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_schedule_closed_form():
+    cfg = TrainConfig(max_steps=110, learning_rate=1.0, lr_warmup_steps=10, lr_scheduler="cosine", min_lr_ratio=0.1)
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1)
+    lin = lr_lambda(TrainConfig(max_steps=100, lr_scheduler="linear"))
+    assert lin(25) == pytest.approx(0.75)
+    assert lr_lambda(TrainConfig(lr_scheduler="constant"))(50) == 1.0
+
+
+def test_ema_closed_form():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.9)
+    for v in (1.0, 2.0):
+        p.data.fill_(v)
+        ema.update()
+    # s1 = 0.1 * 1 ; s2 = 0.9 * 0.1 + 0.1 * 2
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.29))
+    with ema.swapped():
+        assert torch.allclose(p, torch.full((3,), 0.29))
+    assert torch.equal(p.data, torch.full((3,), 2.0))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    worker([str(tmp_path / "full"), "6", "--ema", "0.5"])
+    worker([str(tmp_path / "part"), "4", "--ema", "0.5"])
+    worker([str(tmp_path / "part"), "6", "--resume", "--ema", "0.5"])
+    assert same(weights(tmp_path / "full"), weights(tmp_path / "part"))
+    assert [s for s, _ in checkpoints(tmp_path / "part")] == [4, 6]  # retention limit 2
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
+    full = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "full"), "8"], env=env, capture_output=True)
+    assert full.returncode == 0, full.stderr.decode()[-2000:]
+    killed = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "run"), "8", "--kill-at", "5"], env=env,
+                            capture_output=True)
+    assert killed.returncode == -9
+    assert [s for s, _ in checkpoints(tmp_path / "run")] == [2, 4]
+    resumed = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "run"), "8", "--resume"], env=env,
+                             capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert same(weights(tmp_path / "full"), weights(tmp_path / "run"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingError, match="checkpoint-4"):
+        worker([str(tmp_path), "10", "--nan-at", "6"])
+    assert [s for s, _ in checkpoints(tmp_path)] == [2, 4]
+    assert not (tmp_path / "net.safetensors").exists()
+
+
+def test_output_dir_with_another_runs_checkpoints_is_refused(tmp_path):
+    worker([str(tmp_path), "2"])
+    with pytest.raises(TrainingError, match="--resume.*--overwrite"):
+        worker([str(tmp_path), "4"])
+
+
+def test_gradient_accumulation_runs_and_differs(tmp_path):
+    worker([str(tmp_path / "a1"), "3"])
+    worker([str(tmp_path / "a2"), "3", "--accum", "2"])
+    assert not same(weights(tmp_path / "a1"), weights(tmp_path / "a2"))
+
+
+def test_unknown_recipe_key_is_named():
+    with pytest.raises(ConfigError, match="'learning_rte'"):
+        build(TrainConfig, {"learning_rte": 1e-3})
+    with pytest.raises(ConfigError, match="max_steps: expected int"):
+        build(TrainConfig, {"max_steps": "many"})
+
+
+def test_two_processes_under_accelerate_launch(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(WORKER), str(tmp_path), "4"]
+    r = subprocess.run(cmd, env=env, capture_output=True, timeout=240)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    import json
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+    assert (tmp_path / "net.safetensors").is_file()
+    assert [s for s, _ in checkpoints(tmp_path)] == [2, 4]
+    assert not list(tmp_path.glob(".tmp-*"))
