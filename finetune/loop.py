@@ -191,6 +191,8 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     start_step = prepare_output_dir(output_dir, cfg)
     tracker = _default_tracker(cfg.report_to)
     accelerator = Accelerator(
+        # without an accelerator, several processes (accelerate launch / torchrun) are multi-CPU with gloo
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=tracker,

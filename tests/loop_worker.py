@@ -24,8 +24,8 @@ W_TRUE = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 class Regression(Objective):
     name = "regression"
 
-    def __init__(self, kill_at=0, nan_at=0):
-        self.kill_at, self.nan_at = kill_at, nan_at
+    def __init__(self, kill_at=0, nan_at=0, stop_at=0):
+        self.kill_at, self.nan_at, self.stop_at = kill_at, nan_at, stop_at
 
     def setup(self, accelerator):
         self.device = accelerator.device
@@ -48,6 +48,8 @@ class Regression(Objective):
         self._step = step
         if self.kill_at and step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # an abrupt end: no cleanup, no final save
+        if self.stop_at and step == self.stop_at:
+            raise KeyboardInterrupt
 
     def save(self, directory, modules):
         from safetensors.torch import save_file
@@ -61,13 +63,14 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-at", type=int, default=0)
     p.add_argument("--nan-at", type=int, default=0)
+    p.add_argument("--stop-at", type=int, default=0)
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--ema", type=float, default=0.0)
     a = p.parse_args(argv)
     cfg = TrainConfig(output_dir=a.output_dir, max_steps=a.max_steps, resume=a.resume, learning_rate=0.05,
                       lr_warmup_steps=2, lr_scheduler="cosine", checkpoint_every=2, checkpoints_total_limit=2,
                       gradient_accumulation_steps=a.accum, ema_decay=a.ema, report_to="none", log_every=1)
-    return train(Regression(a.kill_at, a.nan_at), cfg, progress=False)
+    return train(Regression(a.kill_at, a.nan_at, a.stop_at), cfg, progress=False)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def test_ema_closed_form():
 
 def test_resume_equals_uninterrupted(tmp_path):
     worker([str(tmp_path / "full"), "6", "--ema", "0.5"])
-    worker([str(tmp_path / "part"), "4", "--ema", "0.5"])
+    with pytest.raises(KeyboardInterrupt):
+        worker([str(tmp_path / "part"), "6", "--ema", "0.5", "--stop-at", "5"])
+    assert [s for s, _ in checkpoints(tmp_path / "part")] == [2, 4]
     worker([str(tmp_path / "part"), "6", "--resume", "--ema", "0.5"])
     assert same(weights(tmp_path / "full"), weights(tmp_path / "part"))
     assert [s for s, _ in checkpoints(tmp_path / "part")] == [4, 6]  # retention limit 2
@@ -102,7 +104,8 @@ def test_unknown_recipe_key_is_named():
 
 def test_two_processes_under_accelerate_launch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # on a machine without GPUs, accelerate needs --multi_gpu to start torchrun; the processes are then MULTI_CPU (gloo)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
            str(WORKER), str(tmp_path), "4"]
     r = subprocess.run(cmd, env=env, capture_output=True, timeout=240)
