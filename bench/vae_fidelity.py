@@ -1,0 +1,49 @@
+"""How faithfully a VAE carries the shapes world: encode/decode rendered scenes and judge the
+reconstructions with the world's detector (the ceiling for any U-Net trained on its latents).
+
+    python bench/vae_fidelity.py runs/shapes/vae [--n 200]
+"""
+
+import argparse
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from ldm import shapes
+
+
+def roundtrip(vae, scenes):
+    x = torch.from_numpy(shapes.render_batch(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    imgs = [Image.fromarray(((a.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8)) for a in y]
+    return imgs, (y - x).abs().mean().item()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("vae_dir", help="a directory holding vae/ (or the vae folder itself)")
+    p.add_argument("--n", type=int, default=200)
+    a = p.parse_args()
+    try:
+        vae = AutoencoderKL.from_pretrained(a.vae_dir, subfolder="vae").eval()
+    except OSError:
+        vae = AutoencoderKL.from_pretrained(a.vae_dir).eval()
+    groups = {"seen": [shapes.sample_scene(123, i, "seen") for i in range(a.n)],
+              "heldout": [shapes.sample_scene(123, i, "heldout") for i in range(a.n)],
+              "teal ring": [shapes.sample_scene(5, i, color="teal", shape="ring") for i in range(a.n)]}
+    for name, scenes in groups.items():
+        imgs, l1 = roundtrip(vae, scenes)
+        reads = [shapes.detect(i) for i in imgs]
+        ok = [(r.background, r.color, r.shape, r.size) == (s.background, s.color, s.shape, s.size)
+              for s, r in zip(scenes, reads)]
+        print(f"{name}: all-correct {np.mean(ok):.3f} of {len(ok)}, "
+              + " ".join(f"{k} {np.mean([getattr(r, k) == getattr(s, k) for s, r in zip(scenes, reads)]):.3f}"
+                         for k in ("size", "color", "shape", "background"))
+              + f", L1 {l1:.4f}")
+
+
+if __name__ == "__main__":
+    main()
