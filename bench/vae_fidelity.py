@@ -9,17 +9,16 @@ import argparse
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 
 from ldm import shapes
+from ldm.images import to_pil
 
 
 def roundtrip(vae, scenes):
-    x = torch.from_numpy(shapes.render_batch(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = shapes.render_tensor(scenes)
     with torch.no_grad():
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    imgs = [Image.fromarray(((a.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8)) for a in y]
-    return imgs, (y - x).abs().mean().item()
+    return to_pil(((y + 1) / 2).clamp(0, 1)), (y - x).abs().mean().item()
 
 
 def main():

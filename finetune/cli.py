@@ -7,7 +7,6 @@ Every training command shares --config, --model, --output-dir, --max-steps, --se
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -74,7 +73,6 @@ def register(sub) -> None:
 def _build(args) -> int:
     from .shapes_model import build
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         build(args.output_dir, install=args.install, resume=args.resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from ldm import shapes
-from ldm.clip import build_open_clip, normalize_pixels, save_visual, text_tower_to_hf
+from ldm.clip import build_open_clip, save_visual, text_tower_to_hf
 from ldm.tokenizer import write_clip_tokenizer
 
 from .config import TrainConfig
-from .loop import Objective
+from .loop import Objective, sample_offset
 
 
 @dataclass
@@ -39,11 +39,6 @@ class CLIPConfig(TrainConfig):
                                "layers": self.vision_layers, "head_width": self.vision_head_width},
                 "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
                              "heads": self.text_heads, "layers": self.text_layers}}
-
-
-def pixels01(scenes) -> torch.Tensor:
-    """Rendered scenes as (N, 3, 64, 64) floats in [0, 1]."""
-    return torch.from_numpy(shapes.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
 
 
 class CLIPObjective(Objective):
@@ -73,13 +68,13 @@ class CLIPObjective(Objective):
 
     def batch(self, index, generator, rank, world):
         rng = np.random.default_rng([self.cfg.seed, index, rank, 23])
-        base = (index * world + rank) * self.cfg.batch_size
+        base = sample_offset(index, rank, world, self.cfg.batch_size)
         scenes = [shapes.sample_scene(self.cfg.seed, base + j) for j in range(self.cfg.batch_size)]
         captions = [shapes.partial_caption(sc, rng, self.cfg.attribute_dropout) for sc in scenes]
-        return {"pixels": pixels01(scenes), "ids": self.tokens(captions)}
+        return {"pixels": shapes.render_tensor(scenes), "ids": self.tokens(captions)}
 
     def loss(self, batch, modules, generator):
-        img_f, txt_f, scale = modules["clip"](normalize_pixels(batch["pixels"]).to(self.device), batch["ids"].to(self.device))
+        img_f, txt_f, scale = modules["clip"](batch["pixels"].to(self.device), batch["ids"].to(self.device))
         loss = self.clip_loss(img_f, txt_f, scale)
         acc = (img_f @ txt_f.T).argmax(1).eq(torch.arange(len(img_f), device=img_f.device)).float().mean()
         return loss, {"acc": acc.item(), "scale": scale.item()}
@@ -90,7 +85,7 @@ class CLIPObjective(Objective):
         with the other attributes right) names the right value."""
         model.eval()
         scenes = [shapes.sample_scene(self.cfg.seed + 3, i, split) for i in range(n)]
-        img = torch.nn.functional.normalize(model.encode_image(normalize_pixels(pixels01(scenes)).to(self.device)), dim=-1)
+        img = torch.nn.functional.normalize(model.encode_image(shapes.render_tensor(scenes).to(self.device)), dim=-1)
         combos = shapes.combinations("all")
         caps = [shapes.caption(*c) for c in combos]
         txt = torch.cat([torch.nn.functional.normalize(model.encode_text(self.tokens(caps[i:i + 256]).to(self.device)), dim=-1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -51,7 +52,7 @@ def _coerce(name: str, tp, value):
         if origin is typing.Union or type(None) in typing.get_args(tp):
             return None
         raise ConfigError(f"{name}: null is not allowed; give a {getattr(tp, '__name__', tp)}")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+    if origin in (typing.Union, getattr(types, "UnionType", None)) and args:
         tp = args[0]
         origin = typing.get_origin(tp)
     if origin in (list, tuple):
@@ -141,4 +142,4 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["TrainConfig", "ConfigError", "build", "read_yaml", "add_common_flags", "from_args", "to_dict", "field"]
+__all__ = ["TrainConfig", "ConfigError", "build", "read_yaml", "add_common_flags", "from_args", "to_dict"]

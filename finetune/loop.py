@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -137,6 +137,12 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def sample_offset(index: int, rank: int, world: int, batch_size: int) -> int:
+    """Number of the first sample of micro-batch ``index`` on process ``rank``: the processes take
+    disjoint consecutive blocks, so a stream of samples is split without overlap."""
+    return (index * world + rank) * batch_size
+
+
 def step_generator(seed: int, index: int, rank: int, salt: int = 0) -> torch.Generator:
     """The generator of micro-step ``index`` on process ``rank``: independent of history."""
     g = torch.Generator()
@@ -254,7 +260,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
         if not main:
             return
         mods = unwrapped()
-        with (ema.swapped() if ema is not None else _nullcontext()):
+        with (ema.swapped() if ema is not None else nullcontext()):
             images = objective.validate(step, mods)
         if images:
             _save_images(images, output_dir / "validation" / f"step-{step}")
@@ -320,7 +326,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     accelerator.wait_for_everyone()
     if main:
         mods = unwrapped()
-        with (ema.swapped() if ema is not None else _nullcontext()):
+        with (ema.swapped() if ema is not None else nullcontext()):
             objective.save(output_dir, mods)
     run_validation(cfg.max_steps)
     accelerator.wait_for_everyone()
@@ -331,7 +337,3 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
-
-@contextmanager
-def _nullcontext():
-    yield

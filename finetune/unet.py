@@ -124,7 +124,7 @@ class UNetObjective(Objective):
         with torch.no_grad():
             for i in tqdm(range(0, len(self.scenes), 500), desc="caching latents",
                           disable=not accelerator.is_main_process):
-                x = torch.from_numpy(shapes.render_batch(self.scenes[i:i + 500])).permute(0, 3, 1, 2).float() / 127.5 - 1
+                x = shapes.render_tensor(self.scenes[i:i + 500])
                 lat.append(self.vae.encode(x.to(self.device)).latent_dist.mode().float().cpu())
         self.latents = torch.cat(lat) * self.vae.config.scaling_factor
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)

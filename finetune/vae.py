@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from ldm import shapes
+from ldm.images import pixels_to_tensor
 
 from .config import TrainConfig
-from .loop import Objective
+from .loop import Objective, sample_offset
 
 
 @dataclass
@@ -43,11 +44,6 @@ def random_color_scene_pixels(rng: np.random.Generator, scene: shapes.Scene) -> 
     return np.asarray(img)
 
 
-def images_to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
 def build_vae(cfg: VAEConfig):
     from diffusers import AutoencoderKL
 
@@ -70,7 +66,7 @@ class VAEObjective(Objective):
 
     def batch(self, index, generator, rank, world):
         rng = np.random.default_rng([self.cfg.seed, index, rank, 17])
-        base = (index * world + rank) * self.cfg.batch_size
+        base = sample_offset(index, rank, world, self.cfg.batch_size)
         scenes = [shapes.sample_scene(self.cfg.seed, base + j) for j in range(self.cfg.batch_size)]
         pix = []
         for sc in scenes:
@@ -78,7 +74,7 @@ class VAEObjective(Objective):
                 pix.append(random_color_scene_pixels(rng, sc))
             else:
                 pix.append(np.asarray(shapes.render(sc)))
-        x = images_to_tensor(np.stack(pix))  # (B, 3, 64, 64)
+        x = pixels_to_tensor(np.stack(pix))  # (B, 3, 64, 64)
         step = index // self.cfg.gradient_accumulation_steps
         c = self.cfg.crop_size
         if c and c < shapes.CANVAS and step < self.cfg.max_steps - self.cfg.full_size_steps:
@@ -104,7 +100,7 @@ class VAEObjective(Objective):
         zs = []
         for start in range(0, self.cfg.scale_images, 256):
             scenes = [shapes.sample_scene(self.cfg.seed + 1, i) for i in range(start, min(start + 256, self.cfg.scale_images))]
-            x = images_to_tensor(shapes.render_batch(scenes)).to(self.device)
+            x = shapes.render_tensor(scenes).to(self.device)
             zs.append(vae.encode(x).latent_dist.sample().float().cpu())
         return float(1.0 / torch.cat(zs).std())
 
@@ -114,7 +110,7 @@ class VAEObjective(Objective):
         vae = modules["vae"]
         vae.eval()
         scenes = [shapes.sample_scene(self.cfg.seed + 2, i) for i in range(8)]
-        x = images_to_tensor(shapes.render_batch(scenes)).to(self.device)
+        x = shapes.render_tensor(scenes).to(self.device)
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mode()).sample
         vae.train()

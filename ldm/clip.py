@@ -18,11 +18,6 @@ CONFIG_FILE = "open_clip_config.json"
 BOS, EOS = 49406, 49407
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images as the shapes CLIP's visual tower reads them: [-1, 1]."""
-    return pixels.float() * 2 - 1
-
-
 def build_open_clip(cfg: dict):
     """An open_clip ``CLIP`` from ``{"embed_dim", "vision_cfg", "text_cfg"}``."""
     import open_clip
@@ -108,8 +103,8 @@ class ShapesCLIP:
 
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B, 3, 64, 64) in [0, 1] -> unit features (B, E)."""
-        f = self.visual(normalize_pixels(pixels).to(self.device))
+        """pixels (B, 3, 64, 64) in [-1, 1] -> unit features (B, E)."""
+        f = self.visual(pixels.float().to(self.device))
         return torch.nn.functional.normalize(f, dim=-1)
 
     @torch.no_grad()

@@ -27,10 +27,14 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
 
 
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 RGB pixels (N, H, W, 3) -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return pixels_to_tensor(np.asarray(image.convert("RGB"))[None])
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

@@ -215,6 +215,13 @@ def render_batch(scenes) -> np.ndarray:
     return np.stack([np.asarray(render(sc)) for sc in scenes])
 
 
+def render_tensor(scenes):
+    """Scenes as a float tensor (N, 3, 64, 64) in [-1, 1], as the VAE and the CLIP read images."""
+    from .images import pixels_to_tensor
+
+    return pixels_to_tensor(render_batch(scenes))
+
+
 # ----------------------------------------------------------------------------------------------
 # judging
 

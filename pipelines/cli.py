@@ -82,17 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _eval(args) -> int:
+def _model_path(args):
+    path = args.model or default_model_path()
+    if path is None:
+        raise ModelError("no --model given and no embedded model is installed; pass --model DIR "
+                         "(a diffusers-format Stable Diffusion directory)")
+    return path
+
+
+def _device(args) -> str:
     import torch
 
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _eval(args) -> int:
     from .evaluate import evaluate
     from .pipeline import Pipeline
 
     try:
-        path = args.model or default_model_path()
-        if path is None:
-            raise ModelError("no --model given and the embedded shapes model is not installed")
-        pipe = Pipeline.from_pretrained(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args))
         report = evaluate(pipe, seen=args.seen, heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,
                           steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                           output_dir=args.output_dir, progress=not args.quiet)
@@ -168,12 +177,8 @@ def run(args) -> list[Path]:
         if mask.size != init.size:
             raise ValueError(f"--mask is {mask.size[0]}x{mask.size[1]} but --image is "
                              f"{init.size[0]}x{init.size[1]}; they must be the same size")
-    model_path = args.model or default_model_path()
-    if model_path is None:
-        raise ModelError("no --model given and no embedded model is installed; pass --model DIR "
-                         "(a diffusers-format Stable Diffusion directory)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.from_pretrained(model_path, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+    pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args), dtype=args.dtype,
+                                    allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     if args.seed is None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ldm import shapes
+from ldm.images import to_tensor
 
 ATTRS = ("size", "color", "shape", "background")
 
@@ -68,8 +69,7 @@ def clip_scores(images, prompts, clip_dir, text_dir) -> list[float]:
     from ldm.clip import ShapesCLIP
 
     clip = ShapesCLIP(clip_dir, text_dir)
-    px = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"))).permute(2, 0, 1).float() / 255 for i in images])
-    return clip.score(px, prompts).tolist()
+    return clip.score(torch.cat([to_tensor(i) for i in images]), prompts).tolist()
 
 
 def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int = 0, batch_size: int = 16,
