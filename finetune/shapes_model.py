@@ -1,5 +1,5 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
-the VAE, then the CLIP, then the U-Net on their latents and text states; ``--install`` copies the
+the VAE (two stages), then the CLIP, then the U-Net on their latents and text states; ``--install`` copies the
 result (fp16 weights) into the package as the default model."""
 
 from __future__ import annotations
@@ -18,19 +18,26 @@ from .config import build as build_config, read_yaml
 log = logging.getLogger(__name__)
 
 STAGES = (("vae", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae.yaml"),
+          ("vae-refine", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-refine.yaml"),
           ("clip", "finetune.clip", "CLIPConfig", "CLIPObjective", "shapes-clip.yaml"),
           ("model", "finetune.unet", "UNetConfig", "UNetObjective", "shapes-unet.yaml"))
 
 
-def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool):
+def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool, overrides: dict | None = None):
     values = read_yaml(default_recipe(recipe))
+    values.update((overrides or {}).get(stage, {}))
     values.update(output_dir=str(out / stage), resume=resume, overwrite=not resume)
+    if stage == "vae-refine":
+        values.update(init_vae=str(out / "vae"))
     if stage == "model":
-        values.update(vae_dir=str(out / "vae"), clip_dir=str(out / "clip"))
+        values.update(vae_dir=str(out / "vae-refine"), clip_dir=str(out / "clip"))
     return build_config(cls, values, recipe)
 
 
-def build(out: Path, *, install: bool = False, resume: bool = False, progress: bool = True) -> dict:
+def build(out: Path, *, install: bool = False, resume: bool = False, progress: bool = True,
+          overrides: dict[str, dict] | None = None) -> dict:
+    """Run every stage into ``out/<stage>``; ``overrides`` maps a stage name to recipe values
+    (the tests build a tiny model this way)."""
     import importlib
 
     from .loop import train
@@ -44,7 +51,7 @@ def build(out: Path, *, install: bool = False, resume: bool = False, progress: b
             log.info("%s: done in an earlier run (%.0f s), skipped", stage, summary[stage]["seconds"])
             continue
         mod = importlib.import_module(module)
-        cfg = build_stage_config(getattr(mod, cfg_name), recipe, out, stage, resume)
+        cfg = build_stage_config(getattr(mod, cfg_name), recipe, out, stage, resume, overrides)
         t0 = time.perf_counter()
         result = train(getattr(mod, obj_name)(cfg), cfg, progress=progress)
         summary[stage] = {**result, "seconds": time.perf_counter() - t0}

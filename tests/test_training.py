@@ -1,0 +1,125 @@
+"""The shapes model's trainings: the VAE loss options, and a whole tiny build (every stage of
+``build-shapes-model``, a few steps each) whose result diffusers loads and runs."""
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.vae import VAEConfig, VAEObjective, edge_mask
+from ldm import shapes
+
+
+def test_edge_mask_marks_pixels_next_to_a_colour_change():
+    scene = shapes.Scene("large", "red", "square", "blue", 30, 10, 12)
+    x = shapes.render_tensor([scene])
+    got = edge_mask(x)[0, 0].numpy().astype(bool)
+    # independent truth: a pixel is an edge pixel when any of its 3x3 neighbours has another colour
+    img = np.asarray(shapes.render(scene)).astype(int)
+    pad = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    want = np.zeros(img.shape[:2], bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            want |= (pad[1 + dy:65 + dy, 1 + dx:65 + dx] != img).any(-1)
+    assert (got == want).all()
+    assert want.sum() == (4 * 30 - 4) + (4 * 32 - 4)  # the outline inside and (with corners) outside
+
+
+def test_oversampling_draws_the_asked_scenes_and_no_held_out_pair():
+    cfg = VAEConfig(output_dir="unused", batch_size=20, oversample_fraction=0.5, oversample_shape="star",
+                    random_color_fraction=0.0, crop_size=0)
+    obj = VAEObjective(cfg)
+    assert obj.hard_combos and all(c[2] == "star" and c[1] != "orange" for c in obj.hard_combos)
+    seen_hard = 0
+    for index in range(10):
+        x = obj.batch(index, None, 0, 1)["pixels"]
+        reads = [shapes.detect(im) for im in ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+        assert not any((r.color, r.shape) in shapes.HELD_OUT for r in reads)
+        seen_hard += sum(r.shape == "star" for r in reads[-10:])
+    assert seen_hard == 100  # the last half of every batch is stars
+    with pytest.raises(ValueError, match="match no training scene"):
+        VAEObjective(VAEConfig(output_dir="unused", oversample_fraction=0.5, oversample_shape="ring"))
+
+
+def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
+    torch.manual_seed(0)
+    cfg = VAEConfig(output_dir=str(tmp_path), block_out_channels=[8, 8, 8, 8], norm_num_groups=4,
+                    edge_weight=10.0, kl_weight=0.0, crop_size=0, batch_size=2)
+    obj = VAEObjective(cfg)
+
+    class Acc:
+        device = torch.device("cpu")
+
+    obj.setup(Acc())
+    vae = obj.trainable["vae"]
+    x = obj.batch(0, None, 0, 1)["pixels"]
+    g = torch.Generator().manual_seed(1)
+    loss, logs = obj.loss({"pixels": x}, {"vae": vae}, g)
+    g = torch.Generator().manual_seed(1)
+    post = vae.encode(x).latent_dist
+    recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g)).sample
+    w = 1 + 10.0 * edge_mask(x)
+    want = ((recon - x).abs() * w).sum() / (3 * w.sum())
+    assert torch.allclose(loss, want, rtol=1e-5)
+    assert logs["l1"] == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
+
+
+def test_init_vae_missing_is_a_clear_error(tmp_path):
+    obj = VAEObjective(VAEConfig(output_dir=str(tmp_path / "o"), init_vae=str(tmp_path / "nothing")))
+
+    class Acc:
+        device = torch.device("cpu")
+
+    with pytest.raises(FileNotFoundError, match="init_vae: no VAE at"):
+        obj.setup(Acc())
+
+
+TINY = {
+    "vae": dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=4, max_steps=3, batch_size=4, crop_size=32,
+                full_size_steps=1, scale_images=64, checkpoint_every=2),
+    "vae-refine": dict(max_steps=2, batch_size=4, scale_images=64, checkpoint_every=2, validation_every=0),
+    "clip": dict(max_steps=3, batch_size=8, checkpoint_every=3, embed_dim=16, vision_width=32, vision_layers=1,
+                 text_width=32, text_layers=1, text_heads=2),
+    "model": dict(max_steps=3, batch_size=4, num_images=40, block_out_channels=[32, 32], norm_num_groups=8,
+                  checkpoint_every=3, validation_every=0),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    from finetune.shapes_model import build
+
+    out = tmp_path_factory.mktemp("build")
+    summary = build(out, progress=False, overrides=TINY)
+    return out, summary
+
+
+def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    out, summary = tiny_build
+    assert list(summary) == ["vae", "vae-refine", "clip", "model"]
+    assert [summary[s]["steps"] for s in summary] == [3, 2, 3, 3]
+    # the refinement starts from the first stage's weights, not from scratch
+    first = AutoencoderKL.from_pretrained(str(out / "vae" / "vae"))
+    refined = AutoencoderKL.from_pretrained(str(out / "vae-refine" / "vae"))
+    assert refined.config.block_out_channels == first.config.block_out_channels
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    # the model's VAE is the refined one
+    for (k, a), b in zip(pipe.vae.state_dict().items(), refined.state_dict().values()):
+        assert torch.equal(a, b), k
+    img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_scaling_factor_is_one_over_the_latent_std(tiny_build):
+    from diffusers import AutoencoderKL
+
+    out, _ = tiny_build
+    vae = AutoencoderKL.from_pretrained(str(out / "vae-refine" / "vae")).eval()
+    torch.manual_seed(0)
+    x = shapes.render_tensor([shapes.sample_scene(1, i) for i in range(64)])  # seed + 1, as measured
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample()
+    assert vae.config.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.05)
