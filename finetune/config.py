@@ -89,6 +89,16 @@ def build(cls, values: dict, source: str = "config"):
     return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
 
 
+def trained_part(directory: str | Path, part: str, key: str, command: str, what: str | None = None) -> Path:
+    """``directory/part`` of an earlier training stage, or a FileNotFoundError naming the recipe
+    ``key`` that points at it and the ``command`` that makes it."""
+    path = Path(directory) / part
+    if not any(path.glob("*.json")):  # config.json, or tokenizer_config.json for a tokenizer
+        raise FileNotFoundError(f"{key}: no {what or part} at {path}; train it first ({command}) "
+                                f"or point {key} at a directory holding {part}/")
+    return path
+
+
 def read_yaml(path: str | Path) -> dict:
     import yaml
 

@@ -19,7 +19,7 @@ from ldm.process import from_x0, q_sample
 from ldm.schedule import NoiseSchedule
 from ldm.tiny import SD1_SCHEDULER
 
-from .config import TrainConfig
+from .config import TrainConfig, trained_part
 from .loop import Objective
 
 
@@ -107,13 +107,12 @@ class UNetObjective(Objective):
 
         cfg = self.cfg
         self.device = accelerator.device
-        for d, part in ((cfg.vae_dir, "vae"), (cfg.clip_dir, "text_encoder"), (cfg.clip_dir, "tokenizer")):
-            if not (Path(d) / part).is_dir():
-                raise FileNotFoundError(f"{Path(d) / part} does not exist: train it first (ldm train-vae / train-clip) "
-                                        f"or point vae_dir / clip_dir at it")
-        self.vae = AutoencoderKL.from_pretrained(str(Path(cfg.vae_dir) / "vae")).eval().requires_grad_(False)
-        self.text_encoder = CLIPTextModel.from_pretrained(str(Path(cfg.clip_dir) / "text_encoder")).eval().requires_grad_(False)
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(Path(cfg.clip_dir) / "tokenizer"))
+        vae_path = trained_part(cfg.vae_dir, "vae", "vae_dir", "ldm train-vae")
+        text_path = trained_part(cfg.clip_dir, "text_encoder", "clip_dir", "ldm train-clip")
+        tok_path = trained_part(cfg.clip_dir, "tokenizer", "clip_dir", "ldm train-clip")
+        self.vae = AutoencoderKL.from_pretrained(str(vae_path)).eval().requires_grad_(False)
+        self.text_encoder = CLIPTextModel.from_pretrained(str(text_path)).eval().requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_path))
         self.vae.to(self.device)
         self.text_encoder.to(self.device)
         self.schedule = NoiseSchedule.from_config(dict(SD1_SCHEDULER, prediction_type=cfg.prediction_type))

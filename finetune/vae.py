@@ -23,7 +23,7 @@ import torch
 from ldm import shapes
 from ldm.images import pixels_to_tensor
 
-from .config import TrainConfig
+from .config import TrainConfig, trained_part
 from .loop import Objective, sample_offset
 
 
@@ -90,10 +90,7 @@ class VAEObjective(Objective):
         if self.cfg.init_vae:
             from diffusers import AutoencoderKL
 
-            path = Path(self.cfg.init_vae) / "vae"
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"init_vae: no VAE at {path}; train the first stage "
-                                        f"(ldm train-vae) or point init_vae at a directory holding vae/")
+            path = trained_part(self.cfg.init_vae, "vae", "init_vae", "ldm train-vae", what="VAE")
             vae = AutoencoderKL.from_pretrained(str(path))
             vae.train()
             self.trainable = {"vae": vae}

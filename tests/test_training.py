@@ -9,6 +9,11 @@ from finetune.vae import VAEConfig, VAEObjective, edge_mask
 from ldm import shapes
 
 
+class CPU:
+    """The one thing an objective's setup reads from its Accelerator."""
+    device = torch.device("cpu")
+
+
 def test_edge_mask_marks_pixels_next_to_a_colour_change():
     scene = shapes.Scene("large", "red", "square", "blue", 30, 10, 12)
     x = shapes.render_tensor([scene])
@@ -45,11 +50,7 @@ def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
     cfg = VAEConfig(output_dir=str(tmp_path), block_out_channels=[8, 8, 8, 8], norm_num_groups=4,
                     edge_weight=10.0, kl_weight=0.0, crop_size=0, batch_size=2)
     obj = VAEObjective(cfg)
-
-    class Acc:
-        device = torch.device("cpu")
-
-    obj.setup(Acc())
+    obj.setup(CPU)
     vae = obj.trainable["vae"]
     x = obj.batch(0, None, 0, 1)["pixels"]
     g = torch.Generator().manual_seed(1)
@@ -65,12 +66,8 @@ def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
 
 def test_init_vae_missing_is_a_clear_error(tmp_path):
     obj = VAEObjective(VAEConfig(output_dir=str(tmp_path / "o"), init_vae=str(tmp_path / "nothing")))
-
-    class Acc:
-        device = torch.device("cpu")
-
     with pytest.raises(FileNotFoundError, match="init_vae: no VAE at"):
-        obj.setup(Acc())
+        obj.setup(CPU)
 
 
 TINY = {
