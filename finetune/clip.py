@@ -4,6 +4,7 @@ BPE tokenizer, then saving its text tower as a transformers ``CLIPTextModel`` + 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ class CLIPConfig(TrainConfig):
     embed_dim: int = 64
     vision_width: int = 64
     vision_layers: int = 2
+    # A convolutional image tower (open_clip's ModifiedResNet) when given: blocks per stage, e.g.
+    # [1, 1, 1, 1]. Its stem and stages see shape outlines that 8-pixel ViT patches blur.
+    vision_resnet_layers: list[int] = dataclasses.field(default_factory=list)
     vision_head_width: int = 32
     patch_size: int = 8
     text_width: int = 64
@@ -33,10 +37,17 @@ class CLIPConfig(TrainConfig):
     context_length: int = 20
     attribute_dropout: float = 0.2  # each of size/colour/background left out of a caption with this probability
 
+    def vision_cfg(self) -> dict:
+        if self.vision_resnet_layers:
+            if len(self.vision_resnet_layers) != 4:
+                raise ValueError(f"vision_resnet_layers: a ResNet tower has 4 stages, got {self.vision_resnet_layers}")
+            return {"image_size": shapes.CANVAS, "width": self.vision_width, "layers": list(self.vision_resnet_layers)}
+        return {"image_size": shapes.CANVAS, "patch_size": self.patch_size, "width": self.vision_width,
+                "layers": self.vision_layers, "head_width": self.vision_head_width}
+
     def open_clip_cfg(self) -> dict:
         return {"embed_dim": self.embed_dim,
-                "vision_cfg": {"image_size": shapes.CANVAS, "patch_size": self.patch_size, "width": self.vision_width,
-                               "layers": self.vision_layers, "head_width": self.vision_head_width},
+                "vision_cfg": self.vision_cfg(),
                 "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
                              "heads": self.text_heads, "layers": self.text_layers}}
 
