@@ -1,5 +1,5 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
-the VAE (two stages), then the CLIP, then the U-Net on their latents and text states; ``--install`` copies the
+the VAE (four stages, each from the one before), then the CLIP, then the U-Net on their latents and text states; ``--install`` copies the
 result (fp16 weights) into the package as the default model."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 STAGES = (("vae", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae.yaml"),
           ("vae-refine", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-refine.yaml"),
+          ("vae-stars", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-stars.yaml"),
+          ("vae-decoder", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
           ("clip", "finetune.clip", "CLIPConfig", "CLIPObjective", "shapes-clip.yaml"),
           ("model", "finetune.unet", "UNetConfig", "UNetObjective", "shapes-unet.yaml"))
 
@@ -27,10 +29,11 @@ def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool, ov
     values = read_yaml(default_recipe(recipe))
     values.update((overrides or {}).get(stage, {}))
     values.update(output_dir=str(out / stage), resume=resume, overwrite=not resume)
-    if stage == "vae-refine":
-        values.update(init_vae=str(out / "vae"))
+    vae_stages = [s[0] for s in STAGES if s[1] == "finetune.vae"]
+    if stage in vae_stages[1:]:  # each VAE stage starts from the one before
+        values.update(init_vae=str(out / vae_stages[vae_stages.index(stage) - 1]))
     if stage == "model":
-        values.update(vae_dir=str(out / "vae-refine"), clip_dir=str(out / "clip"))
+        values.update(vae_dir=str(out / vae_stages[-1]), clip_dir=str(out / "clip"))
     return build_config(cls, values, recipe)
 
 

@@ -10,6 +10,10 @@ stars last. Two options focus it, used by the refinement recipe (configs/shapes-
 which starts from the first stage through ``init_vae``): ``edge_weight`` multiplies the loss of
 pixels next to an edge (read from the target image itself, so it works on any data), and
 ``oversample_*`` draws a fraction of each batch from the hardest scenes (small stars).
+``configs/shapes-vae-stars.yaml`` continues with half of each batch small stars, and
+``configs/shapes-vae-decoder.yaml`` trains the decoder alone (``decoder_only``: the encoder, hence the
+latents and ``scaling_factor``, are kept) on posterior means (``latent_noise: 0``), the latents a
+U-Net is trained on and generates.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class VAEConfig(TrainConfig):
     oversample_fraction: float = 0.0     # this fraction of each batch is drawn from ...
     oversample_shape: str | None = None  # ... scenes of this shape ...
     oversample_size: str | None = None   # ... and this size class
+    latent_noise: float = 1.0            # decode mean + latent_noise * std * eps (0: the posterior mean,
+                                         # which is what the U-Net is trained on)
+    decoder_only: bool = False           # freeze the encoder (needs init_vae): latents and scaling_factor
+                                         # stay exactly the init's, so a U-Net trained on them stays valid
 
 
 def edge_mask(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
@@ -93,7 +101,12 @@ class VAEObjective(Objective):
             path = trained_part(self.cfg.init_vae, "vae", "init_vae", "ldm train-vae", what="VAE")
             vae = AutoencoderKL.from_pretrained(str(path))
             vae.train()
+            if self.cfg.decoder_only:
+                for part in (vae.encoder, vae.quant_conv):
+                    part.requires_grad_(False)
             self.trainable = {"vae": vae}
+        elif self.cfg.decoder_only:
+            raise ValueError("decoder_only: set init_vae to the VAE whose encoder is kept")
         else:
             self.trainable = {"vae": build_vae(self.cfg)}
 
@@ -123,8 +136,9 @@ class VAEObjective(Objective):
     def loss(self, batch, modules, generator):
         vae = modules["vae"]
         x = batch["pixels"].to(self.device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        with torch.set_grad_enabled(not self.cfg.decoder_only):
+            posterior = vae.encode(x).latent_dist
+        z = posterior.mean + self.cfg.latent_noise * posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(self.device)
         recon = vae.decode(z).sample
         err = (recon.float() - x).abs()
         if self.cfg.edge_weight:
@@ -161,6 +175,6 @@ class VAEObjective(Objective):
     def save(self, directory: Path, modules):
         vae = modules["vae"]
         vae.eval()
-        scale = self.measure_scale(vae)
-        vae.register_to_config(scaling_factor=scale)
+        if not self.cfg.decoder_only:  # a frozen encoder keeps the init's latents and scale
+            vae.register_to_config(scaling_factor=self.measure_scale(vae))
         vae.save_pretrained(str(Path(directory) / "vae"), safe_serialization=True)

@@ -10,8 +10,9 @@ from ldm import shapes
 
 
 class CPU:
-    """The one thing an objective's setup reads from its Accelerator."""
+    """What an objective's setup reads from its Accelerator."""
     device = torch.device("cpu")
+    is_main_process = True
 
 
 def test_edge_mask_marks_pixels_next_to_a_colour_change():
@@ -62,6 +63,12 @@ def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
     want = ((recon - x).abs() * w).sum() / (3 * w.sum())
     assert torch.allclose(loss, want, rtol=1e-5)
     assert logs["l1"] == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
+    # latent_noise 0 decodes the posterior mean (what the U-Net is trained on)
+    obj.cfg.latent_noise = 0.0
+    loss0, _ = obj.loss({"pixels": x}, {"vae": vae}, torch.Generator().manual_seed(1))
+    recon0 = vae.decode(post.mean).sample
+    assert torch.allclose(loss0, ((recon0 - x).abs() * w).sum() / (3 * w.sum()), rtol=1e-5)
+    assert not torch.allclose(loss0, loss)
 
 
 def test_init_vae_missing_is_a_clear_error(tmp_path):
@@ -74,7 +81,9 @@ TINY = {
     "vae": dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=4, max_steps=3, batch_size=4, crop_size=32,
                 full_size_steps=1, scale_images=64, checkpoint_every=2),
     "vae-refine": dict(max_steps=2, batch_size=4, scale_images=64, checkpoint_every=2, validation_every=0),
-    "clip": dict(max_steps=3, batch_size=8, checkpoint_every=3, embed_dim=16, vision_width=32, vision_layers=1,
+    "vae-stars": dict(max_steps=2, batch_size=4, scale_images=64, checkpoint_every=2, validation_every=0),
+    "vae-decoder": dict(max_steps=2, batch_size=4, checkpoint_every=2, validation_every=0),
+    "clip": dict(max_steps=3, batch_size=8, checkpoint_every=3, embed_dim=16, vision_width=8,
                  text_width=32, text_layers=1, text_heads=2),
     "model": dict(max_steps=3, batch_size=4, num_images=40, block_out_channels=[32, 32], norm_num_groups=8,
                   checkpoint_every=3, validation_every=0),
@@ -94,15 +103,19 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     out, summary = tiny_build
-    assert list(summary) == ["vae", "vae-refine", "clip", "model"]
-    assert [summary[s]["steps"] for s in summary] == [3, 2, 3, 3]
-    # the refinement starts from the first stage's weights, not from scratch
+    assert list(summary) == ["vae", "vae-refine", "vae-stars", "vae-decoder", "clip", "model"]
+    assert [summary[s]["steps"] for s in summary] == [3, 2, 2, 2, 3, 3]
+    # each VAE stage starts from the one before (its tiny shape, not the recipe's full one)
     first = AutoencoderKL.from_pretrained(str(out / "vae" / "vae"))
-    refined = AutoencoderKL.from_pretrained(str(out / "vae-refine" / "vae"))
-    assert refined.config.block_out_channels == first.config.block_out_channels
+    refined = AutoencoderKL.from_pretrained(str(out / "vae-decoder" / "vae"))
+    assert refined.config.block_out_channels == first.config.block_out_channels == [8, 8, 8, 8]
+    # the decoder stage keeps the third stage's encoder (so the U-Net's latents are its latents)
+    stars = AutoencoderKL.from_pretrained(str(out / "vae-stars" / "vae")).state_dict()
+    dec = refined.state_dict()
+    assert all(torch.equal(stars[k], dec[k]) for k in stars if k.startswith(("encoder.", "quant_conv.")))
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"), safety_checker=None,
                                                    requires_safety_checker=False)
-    # the model's VAE is the refined one
+    # the model's VAE is the last stage's
     for (k, a), b in zip(pipe.vae.state_dict().items(), refined.state_dict().values()):
         assert torch.equal(a, b), k
     img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
@@ -114,9 +127,33 @@ def test_scaling_factor_is_one_over_the_latent_std(tiny_build):
     from diffusers import AutoencoderKL
 
     out, _ = tiny_build
-    vae = AutoencoderKL.from_pretrained(str(out / "vae-refine" / "vae")).eval()
+    vae = AutoencoderKL.from_pretrained(str(out / "vae-stars" / "vae")).eval()
     torch.manual_seed(0)
     x = shapes.render_tensor([shapes.sample_scene(1, i) for i in range(64)])  # seed + 1, as measured
     with torch.no_grad():
         z = vae.encode(x).latent_dist.sample()
     assert vae.config.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.05)
+
+
+def test_decoder_only_keeps_the_encoder_and_its_scale(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from finetune.loop import train
+
+    tiny = dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=4, batch_size=2, crop_size=0, scale_images=32,
+                checkpoint_every=2, validation_every=0, learning_rate=1e-2)
+    first = VAEConfig(output_dir=str(tmp_path / "a"), max_steps=2, **tiny)
+    train(VAEObjective(first), first, progress=False)
+    cfg = VAEConfig(output_dir=str(tmp_path / "b"), max_steps=2, init_vae=str(tmp_path / "a"), decoder_only=True,
+                    **tiny)
+    train(VAEObjective(cfg), cfg, progress=False)
+    a = AutoencoderKL.from_pretrained(str(tmp_path / "a" / "vae"))
+    b = AutoencoderKL.from_pretrained(str(tmp_path / "b" / "vae"))
+    sa, sb = a.state_dict(), b.state_dict()
+    frozen = [k for k in sa if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(sa[k], sb[k]) for k in frozen)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))
+    assert b.config.scaling_factor == a.config.scaling_factor
+    with pytest.raises(ValueError, match="decoder_only: set init_vae"):
+        VAEObjective(VAEConfig(output_dir=str(tmp_path / "c"), decoder_only=True)).setup(CPU)
+
