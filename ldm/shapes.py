@@ -176,7 +176,9 @@ def combinations(split: str = "train") -> list[tuple[str, str, str, str]]:
 def sample_scene(seed: int, index: int, split: str = "train", *, color: str | None = None,
                  shape: str | None = None, backgrounds=None, sizes=None) -> Scene:
     """Scene ``index`` of the seeded stream for ``split``. ``color``/``shape`` fix those attributes
-    (reserved ones included: ``color="teal", shape="ring"`` renders the personalisation subject)."""
+    (reserved ones included: ``color="teal", shape="ring"`` renders the personalisation subject).
+    With one of them fixed to a regular value, the other is drawn within ``split`` (``color="orange"``
+    gives no star in ``train`` and only stars in ``heldout``)."""
     rng = np.random.default_rng([seed, index])
     if color is None and shape is None:
         combos = combinations(split)
@@ -184,6 +186,14 @@ def sample_scene(seed: int, index: int, split: str = "train", *, color: str | No
         if sizes is not None or backgrounds is not None:
             raise ValueError("sizes/backgrounds restrict a fixed colour or shape only")
         return place(rng, size, color_, shape_, bg)
+    if (color is None) != (shape is None) and (color or shape) not in RESERVED_COLORS + RESERVED_SHAPES:
+        k, value = (1, color) if color is not None else (2, shape)
+        pool = [c for c in combinations(split) if c[k] == value and (sizes is None or c[0] in sizes)
+                and (backgrounds is None or c[3] in backgrounds)]
+        if not pool:
+            raise ValueError(f"no scene of split {split!r} has {'colour' if k == 1 else 'shape'} {value!r}"
+                             f" with sizes={sizes} backgrounds={backgrounds}")
+        return place(rng, *pool[int(rng.integers(len(pool)))])
     color = color or SHAPE_COLORS[int(rng.integers(len(SHAPE_COLORS)))]
     shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
     sizes = tuple(sizes or SIZES)

@@ -94,3 +94,17 @@ def test_captions_full_partial_and_parsed():
     rng = np.random.default_rng(0)
     seen = {S.partial_caption(sc, rng, 0.5) for _ in range(200)}
     assert "a circle" in seen and sc.caption in seen and all("circle" in c for c in seen)
+
+
+def test_one_fixed_attribute_draws_the_other_within_the_split():
+    train = [S.sample_scene(0, i, "train", color="orange") for i in range(200)]
+    assert all(sc.color == "orange" and sc.shape != "star" for sc in train)
+    assert {sc.shape for sc in train} == set(S.SHAPES) - {"star"}
+    held = [S.sample_scene(0, i, "heldout", shape="triangle") for i in range(50)]
+    assert all(sc.color == "purple" and sc.shape == "triangle" for sc in held)
+    small = [S.sample_scene(0, i, "train", shape="star", sizes=["small"], backgrounds=["gray"]) for i in range(50)]
+    assert all((sc.size, sc.background) == ("small", "gray") and sc.color != "orange" for sc in small)
+    # a reserved value is in no split: the other attribute is drawn freely, as before
+    assert all(S.sample_scene(0, i, "train", color="teal").color == "teal" for i in range(20))
+    with pytest.raises(ValueError, match="no scene of split 'heldout'"):
+        S.sample_scene(0, 0, "heldout", color="red")
