@@ -1,6 +1,6 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
-the VAE (four stages, each from the one before), then the CLIP, then the U-Net on their latents and text states; ``--install`` copies the
-result (fp16 weights) into the package as the default model."""
+the VAE (four stages, each from the one before), then the CLIP, then the U-Net on their latents and
+text states; ``--install`` copies the result (fp16 weights) into the package as the default model."""
 
 from __future__ import annotations
 

@@ -87,8 +87,8 @@ class VAEObjective(Objective):
     def __init__(self, cfg: VAEConfig):
         self.cfg = cfg
         # training-split combinations only: oversampling never draws a held-out pair
-        self.hard_combos = [c for c in shapes.combinations("train")
-                            if cfg.oversample_shape in (None, c[2]) and cfg.oversample_size in (None, c[0])]
+        self.hard_combos = shapes.combinations("train", shapes=cfg.oversample_shape and [cfg.oversample_shape],
+                                               sizes=cfg.oversample_size and [cfg.oversample_size])
         if cfg.oversample_fraction and not self.hard_combos:
             raise ValueError(f"oversample_shape={cfg.oversample_shape!r} / oversample_size={cfg.oversample_size!r} "
                              f"match no training scene; use one of {shapes.SHAPES} / {shapes.SIZES}")
@@ -138,7 +138,8 @@ class VAEObjective(Objective):
         x = batch["pixels"].to(self.device)
         with torch.set_grad_enabled(not self.cfg.decoder_only):
             posterior = vae.encode(x).latent_dist
-        z = posterior.mean + self.cfg.latent_noise * posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        z = posterior.mean + self.cfg.latent_noise * posterior.std * eps
         recon = vae.decode(z).sample
         err = (recon.float() - x).abs()
         if self.cfg.edge_weight:

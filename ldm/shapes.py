@@ -154,10 +154,14 @@ def place(rng: np.random.Generator, size: str, color: str, shape: str, backgroun
     return Scene(size, color, shape, background, s, x0, y0)
 
 
-def combinations(split: str = "train") -> list[tuple[str, str, str, str]]:
+def combinations(split: str = "train", *, sizes=None, colors=None, shapes=None,
+                 backgrounds=None) -> list[tuple[str, str, str, str]]:
     """All (size, colour, shape, background) of a split:
     ``train`` (base training: no held-out pair, nothing reserved), ``heldout`` (only the held-out
-    pairs), ``seen`` (= train), ``all`` (train + heldout)."""
+    pairs), ``seen`` (= train), ``all`` (train + heldout); each keyword, when given, keeps only the
+    combinations whose attribute is among its values."""
+    if split not in ("train", "seen", "heldout", "all"):
+        raise ValueError(f"unknown split {split!r}; expected train, seen, heldout or all")
     out = []
     for size in SIZES:
         for color in SHAPE_COLORS:
@@ -168,8 +172,9 @@ def combinations(split: str = "train") -> list[tuple[str, str, str, str]]:
                 for bg in BACKGROUNDS:
                     if bg != color:
                         out.append((size, color, shape, bg))
-    if split not in ("train", "seen", "heldout", "all"):
-        raise ValueError(f"unknown split {split!r}; expected train, seen, heldout or all")
+    for k, allowed in enumerate((sizes, colors, shapes, backgrounds)):
+        if allowed is not None:
+            out = [c for c in out if c[k] in allowed]
     return out
 
 
@@ -187,12 +192,11 @@ def sample_scene(seed: int, index: int, split: str = "train", *, color: str | No
             raise ValueError("sizes/backgrounds restrict a fixed colour or shape only")
         return place(rng, size, color_, shape_, bg)
     if (color is None) != (shape is None) and (color or shape) not in RESERVED_COLORS + RESERVED_SHAPES:
-        k, value = (1, color) if color is not None else (2, shape)
-        pool = [c for c in combinations(split) if c[k] == value and (sizes is None or c[0] in sizes)
-                and (backgrounds is None or c[3] in backgrounds)]
+        pool = combinations(split, sizes=sizes, backgrounds=backgrounds, colors=color and [color],
+                            shapes=shape and [shape])
         if not pool:
-            raise ValueError(f"no scene of split {split!r} has {'colour' if k == 1 else 'shape'} {value!r}"
-                             f" with sizes={sizes} backgrounds={backgrounds}")
+            what = f"colour {color!r}" if color else f"shape {shape!r}"
+            raise ValueError(f"no scene of split {split!r} has {what} with sizes={sizes} backgrounds={backgrounds}")
         return place(rng, *pool[int(rng.integers(len(pool)))])
     color = color or SHAPE_COLORS[int(rng.integers(len(SHAPE_COLORS)))]
     shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
