@@ -42,7 +42,7 @@ def main():
               + " ".join(f"{k} {np.mean([getattr(r, k) == getattr(s, k) for s, r in zip(scenes, reads)]):.3f}"
                          for k in ("size", "color", "shape", "background"))
               + f", L1 {l1:.4f}")
-        if name == "seen":  # where the misses are: all-correct per (size, shape) class
+        if name != "teal ring":  # where the misses are: all-correct per (size, shape) class
             classes = sorted({(s.size, s.shape) for s in scenes})
             print("  per class: " + ", ".join(
                 f"{sz} {sh} {sum(o for s, o in zip(scenes, ok) if (s.size, s.shape) == (sz, sh))}"

@@ -146,6 +146,17 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
+OFF_PALETTE_DISTANCE = 60.0  # an off-palette colour is at least this RGB distance from every palette colour
+
+
+def off_palette_color(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A uniformly random RGB colour at least ``OFF_PALETTE_DISTANCE`` from every palette colour."""
+    while True:
+        c = rng.integers(0, 256, size=3)
+        if np.sqrt(((_RGB - c) ** 2).sum(-1)).min() >= OFF_PALETTE_DISTANCE:
+            return tuple(int(v) for v in c)
+
+
 def place(rng: np.random.Generator, size: str, color: str, shape: str, background: str) -> Scene:
     """Draw the box side and position for a scene with these attributes."""
     lo, hi = SIZES[size]

@@ -108,3 +108,12 @@ def test_one_fixed_attribute_draws_the_other_within_the_split():
     assert all(S.sample_scene(0, i, "train", color="teal").color == "teal" for i in range(20))
     with pytest.raises(ValueError, match="no scene of split 'heldout'"):
         S.sample_scene(0, 0, "heldout", color="red")
+
+
+
+def test_off_palette_colours_keep_clear_of_every_palette_colour():
+    palette = np.array(list(S.PALETTE.values()), dtype=float)
+    rng = np.random.default_rng(3)
+    cols = np.array([S.off_palette_color(rng) for _ in range(500)], dtype=float)
+    assert (np.sqrt(((cols[:, None] - palette[None]) ** 2).sum(-1)).min(1) >= S.OFF_PALETTE_DISTANCE).all()
+    assert len({tuple(c) for c in cols}) > 450  # and they are spread, not a few fixed ones

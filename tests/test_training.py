@@ -157,3 +157,18 @@ def test_decoder_only_keeps_the_encoder_and_its_scale(tmp_path):
     with pytest.raises(ValueError, match="decoder_only: set init_vae"):
         VAEObjective(VAEConfig(output_dir=str(tmp_path / "c"), decoder_only=True)).setup(CPU)
 
+
+
+def test_vae_random_colour_images_keep_the_shape_colour_off_the_palette():
+    """The VAE's generic-colour images never draw a held-out pair or teal (in any shade the judge would
+    read as one): the shape colour keeps OFF_PALETTE_DISTANCE from every palette colour."""
+    from finetune.vae import random_color_scene_pixels
+
+    palette = np.array(list(shapes.PALETTE.values()), dtype=float)
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        sc = shapes.sample_scene(1, i)
+        img = random_color_scene_pixels(rng, sc).astype(float)
+        fg = img[sc.y0 + sc.s * 2 // 3, sc.x0 + sc.s // 2]
+        assert np.sqrt(((palette - fg) ** 2).sum(-1)).min() >= shapes.OFF_PALETTE_DISTANCE
+
