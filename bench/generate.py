@@ -55,7 +55,8 @@ def main():
     if model is None:
         tmp = tempfile.TemporaryDirectory()
         model = str(build_checkpoint(tmp.name, "sd1", size="bench", seed=0))
-    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    # fp32 as ours runs on the CPU (the embedded model stores fp16, which diffusers would keep)
+    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, torch_dtype=torch.float32)
     ref.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.sampler].from_config(
         ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)

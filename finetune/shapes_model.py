@@ -71,7 +71,7 @@ def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, c
     from safetensors.torch import load_file, save_file
 
     from ldm.clip import CONFIG_FILE, VISUAL_FILE
-    from ldm.models import EMBEDDED_CLIP, EMBEDDED_MODEL
+    from ldm.models import EMBEDDED_CLIP, EMBEDDED_MODEL, SAMPLING_FILE
 
     target, clip_target = Path(target or EMBEDDED_MODEL), Path(clip_target or EMBEDDED_CLIP)
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
@@ -79,6 +79,8 @@ def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, c
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    if (model_dir / SAMPLING_FILE).is_file():
+        shutil.copy(model_dir / SAMPLING_FILE, tmp / SAMPLING_FILE)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ldm import shapes
+from ldm.models import SAMPLING_DEFAULTS, write_sampling_defaults
 from ldm.process import from_x0, q_sample
 from ldm.schedule import NoiseSchedule
 from ldm.tiny import SD1_SCHEDULER
@@ -36,6 +37,7 @@ class UNetConfig(TrainConfig):
     attribute_dropout: float = 0.15     # size/colour/background each left out of a caption
     uncond_prob: float = 0.1            # empty caption (for classifier-free guidance)
     snr_gamma: float = 5.0              # 0: plain MSE
+    guidance_scale: float = 7.5         # the saved model's default, written into its sampling.json
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a large red circle on a blue background", "a small yellow star on a black background",
         "a large green circle on a white background", "a small purple triangle on a gray background"])
@@ -149,7 +151,8 @@ class UNetObjective(Objective):
         from ldm.models import Model
 
         return Model(unet=unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                     schedule=self.schedule, name="shapes", path=Path(self.cfg.output_dir))
+                     schedule=self.schedule, name="shapes", path=Path(self.cfg.output_dir),
+                     sampling={**SAMPLING_DEFAULTS, "guidance_scale": self.cfg.guidance_scale})
 
     def validate(self, step, modules):
         from ldm.images import make_grid
@@ -164,12 +167,15 @@ class UNetObjective(Objective):
         return {"samples": [make_grid(res.images, cols=4)]}
 
     def save(self, directory: Path, modules):
-        save_pipeline(directory, modules["unet"], self.vae, self.text_encoder, self.tokenizer, self.schedule)
+        save_pipeline(directory, modules["unet"], self.vae, self.text_encoder, self.tokenizer, self.schedule,
+                      sampling={"guidance_scale": self.cfg.guidance_scale})
 
 
-def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, dtype=None):
+def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, dtype=None,
+                  sampling: dict | None = None):
     """Write a Stable Diffusion directory (model_index.json, unet, vae, text_encoder, tokenizer,
-    scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads."""
+    scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads; ``sampling``, when
+    given, becomes its sampling.json (the defaults ``ldm generate`` uses for it)."""
     import copy
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -183,3 +189,5 @@ def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: Noise
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(directory), safe_serialization=True)
+    if sampling:
+        write_sampling_defaults(directory, **sampling)

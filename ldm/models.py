@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,38 @@ class ModelError(ValueError):
     """A model path that cannot be used, with what is wrong and how to fix it."""
 
 
+# A model directory may say how it is best sampled (a distilled student its step count, a small model
+# its guidance scale) in sampling.json at its root, beside model_index.json; diffusers ignores the file.
+# What the user passes wins; then the model's file; then these, the Stable Diffusion habits.
+SAMPLING_FILE = "sampling.json"
+SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 30, "guidance_scale": 7.5}
+
+
+def read_sampling_defaults(path: str | os.PathLike) -> dict:
+    """The sampling defaults of model directory ``path``: SAMPLING_DEFAULTS updated by its sampling.json."""
+    file = Path(path) / SAMPLING_FILE
+    if not file.is_file():
+        return dict(SAMPLING_DEFAULTS)
+    try:
+        values = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{file} is not valid JSON ({exc}); fix or delete it") from exc
+    unknown = sorted(set(values) - set(SAMPLING_DEFAULTS)) if isinstance(values, dict) else ["(not an object)"]
+    if unknown:
+        raise ModelError(f"{file}: unknown key(s) {', '.join(unknown)}; it may hold {', '.join(SAMPLING_DEFAULTS)}")
+    return {**SAMPLING_DEFAULTS, **values}
+
+
+def write_sampling_defaults(path: str | os.PathLike, **values) -> Path:
+    """Write the given defaults (keys of SAMPLING_DEFAULTS) into ``path``/sampling.json."""
+    unknown = sorted(set(values) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sampling default(s) {', '.join(unknown)}; choose from {', '.join(SAMPLING_DEFAULTS)}")
+    file = Path(path) / SAMPLING_FILE
+    file.write_text(json.dumps(values, indent=2) + "\n")
+    return file
+
+
 @dataclass
 class Model:
     unet: torch.nn.Module
@@ -39,6 +71,7 @@ class Model:
     schedule: NoiseSchedule
     name: str
     path: Path
+    sampling: dict = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))  # see read_sampling_defaults
 
     @property
     def device(self) -> torch.device:
@@ -159,7 +192,7 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
         raise ModelError(f"model {str(path)!r}: the text encoder is {text_width} wide but the U-Net attends to "
                          f"{cross}-wide text; the parts do not belong together")
     name = _model_name(path)
-    return Model(unet, vae, text_encoder, tokenizer, schedule, name, path)
+    return Model(unet, vae, text_encoder, tokenizer, schedule, name, path, read_sampling_defaults(path))
 
 
 def _model_name(path: Path) -> str:

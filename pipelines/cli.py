@@ -29,10 +29,7 @@ def _common(p: argparse.ArgumentParser):
                                                   "each image is written as soon as it is made")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt, made in one batch (default 1)")
     p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed+i (default: random)")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="default ddim")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale; 1 turns guidance off (default 7.5)")
+    _sampling_args(p)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim / euler-a (default 0; euler-a uses 1)")
@@ -46,6 +43,14 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading .bin/.ckpt pickle weights (can run arbitrary code; only for trusted files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _sampling_args(p: argparse.ArgumentParser):
+    model_default = "the model's sampling.json, else %s"
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: " + model_default % "ddim")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: " + model_default % "30)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1 turns guidance off (default: " + model_default % "7.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-dir", type=Path, default=Path("eval"), help="where report.json and grid.png go")
     e.add_argument("--seen", type=int, default=64, help="seen-pair prompts (default 64)")
     e.add_argument("--heldout", type=int, default=48, help="held-out-pair prompts (default 48: all of them)")
-    e.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
-    e.add_argument("--steps", type=int, default=30)
-    e.add_argument("--guidance", type=float, default=7.5)
+    _sampling_args(e)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--device", default=None)
@@ -145,9 +148,9 @@ def _prompts(args) -> list[str]:
 def _check_args(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
     if hasattr(args, "strength") and not 0 < args.strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
@@ -180,11 +183,12 @@ def run(args) -> list[Path]:
     pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args), dtype=args.dtype,
                                     allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
+    sampler, steps, guidance = pipe.sampling(args.sampler, args.steps, args.guidance)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     if args.seed is None:
         log.info("seed %d", seed)
     written, images = [], []
-    steps_per_batch = args.steps if not hasattr(args, "strength") else max(1, int(args.steps * args.strength))
+    steps_per_batch = steps if not hasattr(args, "strength") else max(1, int(steps * args.strength))
     bar = tqdm(total=len(prompts) * steps_per_batch, desc=args.command, unit="step", disable=args.quiet)
     for k, prompt in enumerate(prompts):
         seeds = [seed + k * args.batch_size + i for i in range(args.batch_size)]
@@ -192,9 +196,9 @@ def run(args) -> list[Path]:
         if args.from_file and all(p.exists() for p in paths):  # a rerun keeps what an earlier run made
             bar.update(steps_per_batch)
             continue
-        common = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+        common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance,
                       guidance_rescale=args.guidance_rescale, seeds=seeds, batch_size=args.batch_size,
-                      sampler=args.sampler, eta=args.eta, callback=lambda i, x, x0: bar.update(1))
+                      sampler=sampler, eta=args.eta, callback=lambda i, x, x0: bar.update(1))
         if args.command == "generate":
             res = pipe.text_to_image(prompt, width=args.width, height=args.height, **common)
         elif args.command == "img2img":

@@ -73,12 +73,14 @@ def clip_scores(images, prompts, clip_dir, text_dir) -> list[float]:
 
 
 def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int = 0, batch_size: int = 16,
-             steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim", clip_dir=None, clip_text_dir=None,
+             steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None, clip_dir=None, clip_text_dir=None,
              output_dir=None, progress: bool = True) -> dict:
-    """Generate and judge; returns the report (and writes report.json and grid.png into ``output_dir``)."""
+    """Generate and judge; returns the report (and writes report.json and grid.png into ``output_dir``).
+    Sampling settings left None are the model's defaults (``Pipeline.sampling``)."""
     from ldm.images import make_grid
     from ldm.models import EMBEDDED_CLIP, default_model_path
 
+    sampler, steps, guidance_scale = pipe.sampling(sampler, steps, guidance_scale)
     cases = eval_prompts("seen", seen, seed) + eval_prompts("heldout", heldout, seed)
     images = generate(pipe, cases, seed=seed, batch_size=batch_size, progress=progress, steps=steps,
                       guidance_scale=guidance_scale, sampler=sampler)

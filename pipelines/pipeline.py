@@ -74,6 +74,18 @@ class Pipeline:
         return cls(load_model(name_or_path, **kwargs), vae_slice_size=slice_size)
 
     # --- shared pieces --------------------------------------------------------------------------
+    def sampling(self, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None) -> tuple[str, int, float]:
+        """The given sampling settings, each None replaced by the model's default (its sampling.json,
+        else ddim, 30 steps, guidance 7.5), checked."""
+        d = self.model.sampling
+        sampler = d["sampler"] if sampler is None else sampler
+        steps = d["steps"] if steps is None else steps
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        _check_sampling(steps, guidance_scale)
+        get_sampler(sampler)
+        return sampler, steps, guidance_scale
+
     def default_size(self) -> tuple[int, int]:
         side = self.model.unet.config.sample_size * self.model.vae_factor
         return side, side
@@ -155,9 +167,9 @@ class Pipeline:
         return autoencoder.encode(self.model.vae, x.to(self.model.device))
 
     # --- the four tasks -------------------------------------------------------------------------
-    def text_to_image(self, prompt, *, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5,
+    def text_to_image(self, prompt, *, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
                       guidance_rescale: float = 0.0, seed: int | None = None, seeds=None, batch_size: int = 1,
-                      width: int | None = None, height: int | None = None, sampler: str = "ddim",
+                      width: int | None = None, height: int | None = None, sampler: str | None = None,
                       eta: float = 0.0, latents: torch.Tensor | None = None, callback=None) -> Result:
         """Generate images for a prompt (or a list of prompts, ``batch_size`` images each).
 
@@ -166,7 +178,7 @@ class Pipeline:
         dw, dh = self.default_size()
         width = dw if width is None else width
         height = dh if height is None else height
-        _check_sampling(steps, guidance_scale)
+        sampler, steps, guidance_scale = self.sampling(sampler, steps, guidance_scale)
         _check_size(width, height, self.model.vae_factor)
         prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
         seeds, gens = self._generators(seed, len(prompts), seeds)
@@ -190,12 +202,12 @@ class Pipeline:
         masked = autoencoder.encode(self.model.vae, torch.zeros(1, 3, height, width, device=self.model.device))
         return torch.cat([mask.to(masked), masked.expand(n, -1, -1, -1)], dim=1)
 
-    def image_to_image(self, prompt, image, *, strength: float = 0.8, negative_prompt=None, steps: int = 30,
-                       guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed=None, seeds=None,
-                       batch_size: int = 1, sampler: str = "ddim", eta: float = 0.0, callback=None) -> Result:
+    def image_to_image(self, prompt, image, *, strength: float = 0.8, negative_prompt=None, steps: int | None = None,
+                       guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
+                       batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
         """SDEdit (Meng et al. 2022): noise the image's latents to the level ``strength`` of the way up
         the schedule and denoise from there; about ``strength * steps`` steps run."""
-        _check_sampling(steps, guidance_scale)
+        sampler, steps, guidance_scale = self.sampling(sampler, steps, guidance_scale)
         sched_steps = self._strength_steps(sampler, steps, strength)
         z0 = self.encode_image(image)
         width, height = z0.shape[-1] * self.model.vae_factor, z0.shape[-2] * self.model.vae_factor
@@ -218,14 +230,14 @@ class Pipeline:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         return self._steps(sampler, steps).tail(steps - min(int(steps * strength), steps))
 
-    def inpaint(self, prompt, image, mask, *, strength: float = 1.0, negative_prompt=None, steps: int = 30,
-                guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed=None, seeds=None,
-                batch_size: int = 1, sampler: str = "ddim", eta: float = 0.0, callback=None) -> Result:
+    def inpaint(self, prompt, image, mask, *, strength: float = 1.0, negative_prompt=None, steps: int | None = None,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
+                batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
         """Repaint the white part of ``mask`` (an image the size of ``image``; white = repaint).
 
         On a 9-channel inpainting U-Net the mask and the masked image's latents are extra input
         channels; on an ordinary checkpoint the kept region is blended back at every step."""
-        _check_sampling(steps, guidance_scale)
+        sampler, steps, guidance_scale = self.sampling(sampler, steps, guidance_scale)
         sched_steps = self._strength_steps(sampler, steps, strength)
         if len(sched_steps) == 0:
             raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")

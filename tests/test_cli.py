@@ -109,3 +109,17 @@ def test_parameters_round_trip_with_commas_in_values():
                              model="my, model")
     p = parse_parameters(text)
     assert p["prompt"] == "a, b" and p["Sampler"] == "DPM++ 2M" and p["Model"] == "my, model" and p["Size"] == "8x16"
+
+
+def test_generate_uses_the_models_sampling_defaults(sd1_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sd1_dir, model)
+    (model / "sampling.json").write_text('{"steps": 2, "guidance_scale": 3.0}')
+    out = tmp_path / "one.png"
+    assert main(["generate", "a star", "--model", str(model), "--output", str(out), "--seed", "1", "--quiet"]) == 0
+    assert "Steps: 2, Sampler: DDIM, CFG scale: 3.0" in read_parameters(out)
+    assert main(["generate", "a star", "--model", str(model), "--output", str(out), "--seed", "1", "--quiet",
+                 "--steps", "3", "--guidance", "1"]) == 0
+    assert "Steps: 3, Sampler: DDIM, CFG scale: 1.0" in read_parameters(out)

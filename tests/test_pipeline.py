@@ -191,3 +191,32 @@ def test_vae_slicing_changes_nothing(sd1_dir):
     sliced = Pipeline.from_pretrained(sd1_dir, vae_slice_size=1).text_to_image("a", steps=2, seed=0,
                                                                               batch_size=3).pixels
     torch.testing.assert_close(whole, sliced, rtol=0, atol=1e-5)
+
+
+def _with_sampling(tmp_path, sd1_dir, text):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sd1_dir, model)
+    (model / "sampling.json").write_text(text)
+    return model
+
+
+def test_a_models_sampling_json_sets_the_defaults_and_explicit_values_win(tmp_path, sd1_dir, sd1_pipe):
+    model = _with_sampling(tmp_path, sd1_dir, '{"sampler": "euler", "steps": 2, "guidance_scale": 3.0}')
+    pipe = Pipeline.from_pretrained(model)
+    res = pipe.text_to_image("a star", seed=4)
+    assert (res.settings["sampler"], res.settings["steps"], res.settings["guidance"]) == ("euler", 2, 3.0)
+    expect = sd1_pipe.text_to_image("a star", seed=4, sampler="euler", steps=2, guidance_scale=3.0)
+    assert torch.equal(res.pixels, expect.pixels)
+    over = pipe.text_to_image("a star", seed=4, steps=3, guidance_scale=7.5, sampler="ddim")
+    assert (over.settings["sampler"], over.settings["steps"], over.settings["guidance"]) == ("ddim", 3, 7.5)
+    assert torch.equal(over.pixels, sd1_pipe.text_to_image("a star", seed=4, steps=3).pixels)
+    # without the file: ddim, 30 steps, guidance 7.5
+    assert sd1_pipe.sampling() == ("ddim", 30, 7.5)
+
+
+@pytest.mark.parametrize("text, match", [('{"guidance": 5}', "unknown key.*guidance"), ("{5", "not valid JSON")])
+def test_a_bad_sampling_json_is_a_clear_error(tmp_path, sd1_dir, text, match):
+    with pytest.raises(ModelError, match=match):
+        load_model(_with_sampling(tmp_path, sd1_dir, text))

@@ -123,6 +123,26 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
+def test_install_copies_fp16_weights_and_the_recipes_sampling_defaults(tiny_build, tmp_path):
+    from safetensors.torch import load_file
+
+    from finetune.cli import default_recipe
+    from finetune.config import read_yaml
+    from finetune.shapes_model import install_model
+    from ldm.models import read_sampling_defaults
+    from pipelines.pipeline import Pipeline
+
+    out, _ = tiny_build
+    guidance = read_yaml(default_recipe("shapes-unet.yaml"))["guidance_scale"]
+    assert read_sampling_defaults(out / "model")["guidance_scale"] == guidance
+    install_model(out / "model", out / "clip" / "clip", target=tmp_path / "model", clip_target=tmp_path / "clip")
+    weights = load_file(str(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in weights.values())
+    assert (tmp_path / "clip" / "visual.safetensors").is_file()
+    pipe = Pipeline.from_pretrained(tmp_path / "model")
+    assert pipe.sampling() == ("ddim", 30, guidance)
+
+
 def test_scaling_factor_is_one_over_the_latent_std(tiny_build):
     from diffusers import AutoencoderKL
 
