@@ -20,6 +20,18 @@ METHODS = {
                    "CLIPObjective", "shapes-clip.yaml"),
     "train-unet": ("train the text-to-image U-Net on cached latents", "finetune.unet", "UNetConfig",
                    "UNetObjective", "shapes-unet.yaml"),
+    "textual-inversion": ("learn a new token's embedding from a few images (Gal et al. 2022)",
+                          "finetune.textual_inversion", "TextualInversionConfig", "TextualInversionObjective",
+                          "textual-inversion.yaml"),
+}
+
+# recipe keys that a method also takes as its own flags (--data-dir for data_dir, ...)
+LOOP_FLAGS = ("batch_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
+              "gradient_accumulation_steps", "validation_every")
+METHOD_FLAGS = {
+    "textual-inversion": ("data_dir", "placeholder_token", "initializer_token", "num_vectors", "learnable_property",
+                          "repeats", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
+                          "validation_prompts") + LOOP_FLAGS,
 }
 
 
@@ -38,8 +50,9 @@ def _run_method(command: str, args: argparse.Namespace) -> int:
     mod = importlib.import_module(module)
     if args.config is None:
         args.config = default_recipe(recipe)
+    extra = {k: getattr(args, k, None) for k in METHOD_FLAGS.get(command, ())}
     try:
-        cfg = from_args(getattr(mod, cfg_name), args)
+        cfg = from_args(getattr(mod, cfg_name), args, extra)
         summary = train(getattr(mod, obj_name)(cfg), cfg, progress=not args.quiet)
     except (ConfigError, TrainingError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -59,8 +72,13 @@ def register(sub) -> None:
     for command, (help_, *_rest) in METHODS.items():
         p = sub.add_parser(command, help=help_)
         add_common_flags(p)
+        if command in METHOD_FLAGS:
+            add_recipe_flags(p, METHODS[command], METHOD_FLAGS[command])
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=lambda a, c=command: _run_method(c, a))
+    from .demos import register as register_demos
+
+    register_demos(sub)
     b = sub.add_parser("build-shapes-model", help="train the embedded shapes model from scratch (VAE, CLIP, U-Net)")
     b.add_argument("--output-dir", type=Path, default=Path("runs/shapes"), help="work directory (default runs/shapes)")
     b.add_argument("--install", action="store_true",
@@ -68,6 +86,31 @@ def register(sub) -> None:
     b.add_argument("--resume", action="store_true", help="continue an interrupted build")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_build)
+
+
+def add_recipe_flags(p: argparse.ArgumentParser, method: tuple, keys) -> None:
+    """A flag per recipe key (data_dir -> --data-dir), typed from the method's config dataclass; each
+    defaults to None so that the recipe's value stands unless the flag is given."""
+    import dataclasses
+    import importlib
+    import typing
+
+    cls = getattr(importlib.import_module(method[1]), method[2])
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    for key in keys:
+        flag = "--" + key.replace("_", "-")
+        tp = hints[key]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if args else tp
+        help_ = f"recipe key {key} (default in the recipe, else {defaults[key]!r})"
+        if base is bool:
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(base) is list:
+            p.add_argument(flag, dest=key, nargs="+", default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=key, type=base, default=None, help=help_)
 
 
 def _build(args) -> int:

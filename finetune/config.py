@@ -24,6 +24,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 16
     learning_rate: float = 1e-4
+    scale_lr: bool = False          # use learning_rate x batch_size x accumulation steps x processes
     lr_scheduler: str = "constant"  # constant | linear | cosine (after the warm-up)
     lr_warmup_steps: int = 0
     min_lr_ratio: float = 0.0       # linear/cosine decay ends at learning_rate * min_lr_ratio

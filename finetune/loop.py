@@ -218,7 +218,12 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     params = objective.parameters(objective.trainable)
     if not params:
         raise TrainingError(f"{objective.name}: nothing to train (no parameter requires grad)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+        accelerator.print(f"scale_lr: learning rate {cfg.learning_rate:g} x {cfg.batch_size} x "
+                          f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} = {lr:g}")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     prepared = accelerator.prepare(*[objective.trainable[n] for n in names], optimizer, scheduler)

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
 log = logging.getLogger(__name__)
 
 
+def expand_concepts(tokenizer, prompt: str) -> str:
+    """A multi-vector textual-inversion token ``T`` (one with ``T_1`` in the vocabulary) written as
+    ``T T_1 .. T_{n-1}`` (ldm.embeddings); other text unchanged."""
+    added = tokenizer.get_added_vocab()
+    if not added:
+        return prompt
+    for tok in dict.fromkeys(t for t in tokenizer.tokenize(prompt) if t in added):
+        n = 1
+        while f"{tok}_{n}" in added:
+            n += 1
+        if n > 1:
+            prompt = re.sub(re.escape(tok) + r"(?!_\d)", " ".join([tok] + [f"{tok}_{i}" for i in range(1, n)]), prompt)
+    return prompt
+
+
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's context length (B, L). A prompt longer than that is
-    truncated with a warning that shows the words dropped."""
+    truncated with a warning that shows the words dropped. Multi-vector concepts are expanded first."""
     max_len = tokenizer.model_max_length
+    prompts = [expand_concepts(tokenizer, p) for p in prompts]
     ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
                     return_tensors="pt").input_ids
     full = tokenizer(prompts, padding=False, truncation=False).input_ids
@@ -25,11 +42,18 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return ids
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
-    """The text encoder's last hidden states for each prompt, (B, L, D), in float32."""
-    ids = tokenize(tokenizer, prompts).to(device or text_encoder.device)
+def text_states(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
+    """The text encoder's last hidden states for each prompt, (B, L, D), in float32, with autograd
+    (textual inversion trains through this)."""
+    config = getattr(text_encoder, "module", text_encoder).config  # under DDP the model is .module
+    ids = tokenize(tokenizer, prompts).to(device or next(text_encoder.parameters()).device)
     mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
+    if getattr(config, "use_attention_mask", False):
         mask = (ids != tokenizer.pad_token_id).long()
     return text_encoder(ids, attention_mask=mask)[0].float()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
+    """``text_states`` without autograd: what generation conditions on."""
+    return text_states(tokenizer, text_encoder, prompts, device)

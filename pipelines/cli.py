@@ -42,6 +42,11 @@ def _common(p: argparse.ArgumentParser):
                    help="decode N images at a time (default: 1 at a time for batches over 4)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading .bin/.ckpt pickle weights (can run arbitrary code; only for trusted files)")
+    p.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
+                   help="a textual-inversion embedding (.safetensors, or A1111 .pt) whose token(s) prompts may "
+                        "use; repeat for several")
+    p.add_argument("--token", action="append", default=[], metavar="NAME",
+                   help="the token of the matching --embedding (default: the name stored in the file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -146,6 +151,9 @@ def _prompts(args) -> list[str]:
 
 
 def _check_args(args):
+    if args.token and len(args.token) != len(args.embedding):
+        raise ValueError(f"got {len(args.token)} --token for {len(args.embedding)} --embedding; give one per "
+                         "embedding, or none to use the names stored in the files")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.steps is not None and args.steps < 1:
@@ -183,6 +191,9 @@ def run(args) -> list[Path]:
     pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args), dtype=args.dtype,
                                     allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
+    for i, file in enumerate(args.embedding):
+        tokens = pipe.load_embedding(file, args.token[i] if args.token else None)
+        log.info("embedding %s: %s", file, ", ".join(tokens))
     sampler, steps, guidance = pipe.sampling(args.sampler, args.steps, args.guidance)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     if args.seed is None:

@@ -24,6 +24,7 @@ from ldm.models import Model, load_model
 from ldm.process import q_sample
 from ldm.samplers import STOCHASTIC, get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
+from ldm.embeddings import add_concept, read_embeddings
 from ldm.text import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,16 @@ class Pipeline:
         if len(seeds) != n:
             raise ValueError(f"got {len(seeds)} seeds for {n} images")
         return list(seeds), [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+    def load_embedding(self, path, token: str | None = None) -> list[str]:
+        """Add the textual-inversion concept(s) of an embedding file (diffusers' or A1111's format,
+        ldm.embeddings) to this model's tokenizer and text encoder; ``token`` renames a file's one
+        concept. Returns the tokens now usable in prompts."""
+        m = self.model
+        embeds = read_embeddings(path, token)
+        for name, vectors in embeds.items():
+            add_concept(m.tokenizer, m.text_encoder, name, vectors)
+        return list(embeds)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         m = self.model

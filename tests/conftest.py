@@ -22,3 +22,13 @@ def inpaint_dir(tmp_path_factory):
 def sd1_pipe(sd1_dir):
     from pipelines.pipeline import Pipeline
     return Pipeline.from_pretrained(sd1_dir)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on this machine now (for accelerate launch's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

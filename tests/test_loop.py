@@ -102,19 +102,11 @@ def test_unknown_recipe_key_is_named():
         build(TrainConfig, {"max_steps": "many"})
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_under_accelerate_launch(tmp_path):
+def test_two_processes_under_accelerate_launch(tmp_path, free_port):
     env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
     # on a machine without GPUs, accelerate needs --multi_gpu to start torchrun; the processes are then MULTI_CPU (gloo)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port),
            str(WORKER), str(tmp_path), "4"]
     r = subprocess.run(cmd, env=env, capture_output=True, timeout=240)
     assert r.returncode == 0, r.stderr.decode()[-3000:]

@@ -1,0 +1,235 @@
+"""Textual inversion (Gal et al. 2022, "An Image is Worth One Word"): learn the embedding of a new
+token from a handful of images; every weight of the model stays frozen except the new rows of the
+text encoder's token-embedding matrix.
+
+The loss is the base denoising loss (finetune.unet.denoising_loss) of the frozen U-Net on the
+images' latents, conditioned on prompts that name the placeholder. Latents are encoded once; a step
+is one text-encoder and one U-Net forward and backward, and no VAE work. After every optimiser step
+the rows of every other token are restored (weight decay or numerical drift cannot touch them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.embeddings import add_concept, write_a1111, write_embeddings
+from ldm.images import to_tensor
+from ldm.text import text_states
+
+from .config import ConfigError, TrainConfig
+from .data import read_image_folder, square
+from .loop import Objective, sample_offset
+from .unet import denoising_loss
+
+log = logging.getLogger(__name__)
+
+# the prompt templates of Gal et al.'s code, for objects and for styles; {} is the placeholder
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a good painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+@dataclass
+class TextualInversionConfig(TrainConfig):
+    data_dir: str = ""
+    placeholder_token: str = "<concept>"
+    initializer_token: str = ""         # a one-token word whose embedding starts every vector, or
+    #                                     num_vectors tokens, one per vector (as kohya's sd-scripts allow)
+    num_vectors: int = 1                # vectors of the placeholder (T, T_1, ..., expanded in prompts)
+    learnable_property: str = "object"  # object | style: which prompt templates
+    templates: list[str] = field(default_factory=list)  # own templates ({} = the placeholder) instead
+    repeats: int = 100                  # an epoch is every image this many times, shuffled
+    resolution: int | None = None       # default: the model's native size
+    center_crop: bool = False           # centre square crop before resizing (else the whole image is scaled)
+    random_flip: bool = False           # horizontal flips (both orientations are encoded once)
+    gradient_checkpointing: bool = False
+    snr_gamma: float = 0.0              # min-SNR weighting (0: plain MSE, as the paper)
+    validation_prompts: list[str] = field(default_factory=list)  # {} or the placeholder names the concept
+    save_a1111: bool = True             # also write <name>.pt in AUTOMATIC1111's layout
+    # the loop's defaults for this method
+    max_steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 5.0e-4
+    checkpoint_every: int = 250
+
+
+class TextualInversionObjective(Objective):
+    name = "textual-inversion"
+
+    def __init__(self, cfg: TextualInversionConfig):
+        self.cfg = cfg
+        self._perm = (None, None)
+
+    # --- setup ----------------------------------------------------------------------------------
+    def _check(self):
+        cfg = self.cfg
+        if not cfg.placeholder_token.strip() or any(c.isspace() for c in cfg.placeholder_token):
+            raise ConfigError(f"placeholder_token {cfg.placeholder_token!r}: give one word without spaces, "
+                              "e.g. <my-cat>")
+        if not cfg.initializer_token:
+            raise ConfigError("initializer_token is required: a single-token word close to the concept "
+                              "(e.g. cat, star, painting); its embedding is where training starts")
+        if cfg.num_vectors < 1:
+            raise ConfigError(f"num_vectors must be >= 1, got {cfg.num_vectors}")
+        if not cfg.templates and cfg.learnable_property not in TEMPLATES:
+            raise ConfigError(f"learnable_property {cfg.learnable_property!r}: use object or style "
+                              "(or give templates)")
+        bad = [t for t in cfg.templates if "{}" not in t]
+        if bad:
+            raise ConfigError(f"template {bad[0]!r} has no {{}} where the placeholder goes")
+
+    def setup(self, accelerator):
+        from ldm.models import ModelError, default_model_path, load_model
+
+        cfg = self.cfg
+        self._check()
+        self.device = accelerator.device
+        model_path = cfg.model or default_model_path()
+        if model_path is None:
+            raise ModelError("no model given and no embedded model is installed; pass --model DIR")
+        # fp32 master weights; the frozen U-Net and VAE in the mixed-precision dtype (they only run forward)
+        m = load_model(model_path, device=self.device, dtype="fp32")
+        tok, te = m.tokenizer, m.text_encoder
+        init_ids = tok.encode(cfg.initializer_token, add_special_tokens=False)
+        if len(init_ids) == 1:
+            init_ids = init_ids * cfg.num_vectors
+        elif len(init_ids) != cfg.num_vectors:
+            pieces = tok.convert_ids_to_tokens(init_ids)
+            raise ConfigError(f"initializer_token {cfg.initializer_token!r} is {len(init_ids)} tokens "
+                              f"({' + '.join(pieces)}), not one; choose a word the tokenizer keeps whole"
+                              + (f" (or exactly {cfg.num_vectors} tokens, one per vector)" if cfg.num_vectors > 1 else ""))
+        emb0 = te.get_input_embeddings().weight
+        init = emb0[init_ids].detach().clone()  # (num_vectors, dim)
+        self.ids = add_concept(tok, te, cfg.placeholder_token, init)
+        emb = te.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        self.embedding = emb
+        self.frozen = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+        self.frozen[self.ids] = False
+        self.original = emb.detach().clone()
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        if weight_dtype != torch.float32:
+            m.unet.to(dtype=weight_dtype)
+        if cfg.gradient_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+            m.unet.train()  # diffusers checkpoints only in training mode; the U-Net has no dropout
+            te.gradient_checkpointing_enable()
+        te.train()
+        self.model = m
+        self.trainable = {"text_encoder": te}
+        self._cache_latents(accelerator)
+
+    def _cache_latents(self, accelerator):
+        from tqdm.auto import tqdm
+
+        from ldm import autoencoder
+
+        cfg, m = self.cfg, self.model
+        res = cfg.resolution or m.unet.config.sample_size * m.vae_factor
+        if res % m.vae_factor:
+            raise ConfigError(f"resolution {res} is not a multiple of {m.vae_factor} (the VAE's factor); "
+                              f"try {max(m.vae_factor, round(res / m.vae_factor) * m.vae_factor)}")
+        data = read_image_folder(cfg.data_dir)
+        templates = cfg.templates or TEMPLATES[cfg.learnable_property]
+        self.captions = []
+        lat = []
+        for row in tqdm(data, desc="caching latents", disable=not accelerator.is_main_process):
+            img = square(row["image"], res, cfg.center_crop)
+            views = [img] + ([img.transpose(0)] if cfg.random_flip else [])  # 0: FLIP_LEFT_RIGHT
+            x = torch.cat([to_tensor(v) for v in views])
+            lat.append(autoencoder.encode(m.vae, x.to(self.device)).cpu())  # (views, 4, h, w)
+            cap = row["caption"]
+            if cap is not None:
+                if "{}" not in cap and cfg.placeholder_token not in cap:
+                    raise ConfigError(f"caption of {row['path']} names neither {{}} nor {cfg.placeholder_token}: "
+                                      f"{cap!r}")
+                self.captions.append([cap.replace("{}", cfg.placeholder_token)])
+            else:
+                self.captions.append([t.format(cfg.placeholder_token) for t in templates])
+        self.latents = torch.stack(lat)  # (N, views, 4, h, w)
+        self.paths = data["path"]
+        log.info("textual inversion: %d images, %d view(s) each, latents %s", len(self.paths),
+                 self.latents.shape[1], tuple(self.latents.shape[2:]))
+
+    def parameters(self, modules):
+        return [self.embedding]
+
+    # --- the data stream: epochs of (images x repeats), shuffled per epoch ------------------------
+    def _item(self, k: int) -> int:
+        n = self.latents.shape[0]
+        length = n * max(self.cfg.repeats, 1)
+        epoch, pos = divmod(k, length)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.cfg.seed, epoch, 17]).permutation(length))
+        return int(self._perm[1][pos]) % n
+
+    def batch(self, index, generator, rank, world):
+        first = sample_offset(index, rank, world, self.cfg.batch_size)
+        latents, prompts = [], []
+        for k in range(first, first + self.cfg.batch_size):
+            i = self._item(k)
+            rng = np.random.default_rng([self.cfg.seed, k, 23])
+            latents.append(self.latents[i, rng.integers(self.latents.shape[1])])
+            options = self.captions[i]
+            prompts.append(options[rng.integers(len(options))])
+        return {"latents": torch.stack(latents), "prompts": prompts}
+
+    def loss(self, batch, modules, generator):
+        hidden = text_states(self.model.tokenizer, modules["text_encoder"], batch["prompts"], self.device)
+        loss = denoising_loss(self.model.unet, batch["latents"].to(self.device), hidden, self.model.schedule,
+                              generator, self.cfg.snr_gamma)
+        return loss, {}
+
+    @torch.no_grad()
+    def after_step(self, step, modules):
+        # only the placeholder rows learn: every other row goes back to its original value
+        self.embedding[self.frozen] = self.original[self.frozen]
+
+    # --- results --------------------------------------------------------------------------------
+    def vectors(self) -> torch.Tensor:
+        return self.embedding.detach()[self.ids].float().cpu().clone()  # (num_vectors, dim)
+
+    def validate(self, step, modules):
+        from ldm.images import make_grid
+        from pipelines.pipeline import Pipeline
+
+        if not self.cfg.validation_prompts:
+            return {}
+        te = modules["text_encoder"]
+        was_training = te.training
+        te.eval()
+        pipe = Pipeline(dataclasses.replace(self.model, text_encoder=te))
+        prompts = [p.replace("{}", self.cfg.placeholder_token) for p in self.cfg.validation_prompts]
+        res = pipe.text_to_image(prompts, seed=self.cfg.seed, batch_size=2)
+        te.train(was_training)
+        return {"samples": [make_grid(res.images, cols=2 * len(prompts))]}
+
+    def save(self, directory: Path, modules):
+        token = self.cfg.placeholder_token
+        write_embeddings(Path(directory) / "learned_embeds.safetensors", {token: self.vectors()})
+        if self.cfg.save_a1111:
+            name = "".join(c for c in token if c.isalnum() or c in "-_") or "embedding"
+            write_a1111(Path(directory) / f"{name}.pt", token, self.vectors(), step=self.cfg.max_steps,
+                        checkpoint=str(self.model.path))
