@@ -23,6 +23,8 @@ METHODS = {
     "textual-inversion": ("learn a new token's embedding from a few images (Gal et al. 2022)",
                           "finetune.textual_inversion", "TextualInversionConfig", "TextualInversionObjective",
                           "textual-inversion.yaml"),
+    "dreambooth": ("fine-tune on a few images of one subject, with prior preservation (Ruiz et al. 2022)",
+                   "finetune.dreambooth", "DreamBoothConfig", "DreamBoothObjective", "dreambooth.yaml"),
 }
 
 # recipe keys that a method also takes as its own flags (--data-dir for data_dir, ...)
@@ -32,6 +34,10 @@ METHOD_FLAGS = {
     "textual-inversion": ("data_dir", "placeholder_token", "initializer_token", "num_vectors", "learnable_property",
                           "repeats", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
                           "validation_prompts") + LOOP_FLAGS,
+    "dreambooth": ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "with_prior_preservation",
+                   "prior_loss_weight", "num_class_images", "sample_batch_size", "train_text_encoder", "lora_rank",
+                   "lora_alpha", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
+                   "validation_prompts") + LOOP_FLAGS,
 }
 
 

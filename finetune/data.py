@@ -61,3 +61,45 @@ def square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Imag
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
     return image
+
+
+def load_base_model(path: str | None, device):
+    """The model a fine-tuning starts from (default: the embedded one), fp32 (the master weights)."""
+    from ldm.models import ModelError, default_model_path, load_model
+
+    path = path or default_model_path()
+    if path is None:
+        raise ModelError("no model given and no embedded model is installed; pass --model DIR")
+    return load_model(path, device=device, dtype="fp32")
+
+
+def training_resolution(model, resolution: int | None) -> int:
+    """``resolution``, or the model's native size; a multiple of the VAE's factor."""
+    from .config import ConfigError
+
+    f = model.vae_factor
+    res = resolution or model.unet.config.sample_size * f
+    if res % f:
+        raise ConfigError(f"resolution {res} is not a multiple of {f} (the VAE's factor); "
+                          f"try {max(f, round(res / f) * f)}")
+    return res
+
+
+def encode_views(model, data, resolution: int, center_crop: bool, random_flip: bool, limit: int | None = None,
+                 progress: bool = False):
+    """(N, views, 4, h, w): the scaled posterior-mean latents of each image of ``data`` (a
+    read_image_folder dataset) made square, and of its mirror image too with ``random_flip``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ldm import autoencoder
+    from ldm.images import to_tensor
+
+    out = []
+    n = len(data) if limit is None else min(limit, len(data))
+    for i in tqdm(range(n), desc="caching latents", disable=not progress):
+        img = square(data[i]["image"], resolution, center_crop)  # other sizes are resized
+        views = [img] + ([img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if random_flip else [])
+        x = torch.cat([to_tensor(v) for v in views])
+        out.append(autoencoder.encode(model.vae, x.to(model.device)).cpu())
+    return torch.stack(out)

@@ -36,6 +36,7 @@ class Objective:
     implement ``batch`` and ``loss``; the rest has defaults."""
 
     name = "train"
+    export_checkpoints = False  # True: every checkpoint also holds the result (save()), usable for inference
 
     def setup(self, accelerator) -> None:
         """Load models, move frozen parts to ``accelerator.device``, cache data, set ``self.trainable``."""
@@ -251,6 +252,9 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        if main and objective.export_checkpoints and step < cfg.max_steps:  # the last one is the result itself
+            with (ema.swapped() if ema is not None else nullcontext()):
+                objective.save(tmp, unwrapped())
         if main:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "seed": cfg.seed, "objective": objective.name}))
             if final.exists():

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from ldm.embeddings import add_concept, write_a1111, write_embeddings
-from ldm.images import to_tensor
 from ldm.text import text_states
 
 from .config import ConfigError, TrainConfig
-from .data import read_image_folder, square
+from .data import encode_views, load_base_model, read_image_folder, training_resolution
 from .loop import Objective, sample_offset
 from .unet import denoising_loss
 
@@ -101,16 +100,11 @@ class TextualInversionObjective(Objective):
             raise ConfigError(f"template {bad[0]!r} has no {{}} where the placeholder goes")
 
     def setup(self, accelerator):
-        from ldm.models import ModelError, default_model_path, load_model
-
         cfg = self.cfg
         self._check()
         self.device = accelerator.device
-        model_path = cfg.model or default_model_path()
-        if model_path is None:
-            raise ModelError("no model given and no embedded model is installed; pass --model DIR")
-        # fp32 master weights; the frozen U-Net and VAE in the mixed-precision dtype (they only run forward)
-        m = load_model(model_path, device=self.device, dtype="fp32")
+        # fp32 master weights; the frozen U-Net in the mixed-precision dtype (it only runs forward)
+        m = load_base_model(cfg.model, self.device)
         tok, te = m.tokenizer, m.text_encoder
         init_ids = tok.encode(cfg.initializer_token, add_special_tokens=False)
         if len(init_ids) == 1:
@@ -142,33 +136,19 @@ class TextualInversionObjective(Objective):
         self._cache_latents(accelerator)
 
     def _cache_latents(self, accelerator):
-        from tqdm.auto import tqdm
-
-        from ldm import autoencoder
-
         cfg, m = self.cfg, self.model
-        res = cfg.resolution or m.unet.config.sample_size * m.vae_factor
-        if res % m.vae_factor:
-            raise ConfigError(f"resolution {res} is not a multiple of {m.vae_factor} (the VAE's factor); "
-                              f"try {max(m.vae_factor, round(res / m.vae_factor) * m.vae_factor)}")
         data = read_image_folder(cfg.data_dir)
+        self.latents = encode_views(m, data, training_resolution(m, cfg.resolution), cfg.center_crop,
+                                    cfg.random_flip, progress=accelerator.is_main_process)  # (N, views, 4, h, w)
         templates = cfg.templates or TEMPLATES[cfg.learnable_property]
         self.captions = []
-        lat = []
-        for row in tqdm(data, desc="caching latents", disable=not accelerator.is_main_process):
-            img = square(row["image"], res, cfg.center_crop)
-            views = [img] + ([img.transpose(0)] if cfg.random_flip else [])  # 0: FLIP_LEFT_RIGHT
-            x = torch.cat([to_tensor(v) for v in views])
-            lat.append(autoencoder.encode(m.vae, x.to(self.device)).cpu())  # (views, 4, h, w)
-            cap = row["caption"]
-            if cap is not None:
-                if "{}" not in cap and cfg.placeholder_token not in cap:
-                    raise ConfigError(f"caption of {row['path']} names neither {{}} nor {cfg.placeholder_token}: "
-                                      f"{cap!r}")
-                self.captions.append([cap.replace("{}", cfg.placeholder_token)])
-            else:
+        for path, cap in zip(data["path"], data["caption"]):
+            if cap is None:
                 self.captions.append([t.format(cfg.placeholder_token) for t in templates])
-        self.latents = torch.stack(lat)  # (N, views, 4, h, w)
+                continue
+            if "{}" not in cap and cfg.placeholder_token not in cap:
+                raise ConfigError(f"caption of {path} names neither {{}} nor {cfg.placeholder_token}: {cap!r}")
+            self.captions.append([cap.replace("{}", cfg.placeholder_token)])
         self.paths = data["path"]
         log.info("textual inversion: %d images, %d view(s) each, latents %s", len(self.paths),
                  self.latents.shape[1], tuple(self.latents.shape[2:]))

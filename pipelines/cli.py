@@ -47,6 +47,8 @@ def _common(p: argparse.ArgumentParser):
                         "use; repeat for several")
     p.add_argument("--token", action="append", default=[], metavar="NAME",
                    help="the token of the matching --embedding (default: the name stored in the file)")
+    p.add_argument("--lora", action="append", default=[], type=Path, metavar="FILE",
+                   help="LoRA weights in diffusers' format (ldm dreambooth --lora-rank writes them); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -191,6 +193,8 @@ def run(args) -> list[Path]:
     pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args), dtype=args.dtype,
                                     allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
+    for file in args.lora:
+        pipe.load_lora(file)
     for i, file in enumerate(args.embedding):
         tokens = pipe.load_embedding(file, args.token[i] if args.token else None)
         log.info("embedding %s: %s", file, ", ".join(tokens))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -18,13 +19,13 @@ from PIL import Image
 
 from ldm import autoencoder
 from ldm.denoiser import blend_known, make_denoiser, unet_net
+from ldm.embeddings import add_concept, read_embeddings
 from ldm.guidance import guided
 from ldm.images import to_pil, to_tensor
 from ldm.models import Model, load_model
 from ldm.process import q_sample
 from ldm.samplers import STOCHASTIC, get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
-from ldm.embeddings import add_concept, read_embeddings
 from ldm.text import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,29 @@ class Pipeline:
         for name, vectors in embeds.items():
             add_concept(m.tokenizer, m.text_encoder, name, vectors)
         return list(embeds)
+
+    def load_lora(self, path) -> None:
+        """Add LoRA weights in diffusers' format (a ``pytorch_lora_weights.safetensors`` file, or a
+        directory holding one, as ``ldm dreambooth --lora-rank`` writes) to the U-Net and, when the
+        file has them, the text encoder; read from safetensors only."""
+        from diffusers import StableDiffusionPipeline
+
+        from ldm.models import ModelError
+
+        path = Path(path)
+        kwargs = {}
+        if path.is_file():
+            kwargs["weight_name"], path = path.name, path.parent
+        elif not path.is_dir():
+            raise ModelError(f"LoRA file {str(path)!r} does not exist")
+        try:
+            state, alphas = StableDiffusionPipeline.lora_state_dict(str(path), use_safetensors=True, **kwargs)
+            StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=self.model.unet)
+            if any(k.startswith("text_encoder.") for k in state):
+                StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=self.model.text_encoder,
+                                                                    prefix="text_encoder")
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         m = self.model

@@ -1,0 +1,233 @@
+"""DreamBooth (Ruiz et al. 2022): fine-tune the model on a few images of one subject bound to a rare
+identifier ("a sks circle"); with prior preservation, images the base model makes for the subject's
+class ("a circle") are trained on alongside, so the model keeps what the class looks like:
+
+    loss = mean_instance(l) + prior_loss_weight * mean_class(l)
+
+where l is the base denoising loss (finetune.unet.denoising_loss) of each sample. Full fine-tuning
+of the U-Net (and with ``train_text_encoder`` the text encoder), or LoRA adapters through peft
+(``lora_rank`` > 0). Instance and class latents are encoded once; the two prompts' text states are
+computed once when the text encoder is frozen. Missing class images are generated with the base
+model in batches and kept in ``class_data_dir``, so later runs reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.text import encode_prompts, text_states
+
+from .config import ConfigError, TrainConfig
+from .data import IMAGE_SUFFIXES, encode_views, load_base_model, read_image_folder, training_resolution
+from .loop import Objective, sample_offset
+from .unet import denoising_loss
+
+log = logging.getLogger(__name__)
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class DreamBoothConfig(TrainConfig):
+    instance_data_dir: str = ""
+    instance_prompt: str = ""           # e.g. "a sks circle"
+    class_prompt: str = ""              # e.g. "a circle"
+    class_data_dir: str = ""            # default: <output_dir>/class_images
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100         # missing ones are generated with the base model and kept
+    sample_batch_size: int = 16         # class images generated per batch
+    train_text_encoder: bool = False
+    lora_rank: int = 0                  # 0: full fine-tuning; > 0: LoRA adapters of this rank (peft)
+    lora_alpha: float | None = None     # default: lora_rank
+    resolution: int | None = None       # default: the model's native size
+    center_crop: bool = False
+    random_flip: bool = False
+    gradient_checkpointing: bool = False
+    snr_gamma: float = 0.0
+    validation_prompts: list[str] = field(default_factory=list)
+    max_steps: int = 400
+    batch_size: int = 4                 # instance images per step (as many class images again with prior)
+    learning_rate: float = 5.0e-6
+    checkpoint_every: int = 100
+
+
+class DreamBoothObjective(Objective):
+    name = "dreambooth"
+    export_checkpoints = True  # every checkpoint is a model (or LoRA file) that ldm generate runs
+
+    def __init__(self, cfg: DreamBoothConfig):
+        self.cfg = cfg
+
+    def _check(self):
+        cfg = self.cfg
+        if not cfg.instance_prompt.strip():
+            raise ConfigError("instance_prompt is required: the prompt naming the subject, e.g. 'a sks dog'")
+        if cfg.with_prior_preservation and not cfg.class_prompt.strip():
+            raise ConfigError("with_prior_preservation needs class_prompt: the prompt of the subject's class, "
+                              "e.g. 'a dog' (class images are generated from it)")
+        if cfg.with_prior_preservation and cfg.num_class_images < 1:
+            raise ConfigError(f"num_class_images must be >= 1 with prior preservation, got {cfg.num_class_images}")
+        if cfg.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+
+    # --- setup ----------------------------------------------------------------------------------
+    def setup(self, accelerator):
+        cfg = self.cfg
+        self._check()
+        self.device = accelerator.device
+        self.model = m = load_base_model(cfg.model, self.device)
+        self.resolution = training_resolution(m, cfg.resolution)
+        self.instance = self._latents(read_image_folder(cfg.instance_data_dir, "instance_data_dir"))
+        self.klass = None
+        if cfg.with_prior_preservation:
+            class_dir = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images")
+            if accelerator.is_main_process:
+                self.ensure_class_images(class_dir)
+            accelerator.wait_for_everyone()
+            self.klass = self._latents(read_image_folder(class_dir, "class_data_dir"), limit=cfg.num_class_images)
+        self.prompts = {"instance": cfg.instance_prompt, "class": cfg.class_prompt}
+        self.cached = None
+        if not cfg.train_text_encoder:  # the two prompts' states, once
+            self.cached = {k: encode_prompts(m.tokenizer, m.text_encoder, [p])[0].cpu()
+                           for k, p in self.prompts.items() if p}
+        self.trainable = {"unet": m.unet}
+        if cfg.train_text_encoder:
+            self.trainable["text_encoder"] = m.text_encoder
+        if cfg.lora_rank:
+            self._add_lora()
+        else:
+            for mod in self.trainable.values():
+                mod.requires_grad_(True)
+        for mod in self.trainable.values():
+            mod.train()
+            if cfg.gradient_checkpointing:
+                (mod.enable_gradient_checkpointing if hasattr(mod, "enable_gradient_checkpointing")
+                 else mod.gradient_checkpointing_enable)()
+
+    def _add_lora(self):
+        from peft import LoraConfig
+
+        cfg = self.cfg
+        alpha = cfg.lora_alpha or cfg.lora_rank
+        self.model.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                               target_modules=UNET_LORA_TARGETS))
+        if cfg.train_text_encoder:
+            self.model.text_encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha,
+                                                           init_lora_weights="gaussian",
+                                                           target_modules=TEXT_LORA_TARGETS))
+
+    def ensure_class_images(self, class_dir: Path) -> int:
+        """Generate the class images ``class_dir`` lacks (up to num_class_images) with the base model,
+        in batches, each written as soon as it is made; returns how many were generated."""
+        from tqdm.auto import tqdm
+
+        from pipelines.pipeline import Pipeline
+
+        cfg = self.cfg
+        class_dir.mkdir(parents=True, exist_ok=True)
+        have = [p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        missing = cfg.num_class_images - len(have)
+        if missing <= 0:
+            log.info("class images: %d in %s, none to generate", len(have), class_dir)
+            return 0
+        pipe = Pipeline(self.model)
+        start = 1_000_000 + len(have)  # seeds never reused across runs that add to the folder
+        bar = tqdm(total=missing, desc="class images", unit="image")
+        done = 0
+        while done < missing:
+            n = min(cfg.sample_batch_size, missing - done)
+            seeds = list(range(start + done, start + done + n))
+            res = pipe.text_to_image([cfg.class_prompt] * n, seeds=seeds)
+            for img, s in zip(res.images, seeds):
+                tmp = class_dir / f".class-{s}.png.tmp"
+                img.save(tmp, format="PNG")
+                os.replace(tmp, class_dir / f"class-{s}.png")
+            done += n
+            bar.update(n)
+        bar.close()
+        log.info("class images: generated %d into %s", missing, class_dir)
+        return missing
+
+    def _latents(self, data, limit: int | None = None) -> torch.Tensor:
+        return encode_views(self.model, data, self.resolution, self.cfg.center_crop, self.cfg.random_flip, limit)
+
+    # --- batches and the loss ------------------------------------------------------------------
+    def _pick(self, latents: torch.Tensor, k: int, salt: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.cfg.seed, k, salt])
+        return latents[rng.integers(latents.shape[0]), rng.integers(latents.shape[1])]
+
+    def batch(self, index, generator, rank, world):
+        first = sample_offset(index, rank, world, self.cfg.batch_size)
+        ks = range(first, first + self.cfg.batch_size)
+        lat = [self._pick(self.instance, k, 41) for k in ks]
+        kinds = ["instance"] * len(lat)
+        if self.klass is not None:
+            lat += [self._pick(self.klass, k, 43) for k in ks]
+            kinds += ["class"] * self.cfg.batch_size
+        return {"latents": torch.stack(lat), "kinds": kinds}
+
+    def hidden(self, kinds: list[str], text_encoder) -> torch.Tensor:
+        if self.cached is not None:
+            return torch.stack([self.cached[k] for k in kinds]).to(self.device)
+        return text_states(self.model.tokenizer, text_encoder, [self.prompts[k] for k in kinds], self.device)
+
+    def loss(self, batch, modules, generator):
+        hidden = self.hidden(batch["kinds"], modules.get("text_encoder"))
+        per = denoising_loss(modules["unet"], batch["latents"].to(self.device), hidden, self.model.schedule,
+                             generator, self.cfg.snr_gamma, reduce=False)
+        n = self.cfg.batch_size
+        instance = per[:n].mean()
+        if self.klass is None:
+            return instance, {}
+        prior = per[n:].mean()
+        return instance + self.cfg.prior_loss_weight * prior, {"instance": instance.item(), "prior": prior.item()}
+
+    # --- results --------------------------------------------------------------------------------
+    def _model(self, modules):
+        return dataclasses.replace(self.model, unet=modules["unet"],
+                                   text_encoder=modules.get("text_encoder", self.model.text_encoder))
+
+    def validate(self, step, modules):
+        from ldm.images import make_grid
+        from pipelines.pipeline import Pipeline
+
+        if not self.cfg.validation_prompts:
+            return {}
+        mods = [modules["unet"]] + ([modules["text_encoder"]] if "text_encoder" in modules else [])
+        for mod in mods:
+            mod.eval()
+        res = Pipeline(self._model(modules)).text_to_image(self.cfg.validation_prompts, seed=self.cfg.seed,
+                                                            batch_size=2)
+        for mod in mods:
+            mod.train()
+        return {"samples": [make_grid(res.images, cols=2 * len(self.cfg.validation_prompts))]}
+
+    def save(self, directory: Path, modules):
+        from finetune.unet import save_pipeline
+
+        m = self.model
+        if self.cfg.lora_rank:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            def layers(mod):
+                return convert_state_dict_to_diffusers(get_peft_model_state_dict(mod))
+            unet_layers = layers(modules["unet"])
+            text_layers = layers(modules["text_encoder"]) if "text_encoder" in modules else None
+            StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=unet_layers,
+                                                      text_encoder_lora_layers=text_layers, weight_name=LORA_FILE,
+                                                      safe_serialization=True)
+            return
+        save_pipeline(directory, modules["unet"], m.vae, modules.get("text_encoder", m.text_encoder), m.tokenizer,
+                      m.schedule, sampling=m.sampling)

@@ -1,0 +1,157 @@
+"""DreamBooth on a tiny random SD-layout model: the prior-preservation loss against a hand computation,
+LoRA training changes only LoRA weights and loads in diffusers and in ours alike, saved directories
+and checkpoints load in diffusers, class images are made once and reused, resume equals an
+uninterrupted run, and bad settings are clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import ConfigError, build
+from finetune.dreambooth import DreamBoothConfig, DreamBoothObjective
+from finetune.loop import step_generator, train
+from ldm import shapes
+from ldm.models import load_model
+from pipelines.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("instance")
+    rng = np.random.default_rng(1)
+    for i, bg in enumerate(["blue", "white", "black"]):
+        shapes.render(shapes.place(rng, "large", "red", "circle", bg)).save(d / f"{i}.png")
+    return d
+
+
+def _cfg(sd1_dir, instance_dir, out, **kw):
+    values = dict(model=str(sd1_dir), instance_data_dir=str(instance_dir), output_dir=str(out),
+                  instance_prompt="a sks circle", class_prompt="a circle", max_steps=4, batch_size=2,
+                  learning_rate=1e-3, checkpoint_every=2, report_to="none", overwrite=True, num_class_images=3,
+                  sample_batch_size=2)
+    values.update(kw)
+    return build(DreamBoothConfig, values)
+
+
+def _run(cfg):
+    obj = DreamBoothObjective(cfg)
+    return obj, train(obj, cfg, progress=False)
+
+
+def test_prior_loss_is_the_class_loss_times_the_weight(sd1_dir, instance_dir, tmp_path):
+    from accelerate import Accelerator
+
+    cfg = _cfg(sd1_dir, instance_dir, tmp_path, with_prior_preservation=True, prior_loss_weight=0.3)
+    obj = DreamBoothObjective(cfg)
+    obj.setup(Accelerator(cpu=True))
+    batch = obj.batch(5, step_generator(0, 5, 0), 0, 1)
+    assert batch["kinds"] == ["instance"] * 2 + ["class"] * 2
+    loss, logs = obj.loss(batch, obj.trainable, torch.Generator().manual_seed(11))
+    # by hand: the same draws (timesteps, then noise), DDPM's forward process, the MSE of epsilon
+    g = torch.Generator().manual_seed(11)
+    x0 = batch["latents"]
+    t = torch.randint(0, 1000, (4,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    ab = obj.model.schedule.alphas_cumprod[t].view(4, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    m = obj.model
+    hidden = torch.cat([m.text_encoder(m.tokenizer([p], padding="max_length", max_length=m.tokenizer.model_max_length,
+                                                   return_tensors="pt").input_ids)[0]
+                        for p in ["a sks circle"] * 2 + ["a circle"] * 2])
+    with torch.no_grad():
+        per = (m.unet(xt, t, hidden).sample - eps).pow(2).mean(dim=(1, 2, 3))
+    instance, prior = per[:2].mean(), per[2:].mean()
+    assert loss.item() == pytest.approx((instance + 0.3 * prior).item(), rel=1e-5)
+    assert logs["prior"] == pytest.approx(prior.item(), rel=1e-5)
+    assert logs["instance"] == pytest.approx(instance.item(), rel=1e-5)
+
+
+def test_full_fine_tune_saves_a_model_that_diffusers_loads_and_every_checkpoint_is_one(sd1_dir, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _run(_cfg(sd1_dir, instance_dir, tmp_path / "out"))
+    for d in (tmp_path / "out", tmp_path / "out" / "checkpoint-2"):
+        pipe = StableDiffusionPipeline.from_pretrained(str(d), safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        img = pipe("a sks circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+        assert np.isfinite(img.images).all()
+        assert Pipeline.from_pretrained(d).text_to_image("a sks circle", steps=2, seed=0).pixels.isfinite().all()
+    trained = load_file(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = load_model(sd1_dir).unet.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in trained.items())  # the U-Net did train
+
+
+def test_lora_changes_only_lora_weights_and_loads_alike_in_diffusers_and_ours(sd1_dir, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    obj, _ = _run(_cfg(sd1_dir, instance_dir, tmp_path / "lora", lora_rank=4, train_text_encoder=True))
+    fresh = load_model(sd1_dir)
+    for name in ("unet", "text_encoder"):
+        base = getattr(fresh, name).state_dict()
+        for k, v in getattr(obj.model, name).state_dict().items():
+            if "lora" not in k:
+                assert torch.equal(v, base[k.replace(".base_layer", "")]), (name, k)
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    saved = load_file(str(lora))
+    assert saved and all("lora" in k for k in saved)
+    assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("unet.") for k in saved)
+    assert (tmp_path / "lora" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    ref = StableDiffusionPipeline.from_pretrained(str(sd1_dir), safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    theirs = ref("a sks circle", num_inference_steps=3, guidance_scale=7.5, output_type="pt",
+                 generator=torch.Generator().manual_seed(2)).images
+    pipe = Pipeline.from_pretrained(sd1_dir)
+    before = pipe.text_to_image("a sks circle", steps=3, guidance_scale=7.5, seed=2).pixels
+    pipe.load_lora(lora)
+    ours = pipe.text_to_image("a sks circle", steps=3, guidance_scale=7.5, seed=2).pixels
+    assert (ours - theirs).abs().max() < 1e-3
+    assert (before - theirs).abs().max() > (ours - theirs).abs().max() * 10
+
+
+def test_class_images_are_generated_once_and_reused_and_other_sizes_resized(sd1_dir, instance_dir, tmp_path, caplog):
+    from PIL import Image
+
+    cls = tmp_path / "class"
+    cls.mkdir()
+    Image.new("RGB", (80, 48), (200, 30, 30)).save(cls / "mine.png")  # another size: resized, not rejected
+    obj, _ = _run(_cfg(sd1_dir, instance_dir, tmp_path / "a", with_prior_preservation=True, class_data_dir=str(cls),
+                       max_steps=1))
+    files = sorted(cls.glob("*.png"))
+    assert len(files) == 3 and obj.klass.shape[0] == 3 and obj.klass.shape[-1] == 8
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    import logging
+    with caplog.at_level(logging.INFO):
+        _run(_cfg(sd1_dir, instance_dir, tmp_path / "b", with_prior_preservation=True, class_data_dir=str(cls),
+                  max_steps=1))
+    assert {p: p.stat().st_mtime_ns for p in sorted(cls.glob("*.png"))} == stamps
+    assert any("none to generate" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_equals_an_uninterrupted_run(sd1_dir, instance_dir, tmp_path):
+    _run(_cfg(sd1_dir, instance_dir, tmp_path / "s", with_prior_preservation=True, class_data_dir=str(tmp_path / "c")))
+    _run(_cfg(sd1_dir, instance_dir, tmp_path / "r", with_prior_preservation=True, class_data_dir=str(tmp_path / "c"),
+              max_steps=2))
+    _, summary = _run(_cfg(sd1_dir, instance_dir, tmp_path / "r", with_prior_preservation=True,
+                           class_data_dir=str(tmp_path / "c"), resume=True, overwrite=False))
+    assert summary["steps"] == 2
+    a = load_file(str(tmp_path / "s" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "r" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(with_prior_preservation=True, class_prompt=""), "with_prior_preservation needs class_prompt"),
+    (dict(instance_prompt=""), "instance_prompt is required"),
+    (dict(lora_rank=-1), "lora_rank must be >= 0"),
+])
+def test_bad_settings_are_clear_errors(sd1_dir, instance_dir, tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _run(_cfg(sd1_dir, instance_dir, tmp_path, **kw))
+
+
+def test_empty_instance_folder_is_a_clear_error(sd1_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="instance_data_dir .* holds no images"):
+        _run(_cfg(sd1_dir, tmp_path / "empty", tmp_path / "out"))
