@@ -14,7 +14,7 @@ def expand_concepts(tokenizer, prompt: str) -> str:
     """A multi-vector textual-inversion token ``T`` (one with ``T_1`` in the vocabulary) written as
     ``T T_1 .. T_{n-1}`` (ldm.embeddings); other text unchanged."""
     added = tokenizer.get_added_vocab()
-    if not added:
+    if not any(f"{t}_1" in added for t in added):  # no multi-vector concept: nothing to expand
         return prompt
     for tok in dict.fromkeys(t for t in tokenizer.tokenize(prompt) if t in added):
         n = 1

@@ -22,7 +22,7 @@ from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.embeddings import add_concept, read_embeddings
 from ldm.guidance import guided
 from ldm.images import to_pil, to_tensor
-from ldm.models import Model, load_model
+from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
 from ldm.samplers import STOCHASTIC, get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
@@ -130,8 +130,6 @@ class Pipeline:
         directory holding one, as ``ldm dreambooth --lora-rank`` writes) to the U-Net and, when the
         file has them, the text encoder; read from safetensors only."""
         from diffusers import StableDiffusionPipeline
-
-        from ldm.models import ModelError
 
         path = Path(path)
         kwargs = {}
