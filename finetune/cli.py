@@ -108,8 +108,8 @@ def add_recipe_flags(p: argparse.ArgumentParser, method: tuple, keys) -> None:
     for key in keys:
         flag = "--" + key.replace("_", "-")
         tp = hints[key]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if args else tp
+        optional = type(None) in typing.get_args(tp)  # X | None: the flag takes an X
+        base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
         help_ = f"recipe key {key} (default in the recipe, else {defaults[key]!r})"
         if base is bool:
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_)

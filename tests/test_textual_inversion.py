@@ -212,3 +212,13 @@ def test_two_processes_under_accelerate_launch(sd1_dir, data_dir, tmp_path, free
     vec = read_embeddings(tmp_path / "learned_embeds.safetensors")["<concept>"]
     init = load_model(sd1_dir).text_encoder.get_input_embeddings().weight[0:1]
     assert vec.shape == (1, init.shape[1]) and torch.isfinite(vec).all()
+
+
+def test_the_command_takes_its_flags_list_valued_ones_included(sd1_dir, data_dir, tmp_path):
+    rc = main(["textual-inversion", "--model", str(sd1_dir), "--data-dir", str(data_dir), "--initializer-token", "star",
+               "--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--num-vectors", "2",
+               "--random-flip", "--validation-prompts", "a {}", "a {} on a red background", "--quiet"])
+    assert rc == 0
+    grid = Image.open(tmp_path / "validation" / "step-2" / "samples-0.png")
+    assert grid.size == (2 * 2 * 64, 64)  # two prompts, two images each
+    assert read_embeddings(tmp_path / "learned_embeds.safetensors")["<concept>"].shape[0] == 2
