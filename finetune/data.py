@@ -63,14 +63,21 @@ def square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Imag
     return image
 
 
-def load_base_model(path: str | None, device):
-    """The model a fine-tuning starts from (default: the embedded one), fp32 (the master weights)."""
-    from ldm.models import ModelError, default_model_path, load_model
+def base_model_path(path: str | None):
+    """``path``, or the embedded model when None (an error naming --model when none is installed)."""
+    from ldm.models import ModelError, default_model_path
 
     path = path or default_model_path()
     if path is None:
         raise ModelError("no model given and no embedded model is installed; pass --model DIR")
-    return load_model(path, device=device, dtype="fp32")
+    return path
+
+
+def load_base_model(path: str | None, device):
+    """The model a fine-tuning starts from (default: the embedded one), fp32 (the master weights)."""
+    from ldm.models import load_model
+
+    return load_model(base_model_path(path), device=device, dtype="fp32")
 
 
 def training_resolution(model, resolution: int | None) -> int:

@@ -68,6 +68,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
 
     from .cli import default_recipe
     from .config import build, read_yaml
+    from .data import base_model_path
     from .loop import train
     from .textual_inversion import TextualInversionConfig, TextualInversionObjective
 
@@ -88,7 +89,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     seeds = [10_000 + i for i in range(len(cases))]
     words = [shapes.caption(**c) for c in cases]
     concept = [f"a {c['size']} {token} on a {c['background']} background" for c in cases]
-    base = Pipeline.from_pretrained(model) if model else Pipeline.from_pretrained(_default_model())
+    base = Pipeline.from_pretrained(base_model_path(model))
     base_rows, base_images = judge_prompts(base, words, cases, seeds)
     base.load_embedding(output_dir / "embedding" / "learned_embeds.safetensors")
     ti_rows, ti_images = judge_prompts(base, concept, cases, seeds)
@@ -109,15 +110,6 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     make_grid(base_images, cols=16).save(output_dir / "words.png")
     make_grid(ti_images, cols=16).save(output_dir / "embedding.png")
     return report
-
-
-def _default_model():
-    from ldm.models import ModelError, default_model_path
-
-    path = default_model_path()
-    if path is None:
-        raise ModelError("no embedded model is installed; pass --model DIR")
-    return path
 
 
 def _print_ti(report: dict, output_dir: Path):

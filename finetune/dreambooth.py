@@ -26,8 +26,8 @@ from ldm.text import encode_prompts, text_states
 
 from .config import ConfigError, TrainConfig
 from .data import IMAGE_SUFFIXES, encode_views, load_base_model, read_image_folder, training_resolution
-from .loop import Objective, sample_offset
-from .unet import denoising_loss
+from .loop import Objective, sample_grid, sample_offset
+from .unet import denoising_loss, save_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -198,23 +198,12 @@ class DreamBoothObjective(Objective):
                                    text_encoder=modules.get("text_encoder", self.model.text_encoder))
 
     def validate(self, step, modules):
-        from ldm.images import make_grid
-        from pipelines.pipeline import Pipeline
-
         if not self.cfg.validation_prompts:
             return {}
-        mods = [modules["unet"]] + ([modules["text_encoder"]] if "text_encoder" in modules else [])
-        for mod in mods:
-            mod.eval()
-        res = Pipeline(self._model(modules)).text_to_image(self.cfg.validation_prompts, seed=self.cfg.seed,
-                                                            batch_size=2)
-        for mod in mods:
-            mod.train()
-        return {"samples": [make_grid(res.images, cols=2 * len(self.cfg.validation_prompts))]}
+        return sample_grid(self._model(modules), self.cfg.validation_prompts, seed=self.cfg.seed, batch_size=2,
+                           trained=list(modules.values()))
 
     def save(self, directory: Path, modules):
-        from finetune.unet import save_pipeline
-
         m = self.model
         if self.cfg.lora_rank:
             from diffusers import StableDiffusionPipeline

@@ -23,7 +23,7 @@ from ldm.text import text_states
 
 from .config import ConfigError, TrainConfig
 from .data import encode_views, load_base_model, read_image_folder, training_resolution
-from .loop import Objective, sample_offset
+from .loop import Objective, sample_grid, sample_offset
 from .unet import denoising_loss
 
 log = logging.getLogger(__name__)
@@ -192,19 +192,12 @@ class TextualInversionObjective(Objective):
         return self.embedding.detach()[self.ids].float().cpu().clone()  # (num_vectors, dim)
 
     def validate(self, step, modules):
-        from ldm.images import make_grid
-        from pipelines.pipeline import Pipeline
-
         if not self.cfg.validation_prompts:
             return {}
         te = modules["text_encoder"]
-        was_training = te.training
-        te.eval()
-        pipe = Pipeline(dataclasses.replace(self.model, text_encoder=te))
         prompts = [p.replace("{}", self.cfg.placeholder_token) for p in self.cfg.validation_prompts]
-        res = pipe.text_to_image(prompts, seed=self.cfg.seed, batch_size=2)
-        te.train(was_training)
-        return {"samples": [make_grid(res.images, cols=2 * len(prompts))]}
+        return sample_grid(dataclasses.replace(self.model, text_encoder=te), prompts, seed=self.cfg.seed,
+                           batch_size=2, trained=[te])
 
     def save(self, directory: Path, modules):
         token = self.cfg.placeholder_token

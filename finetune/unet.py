@@ -21,7 +21,7 @@ from ldm.schedule import NoiseSchedule
 from ldm.tiny import SD1_SCHEDULER
 
 from .config import TrainConfig, trained_part
-from .loop import Objective
+from .loop import Objective, sample_grid
 
 
 @dataclass
@@ -155,16 +155,8 @@ class UNetObjective(Objective):
                      sampling={**SAMPLING_DEFAULTS, "guidance_scale": self.cfg.guidance_scale})
 
     def validate(self, step, modules):
-        from ldm.images import make_grid
-        from pipelines.pipeline import Pipeline
-
-        unet = modules["unet"]
-        unet.eval()
-        pipe = Pipeline(self.model(unet))
-        with torch.no_grad():
-            res = pipe.text_to_image(self.cfg.validation_prompts, steps=25, seed=self.cfg.seed, batch_size=4)
-        unet.train()
-        return {"samples": [make_grid(res.images, cols=4)]}
+        return sample_grid(self.model(modules["unet"]), self.cfg.validation_prompts, seed=self.cfg.seed,
+                           batch_size=4, trained=[modules["unet"]], cols=4, steps=25)
 
     def save(self, directory: Path, modules):
         save_pipeline(directory, modules["unet"], self.vae, self.text_encoder, self.tokenizer, self.schedule,
