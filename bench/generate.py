@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both pipelines)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="both pipelines' weights")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,12 +57,14 @@ def main():
     if model is None:
         tmp = tempfile.TemporaryDirectory()
         model = str(build_checkpoint(tmp.name, "sd1", size="bench", seed=0))
-    # fp32 as ours runs on the CPU (the embedded model stores fp16, which diffusers would keep)
-    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, torch_dtype=torch.float32)
+    # the same dtype for both (the embedded model stores fp16, which diffusers would otherwise keep)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, torch_dtype=dtype).to(args.device)
     ref.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.sampler].from_config(
         ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    ours = Pipeline.from_pretrained(model)
+    ours = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     prompt = "a large red circle on a blue background"
     n = args.batch_size
 
@@ -75,12 +79,14 @@ def main():
 
     with torch.inference_mode():
         a, b = run_ours(), run_ref()  # warm-up, and a check that both made the same images
-        max_diff = float((a - b.float()).abs().max())
+        max_diff = float((a.float().cpu() - b.float().cpu()).abs().max())
         times = defaultdict(list)
         for _ in range(args.repeats):
             for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - t0)
         parts = defaultdict(float)
         m = ours.model
@@ -95,12 +101,17 @@ def main():
     unet_params = sum(p.numel() for p in m.unet.parameters()) / 1e6
     w, h = ours.default_size()
     print(f"model: {model} (U-Net {unet_params:.1f} M parameters), {w}x{h}, sampler {args.sampler}, "
-          f"{args.steps} steps, batch {n}, guidance {args.guidance}, threads {torch.get_num_threads()}")
+          f"{args.steps} steps, batch {n}, guidance {args.guidance}, {args.device} {args.dtype}, "
+          f"threads {torch.get_num_threads()}")
     print(f"max pixel difference ours vs diffusers: {max_diff:.2e}")
     for k in ("ours", "diffusers"):
         print(f"{k:>10}: {ips[k]:.3f} images/s (median of {args.repeats}: "
               f"{', '.join(f'{t:.2f}' for t in times[k])} s)")
     print(f"     ratio: {ips['ours'] / ips['diffusers']:.3f} (ours / diffusers, images/s)")
+    if args.device != "cpu":
+        print("(where the time goes is timed on the CPU only: forward hooks would time kernel launches here)")
+        parts.clear()
+        return
     print(f"where our time goes (one run, {total:.2f} s):")
     for k in ("text encoder", "U-Net", "VAE decode"):
         print(f"  {k:>12}: {parts[k]:.3f} s ({100 * parts[k] / total:.1f} %)")

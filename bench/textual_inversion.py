@@ -49,7 +49,7 @@ def main():
     data = args.data_dir
     if data is None:
         data = Path(tmp.name) / "data"
-        render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN, "<concept>")
+        render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN)
     cfg = build(TextualInversionConfig, dict(model=args.model, data_dir=str(data), initializer_token=args.initializer,
                                              batch_size=args.batch_size, output_dir=tmp.name))
     obj = TextualInversionObjective(cfg)

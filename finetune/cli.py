@@ -29,7 +29,7 @@ METHODS = {
 
 # recipe keys that a method also takes as its own flags (--data-dir for data_dir, ...)
 LOOP_FLAGS = ("batch_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
-              "gradient_accumulation_steps", "validation_every")
+              "gradient_accumulation_steps", "validation_every", "optimizer")
 METHOD_FLAGS = {
     "textual-inversion": ("data_dir", "placeholder_token", "initializer_token", "num_vectors", "learnable_property",
                           "repeats", "resolution", "center_crop", "random_flip", "gradient_checkpointing",

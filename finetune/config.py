@@ -28,6 +28,7 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # constant | linear | cosine (after the warm-up)
     lr_warmup_steps: int = 0
     min_lr_ratio: float = 0.0       # linear/cosine decay ends at learning_rate * min_lr_ratio
+    optimizer: str = "adamw"        # adamw | adamw8bit (bitsandbytes' 8-bit AdamW; CUDA)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0

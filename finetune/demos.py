@@ -5,6 +5,13 @@ with the shapes-world detector.
 base model never saw together), learn ``<concept>`` from them with configs/textual-inversion-shapes.yaml,
 then judge images of ``a {size} <concept> on a {background} background`` against the base model
 prompted with the words ``orange star``, same seeds, every size and every background.
+
+``ldm demo dreambooth``: render 5 images of a teal ring (a colour and a shape the base model never
+saw), adapt the VAE decoder to them (the embedded VAE cannot draw teal), then DreamBooth with and
+without prior preservation (configs/dreambooth-shapes.yaml), and judge, before and after training,
+subject fidelity (``a sks circle on a {background} background``: a teal ring on that background)
+and prior preservation (``a {color} circle on a {background} background``: still a correct plain
+circle, no ring, no teal).
 """
 
 from __future__ import annotations
@@ -23,20 +30,31 @@ log = logging.getLogger(__name__)
 
 TI_COLOR, TI_SHAPE = "orange", "star"
 TI_TRAIN = (("small", "red"), ("large", "blue"), ("small", "yellow"), ("large", "black"), ("small", "white"))
+DB_COLOR, DB_SHAPE = "teal", "ring"
+DB_TRAIN = (("small", "red"), ("large", "blue"), ("small", "yellow"), ("large", "black"), ("small", "white"))
+DB_PRIOR_COLORS = ("red", "blue", "yellow", "purple", "orange")  # circle colours the base model saw (not green)
 
 
-def render_instances(directory: Path, color: str, shape: str, views, placeholder: str, seed: int = 0) -> list[Path]:
-    """One PNG per (size, background) of ``views`` with a caption file naming the placeholder in
-    place of the colour and the shape: ``a {size} {} on a {background} background``."""
+def render_instances(directory: Path, color: str, shape: str, views, caption: str | None = "a {size} {{}} on a {bg} "
+                     "background", seed: int = 0) -> list[Path]:
+    """One PNG per (size, background) of ``views``, with a caption file (``caption`` formatted with
+    the size and background; ``{}`` stays for the placeholder) unless ``caption`` is None."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 101])
     out = []
     for i, (size, bg) in enumerate(views):
         path = directory / f"{i:02d}-{size}-{color}-{shape}-{bg}.png"
         shapes.render(shapes.place(rng, size, color, shape, bg)).save(path)
-        path.with_suffix(".txt").write_text(f"a {size} {{}} on a {bg} background\n")
+        if caption is not None:
+            path.with_suffix(".txt").write_text(caption.format(size=size, bg=bg) + "\n")
         out.append(path)
     return out
+
+
+def write_report(output_dir: Path, report: dict) -> None:
+    tmp = output_dir / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, output_dir / "report.json")
 
 
 def judge_prompts(pipe, prompts: list[str], cases: list[dict], seeds: list[int], batch_size: int = 16) -> list[dict]:
@@ -56,8 +74,9 @@ def _rates(rows: list[dict]) -> dict:
 
     out = summarize(rows)
     for size in shapes.SIZES:
-        sub = [r for r in rows if r["size"] == size]
-        out[f"all_correct_{size}"] = float(np.mean([r["all"] for r in sub])) if sub else None
+        sub = [r for r in rows if r.get("size") == size]
+        if sub:
+            out[f"all_correct_{size}"] = float(np.mean([r["all"] for r in sub]))
     return out
 
 
@@ -76,7 +95,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     values = {**read_yaml(default_recipe("textual-inversion-shapes.yaml")), **(overrides or {})}
     token = values.get("placeholder_token", "<concept>")
     data = output_dir / "data"
-    render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN, token, seed)
+    render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN, seed=seed)
     values.update(data_dir=str(data), output_dir=str(output_dir / "embedding"), seed=seed, model=model,
                   overwrite=True)  # a rerun of the demo starts its training over
     if max_steps is not None:
@@ -104,12 +123,141 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
         "embedding_other_backgrounds": _rates([r for r in ti_rows if r["background"] not in trained_bgs]),
         "rows": {"words": base_rows, "embedding": ti_rows},
     }
-    tmp = output_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, output_dir / "report.json")
+    write_report(output_dir, report)
     make_grid(base_images, cols=16).save(output_dir / "words.png")
     make_grid(ti_images, cols=16).save(output_dir / "embedding.png")
     return report
+
+
+def with_vae(base: Path, vae_dir: Path, out: Path) -> Path:
+    """A model directory ``out``: ``base``'s files with ``vae_dir`` as its vae/ (written whole, then
+    renamed into place)."""
+    import shutil
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=lambda d, names: ["vae"] if Path(d) == Path(base) else [])
+    shutil.copytree(vae_dir, tmp / "vae")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def dreambooth_cases(per_case: int, prior_per_case: int):
+    """(subject cases and prompts, prior cases and prompts): ``per_case`` images of ``a sks circle
+    on a {background} background`` per background; ``prior_per_case`` of ``a {color} circle on a
+    {background} background`` per seen circle colour and background."""
+    subject = [dict(color=DB_COLOR, shape=DB_SHAPE, background=b) for b in shapes.BACKGROUNDS for _ in range(per_case)]
+    prior = [dict(color=c, shape="circle", background=b) for c in DB_PRIOR_COLORS for b in shapes.BACKGROUNDS
+             if b != c for _ in range(prior_per_case)]
+    return ((subject, [f"a sks circle on a {c['background']} background" for c in subject]),
+            (prior, [f"a {c['color']} circle on a {c['background']} background" for c in prior]))
+
+
+def _measure_dreambooth(model_dir: Path, per_case: int, prior_per_case: int) -> tuple[dict, list]:
+    from pipelines.pipeline import Pipeline
+
+    (sub, sub_prompts), (pri, pri_prompts) = dreambooth_cases(per_case, prior_per_case)
+    pipe = Pipeline.from_pretrained(model_dir)
+    sub_rows, sub_images = judge_prompts(pipe, sub_prompts, sub, [20_000 + i for i in range(len(sub))])
+    pri_rows, pri_images = judge_prompts(pipe, pri_prompts, pri, [30_000 + i for i in range(len(pri))])
+    out = {"subject": _rates(sub_rows), "prior": _rates(pri_rows),
+           "prior_reads_teal": float(np.mean([r["read"]["color"] == DB_COLOR for r in pri_rows])),
+           "prior_reads_ring": float(np.mean([r["read"]["shape"] == DB_SHAPE for r in pri_rows])),
+           "rows": {"subject": sub_rows, "prior": pri_rows}}
+    return out, sub_images[::per_case] + pri_images[::max(1, 4 * prior_per_case)]
+
+
+def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int = 6, prior_per_case: int = 2,
+                    seed: int = 0, max_steps: int | None = None, decoder_steps: int | None = None,
+                    overrides: dict | None = None, progress: bool = True) -> dict:
+    from ldm.images import make_grid
+
+    from .cli import default_recipe
+    from .config import build, read_yaml
+    from .data import base_model_path, load_base_model
+    from .dreambooth import DreamBoothConfig, DreamBoothObjective, generate_class_images
+    from .loop import train
+    from .vae import VAEConfig, VAEObjective
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base = base_model_path(model)
+    values = {**read_yaml(default_recipe("dreambooth-shapes.yaml")), **(overrides or {})}
+    if max_steps is not None:
+        values["max_steps"] = max_steps
+    instance = output_dir / "instance"
+    render_instances(instance, DB_COLOR, DB_SHAPE, DB_TRAIN, caption=None, seed=seed)
+    class_dir = output_dir / "class_images"  # made once; reruns reuse them
+    probe = build(DreamBoothConfig, {**values, "model": str(base), "instance_data_dir": str(instance)},
+                  "dreambooth-shapes.yaml")
+    generate_class_images(load_base_model(str(base), torch_device()), probe.class_prompt, class_dir,
+                          probe.num_class_images, probe.sample_batch_size)
+
+    # 1. the decoder learns to draw the subject (the encoder, latents and U-Net are untouched)
+    vae_values = {**read_yaml(default_recipe("vae-decoder-adapt-shapes.yaml")), "init_vae": str(base),
+                  "data_dirs": [str(instance), str(class_dir)], "output_dir": str(output_dir / "decoder"),
+                  "seed": seed, "overwrite": True, "report_to": "none"}
+    if decoder_steps is not None:
+        vae_values["max_steps"] = decoder_steps
+    vae_cfg = build(VAEConfig, vae_values, "vae-decoder-adapt-shapes.yaml")
+    vae_summary = train(VAEObjective(vae_cfg), vae_cfg, progress=progress)
+    adapted = with_vae(base, output_dir / "decoder" / "vae", output_dir / "base-adapted")
+
+    # 2. DreamBooth from the adapted model, with and without prior preservation
+    runs = {}
+    for arm, prior in (("with_prior", True), ("without_prior", False)):
+        v = {**values, "model": str(adapted), "instance_data_dir": str(instance), "class_data_dir": str(class_dir),
+             "with_prior_preservation": prior, "output_dir": str(output_dir / arm), "seed": seed,
+             "overwrite": True, "report_to": "none"}
+        cfg = build(DreamBoothConfig, v, "dreambooth-shapes.yaml")
+        runs[arm] = {"summary": train(DreamBoothObjective(cfg), cfg, progress=progress), "cfg": cfg}
+
+    # 3. the judge, same seeds everywhere
+    measured, grids = {}, []
+    for name, d in (("base", base), ("base_adapted_decoder", adapted), ("with_prior", output_dir / "with_prior"),
+                    ("without_prior", output_dir / "without_prior")):
+        measured[name], images = _measure_dreambooth(d, per_case, prior_per_case)
+        grids.append(make_grid(images, cols=len(images)))
+    cfg = runs["with_prior"]["cfg"]
+    report = {
+        "subject": f"{DB_COLOR} {DB_SHAPE}", "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
+        "instance_images": len(DB_TRAIN), "class_images": cfg.num_class_images, "steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate, "train_text_encoder": cfg.train_text_encoder,
+        "decoder_steps": vae_cfg.max_steps, "decoder_seconds": vae_summary["seconds"],
+        "train_seconds": {k: r["summary"]["seconds"] for k, r in runs.items()},
+        "steps_per_s": {k: r["summary"]["steps_per_s"] for k, r in runs.items()},
+        "subject_images": len(measured["base"]["rows"]["subject"]),
+        "prior_images": len(measured["base"]["rows"]["prior"]), **measured,
+    }
+    write_report(output_dir, report)
+    make_grid([g for g in grids], cols=1).save(output_dir / "samples.png")
+    return report
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _print_db(report: dict, output_dir: Path):
+    print(f"DreamBooth of a {report['subject']} from {report['instance_images']} images "
+          f"('{report['instance_prompt']}', class '{report['class_prompt']}', {report['class_images']} class images): "
+          f"decoder adapted in {report['decoder_steps']} steps ({report['decoder_seconds']:.0f} s); "
+          f"{report['steps']} steps each, with prior {report['train_seconds']['with_prior']:.0f} s, "
+          f"without {report['train_seconds']['without_prior']:.0f} s")
+    print(f"{'model':>28} {'subject fidelity':>17} {'prior preserved':>16} {'prior reads teal':>17} "
+          f"{'prior reads ring':>17}")
+    for name, label in (("base", "base"), ("base_adapted_decoder", "base, adapted decoder"),
+                        ("with_prior", "DreamBooth with prior"), ("without_prior", "DreamBooth without prior")):
+        m = report[name]
+        print(f"{label:>28} {m['subject']['all_correct']:>17.3f} {m['prior']['all_correct']:>16.3f} "
+              f"{m['prior_reads_teal']:>17.3f} {m['prior_reads_ring']:>17.3f}")
+    print(f"subject: {report['subject_images']} images of 'a sks circle on a {{background}} background' judged a "
+          f"teal ring on that background; prior: {report['prior_images']} images of 'a {{color}} circle on a "
+          f"{{background}} background' judged exactly that")
+    print(f"report: {output_dir / 'report.json'}; samples.png (rows: base, adapted decoder, with prior, without)")
 
 
 def _print_ti(report: dict, output_dir: Path):
@@ -140,9 +288,24 @@ def register(sub) -> None:
                    help="override a key of configs/textual-inversion-shapes.yaml (repeatable)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_run_ti)
+    b = dsub.add_parser("dreambooth", help="DreamBooth a teal ring (never seen) as 'a sks circle', "
+                                           "with and without prior preservation")
+    b.add_argument("--output-dir", type=Path, default=Path("runs/demo-dreambooth"))
+    b.add_argument("--model", default=None, help="base model (default: the embedded shapes model)")
+    b.add_argument("--per-case", type=int, default=6, help="subject images per background (default 6)")
+    b.add_argument("--prior-per-case", type=int, default=2,
+                   help="class images judged per (colour, background) (default 2)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
+    b.add_argument("--decoder-steps", type=int, default=None,
+                   help="override the decoder adaptation's steps (configs/vae-decoder-adapt-shapes.yaml)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of configs/dreambooth-shapes.yaml (repeatable)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_run_db)
 
 
-def _run_ti(args) -> int:
+def _run_demo(args, demo, printer, **kw) -> int:
     from ldm.models import ModelError
 
     from .config import ConfigError
@@ -153,10 +316,19 @@ def _run_ti(args) -> int:
         if bad:
             raise ConfigError(f"--set {bad[0]!r}: expected KEY=VALUE")
         overrides = dict(item.split("=", 1) for item in args.set)
-        report = textual_inversion_demo(args.output_dir, model=args.model, per_case=args.per_case, seed=args.seed,
-                                        max_steps=args.max_steps, overrides=overrides, progress=not args.quiet)
+        report = demo(args.output_dir, model=args.model, per_case=args.per_case, seed=args.seed,
+                      max_steps=args.max_steps, overrides=overrides, progress=not args.quiet, **kw)
     except (ConfigError, TrainingError, ModelError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _print_ti(report, args.output_dir)
+    printer(report, args.output_dir)
     return 0
+
+
+def _run_ti(args) -> int:
+    return _run_demo(args, textual_inversion_demo, _print_ti)
+
+
+def _run_db(args) -> int:
+    return _run_demo(args, dreambooth_demo, _print_db, prior_per_case=args.prior_per_case,
+                     decoder_steps=args.decoder_steps)

@@ -61,6 +61,40 @@ class DreamBoothConfig(TrainConfig):
     checkpoint_every: int = 100
 
 
+def generate_class_images(model, prompt: str, class_dir: Path, count: int, batch_size: int = 16) -> int:
+    """Generate the images ``class_dir`` lacks (up to ``count``) for ``prompt`` with ``model`` (an
+    ldm.models.Model), in batches, each written atomically as soon as it is made; returns how many
+    were generated. Existing images are kept and counted, so later runs reuse them."""
+    from tqdm.auto import tqdm
+
+    from pipelines.pipeline import Pipeline
+
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    have = [p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    missing = count - len(have)
+    if missing <= 0:
+        log.info("class images: %d in %s, none to generate", len(have), class_dir)
+        return 0
+    pipe = Pipeline(model)
+    start = 1_000_000 + len(have)  # seeds never reused across runs that add to the folder
+    bar = tqdm(total=missing, desc="class images", unit="image")
+    done = 0
+    while done < missing:
+        n = min(batch_size, missing - done)
+        seeds = list(range(start + done, start + done + n))
+        res = pipe.text_to_image([prompt] * n, seeds=seeds)
+        for img, s in zip(res.images, seeds):
+            tmp = class_dir / f".class-{s}.png.tmp"
+            img.save(tmp, format="PNG")
+            os.replace(tmp, class_dir / f"class-{s}.png")
+        done += n
+        bar.update(n)
+    bar.close()
+    log.info("class images: generated %d into %s", missing, class_dir)
+    return missing
+
+
 class DreamBoothObjective(Objective):
     name = "dreambooth"
     export_checkpoints = True  # every checkpoint is a model (or LoRA file) that ldm generate runs
@@ -127,36 +161,9 @@ class DreamBoothObjective(Objective):
                                                            target_modules=TEXT_LORA_TARGETS))
 
     def ensure_class_images(self, class_dir: Path) -> int:
-        """Generate the class images ``class_dir`` lacks (up to num_class_images) with the base model,
-        in batches, each written as soon as it is made; returns how many were generated."""
-        from tqdm.auto import tqdm
-
-        from pipelines.pipeline import Pipeline
-
         cfg = self.cfg
-        class_dir.mkdir(parents=True, exist_ok=True)
-        have = [p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-        missing = cfg.num_class_images - len(have)
-        if missing <= 0:
-            log.info("class images: %d in %s, none to generate", len(have), class_dir)
-            return 0
-        pipe = Pipeline(self.model)
-        start = 1_000_000 + len(have)  # seeds never reused across runs that add to the folder
-        bar = tqdm(total=missing, desc="class images", unit="image")
-        done = 0
-        while done < missing:
-            n = min(cfg.sample_batch_size, missing - done)
-            seeds = list(range(start + done, start + done + n))
-            res = pipe.text_to_image([cfg.class_prompt] * n, seeds=seeds)
-            for img, s in zip(res.images, seeds):
-                tmp = class_dir / f".class-{s}.png.tmp"
-                img.save(tmp, format="PNG")
-                os.replace(tmp, class_dir / f"class-{s}.png")
-            done += n
-            bar.update(n)
-        bar.close()
-        log.info("class images: generated %d into %s", missing, class_dir)
-        return missing
+        return generate_class_images(self.model, cfg.class_prompt, class_dir, cfg.num_class_images,
+                                     cfg.sample_batch_size)
 
     def _latents(self, data, limit: int | None = None) -> torch.Tensor:
         return encode_views(self.model, data, self.resolution, self.cfg.center_crop, self.cfg.random_flip, limit)

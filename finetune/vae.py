@@ -50,6 +50,11 @@ class VAEConfig(TrainConfig):
                                          # which is what the U-Net is trained on)
     decoder_only: bool = False           # freeze the encoder (needs init_vae): latents and scaling_factor
                                          # stay exactly the init's, so a U-Net trained on them stays valid
+    data_dirs: list[str] = field(default_factory=list)  # train on these image folders instead of the
+                                         # shapes world; each folder is drawn equally often
+    resolution: int = 64                 # (data_dirs) images are made square at this size
+    shift: int = 0                       # (data_dirs) random circular shift of up to this many pixels
+    random_flip: bool = False            # (data_dirs) random horizontal and vertical flips
 
 
 def edge_mask(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
@@ -87,6 +92,7 @@ class VAEObjective(Objective):
 
     def __init__(self, cfg: VAEConfig):
         self.cfg = cfg
+        self.folders: list[torch.Tensor] = []  # the data_dirs' images, read in setup
         # training-split combinations only: oversampling never draws a held-out pair
         self.hard_combos = shapes.combinations("train", shapes=cfg.oversample_shape and [cfg.oversample_shape],
                                                sizes=cfg.oversample_size and [cfg.oversample_size])
@@ -110,9 +116,37 @@ class VAEObjective(Objective):
             raise ValueError("decoder_only: set init_vae to the VAE whose encoder is kept")
         else:
             self.trainable = {"vae": build_vae(self.cfg)}
+        self.folders = [self._read_folder(d) for d in self.cfg.data_dirs]
+
+    def _read_folder(self, directory: str) -> torch.Tensor:
+        """(N, 3, R, R) in [-1, 1]: every readable image of ``directory`` made square."""
+        from ldm.images import to_tensor
+
+        from .data import read_image_folder, square
+
+        data = read_image_folder(directory, "data_dirs")
+        return torch.cat([to_tensor(square(data[i]["image"], self.cfg.resolution, False)) for i in range(len(data))])
+
+    def _folder_batch(self, rng: np.random.Generator) -> torch.Tensor:
+        """A batch from the image folders: a folder uniformly, then an image of it, flipped and
+        shifted at random (a circular shift keeps a flat background flat)."""
+        out = []
+        for _ in range(self.cfg.batch_size):
+            imgs = self.folders[int(rng.integers(len(self.folders)))]
+            x = imgs[int(rng.integers(len(imgs)))]
+            if self.cfg.random_flip:
+                x = x.flip(-1) if rng.random() < 0.5 else x
+                x = x.flip(-2) if rng.random() < 0.5 else x
+            if self.cfg.shift:
+                dy, dx = (int(v) for v in rng.integers(-self.cfg.shift, self.cfg.shift + 1, size=2))
+                x = torch.roll(x, (dy, dx), (-2, -1))
+            out.append(x)
+        return torch.stack(out)
 
     def batch(self, index, generator, rank, world):
         rng = np.random.default_rng([self.cfg.seed, index, rank, 17])
+        if self.folders:
+            return {"pixels": self._folder_batch(rng)}
         base = sample_offset(index, rank, world, self.cfg.batch_size)
         n_hard = int(round(self.cfg.oversample_fraction * self.cfg.batch_size))
         scenes = [shapes.sample_scene(self.cfg.seed, base + j) for j in range(n_hard, self.cfg.batch_size)]

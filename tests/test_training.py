@@ -192,3 +192,47 @@ def test_vae_random_colour_images_keep_the_shape_colour_off_the_palette():
         fg = img[sc.y0 + sc.s * 2 // 3, sc.x0 + sc.s // 2]
         assert np.sqrt(((palette - fg) ** 2).sum(-1)).min() >= shapes.OFF_PALETTE_DISTANCE
 
+
+
+def test_decoder_adapts_to_an_image_folder_and_batches_come_from_each_folder(tmp_path):
+    """data_dirs: batches are the folders' images (flipped / circularly shifted, so each is a pixel
+    permutation of a folder image), each folder about equally often; decoder-only training on a
+    folder lowers its reconstruction error and leaves the encoder bit-identical."""
+    from diffusers import AutoencoderKL
+
+    from finetune.loop import train
+
+    rng = np.random.default_rng(0)
+    a, b = tmp_path / "teal", tmp_path / "other"
+    for d, color, shape in ((a, "teal", "ring"), (b, "red", "circle")):
+        d.mkdir()
+        for i in range(3):
+            shapes.render(shapes.place(rng, "large", color, shape, "white")).save(d / f"{i}.png")
+    tiny = dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=4, batch_size=4, crop_size=0, scale_images=32,
+                checkpoint_every=0, validation_every=0, learning_rate=1e-2)
+    first = VAEConfig(output_dir=str(tmp_path / "init"), max_steps=2, **tiny)
+    train(VAEObjective(first), first, progress=False)
+    cfg = VAEConfig(output_dir=str(tmp_path / "adapt"), max_steps=30, init_vae=str(tmp_path / "init"),
+                    decoder_only=True, latent_noise=0.0, kl_weight=0.0, data_dirs=[str(a), str(b)], shift=8,
+                    random_flip=True, **tiny)
+    obj = VAEObjective(cfg)
+    obj.setup(CPU)
+    folder_imgs = torch.cat(obj.folders)  # (6, 3, 64, 64)
+    sorted_imgs = [x.flatten().sort().values for x in folder_imgs]
+    teal = 0
+    for i in range(25):
+        for x in obj.batch(i, None, 0, 1)["pixels"]:
+            match = [j for j, s in enumerate(sorted_imgs) if torch.equal(x.flatten().sort().values, s)]
+            assert match  # a flip / shift of one of the folder images
+            teal += match[0] < 3
+    assert 30 < teal < 70  # of 100 draws, about half from each folder
+
+    def error(vae):
+        with torch.no_grad():
+            return (vae.decode(vae.encode(folder_imgs).latent_dist.mean).sample - folder_imgs).abs().mean().item()
+    before = AutoencoderKL.from_pretrained(str(tmp_path / "init" / "vae"))
+    train(VAEObjective(cfg), cfg, progress=False)
+    after = AutoencoderKL.from_pretrained(str(tmp_path / "adapt" / "vae"))
+    assert error(after) < 0.8 * error(before)
+    sa, sb = before.state_dict(), after.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith(("encoder.", "quant_conv.")))
