@@ -231,7 +231,7 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
         "prior_images": len(measured["base"]["rows"]["prior"]), **measured,
     }
     write_report(output_dir, report)
-    make_grid([g for g in grids], cols=1).save(output_dir / "samples.png")
+    make_grid(grids, cols=1).save(output_dir / "samples.png")
     return report
 
 
