@@ -16,7 +16,6 @@ circle, no ring, no teal).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -49,12 +48,6 @@ def render_instances(directory: Path, color: str, shape: str, views, caption: st
             path.with_suffix(".txt").write_text(caption.format(size=size, bg=bg) + "\n")
         out.append(path)
     return out
-
-
-def write_report(output_dir: Path, report: dict) -> None:
-    tmp = output_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, output_dir / "report.json")
 
 
 def judge_prompts(pipe, prompts: list[str], cases: list[dict], seeds: list[int], batch_size: int = 16) -> list[dict]:
@@ -123,6 +116,8 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
         "embedding_other_backgrounds": _rates([r for r in ti_rows if r["background"] not in trained_bgs]),
         "rows": {"words": base_rows, "embedding": ti_rows},
     }
+    from pipelines.evaluate import write_report
+
     write_report(output_dir, report)
     make_grid(base_images, cols=16).save(output_dir / "words.png")
     make_grid(ti_images, cols=16).save(output_dir / "embedding.png")
@@ -230,6 +225,8 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
         "subject_images": len(measured["base"]["rows"]["subject"]),
         "prior_images": len(measured["base"]["rows"]["prior"]), **measured,
     }
+    from pipelines.evaluate import write_report
+
     write_report(output_dir, report)
     make_grid(grids, cols=1).save(output_dir / "samples.png")
     return report

@@ -28,6 +28,13 @@ def eval_prompts(split: str, n: int | None, seed: int = 0) -> list[dict]:
     return [dict(zip(ATTRS, combos[i]), prompt=shapes.caption(*combos[i]), split=split) for i in order]
 
 
+def write_report(output_dir: Path, report: dict) -> None:
+    """``output_dir/report.json``, written whole and then renamed into place."""
+    tmp = output_dir / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, output_dir / "report.json")
+
+
 def judge(images, cases: list[dict]) -> list[dict]:
     """Per image: what the detector read and, for each attribute the case names, whether it matches."""
     rows = []
@@ -99,8 +106,6 @@ def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out / "report.json")
+        write_report(out, report)
         make_grid(images, cols=16).save(out / "grid.png")
     return report
