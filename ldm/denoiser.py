@@ -14,11 +14,13 @@ def unet_net(unet) -> Callable:
 
     ``context`` holds ``encoder_hidden_states`` (B, L, D) and, for a 9-channel inpainting U-Net,
     ``concat`` (B, 5, h, w): the mask and the masked image's latents, appended to the input
-    channels. The network runs in its own dtype; the output comes back as float32.
+    channels, and for a guidance-distilled U-Net ``timestep_cond`` (B, D), its guidance-scale input
+    (ldm.guidance.guidance_embedding). ``t`` is one timestep, or a (B,) tensor of one per sample (training).
+    The network runs in its own dtype; the output comes back as float32.
     """
     dtype = unet.dtype
 
-    def net(x: torch.Tensor, t: float, context: dict) -> torch.Tensor:
+    def net(x: torch.Tensor, t: float | torch.Tensor, context: dict) -> torch.Tensor:
         inp = x
         if "concat" in context:
             inp = torch.cat([x, context["concat"].to(x.dtype)], dim=1)  # (B, 4 + 5, h, w)
@@ -27,8 +29,11 @@ def unet_net(unet) -> Callable:
             raise ValueError(f"the U-Net takes {expected} input channels but got {inp.shape[1]}"
                              + ("; a 9-channel inpainting U-Net needs a mask and an image (use inpaint)"
                                 if expected == 9 else ""))
-        out = unet(inp.to(dtype), torch.tensor(t, dtype=torch.float32, device=x.device),
-                   encoder_hidden_states=context["encoder_hidden_states"].to(dtype)).sample
+        extra = {}
+        if "timestep_cond" in context:  # (B, D): the guidance-scale input of a guidance-distilled U-Net
+            extra["timestep_cond"] = context["timestep_cond"].to(x.device, dtype)
+        t = t.to(x.device) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float32, device=x.device)
+        out = unet(inp.to(dtype), t, encoder_hidden_states=context["encoder_hidden_states"].to(dtype), **extra).sample
         return out.float()
 
     return net

@@ -15,6 +15,24 @@ import torch
 Net = Callable[[torch.Tensor, float, dict], torch.Tensor]
 
 
+def guidance_embedding(scale: torch.Tensor | float, dim: int, batch: int | None = None) -> torch.Tensor:
+    """(B, dim) sinusoidal embedding of the guidance scale w, the input of a guidance-distilled
+    U-Net (Meng et al. 2023) through diffusers' ``time_cond_proj_dim``. The convention of diffusers'
+    LatentConsistencyModelPipeline (VDM's embedding of (w - 1) * 1000), so w = 1 (no guidance) is 0:
+    sin and cos of (w - 1) * 1000 * 10000^(-k / (dim/2 - 1)), k = 0 .. dim/2 - 1."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    w = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    if batch is not None and w.numel() == 1:
+        w = w.expand(batch)
+    return get_timestep_embedding((w - 1) * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+
+
+def guidance_input_dim(unet) -> int | None:
+    """The width of a guidance-distilled U-Net's w input (None: an ordinary U-Net, guided by CFG)."""
+    return getattr(unet.config, "time_cond_proj_dim", None)
+
+
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """uncond + scale * (cond - uncond)."""
     return uncond + scale * (cond - uncond)
@@ -39,15 +57,19 @@ def guided(net: Net, cond: dict, uncond: dict | None, scale: float, rescale: flo
     """Return ``f(x, t) -> output`` with classifier-free guidance at ``scale``.
 
     ``scale == 1`` (or no unconditional context) is the plain conditional model, one forward;
-    otherwise both branches go through the network as one batch of twice the size.
+    otherwise both branches go through the network as one batch of twice the size. ``scale`` may be a
+    (B, 1, 1, 1) tensor of one scale per sample.
     """
-    if scale < 0:
+    per_sample = isinstance(scale, torch.Tensor)  # (B, 1, 1, 1): one scale per sample (distillation)
+    if (scale < 0).any() if per_sample else scale < 0:
         raise ValueError(f"guidance scale must be >= 0, got {scale}")
-    if uncond is None or scale == 1.0:
+    if uncond is None or (not per_sample and scale == 1.0):
         return lambda x, t: net(x, t, cond)
     both = cat_context(uncond, cond)
 
-    def f(x: torch.Tensor, t: float) -> torch.Tensor:
+    def f(x: torch.Tensor, t) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and t.ndim:  # one timestep per sample
+            t = torch.cat([t, t])
         out_u, out_c = net(torch.cat([x, x]), t, both).chunk(2)
         out = cfg_combine(out_u, out_c, scale)
         if rescale > 0:

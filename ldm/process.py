@@ -94,3 +94,27 @@ def from_x0(x0: torch.Tensor, xt: torch.Tensor, alpha_bar, prediction_type: str)
     if prediction_type == "v_prediction":
         return v_from_eps_x0(eps, x0, alpha_bar)
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def truncated_snr_weight(alpha_bar):
+    """max(SNR, 1): the "truncated SNR" weighting of an x-space loss (Salimans & Ho 2022, sec. 4),
+    which keeps weight on the noisiest levels, where SNR -> 0 would give none."""
+    s = snr(alpha_bar)
+    return s.clamp(min=1.0) if isinstance(s, torch.Tensor) else max(s, 1.0)
+
+
+# --- The deterministic DDIM step and its inverse ------------------------------------------------
+
+def ddim_step(xt: torch.Tensor, x0: torch.Tensor, alpha_bar_t, alpha_bar_s) -> torch.Tensor:
+    """One deterministic DDIM step (Song et al. 2021, eq. 12 with sigma = 0) from level alpha_bar_t to
+    alpha_bar_s given the estimate x0:  x_s = alpha_s x0 + (sigma_s / sigma_t)(x_t - alpha_t x0).
+    Levels may be floats or per-sample tensors (at alpha_bar_t = 0, zero SNR, eps is x_t itself)."""
+    return q_sample(x0, eps_from_x0(xt, x0, alpha_bar_t), alpha_bar_s)
+
+
+def ddim_x0_for(xt: torch.Tensor, xs: torch.Tensor, alpha_bar_t, alpha_bar_s) -> torch.Tensor:
+    """The x0 that one DDIM step from x_t at alpha_bar_t must be given to land on x_s at alpha_bar_s
+    (the inverse of ``ddim_step`` in x0; the progressive-distillation target, Salimans & Ho 2022,
+    Alg. 2):  x0 = (x_s - (sigma_s / sigma_t) x_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)."""
+    ratio = _sqrt(1 - alpha_bar_s) / _sqrt(1 - alpha_bar_t)
+    return (xs - ratio * xt) / (_sqrt(alpha_bar_s) - ratio * _sqrt(alpha_bar_t))

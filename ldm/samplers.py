@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .process import eps_from_x0, posterior, q_sample
+from .process import ddim_step, eps_from_x0, posterior, q_sample
 from .schedule import Steps
 
 Denoiser = Callable[[torch.Tensor, float, float], torch.Tensor]
@@ -42,25 +42,20 @@ def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
                         for g in generator]).to(x.device, x.dtype)
 
 
-def _eps(x, x0, ab):
-    # At alpha_bar = 0 (zero terminal SNR) the sample is pure noise: x = eps.
-    return x if ab == 0.0 else eps_from_x0(x, x0, ab)
-
-
 def first_order_step(x, x0, ab_t: float, ab_s: float, eta: float = 0.0, generator: Generators = None):
     """One DDIM step (Song et al. 2021, eq. 12) from level ab_t to ab_s with stochasticity eta.
 
     x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - var) eps + sqrt(var) z,
     var = eta^2 (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s)   (DDIM eq. 16)
     """
-    eps = _eps(x, x0, ab_t)
     var = 0.0
     if eta > 0 and ab_s < 1.0:
         var = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
+    if var == 0.0:
+        return ddim_step(x, x0, ab_t, ab_s)
+    eps = eps_from_x0(x, x0, ab_t)  # at ab_t = 0 (zero terminal SNR) this is x itself
     x_s = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - var, 0.0)) * eps
-    if var > 0:
-        x_s = x_s + math.sqrt(var) * randn_like(x, generator)
-    return x_s
+    return x_s + math.sqrt(var) * randn_like(x, generator)
 
 
 def _loop(denoise: Denoiser, x, steps: Steps, update, callback: Callback):

@@ -20,7 +20,7 @@ from PIL import Image
 from ldm import autoencoder
 from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.embeddings import add_concept, read_embeddings
-from ldm.guidance import guided
+from ldm.guidance import guidance_embedding, guidance_input_dim, guided
 from ldm.images import to_pil, to_tensor
 from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
@@ -154,7 +154,17 @@ class Pipeline:
         m = self.model
         cond = {"encoder_hidden_states": self.encode_text(prompts)}
         uncond = None
-        if guidance_scale != 1.0:
+        w_dim = guidance_input_dim(m.unet)
+        if w_dim is not None:
+            # a guidance-distilled U-Net (Meng et al. 2023) takes w as an input: one pass, no unconditional branch
+            if any(negs):
+                log.warning("this model takes the guidance scale as an input and has no unconditional branch; "
+                            "the negative prompt is ignored")
+            if guidance_rescale:
+                log.warning("guidance rescale needs the unconditional branch, which this model does not run; ignored")
+            cond["timestep_cond"] = guidance_embedding(guidance_scale, w_dim, len(prompts))
+            guidance_scale, guidance_rescale = 1.0, 0.0
+        elif guidance_scale != 1.0:
             uncond = {"encoder_hidden_states": self.encode_text(negs)}
         if concat is not None:
             cond["concat"] = concat
