@@ -41,6 +41,11 @@ METHOD_FLAGS = {
 }
 
 
+DISTILL = ("distill", "finetune.distill", "DistillConfig", None, "distill-shapes.yaml")
+DISTILL_FLAGS = ("teacher", "from_steps", "to_steps", "guidance_distillation", "guidance_scale", "guidance_range",
+                 "guidance_steps", "stage_steps", "prediction_type", "data_dir", "num_images") + LOOP_FLAGS
+
+
 def default_recipe(name: str) -> str | None:
     path = CONFIGS / name
     return str(path) if path.is_file() else None
@@ -82,6 +87,12 @@ def register(sub) -> None:
             add_recipe_flags(p, METHODS[command], METHOD_FLAGS[command])
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=lambda a, c=command: _run_method(c, a))
+    d = sub.add_parser("distill", help="guidance and progressive distillation into a few-step student "
+                                       "(Meng et al. 2023; Salimans & Ho 2022)")
+    add_common_flags(d)
+    add_recipe_flags(d, DISTILL, DISTILL_FLAGS)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_distill)
     from .demos import register as register_demos
 
     register_demos(sub)
@@ -117,6 +128,33 @@ def add_recipe_flags(p: argparse.ArgumentParser, method: tuple, keys) -> None:
             p.add_argument(flag, dest=key, nargs="+", default=None, help=help_)
         else:
             p.add_argument(flag, dest=key, type=base, default=None, help=help_)
+
+
+def _distill(args) -> int:
+    from ldm.models import ModelError
+
+    from .config import ConfigError, from_args
+    from .distill import DistillConfig, distill
+    from .loop import TrainingError
+
+    if args.model and not args.teacher:  # --model names the teacher here too
+        args.teacher = args.model
+    if args.config is None:
+        args.config = default_recipe(DISTILL[4])
+    try:
+        cfg = from_args(DistillConfig, args, {k: getattr(args, k, None) for k in DISTILL_FLAGS})
+        result = distill(cfg, progress=not args.quiet)
+    except (ConfigError, TrainingError, ModelError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue the chain from the last checkpoint", file=sys.stderr)
+        return 130
+    for st in result["stages"]:
+        how = "kept" if st.get("kept") else f"{st['steps']} steps in {st['wall_seconds']:.0f} s"
+        print(f"{st['stage']}: {how}")
+    print(f"chain: {result['wall_seconds']:.0f} s; final student {result['final']}")
+    return 0
 
 
 def _build(args) -> int:

@@ -64,6 +64,18 @@ def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: to
     return per.mean() if reduce else per
 
 
+@torch.no_grad()
+def scene_latents(vae, scenes, device, progress: bool = True, chunk: int = 500) -> torch.Tensor:
+    """(N, 4, h, w): the scaled posterior-mean latents of the rendered shapes-world ``scenes``."""
+    from tqdm.auto import tqdm
+
+    lat = []
+    for i in tqdm(range(0, len(scenes), chunk), desc="caching latents", disable=not progress):
+        x = shapes.render_tensor(scenes[i:i + chunk])
+        lat.append(vae.encode(x.to(device, vae.dtype)).latent_dist.mode().float().cpu())
+    return torch.cat(lat) * vae.config.scaling_factor
+
+
 def build_unet(cfg: UNetConfig, cross_attention_dim: int, sample_size: int):
     from diffusers import UNet2DConditionModel
 
@@ -105,7 +117,6 @@ class UNetObjective(Objective):
     def setup(self, accelerator):
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer
-        from tqdm.auto import tqdm
 
         cfg = self.cfg
         self.device = accelerator.device
@@ -121,13 +132,7 @@ class UNetObjective(Objective):
         self.text = TextCache(self.text_encoder, self.tokenizer, self.device)
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
-        lat = []
-        with torch.no_grad():
-            for i in tqdm(range(0, len(self.scenes), 500), desc="caching latents",
-                          disable=not accelerator.is_main_process):
-                x = shapes.render_tensor(self.scenes[i:i + 500])
-                lat.append(self.vae.encode(x.to(self.device)).latent_dist.mode().float().cpu())
-        self.latents = torch.cat(lat) * self.vae.config.scaling_factor
+        self.latents = scene_latents(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.trainable = {"unet": build_unet(cfg, self.text_encoder.config.hidden_size, shapes.CANVAS // factor)}
 
