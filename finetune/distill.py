@@ -340,6 +340,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
     then one halving per stage, each a model directory that ``ldm generate --model`` runs at its step
     count. A finished stage is kept on --resume and refused otherwise; an unfinished one resumes
     from its last checkpoint (--resume) or is refused (the loop's rule)."""
+    from pipelines.evaluate import write_report
+
     stages, info = plan(cfg)
     out = Path(cfg.output_dir)
     for name, _, _ in stages:
@@ -349,12 +351,16 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
                                 f"chain, or --overwrite to train it again")
     out.mkdir(parents=True, exist_ok=True)
     teacher, data, record = info["teacher"], None, []
+    earlier = {}  # a kept stage keeps the wall time the run that trained it recorded
+    if (out / CHAIN_FILE).is_file():
+        earlier = {s["stage"]: s for s in json.loads((out / CHAIN_FILE).read_text()).get("stages", [])}
     t0 = time.perf_counter()
     for name, steps, max_steps in stages:
         d = out / name
         if stage_complete(d) and cfg.resume:
             log.info("%s is finished; kept", d)
-            record.append({"stage": name, **json.loads((d / "train_summary.json").read_text()), "kept": True})
+            summary = json.loads((d / "train_summary.json").read_text())
+            record.append({**earlier.get(name, {}), "stage": name, **summary, "kept": True})
             teacher = d
             continue
         stage_cfg = dataclasses.replace(cfg, output_dir=str(d), max_steps=max_steps)
@@ -367,5 +373,5 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
         teacher = d
     result = {"teacher": str(info["teacher"]), "stages": record, "wall_seconds": time.perf_counter() - t0,
               "final": str(teacher)}
-    (out / CHAIN_FILE).write_text(json.dumps(result, indent=2))
+    write_report(out, result, CHAIN_FILE)
     return result

@@ -120,6 +120,8 @@ def _eval(args) -> int:
         return 2
     for split in ("seen", "heldout"):
         r = report[split]
+        if not r["n"]:
+            continue  # --seen 0 or --heldout 0: nothing asked, nothing to print
         attrs = " ".join(f"{a} {r[a]:.3f}" for a in ("size", "color", "shape", "background") if a in r)
         clip = f" clip_score {r['clip_score']:.1f}" if "clip_score" in r else ""
         print(f"{split}: all-correct {r.get('all_correct', 0):.3f} of {r['n']} ({attrs}){clip}")

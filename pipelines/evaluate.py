@@ -28,11 +28,11 @@ def eval_prompts(split: str, n: int | None, seed: int = 0) -> list[dict]:
     return [dict(zip(ATTRS, combos[i]), prompt=shapes.caption(*combos[i]), split=split) for i in order]
 
 
-def write_report(output_dir: Path, report: dict) -> None:
-    """``output_dir/report.json``, written whole and then renamed into place."""
-    tmp = output_dir / ".report.json.tmp"
+def write_report(output_dir: Path, report: dict, name: str = "report.json") -> None:
+    """``output_dir/name`` as JSON, written whole and then renamed into place."""
+    tmp = output_dir / f".{name}.tmp"
     tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, output_dir / "report.json")
+    os.replace(tmp, output_dir / name)
 
 
 def judge(images, cases: list[dict]) -> list[dict]:

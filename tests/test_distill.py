@@ -163,23 +163,33 @@ def test_chain_saves_models_that_generate_at_their_step_count(sd1_dir, tmp_path)
         distill(_cfg(sd1_dir, tmp_path / "c"), progress=False)
     kept = distill(_cfg(sd1_dir, tmp_path / "c", resume=True), progress=False)
     assert all(s.get("kept") for s in kept["stages"])
+    # a kept stage keeps the wall time of the run that trained it (chain.json is rewritten whole)
+    assert [s["wall_seconds"] for s in kept["stages"]] == [s["wall_seconds"] for s in result["stages"]]
+    assert json.loads((tmp_path / "c" / "chain.json").read_text())["stages"] == kept["stages"]
 
 
-def test_unguided_student_matches_diffusers_on_its_saved_scheduler(sd1_dir, tmp_path):
-    """A chain without the guidance stage bakes w into a v-predicting student; diffusers'
-    StableDiffusionPipeline, reading the saved scheduler config, samples it as we do."""
+@pytest.mark.parametrize("guided", [False, True])
+def test_student_matches_diffusers_on_its_saved_scheduler(sd1_dir, tmp_path, guided):
+    """Without the guidance stage w is baked into a v-predicting student; with it the student takes w
+    as an input (time_cond_proj_dim). Either way diffusers' StableDiffusionPipeline, reading the saved
+    scheduler config (and, for the second, embedding w - 1 as its LCM support does, in one pass),
+    samples it as we do."""
     import numpy as np
     from diffusers import StableDiffusionPipeline
 
-    distill(_cfg(sd1_dir, tmp_path / "u", guidance_distillation=False), progress=False)
+    distill(_cfg(sd1_dir, tmp_path / "u", guidance_distillation=guided), progress=False)
     d = tmp_path / "u" / "steps-2"
     ours = Pipeline.from_pretrained(d)
-    assert ours.model.sampling["guidance_scale"] == 1.0 and ours.model.unet.config.time_cond_proj_dim is None
+    w = 4.0 if guided else 1.0
+    if guided:
+        assert ours.model.unet.config.time_cond_proj_dim == 8
+    else:
+        assert ours.model.sampling["guidance_scale"] == 1.0 and ours.model.unet.config.time_cond_proj_dim is None
     ref = StableDiffusionPipeline.from_pretrained(d, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
-    expect = ref("a red circle", num_inference_steps=2, guidance_scale=1.0,
+    expect = ref("a red circle", num_inference_steps=2, guidance_scale=w,
                  generator=[torch.Generator().manual_seed(5)], output_type="np").images
-    got = ours.text_to_image("a red circle", seed=5).pixels.permute(0, 2, 3, 1).numpy()
+    got = ours.text_to_image("a red circle", seed=5, guidance_scale=w).pixels.permute(0, 2, 3, 1).numpy()
     assert expect.std() > 0.02
     assert np.abs(got - expect).max() < 1e-3
 
