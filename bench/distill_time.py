@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from finetune.config import build, read_yaml
+from finetune.distill import DistillConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "ldm" / "assets" / "shapes-model"
@@ -40,15 +41,14 @@ def run(cmd: list[str]) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100, help="steps timed per run (the first 10%% included)")
+    p.add_argument("--steps", type=int, default=100, help="steps timed per run")
     p.add_argument("--recipe", type=Path, default=ROOT / "configs" / "distill-shapes.yaml")
     p.add_argument("--base-recipe", type=Path, default=ROOT / "configs" / "shapes-unet.yaml")
     p.add_argument("--rounds", type=int, default=2, help="base/chain pairs, alternating order")
     p.add_argument("--num-images", type=int, default=512, help="scenes encoded for each timed run")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    base = yaml.safe_load(args.base_recipe.read_text())
-    chain = yaml.safe_load(args.recipe.read_text())
+    base = read_yaml(args.base_recipe)
     ldm = [sys.executable, "-m", "pipelines.cli"]
     n = args.steps
 
@@ -82,11 +82,8 @@ def main() -> int:
                 walls[what] += wall
     s_base = sum(base_s) / len(base_s)
     per_stage = {k: sum(c[k] for c in chain_s) / len(chain_s) for k in chain_s[0]}
-    planned = {"guidance": chain.get("guidance_steps", 600)}
-    k = chain["from_steps"]
-    for steps in _halvings(chain):
-        k //= 2
-        planned[f"steps-{k}"] = steps
+    cfg = build(DistillConfig, {**read_yaml(args.recipe), "teacher": str(MODEL)}, str(args.recipe))
+    planned = {name: steps for name, _, steps in plan(cfg)[0]}  # the recipe's stages, as ldm distill runs them
     base_steps = base["max_steps"]
     rows = [("base U-Net (shapes-unet.yaml)", base_steps, s_base)]
     rows += [(f"distill {name}", planned[name], sps) for name, sps in per_stage.items()]
@@ -105,14 +102,6 @@ def main() -> int:
         args.json.write_text(json.dumps({"steps": n, "rounds": args.rounds, "rows": rows, "chain_s": total,
                                          "base_s": base_steps * s_base, "round_ratios": ratios}, indent=2))
     return 0
-
-
-def _halvings(chain: dict) -> list[int]:
-    import math
-
-    h = int(math.log2(chain["from_steps"] // chain["to_steps"]))
-    per = chain["stage_steps"]
-    return [per[min(i, len(per) - 1)] for i in range(h)]
 
 
 if __name__ == "__main__":
