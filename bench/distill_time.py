@@ -25,6 +25,7 @@ from pathlib import Path
 
 from finetune.config import build, read_yaml
 from finetune.distill import DistillConfig, plan
+from finetune.unet import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "ldm" / "assets" / "shapes-model"
@@ -48,7 +49,6 @@ def main() -> int:
     p.add_argument("--num-images", type=int, default=512, help="scenes encoded for each timed run")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    base = read_yaml(args.base_recipe)
     ldm = [sys.executable, "-m", "pipelines.cli"]
     n = args.steps
 
@@ -84,7 +84,7 @@ def main() -> int:
     per_stage = {k: sum(c[k] for c in chain_s) / len(chain_s) for k in chain_s[0]}
     cfg = build(DistillConfig, {**read_yaml(args.recipe), "teacher": str(MODEL)}, str(args.recipe))
     planned = {name: steps for name, _, steps in plan(cfg)[0]}  # the recipe's stages, as ldm distill runs them
-    base_steps = base["max_steps"]
+    base_steps = build(UNetConfig, read_yaml(args.base_recipe), str(args.base_recipe)).max_steps
     rows = [("base U-Net (shapes-unet.yaml)", base_steps, s_base)]
     rows += [(f"distill {name}", planned[name], sps) for name, sps in per_stage.items()]
     print(f"{n} timed steps per run, {args.rounds} rounds (base, chain, chain, base, ...); mean s/step projected "
