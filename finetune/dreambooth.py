@@ -61,38 +61,46 @@ class DreamBoothConfig(TrainConfig):
     checkpoint_every: int = 100
 
 
-def generate_class_images(model, prompt: str, class_dir: Path, count: int, batch_size: int = 16) -> int:
+def generate_class_images(model, prompt: str, class_dir: Path, count: int, batch_size: int = 16,
+                          rank: int = 0, world: int = 1, barrier=None) -> int:
     """Generate the images ``class_dir`` lacks (up to ``count``) for ``prompt`` with ``model`` (an
-    ldm.models.Model), in batches, each written atomically as soon as it is made; returns how many
-    were generated. Existing images are kept and counted, so later runs reuse them."""
+    ldm.models.Model), in batches, through the sharded path of ``ldm generate --from-file``
+    (pipelines.batch): each process ``rank`` of ``world`` makes its share of the batches, each image
+    written atomically as soon as it is made. Existing images are kept and counted, so later runs
+    reuse them; the new ones are ``class-<seed>.png`` with seeds from 1,000,000 up, skipping names that
+    exist. ``barrier()`` (the processes' wait_for_everyone) is called once every process has listed
+    the folder, before any writes. Returns how many this process generated."""
     from tqdm.auto import tqdm
 
+    from pipelines.batch import Task, my_share, write_tasks
     from pipelines.pipeline import Pipeline
 
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
     have = [p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
     missing = count - len(have)
+    if barrier is not None:
+        barrier()  # every process has its listing before any process writes
     if missing <= 0:
         log.info("class images: %d in %s, none to generate", len(have), class_dir)
         return 0
+    names = {p.name for p in have}
+    seeds, s = [], 1_000_000
+    while len(seeds) < missing:
+        if f"class-{s}.png" not in names:
+            seeds.append(s)
+        s += 1
+    tasks = [Task(prompt, seeds[i:i + batch_size], [class_dir / f"class-{x}.png" for x in seeds[i:i + batch_size]])
+             for i in range(0, missing, batch_size)]
     pipe = Pipeline(model)
-    start = 1_000_000 + len(have)  # seeds never reused across runs that add to the folder
-    bar = tqdm(total=missing, desc="class images", unit="image")
-    done = 0
-    while done < missing:
-        n = min(batch_size, missing - done)
-        seeds = list(range(start + done, start + done + n))
-        res = pipe.text_to_image([prompt] * n, seeds=seeds)
-        for img, s in zip(res.images, seeds):
-            tmp = class_dir / f".class-{s}.png.tmp"
-            img.save(tmp, format="PNG")
-            os.replace(tmp, class_dir / f"class-{s}.png")
-        done += n
-        bar.update(n)
+    mine = sum(len(t.seeds) for t in my_share(tasks, rank, world))
+    bar = tqdm(total=mine, desc="class images", unit="image", disable=rank != 0)
+    written = write_tasks(pipe, tasks, lambda t, cb: pipe.text_to_image(t.prompt, seeds=t.seeds, batch_size=len(t.seeds)),
+                          rank=rank, world=world, on_skip=lambda t: bar.update(len(t.seeds)))
+    bar.update(len(written))
     bar.close()
-    log.info("class images: generated %d into %s", missing, class_dir)
-    return missing
+    log.info("class images: generated %d into %s", len(written), class_dir)
+    return len(written)
 
 
 class DreamBoothObjective(Objective):
@@ -125,8 +133,7 @@ class DreamBoothObjective(Objective):
         self.klass = None
         if cfg.with_prior_preservation:
             class_dir = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images")
-            if accelerator.is_main_process:
-                self.ensure_class_images(class_dir)
+            self.ensure_class_images(class_dir, accelerator)  # each process makes its share
             accelerator.wait_for_everyone()
             self.klass = self._latents(read_image_folder(class_dir, "class_data_dir"), limit=cfg.num_class_images)
         self.prompts = {"instance": cfg.instance_prompt, "class": cfg.class_prompt}
@@ -160,10 +167,11 @@ class DreamBoothObjective(Objective):
                                                            init_lora_weights="gaussian",
                                                            target_modules=TEXT_LORA_TARGETS))
 
-    def ensure_class_images(self, class_dir: Path) -> int:
+    def ensure_class_images(self, class_dir: Path, acc) -> int:
         cfg = self.cfg
         return generate_class_images(self.model, cfg.class_prompt, class_dir, cfg.num_class_images,
-                                     cfg.sample_batch_size)
+                                     cfg.sample_batch_size, rank=acc.process_index, world=acc.num_processes,
+                                     barrier=acc.wait_for_everyone)
 
     def _latents(self, data, limit: int | None = None) -> torch.Tensor:
         return encode_views(self.model, data, self.resolution, self.cfg.center_crop, self.cfg.random_flip, limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -15,16 +16,28 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image file {str(path)!r} does not exist")
+    return _open(path, mode, repr(str(path)))
+
+
+def decode_image(data: bytes, mode: str = "RGB", what: str = "the image") -> Image.Image:
+    """An image file's bytes (PNG, JPEG, WebP, ...) -> a PIL image in ``mode``, converted as
+    ``load_image`` converts; ``what`` names the source in the error."""
+    return _open(io.BytesIO(data), mode, what)
+
+
+def _open(source, mode: str, what: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)  # transparent parts become white, not black
             return im.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"cannot read image {what}: not an image format Pillow reads (PNG, JPEG, WebP, ...)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {what}: {exc}") from exc
 
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -75,6 +75,10 @@ def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str, ste
         ts = np.round(np.arange(T, 0, -ratio)) - 1
     else:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {SPACINGS}")
+    if ts.max() > T - 1:  # leading spacing with a steps_offset, at nearly T steps
+        most = max(n for n in range(1, num_steps) if (n - 1) * (T // n) + steps_offset <= T - 1)
+        raise ValueError(f"steps={num_steps} with {spacing} spacing and steps_offset={steps_offset} would reach "
+                         f"timestep {int(ts.max())}, past the schedule's last ({T - 1}); use at most {most} steps")
     return np.ascontiguousarray(ts, dtype=np.float64)
 
 

@@ -11,7 +11,7 @@ from ldm.images import load_image, make_grid
 from ldm.models import ModelError, default_model_path
 from ldm.samplers import SAMPLERS
 
-from .pngmeta import format_parameters, save_png
+from .pngmeta import save_png
 
 log = logging.getLogger("ldm")
 
@@ -26,9 +26,11 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
     p.add_argument("--negative", default="", help="negative prompt (what the unconditional branch is given)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
-                                                  "each image is written as soon as it is made")
+                                                  "each image is written as soon as it is made, a rerun skips images already "
+                                                  "written, and under `accelerate launch` the prompts are spread over "
+                                                  "the processes")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt, made in one batch (default 1)")
-    p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed+i (default: random)")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed+i (default: random; 0 with --from-file)")
     _sampling_args(p)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
@@ -87,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
+    s = sub.add_parser("serve", help="local web studio and HTTP API (one model, one queue)")
+    s.add_argument("--model", default=None, help="model directory (default: the embedded shapes model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    s.add_argument("--output-dir", type=Path, default=Path("outputs/serve"),
+                   help="every image made is written here (default outputs/serve)")
+    s.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion embeddings, all loaded at start")
+    s.add_argument("--lora-dir", type=Path, help="folder of LoRA .safetensors files a request may pick by name")
+    s.add_argument("--max-side", type=int, default=1024, help="largest width or height a request may ask (default 1024)")
+    s.add_argument("--max-batch", type=int, default=8, help="most images per request (default 8)")
+    s.add_argument("--max-steps", type=int, default=150, help="most sampling steps per request (default 150)")
+    s.add_argument("--queue-size", type=int, default=8,
+                   help="requests that may wait; more are answered 503 with Retry-After (default 8)")
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
+    s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt pickle weights (trusted files only)")
+    s.set_defaults(func=_serve)
     for register in _plugins():
         register(sub)
     return parser
@@ -126,6 +146,30 @@ def _eval(args) -> int:
         clip = f" clip_score {r['clip_score']:.1f}" if "clip_score" in r else ""
         print(f"{split}: all-correct {r.get('all_correct', 0):.3f} of {r['n']} ({attrs}){clip}")
     print(f"report: {args.output_dir / 'report.json'}, grid: {args.output_dir / 'grid.png'}")
+    return 0
+
+
+def _serve(args) -> int:
+    from .serve import Limits, Studio, serve
+
+    for name in ("max_side", "max_batch", "max_steps", "queue_size", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: anyone who can reach this address can generate images and write files "
+                    "into %s", args.host, args.output_dir)
+    try:
+        studio = Studio(_model_path(args), output_dir=args.output_dir, device=_device(args),
+                        limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
+                        embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir,
+                        load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle))
+    except (ValueError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("studio on http://%s:%d/ (API under /api, docs at /api/docs); images go to %s",
+             args.host, args.port, args.output_dir)
+    serve(studio, args.host, args.port)
     return 0
 
 
@@ -173,9 +217,12 @@ def _check_args(args):
 
 
 def run(args) -> list[Path]:
+    """``ldm generate`` / ``img2img`` / ``inpaint``. Under ``accelerate launch`` the prompts of
+    ``--from-file`` are dealt over the processes (pipelines.batch); each writes its own images."""
     import torch
     from tqdm import tqdm
 
+    from .batch import Task, process_state, write_tasks
     from .pipeline import Pipeline
 
     _check_args(args)
@@ -192,7 +239,9 @@ def run(args) -> list[Path]:
         if mask.size != init.size:
             raise ValueError(f"--mask is {mask.size[0]}x{mask.size[1]} but --image is "
                              f"{init.size[0]}x{init.size[1]}; they must be the same size")
-    pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args), dtype=args.dtype,
+    rank, world, state = process_state()
+    device = args.device or (str(state.device) if world > 1 else _device(args))
+    pipe = Pipeline.from_pretrained(_model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
     for file in args.lora:
@@ -201,36 +250,39 @@ def run(args) -> list[Path]:
         tokens = pipe.load_embedding(file, args.token[i] if args.token else None)
         log.info("embedding %s: %s", file, ", ".join(tokens))
     sampler, steps, guidance = pipe.sampling(args.sampler, args.steps, args.guidance)
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    if args.seed is None:
+    seed = args.seed
+    if seed is None and args.from_file:
+        seed = 0  # a fixed default, so that a rerun names the same files and skips those already written
+    elif seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
         log.info("seed %d", seed)
-    written, images = [], []
-    steps_per_batch = steps if not hasattr(args, "strength") else max(1, int(steps * args.strength))
-    bar = tqdm(total=len(prompts) * steps_per_batch, desc=args.command, unit="step", disable=args.quiet)
+    tasks = []
     for k, prompt in enumerate(prompts):
         seeds = [seed + k * args.batch_size + i for i in range(args.batch_size)]
         paths = [args.output] if args.output else [out_dir / f"{k:05d}-{s}.png" for s in seeds]
-        if args.from_file and all(p.exists() for p in paths):  # a rerun keeps what an earlier run made
-            bar.update(steps_per_batch)
-            continue
+        tasks.append(Task(prompt, seeds, paths))
+    steps_per_batch = steps if not hasattr(args, "strength") else max(1, int(steps * args.strength))
+    mine = len(tasks[rank::world])
+    bar = tqdm(total=mine * steps_per_batch, desc=args.command if world == 1 else f"{args.command} [{rank}/{world}]",
+               unit="step", disable=args.quiet, position=rank)
+
+    def make(task, callback):
         common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance,
-                      guidance_rescale=args.guidance_rescale, seeds=seeds, batch_size=args.batch_size,
-                      sampler=sampler, eta=args.eta, callback=lambda i, x, x0: bar.update(1))
+                      guidance_rescale=args.guidance_rescale, seeds=task.seeds, batch_size=args.batch_size,
+                      sampler=sampler, eta=args.eta, callback=callback)
         if args.command == "generate":
-            res = pipe.text_to_image(prompt, width=args.width, height=args.height, **common)
-        elif args.command == "img2img":
-            res = pipe.image_to_image(prompt, init, strength=args.strength, **common)
-        else:
-            res = pipe.inpaint(prompt, init, mask, strength=args.strength, **common)
-        st = res.settings
-        for img, s, path in zip(res.images, res.seeds, paths):
-            params = format_parameters(prompt, args.negative, steps=st["steps"], sampler=st["sampler"],
-                                       guidance=st["guidance"], seed=s, width=st["width"], height=st["height"],
-                                       model=pipe.model.name, strength=st.get("strength"))
-            written.append(save_png(img, path, params))
-            images.append(img)
+            return pipe.text_to_image(task.prompt, width=args.width, height=args.height, **common)
+        if args.command == "img2img":
+            return pipe.image_to_image(task.prompt, init, strength=args.strength, **common)
+        return pipe.inpaint(task.prompt, init, mask, strength=args.strength, **common)
+
+    written = write_tasks(pipe, tasks, make, rank=rank, world=world, skip_done=bool(args.from_file),
+                          on_step=lambda i, x, x0: bar.update(1), on_skip=lambda t: bar.update(steps_per_batch))
     bar.close()
-    if args.grid and out_dir and len(images) > 1:
+    if world > 1:
+        state.wait_for_everyone()  # the grid below needs every process's images
+    if args.grid and out_dir and n_images > 1 and rank == 0:
+        images = [load_image(p) for t in tasks for p in t.paths]
         written.append(save_png(make_grid(images), out_dir / "grid.png", f"grid of {len(images)} images"))
     for p in written:
         print(p)

@@ -28,6 +28,8 @@ from ldm.samplers import STOCHASTIC, get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
 from ldm.text import encode_prompts
 
+from .pngmeta import format_parameters
+
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 4096
@@ -192,6 +194,14 @@ class Pipeline:
     def _finish(self, latents, seeds, prompts, negs, settings) -> Result:
         pixels = autoencoder.decode(self.model.vae, latents, self._slice(latents.shape[0]))
         return Result(pixels, latents, seeds, prompts, negs, settings)
+
+    def parameters(self, res: Result) -> list[str]:
+        """The A1111 ``parameters`` text of each image of ``res`` (what its PNG carries)."""
+        st = res.settings
+        return [format_parameters(p, n, steps=st["steps"], sampler=st["sampler"], guidance=st["guidance"], seed=s,
+                                  width=st["width"], height=st["height"], model=self.model.name,
+                                  strength=st.get("strength"))
+                for p, n, s in zip(res.prompts, res.negative_prompts, res.seeds)]
 
     def _slice(self, batch: int) -> int | None:
         if self.vae_slice_size:

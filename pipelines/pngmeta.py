@@ -8,6 +8,7 @@ writes and the tools around it (image browsers, civitai, ComfyUI importers) read
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -56,15 +57,22 @@ def parse_parameters(text: str) -> dict:
     return out
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
-    """Write ``image`` with its ``parameters`` chunk, atomically (a temporary file, then a rename),
-    so an interrupted run never leaves a truncated image behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """``image`` encoded as PNG with its ``parameters`` chunk."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None, *, data: bytes | None = None) -> Path:
+    """Write ``image`` with its ``parameters`` chunk (or already-encoded PNG ``data``), atomically (a
+    temporary file, then a rename), so an interrupted run never leaves a truncated image behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.write_bytes(png_bytes(image, parameters or "") if data is None else data)
     os.replace(tmp, path)
     return path
 

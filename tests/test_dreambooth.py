@@ -6,6 +6,7 @@ uninterrupted run, and bad settings are clear errors."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.config import ConfigError, build
@@ -45,7 +46,8 @@ def test_prior_loss_is_the_class_loss_times_the_weight(sd1_dir, instance_dir, tm
     cfg = _cfg(sd1_dir, instance_dir, tmp_path, with_prior_preservation=True, prior_loss_weight=0.3)
     obj = DreamBoothObjective(cfg)
     # a stand-in: a real Accelerator(cpu=True) would pin accelerate's process-wide state to the CPU
-    obj.setup(SimpleNamespace(device=torch.device("cpu"), is_main_process=True, wait_for_everyone=lambda: None))
+    obj.setup(SimpleNamespace(device=torch.device("cpu"), is_main_process=True, process_index=0, num_processes=1,
+                              wait_for_everyone=lambda: None))
     batch = obj.batch(5, step_generator(0, 5, 0), 0, 1)
     assert batch["kinds"] == ["instance"] * 2 + ["class"] * 2
     loss, logs = obj.loss(batch, obj.trainable, torch.Generator().manual_seed(11))
@@ -128,6 +130,54 @@ def test_class_images_are_generated_once_and_reused_and_other_sizes_resized(sd1_
                   max_steps=1))
     assert {p: p.stat().st_mtime_ns for p in sorted(cls.glob("*.png"))} == stamps
     assert any("none to generate" in r.getMessage() for r in caplog.records)
+
+
+def test_class_images_are_shared_out_over_processes_each_made_once(sd1_dir, tmp_path):
+    """Under accelerate launch each process makes its share (pipelines.batch, as ldm generate
+    --from-file does): ranks 0 and 1 of 2 together make every missing image once, and the images are
+    the ones one process alone makes."""
+    from finetune.dreambooth import generate_class_images
+    from pipelines.pngmeta import read_parameters
+
+    model = load_model(sd1_dir)
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    shared.mkdir()
+    (shared / "mine.png").write_bytes(b"")  # an image the user put there counts toward the 6 (not opened here)
+    models = [model, load_model(sd1_dir)]  # one per rank, as processes have: a tokenizer is not thread-safe
+    made = _two_ranks(lambda r, barrier: generate_class_images(models[r], "a dog", shared, 6, batch_size=2, rank=r,
+                                                                 world=2, barrier=barrier))
+    assert made == [3, 2]  # batches of seeds 0-1 and 4 on rank 0, 2-3 on rank 1
+    names = sorted(p.name for p in shared.glob("class-*.png"))
+    assert names == [f"class-{1_000_000 + i}.png" for i in range(5)]
+    assert read_parameters(shared / names[0]).startswith("a dog\n")
+    assert generate_class_images(model, "a dog", alone, 5, batch_size=2) == 5
+    for n in names:
+        a = np.asarray(Image.open(shared / n), dtype=np.int16)
+        b = np.asarray(Image.open(alone / n), dtype=np.int16)
+        assert np.array_equal(a, b)
+    assert [generate_class_images(model, "a dog", shared, 6, batch_size=2, rank=r, world=2) for r in (0, 1)] == [0, 0]
+
+
+def _two_ranks(fn):
+    """fn(rank, barrier) for ranks 0 and 1 in two threads, with a barrier between them as
+    accelerate's wait_for_everyone is between processes; their results in rank order."""
+    import threading
+
+    barrier, out = threading.Barrier(2, timeout=60), [None, None]
+
+    def one(r):
+        try:
+            out[r] = fn(r, barrier.wait)
+        except BaseException as exc:  # reported by the caller's assertion, not lost in the thread
+            out[r] = exc
+            barrier.abort()
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 def test_resume_equals_an_uninterrupted_run(sd1_dir, instance_dir, tmp_path):

@@ -82,3 +82,11 @@ def test_inversion_steps_mirror_sampling_steps():
     assert inv.alpha_bars[-1] == st.alpha_bars[0]
     assert inv.alpha_bars[1:] == list(reversed(st.alpha_bars[:-1]))
     assert inv.timesteps[1:] == list(reversed(st.timesteps[1:]))
+
+
+def test_leading_spacing_past_the_last_timestep_is_a_clear_error():
+    # SD's leading spacing with steps_offset=1 at 1000 steps would index timestep 1000 of 0..999
+    with pytest.raises(ValueError, match="use at most 999 steps"):
+        spaced_timesteps(1000, 1000, "leading", steps_offset=1)
+    ts = spaced_timesteps(999, 1000, "leading", steps_offset=1)
+    assert ts[0] == 999 and ts[-1] == 1

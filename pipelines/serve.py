@@ -1,0 +1,449 @@
+"""``ldm serve``: a local web studio and HTTP API over one loaded model.
+
+One process loads the model once. Requests go into a bounded queue and one worker thread runs them
+one batch at a time on the model; a full queue answers 503 with ``Retry-After`` instead of piling
+up memory. Each image is written to the output folder as soon as its batch is made (so a crash loses
+nothing already generated) and comes back as a base64 PNG carrying its A1111 ``parameters`` chunk.
+A client that goes away has its job cancelled: skipped if still queued, stopped at the next sampler
+step if running.
+
+    GET  /                 the studio page (pipelines/static/studio.html)
+    GET  /api/health       liveness, queue length, counters
+    GET  /api/models       the loaded model and its defaults, samplers, embeddings, LoRA files, limits
+    GET  /api/progress     the running job's step and the queue length (the page's progress bar)
+    POST /api/txt2img      JSON with the command line's parameters -> {"images": [base64 PNG], ...}
+    POST /api/img2img      the same plus "image" (base64) and "strength"
+
+Embeddings (``--embeddings-dir``) are all loaded at start, as A1111 does: a prompt uses one by its
+token. LoRA files (``--lora-dir``) are chosen per request by name; a request with another set of LoRA
+files than the last reloads the model with that set (a second or two on the embedded model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from ldm.images import decode_image
+from ldm.samplers import SAMPLERS
+
+from .pngmeta import png_bytes, save_png
+
+log = logging.getLogger("ldm.serve")
+
+STATIC = Path(__file__).parent / "static"
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; ``ldm serve`` sets each from its command line."""
+    max_side: int = 1024        # width and height, pixels
+    max_batch: int = 8          # images per request
+    max_steps: int = 150        # sampling steps per request
+    queue_size: int = 8         # requests waiting (the running one not counted)
+
+
+# --- requests ---------------------------------------------------------------------------------------
+class Txt2Img(BaseModel):
+    """The parameters of ``ldm generate``, under the same names; unset ones take the model's defaults
+    (its sampling.json and native size)."""
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    negative: str = ""
+    sampler: str | None = None
+    steps: int | None = None
+    guidance: float | None = Field(None, ge=0, le=100)
+    guidance_rescale: float = Field(0.0, ge=0, le=1)
+    eta: float = Field(0.0, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    lora: list[str] = Field(default_factory=list)
+
+
+class Img2Img(Txt2Img):
+    """``ldm img2img``: the image as base64 (a ``data:image/...;base64,`` prefix is accepted)."""
+    image: str
+    strength: float = Field(0.8, gt=0, le=1)
+
+
+class BadRequest(ValueError):
+    """A request's field has a value the server will not run; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class Cancelled(Exception):
+    """The client went away; the job stopped."""
+
+
+def _error(status: int, problems: list[tuple[str, str]], headers: dict | None = None) -> JSONResponse:
+    body = {"error": "; ".join(f"{f}: {m}" if f else m for f, m in problems),
+            "detail": [{"field": f, "message": m} for f, m in problems]}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple[int, list[tuple[str, str]]]:
+    """pydantic's errors as (field, message), and 400 when the body is not JSON at all, else 422."""
+    problems, status = [], 422
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        field = ".".join(loc)
+        if e.get("type") == "json_invalid":
+            status = 400
+            problems.append(("", f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"))
+        elif e.get("type") == "extra_forbidden":
+            problems.append((field, f"unknown field; the known ones are {', '.join(known)}"))
+        elif e.get("type") == "missing":
+            problems.append((field, "required"))
+        elif not loc:
+            problems.append(("", f"the body must be a JSON object: {e.get('msg')}"))
+        else:
+            problems.append((field, f"{e.get('msg')}, got {e.get('input')!r}"))
+    return status, problems
+
+
+# --- the worker ----------------------------------------------------------------------------------
+class Job:
+    def __init__(self, kind: str, req: Txt2Img, image=None):
+        self.id = uuid.uuid4().hex[:12]
+        self.kind, self.req, self.image = kind, req, image
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.cancel = threading.Event()
+        self.step, self.steps = 0, 0
+
+
+class Studio:
+    """The loaded model, the queue and the one worker thread that runs jobs on the model."""
+
+    def __init__(self, model_path, *, output_dir, limits: Limits | None = None, device: str = "cpu",
+                 embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None):
+        self.model_path = str(model_path)
+        self.output_dir = Path(output_dir)
+        self.limits = limits or Limits()
+        self.device = device
+        self.load_kwargs = load_kwargs or {}
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
+        self.lora_dir = Path(lora_dir) if lora_dir else None
+        for name, d in (("--embeddings-dir", self.embeddings_dir), ("--lora-dir", self.lora_dir)):
+            if d is not None and not d.is_dir():
+                raise ValueError(f"{name} {str(d)!r} is not a folder")
+        self.queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_size)
+        self.current: Job | None = None
+        self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "images": 0}
+        self._seconds = []          # recent job durations, for Retry-After
+        self._seq = itertools.count(1)
+        self._stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.embeddings: dict[str, list[str]] = {}   # file name -> tokens
+        self._lora_loaded: tuple[str, ...] | None = None
+        self.pipe = self._load(())
+        self._thread = threading.Thread(target=self._work, name="ldm-serve-worker", daemon=True)
+        self._thread.start()
+
+    # model --------------------------------------------------------------------------------------
+    def lora_files(self) -> dict[str, Path]:
+        if self.lora_dir is None:
+            return {}
+        return {p.name: p for p in sorted(self.lora_dir.iterdir()) if p.suffix == ".safetensors"}
+
+    def _load(self, lora: tuple[str, ...]):
+        """The model with every embedding of the folder and the named LoRA files applied."""
+        from .pipeline import Pipeline
+
+        pipe = Pipeline.from_pretrained(self.model_path, device=self.device, **self.load_kwargs)
+        embeddings = {}
+        if self.embeddings_dir is not None:
+            for f in sorted(self.embeddings_dir.iterdir()):
+                if f.suffix not in EMBEDDING_SUFFIXES:
+                    continue
+                try:
+                    embeddings[f.name] = pipe.load_embedding(f)
+                except Exception as exc:  # one bad file must not take the server down
+                    log.warning("embedding %s skipped: %s", f, exc)
+        files = self.lora_files()
+        for name in lora:
+            pipe.load_lora(files[name])
+        self.embeddings, self._lora_loaded = embeddings, lora
+        return pipe
+
+    def _pipeline(self, lora: tuple[str, ...]):
+        if lora != self._lora_loaded:
+            log.info("reloading the model with LoRA %s", ", ".join(lora) or "none")
+            self.pipe = self._load(lora)
+        return self.pipe
+
+    def info(self) -> dict:
+        pipe = self.pipe
+        sampler, steps, guidance = pipe.sampling()
+        width, height = pipe.default_size()
+        return {"models": [{"name": pipe.model.name, "path": self.model_path, "loaded": True,
+                            "defaults": {"sampler": sampler, "steps": steps, "guidance": guidance,
+                                         "width": width, "height": height},
+                            "guidance_input": pipe.model.unet.config.get("time_cond_proj_dim") is not None}],
+                "samplers": list(SAMPLERS),
+                "embeddings": [{"file": f, "tokens": t} for f, t in self.embeddings.items()],
+                "lora": list(self.lora_files()),
+                "limits": asdict(self.limits)}
+
+    # checks -------------------------------------------------------------------------------------
+    def check(self, req: Txt2Img) -> list[tuple[str, str]]:
+        """Problems with a request's values that the types alone do not catch, as (field, message)."""
+        lim, problems = self.limits, []
+        factor = self.pipe.model.vae_factor
+        if req.sampler is not None and req.sampler not in SAMPLERS:
+            problems.append(("sampler", f"unknown sampler {req.sampler!r}; one of {', '.join(SAMPLERS)}"))
+        if req.steps is not None and not 1 <= req.steps <= lim.max_steps:
+            problems.append(("steps", f"must be between 1 and {lim.max_steps}, got {req.steps}"))
+        elif req.steps is not None and (req.sampler is None or req.sampler in SAMPLERS):
+            try:  # the schedule's own bound (a model's training timesteps)
+                self.pipe._steps(self.pipe.sampling(req.sampler)[0], req.steps)
+            except ValueError as exc:
+                problems.append(("steps", str(exc)))
+        if not 1 <= req.batch_size <= lim.max_batch:
+            problems.append(("batch_size", f"must be between 1 and {lim.max_batch}, got {req.batch_size}"))
+        for name in ("width", "height"):
+            v = getattr(req, name)
+            if v is None:
+                continue
+            if v <= 0 or v % factor:
+                problems.append((name, f"must be a positive multiple of {factor}, got {v}; "
+                                       f"try {max(factor, round(v / factor) * factor)}"))
+            elif v > lim.max_side:
+                problems.append((name, f"must be at most {lim.max_side}, got {v}"))
+        files = self.lora_files()
+        for name in req.lora:
+            if name not in files:
+                problems.append(("lora", f"no LoRA file {name!r} in the server's --lora-dir; "
+                                         f"available: {', '.join(files) or 'none'}"))
+        if req.eta and req.sampler not in ("ddim", "euler-a", None):
+            problems.append(("eta", f"applies to the ddim and euler-a samplers, not {req.sampler}"))
+        return problems
+
+    def read_image(self, data: str):
+        """A request's base64 image -> RGB PIL image, or BadRequest naming the field."""
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadRequest("image", f"not valid base64 ({exc})") from exc
+        try:
+            image = decode_image(raw, what="in field 'image'")
+        except ValueError as exc:
+            raise BadRequest("image", str(exc)) from exc
+        factor = self.pipe.model.vae_factor
+        w, h = image.size
+        if w % factor or h % factor:
+            raise BadRequest("image", f"is {w}x{h}; both sides must be multiples of {factor}")
+        if max(w, h) > self.limits.max_side:
+            raise BadRequest("image", f"is {w}x{h}; sides must be at most {self.limits.max_side}")
+        return image
+
+    # queue --------------------------------------------------------------------------------------
+    def submit(self, job: Job):
+        """Queue ``job``; ``queue.Full`` when the queue is at its bound."""
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            self.counts["rejected"] += 1
+            raise
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue's length times the mean recent job time."""
+        mean = sum(self._seconds) / len(self._seconds) if self._seconds else 1.0
+        return max(1, round(mean * (self.queue.qsize() + 1)))
+
+    def progress(self) -> dict:
+        job = self.current
+        return {"busy": job is not None, "job": job.id if job else None, "step": job.step if job else 0,
+                "steps": job.steps if job else 0, "queue": self.queue.qsize()}
+
+    def close(self):
+        """Cancel the running and queued jobs and stop the worker."""
+        if self.current is not None:
+            self.current.cancel.set()
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.future.set_exception(Cancelled())
+        self.queue.put(None)
+        self._thread.join(30)
+
+    def _work(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if job.cancel.is_set():
+                self.counts["cancelled"] += 1
+                job.future.set_exception(Cancelled())
+                continue
+            self.current = job
+            t0 = time.perf_counter()
+            try:
+                result = self._run(job)
+            except Cancelled as exc:
+                self.counts["cancelled"] += 1
+                log.info("job %s cancelled at step %d of %d: the client went away", job.id, job.step, job.steps)
+                job.future.set_exception(exc)
+            except ValueError as exc:  # a request the model cannot run (the pipeline's own checks)
+                self.counts["failed"] += 1
+                job.future.set_exception(exc)
+            except Exception as exc:  # the server keeps serving
+                self.counts["failed"] += 1
+                log.exception("job %s failed", job.id)
+                job.future.set_exception(exc)
+            else:
+                self.counts["done"] += 1
+                self._seconds = (self._seconds + [time.perf_counter() - t0])[-20:]
+                job.future.set_result(result)
+            finally:
+                self.current = None
+
+    def _run(self, job: Job) -> dict:
+        import torch
+
+        req = job.req
+        pipe = self._pipeline(tuple(req.lora))
+        sampler, steps, guidance = pipe.sampling(req.sampler, req.steps, req.guidance)
+        seed = req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        seeds = [seed + i for i in range(req.batch_size)]
+        job.steps = steps if job.kind == "txt2img" else max(1, int(steps * req.strength))
+
+        def step(i, x, x0):
+            job.step = i + 1
+            if job.cancel.is_set():
+                raise Cancelled()
+
+        common = dict(negative_prompt=req.negative, steps=steps, guidance_scale=guidance,
+                      guidance_rescale=req.guidance_rescale, seeds=seeds, batch_size=req.batch_size,
+                      sampler=sampler, eta=req.eta, callback=step)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if job.kind == "txt2img":
+                res = pipe.text_to_image(req.prompt, width=req.width, height=req.height, **common)
+            else:
+                res = pipe.image_to_image(req.prompt, job.image, strength=req.strength, **common)
+        seconds = time.perf_counter() - t0
+        images, files, parameters = [], [], pipe.parameters(res)
+        for img, params, s in zip(res.images, parameters, res.seeds):
+            data = png_bytes(img, params)
+            path = self.output_dir / f"{self._stamp}-{next(self._seq):05d}-{s}.png"
+            files.append(str(save_png(img, path, data=data)))  # on disk before the answer leaves
+            images.append(base64.b64encode(data).decode("ascii"))
+        self.counts["images"] += len(images)
+        return {"images": images, "parameters": parameters, "seeds": res.seeds, "files": files,
+                "model": pipe.model.name, "job": job.id, "seconds": round(seconds, 3)}
+
+
+async def _client_gone(request: Request):
+    """Returns when the client disconnects (the body is already read, so the next ASGI message is
+    the disconnect); no polling."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --- the app ---------------------------------------------------------------------------------------
+def create_app(studio: Studio) -> FastAPI:
+    app = FastAPI(title="ldm studio", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app.state.studio = studio
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        known = list((Img2Img if request.url.path.endswith("img2img") else Txt2Img).model_fields)
+        status, problems = _validation_problems(exc, known)
+        return _error(status, problems)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "studio.html", media_type="text/html")
+
+    @app.get("/api/health")
+    async def health():
+        return {"status": "ok", "model": studio.pipe.model.name, "queue": studio.queue.qsize(),
+                "queue_size": studio.limits.queue_size, "busy": studio.current is not None, **studio.counts}
+
+    @app.get("/api/models")
+    async def models():
+        return studio.info()
+
+    @app.get("/api/progress")
+    async def progress():
+        return studio.progress()
+
+    async def run(job: Job, request: Request):
+        problems = studio.check(job.req)
+        if problems:
+            return _error(422, problems)
+        try:
+            studio.submit(job)
+        except queue.Full:
+            return _error(503, [("", f"the queue is full ({studio.limits.queue_size} requests waiting); "
+                                     "retry later")], headers={"Retry-After": str(studio.retry_after())})
+        fut = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_client_gone(request))
+        await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not fut.done():
+            job.cancel.set()  # the client went away: skipped if still queued, stopped at its next step if running
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # the outcome nobody waits for
+            return Response(status_code=499)
+        gone.cancel()
+        try:
+            return fut.result()
+        except Cancelled:
+            return Response(status_code=499)
+        except ValueError as exc:
+            field = exc.field if isinstance(exc, BadRequest) else ""
+            return _error(422, [(field, getattr(exc, "message", str(exc)))])
+        except Exception as exc:
+            return _error(500, [("", f"generation failed: {type(exc).__name__}: {exc}")])
+
+    @app.post("/api/txt2img")
+    async def txt2img(req: Txt2Img, request: Request):
+        return await run(Job("txt2img", req), request)
+
+    @app.post("/api/img2img")
+    async def img2img(req: Img2Img, request: Request):
+        try:
+            image = studio.read_image(req.image)
+        except BadRequest as exc:
+            return _error(422, [(exc.field, exc.message)])
+        return await run(Job("img2img", req, image), request)
+
+    return app
+
+
+def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, *, sock=None, log_level: str = "info",
+          access_log: bool = False):
+    """Serve until interrupted (or, with ``sock``, on that bound socket)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(studio), host=host, port=port, log_level=log_level, access_log=access_log)
+    server = uvicorn.Server(config)
+    if sock is not None:
+        server.run(sockets=[sock])
+    else:
+        server.run()
+    return server

@@ -1,0 +1,307 @@
+"""``ldm serve`` end to end: a real uvicorn server on loopback over the embedded model, driven by HTTP
+clients and by Debian's Chromium through Playwright; and ``ldm generate --from-file`` spread over two
+processes by ``accelerate launch``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.models import default_model_path
+from pipelines.pngmeta import parse_parameters, read_parameters
+from pipelines.serve import Limits, Studio, create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROMPT = "a large red circle on a blue background"
+
+
+class Server:
+    """A Studio on the embedded model behind uvicorn, in a thread, on a free loopback port."""
+
+    def __init__(self, out: Path, limits: Limits):
+        import uvicorn
+
+        self.studio = Studio(default_model_path(), output_dir=out, limits=limits)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.studio), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.studio.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("serve"), Limits(max_side=256, max_batch=4, max_steps=50, queue_size=8))
+    yield s
+    s.stop()
+
+
+def post(server, path, body, **kw):
+    return httpx.post(server.url + path, json=body, timeout=kw.pop("timeout", 60), **kw)
+
+
+def decode(b64: str) -> Image.Image:
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    im.load()
+    return im
+
+
+def pixels(im) -> np.ndarray:
+    return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_txt2img_answers_pngs_with_parameters_equal_to_the_pipeline(server):
+    r = post(server, "/api/txt2img", {"prompt": PROMPT, "seed": 7, "steps": 6, "batch_size": 2})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["seeds"] == [7, 8]
+    ims = [decode(b) for b in out["images"]]
+    params = [parse_parameters(im.info["parameters"]) for im in ims]
+    assert [p["Seed"] for p in params] == ["7", "8"] and params[0]["prompt"] == PROMPT and params[0]["Steps"] == "6"
+    # the same images as the library makes in this process for the same seeds
+    ref = server.studio.pipe.text_to_image(PROMPT, seeds=[7, 8], batch_size=2, steps=6)
+    for im, want in zip(ims, ref.images):
+        assert np.abs(pixels(im) - pixels(want)).max() <= 1
+    # and each was written to the output folder before the answer: the same bytes
+    for b64, f in zip(out["images"], out["files"]):
+        assert Path(f).read_bytes() == base64.b64decode(b64)
+        assert read_parameters(f).startswith(PROMPT)
+
+
+def test_img2img_round_trip(server):
+    first = post(server, "/api/txt2img", {"prompt": PROMPT, "seed": 1, "steps": 4}).json()["images"][0]
+    r = post(server, "/api/img2img", {"prompt": "a small green square on a white background", "seed": 3,
+                                      "steps": 8, "strength": 0.5, "image": "data:image/png;base64," + first})
+    assert r.status_code == 200, r.text
+    im = decode(r.json()["images"][0])
+    assert im.size == (64, 64)
+    assert parse_parameters(im.info["parameters"])["Denoising strength"] == "0.5"
+    ref = server.studio.pipe.image_to_image("a small green square on a white background", decode(first).convert("RGB"),
+                                            strength=0.5, seeds=[3], steps=8)
+    assert np.abs(pixels(im) - pixels(ref.images[0])).max() <= 1
+
+
+def test_models_health_and_page(server):
+    info = httpx.get(server.url + "/api/models").json()
+    assert info["models"][0]["loaded"] and info["models"][0]["defaults"]["width"] == 64
+    assert "ddim" in info["samplers"] and info["limits"]["max_batch"] == 4
+    h = httpx.get(server.url + "/api/health").json()
+    assert h["status"] == "ok"
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and 'id="generate"' in page.text
+
+
+def _png_b64(size) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("path, body, status, field", [
+    ("/api/txt2img", b'{"prompt": "a red', 400, ""),
+    ("/api/txt2img", b'[1, 2]', 422, ""),
+    ("/api/txt2img", {"prompt": "x", "colour": "red"}, 422, "colour"),
+    ("/api/txt2img", {"negative": "x"}, 422, "prompt"),
+    ("/api/txt2img", {"prompt": "x", "width": 100}, 422, "width"),
+    ("/api/txt2img", {"prompt": "x", "height": 4096}, 422, "height"),
+    ("/api/txt2img", {"prompt": "x", "batch_size": 500}, 422, "batch_size"),
+    ("/api/txt2img", {"prompt": "x", "steps": 0}, 422, "steps"),
+    ("/api/txt2img", {"prompt": "x", "steps": 51}, 422, "steps"),
+    ("/api/txt2img", {"prompt": "x", "steps": 1.5}, 422, "steps"),
+    ("/api/txt2img", {"prompt": "x", "steps": "ten"}, 422, "steps"),
+    ("/api/txt2img", {"prompt": "x", "sampler": "plms"}, 422, "sampler"),
+    ("/api/txt2img", {"prompt": "x", "guidance": -1}, 422, "guidance"),
+    ("/api/txt2img", {"prompt": "x", "lora": ["nope.safetensors"]}, 422, "lora"),
+    ("/api/img2img", {"prompt": "x", "image": "not base64!"}, 422, "image"),
+    ("/api/img2img", {"prompt": "x", "image": base64.b64encode(b"hello").decode()}, 422, "image"),
+    ("/api/img2img", {"prompt": "x", "image": _png_b64((60, 64))}, 422, "image"),
+    ("/api/img2img", {"prompt": "x", "image": _png_b64((64, 64)), "strength": 0}, 422, "strength"),
+    ("/api/img2img", {"prompt": "x"}, 422, "image"),
+])
+def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(server, path, body, status, field):
+    if isinstance(body, bytes):
+        r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["error"]
+    if field:
+        assert field in [d["field"] for d in err["detail"]]
+        assert err["error"].startswith(field) or f"; {field}:" in err["error"]
+    else:
+        assert ("malformed JSON" in err["error"]) if status == 400 else ("JSON object" in err["error"])
+    ok = post(server, "/api/txt2img", {"prompt": PROMPT, "steps": 1, "seed": 0})
+    assert ok.status_code == 200
+
+
+def test_concurrent_clients_are_all_answered(server):
+    results = {}
+
+    def client(seed):
+        r = post(server, "/api/txt2img", {"prompt": PROMPT, "seed": seed, "steps": 4}, timeout=120)
+        results[seed] = r
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(100, 106)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(100, 106))
+    for seed, r in results.items():
+        assert r.status_code == 200, r.text
+        assert r.json()["seeds"] == [seed]  # each client got its own request's image
+        assert parse_parameters(decode(r.json()["images"][0]).info["parameters"])["Seed"] == str(seed)
+
+
+def _wait(cond, timeout=30.0, what="condition"):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _raw_post(url: str, path: str, body: dict) -> socket.socket:
+    """Send a POST and keep the connection open without reading: closing the socket later is a client
+    that goes away (a closed browser tab) at a moment the test chooses."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_full_queue_answers_503_and_a_gone_client_is_cancelled(tmp_path):
+    s = Server(tmp_path / "out", Limits(max_side=64, max_batch=8, max_steps=100000, queue_size=1))
+    try:
+        progress = lambda: httpx.get(s.url + "/api/progress").json()  # noqa: E731
+        long = {"prompt": PROMPT, "seed": 0, "steps": 999, "batch_size": 8}  # long, if nothing stopped it
+        a = _raw_post(s.url, "/api/txt2img", long)
+        _wait(lambda: progress()["busy"], what="A to start")
+        b = _raw_post(s.url, "/api/txt2img", {**long, "seed": 1})  # fills the queue's one slot
+        _wait(lambda: progress()["queue"] == 1, what="B to queue")
+        over = post(s, "/api/txt2img", {"prompt": PROMPT, "steps": 1000})  # past the schedule: checked up front
+        assert over.status_code == 422 and over.json()["detail"][0]["field"] == "steps", over.text
+        c = post(s, "/api/txt2img", {"prompt": PROMPT, "steps": 1})
+        assert c.status_code == 503, c.text
+        assert int(c.headers["Retry-After"]) >= 1 and "queue is full" in c.json()["error"]
+        # both clients go away: A stops at its next step, B is dropped unrun when its turn comes
+        b.close()
+        a.close()
+        t0 = time.time()
+        _wait(lambda: not progress()["busy"] and progress()["queue"] == 0, timeout=20, what="A and B to be dropped")
+        assert time.time() - t0 < 20
+        h = httpx.get(s.url + "/api/health").json()
+        assert (h["cancelled"], h["done"], h["rejected"]) == (2, 0, 1)
+        assert not list((tmp_path / "out").glob("*.png"))  # nothing finished, nothing written
+        after = post(s, "/api/txt2img", {"prompt": PROMPT, "steps": 2, "seed": 5})
+        assert after.status_code == 200
+        assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    finally:
+        s.stop()
+
+
+def test_the_page_in_a_headless_browser(server):
+    if CHROMIUM is None:  # CI installs it and sets LDM_REQUIRE_BROWSER=1, so there this is a failure
+        if os.environ.get("LDM_REQUIRE_BROWSER"):
+            pytest.fail("LDM_REQUIRE_BROWSER is set but no chromium is installed (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('sampler').options.length > 0")
+            page.fill("#prompt", PROMPT)
+            page.fill("#steps", "5")
+            page.fill("#seed", "11")
+            page.click("#generate")
+            page.wait_for_selector(".card img", timeout=60000)
+            assert page.locator(".card").count() == 1
+            width = page.eval_on_selector(".card img", "img => img.complete && img.naturalWidth")
+            assert width == 64
+            assert "Seed: 11" in page.inner_text(".card pre")
+            assert page.get_attribute(".card a.download", "href").startswith("data:image/png;base64,")
+            # the generated image goes to image to image, and that makes a second card
+            page.click(".card .to-img2img")
+            assert page.is_visible("#img2img-fields")
+            page.fill("#strength", "0.5")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('.card').length == 2", timeout=60000)
+            assert "Denoising strength: 0.5" in page.inner_text(".card pre >> nth=0")
+            # a bad value shows the server's message, naming the field
+            page.click("#mode-txt2img")
+            page.fill("#width", "100")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').className == 'error'", timeout=30000)
+            assert "width" in page.inner_text("#status")
+        finally:
+            browser.close()
+
+
+def test_from_file_under_accelerate_launch_writes_every_image_once(tmp_path, free_port, sd1_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt number {i}" for i in range(5)) + "\n")
+    out, single = tmp_path / "out", tmp_path / "single"
+    gen = ["generate", "--from-file", str(prompts), "--model", str(sd1_dir), "--steps", "2", "--quiet",
+           "--batch-size", "2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port), "-m", "pipelines.cli", *gen, "--output-dir", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # every path each process wrote (two processes share the pipe, so lines may run together)
+    printed = re.findall(r"/\S+?\.png", r.stdout)
+    assert len(printed) == 10 and len(set(printed)) == 10, r.stdout  # each image written by exactly one process
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 10
+    # the same files as one process makes (the same images up to float rounding: torchrun runs each
+    # process on one thread, which sums in another order)
+    from pipelines.cli import main
+    assert main(gen + ["--output-dir", str(single)]) == 0
+    assert [f.name for f in files] == sorted(f.name for f in single.glob("*.png"))
+    for f in files:
+        assert np.abs(pixels(Image.open(f)) - pixels(Image.open(single / f.name))).max() <= 2
+    # a rerun under two processes skips what exists
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    files[3].unlink()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # only the batch that lost an image (prompt 1: images 2 and 3) is made again
+    assert sorted(re.findall(r"/\S+?\.png", r.stdout)) == [str(files[2]), str(files[3])]
+    for f, m in mtimes.items():
+        if f not in (files[2], files[3]):
+            assert f.stat().st_mtime_ns == m
+    assert files[3].is_file()
