@@ -73,7 +73,20 @@ def _rates(rows: list[dict]) -> dict:
     return out
 
 
-def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_case: int = 8, seed: int = 0,
+def paired(a_rows: list[dict], b_rows: list[dict]) -> dict:
+    """Two prompts judged on the same seeds: how many images only ``a`` got right, only ``b``, both,
+    neither, and the exact two-sided sign test (binomial, p = 1/2) on the images where they differ."""
+    from scipy.stats import binomtest
+
+    a = np.array([r["all"] for r in a_rows], bool)
+    b = np.array([r["all"] for r in b_rows], bool)
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {"first_only": a_only, "second_only": b_only, "both": int((a & b).sum()), "neither": int((~a & ~b).sum()),
+            "sign_test_p": float(p)}
+
+
+def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_case: int = 16, seed: int = 0,
                            max_steps: int | None = None, overrides: dict | None = None, progress: bool = True) -> dict:
     from ldm.images import make_grid
     from pipelines.pipeline import Pipeline
@@ -114,6 +127,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
         "words": _rates(base_rows), "embedding": _rates(ti_rows),
         "words_other_backgrounds": _rates([r for r in base_rows if r["background"] not in trained_bgs]),
         "embedding_other_backgrounds": _rates([r for r in ti_rows if r["background"] not in trained_bgs]),
+        "embedding_vs_words": paired(ti_rows, base_rows),
         "rows": {"words": base_rows, "embedding": ti_rows},
     }
     from pipelines.evaluate import write_report
@@ -269,6 +283,9 @@ def _print_ti(report: dict, output_dir: Path):
     print(line(report["token"], report["embedding"]))
     print(line("words, unseen bgs", report["words_other_backgrounds"]))
     print(line(report["token"] + ", unseen bgs", report["embedding_other_backgrounds"]))
+    pv = report["embedding_vs_words"]
+    print(f"same seeds: {pv['first_only']} images right only with {report['token']}, {pv['second_only']} only with the "
+          f"words (both {pv['both']}, neither {pv['neither']}); sign test p = {pv['sign_test_p']:.3g}")
     print(f"report: {output_dir / 'report.json'}; grids: words.png, embedding.png")
 
 
@@ -278,7 +295,7 @@ def register(sub) -> None:
     t = dsub.add_parser("textual-inversion", help="learn <concept> = orange star (a held-out pair) from 5 images")
     t.add_argument("--output-dir", type=Path, default=Path("runs/demo-textual-inversion"))
     t.add_argument("--model", default=None, help="base model (default: the embedded shapes model)")
-    t.add_argument("--per-case", type=int, default=8, help="images per (size, background) (default 8)")
+    t.add_argument("--per-case", type=int, default=16, help="images per (size, background) (default 16)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -172,6 +172,17 @@ def test_generate_with_several_embeddings_and_token_names(sd1_dir, tmp_path, cap
     assert rc == 2 and "got 1 --token for 2 --embedding" in capsys.readouterr().err
 
 
+def test_paired_counts_and_the_exact_sign_test():
+    from finetune.demos import paired
+
+    rows = lambda bits: [{"all": bool(b)} for b in bits]  # noqa: E731
+    # 10 images only the first got right, none only the second: p = 2 * (1/2)^10
+    got = paired(rows([1] * 10 + [1, 0, 0]), rows([0] * 10 + [1, 0, 1]))
+    assert (got["first_only"], got["second_only"], got["both"], got["neither"]) == (10, 1, 1, 1)
+    assert got["sign_test_p"] == pytest.approx(2 * (1 + 11) / 2**11)  # P(X <= 1) + P(X >= 10), X ~ B(11, 1/2)
+    assert paired(rows([1, 0]), rows([1, 0]))["sign_test_p"] == 1.0  # no image where they differ
+
+
 def test_the_demo_renders_trains_and_judges_both_prompts(sd1_dir, tmp_path):
     import json
 
@@ -192,6 +203,9 @@ def test_the_demo_renders_trains_and_judges_both_prompts(sd1_dir, tmp_path):
     assert [r["seed"] for r in rows["words"]] == [r["seed"] for r in rows["embedding"]]
     assert report["words"]["all_correct"] == np.mean([r["all"] for r in rows["words"]])
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 2
+    pv = report["embedding_vs_words"]
+    assert pv["first_only"] + pv["second_only"] + pv["both"] + pv["neither"] == 16
+    assert pv["both"] + pv["first_only"] == sum(r["all"] for r in rows["embedding"])
     assert (tmp_path / "embedding" / "learned_embeds.safetensors").is_file()
 
 
