@@ -163,13 +163,18 @@ def _serve(args) -> int:
         studio = Studio(_model_path(args), output_dir=args.output_dir, device=_device(args),
                         limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir,
-                        load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle))
+                        load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle),
+                        worker_thread=False)  # serve() runs the jobs in this (main) thread
     except (ValueError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("studio on http://%s:%d/ (API under /api, docs at /api/docs); images go to %s",
              args.host, args.port, args.output_dir)
-    serve(studio, args.host, args.port)
+    try:
+        serve(studio, args.host, args.port)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -228,6 +228,42 @@ def test_full_queue_answers_503_and_a_gone_client_is_cancelled(tmp_path):
         s.stop()
 
 
+def test_ldm_serve_runs_jobs_in_the_main_thread_and_stops_on_sigterm(tmp_path):
+    """The command: jobs run in the process's main thread (PyTorch's OpenMP kernels are several times
+    slower from another thread), uvicorn in a second one; a second server on a taken port is a clear
+    error; SIGTERM ends the process cleanly."""
+    import signal
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--max-steps", "50"]
+    a = subprocess.Popen(cmd + ["--output-dir", str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(url + "/api/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                assert a.poll() is None, a.stdout.read()
+                return False
+
+        _wait(up, timeout=90, what="ldm serve to start")
+        assert httpx.get(url + "/api/health").json()["worker"] == "MainThread"
+        r = httpx.post(url + "/api/txt2img", json={"prompt": PROMPT, "steps": 3, "seed": 1}, timeout=60)
+        assert r.status_code == 200 and len(list((tmp_path / "a").glob("*.png"))) == 1, r.text
+        b = subprocess.run(cmd + ["--output-dir", str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+        assert b.returncode == 2 and f"did not start on 127.0.0.1:{port}" in b.stderr, b.stderr[-2000:]
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(30) == 0
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+
+
 def test_the_page_in_a_headless_browser(server):
     if CHROMIUM is None:  # CI installs it and sets LDM_REQUIRE_BROWSER=1, so there this is a failure
         if os.environ.get("LDM_REQUIRE_BROWSER"):
