@@ -154,6 +154,7 @@ class Studio:
             if d is not None and not d.is_dir():
                 raise ValueError(f"{name} {str(d)!r} is not a folder")
         self.queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_size)
+        self._stopping = threading.Event()
         self.current: Job | None = None
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "images": 0}
         self._seconds = []          # recent job durations, for Retry-After
@@ -287,6 +288,7 @@ class Studio:
 
     def close(self):
         """Cancel the running and queued jobs and stop the worker."""
+        self.stop()
         if self.current is not None:
             self.current.cancel.set()
         while True:
@@ -296,21 +298,26 @@ class Studio:
                 break
             if job is not None:
                 job.future.set_exception(Cancelled())
-        self.queue.put(None)
+        self.stop()  # the queue is empty now: this wakes a worker waiting on it
         if self._thread is not None:
             self._thread.join(30)
 
     def stop(self):
-        """Let :meth:`work` return once the job it is running (if any) is done."""
-        self.queue.put(None)
+        """Let :meth:`work` return once the job it is running (if any) is done; queued jobs stay queued
+        (``close`` cancels them). Never blocks, whatever the queue holds."""
+        self._stopping.set()
+        try:
+            self.queue.put_nowait(None)  # wakes a worker waiting on an empty queue
+        except queue.Full:  # a worker busy with a full queue sees the flag after its job
+            pass
 
     def work(self):
         """Run queued jobs until ``stop`` or ``close``."""
         self.worker = threading.current_thread().name
-        while True:
+        while not self._stopping.is_set():
             job = self.queue.get()
             if job is None:
-                return
+                continue
             if job.cancel.is_set():
                 self.counts["cancelled"] += 1
                 job.future.set_exception(Cancelled())

@@ -341,3 +341,24 @@ def test_from_file_under_accelerate_launch_writes_every_image_once(tmp_path, fre
         if f not in (files[2], files[3]):
             assert f.stat().st_mtime_ns == m
     assert files[3].is_file()
+
+
+def test_stopping_never_blocks_on_a_full_queue_and_close_cancels_what_waits(tmp_path):
+    """``stop`` (what the HTTP thread calls as it ends) must return at once even when the queue is at its
+    bound and nothing is taking from it; the worker then returns without running the queued job, and
+    ``close`` answers that job as cancelled."""
+    from pipelines.serve import Cancelled, Job, Txt2Img
+
+    studio = Studio(default_model_path(), output_dir=tmp_path, limits=Limits(queue_size=1), worker_thread=False)
+    job = Job("txt2img", Txt2Img(prompt=PROMPT, steps=2))
+    studio.submit(job)
+    stopper = threading.Thread(target=studio.stop, daemon=True)
+    stopper.start()
+    stopper.join(5)
+    assert not stopper.is_alive(), "stop() blocked on the full queue"
+    studio.work()  # returns: stopped, and the queued job not run
+    assert studio.counts["done"] == 0 and not job.future.done()
+    studio.close()
+    with pytest.raises(Cancelled):
+        job.future.result(timeout=1)
+    assert not list(tmp_path.glob("*.png"))
