@@ -95,9 +95,13 @@ def generate_class_images(model, prompt: str, class_dir: Path, count: int, batch
     pipe = Pipeline(model)
     mine = sum(len(t.seeds) for t in my_share(tasks, rank, world))
     bar = tqdm(total=mine, desc="class images", unit="image", disable=rank != 0)
-    written = write_tasks(pipe, tasks, lambda t, cb: pipe.text_to_image(t.prompt, seeds=t.seeds, batch_size=len(t.seeds)),
-                          rank=rank, world=world, on_skip=lambda t: bar.update(len(t.seeds)))
-    bar.update(len(written))
+
+    def make(task, callback):
+        res = pipe.text_to_image(task.prompt, seeds=task.seeds, batch_size=len(task.seeds))
+        bar.update(len(task.seeds))  # batch by batch, as each is made
+        return res
+
+    written = write_tasks(pipe, tasks, make, rank=rank, world=world, on_skip=lambda t: bar.update(len(t.seeds)))
     bar.close()
     log.info("class images: generated %d into %s", len(written), class_dir)
     return len(written)

@@ -227,7 +227,7 @@ def run(args) -> list[Path]:
     import torch
     from tqdm import tqdm
 
-    from .batch import Task, process_state, write_tasks
+    from .batch import Task, my_share, process_state, write_tasks
     from .pipeline import Pipeline
 
     _check_args(args)
@@ -267,7 +267,7 @@ def run(args) -> list[Path]:
         paths = [args.output] if args.output else [out_dir / f"{k:05d}-{s}.png" for s in seeds]
         tasks.append(Task(prompt, seeds, paths))
     steps_per_batch = steps if not hasattr(args, "strength") else max(1, int(steps * args.strength))
-    mine = len(tasks[rank::world])
+    mine = len(my_share(tasks, rank, world))
     bar = tqdm(total=mine * steps_per_batch, desc=args.command if world == 1 else f"{args.command} [{rank}/{world}]",
                unit="step", disable=args.quiet, position=rank)
 
