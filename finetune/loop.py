@@ -245,6 +245,10 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if accelerator.num_processes > 1:
+        from pipelines.batch import destroy_process_group_at_exit
+
+        destroy_process_group_at_exit()
     main = accelerator.is_main_process
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -293,6 +297,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # each process writes its own random states: all done before the rename
         if main and objective.export_checkpoints and step < cfg.max_steps:  # the last one is the result itself
             with (ema.swapped() if ema is not None else nullcontext()):
                 objective.save(tmp, unwrapped())

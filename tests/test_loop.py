@@ -115,4 +115,6 @@ def test_two_processes_under_accelerate_launch(tmp_path, free_port):
     assert summary["processes"] == 2
     assert (tmp_path / "net.safetensors").is_file()
     assert [s for s, _ in checkpoints(tmp_path)] == [2, 4]
+    for _, ckpt in checkpoints(tmp_path):  # every process's state inside the renamed checkpoint, none left behind
+        assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file(), ckpt
     assert not list(tmp_path.glob(".tmp-*"))
