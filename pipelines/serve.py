@@ -288,7 +288,7 @@ class Studio:
 
     def close(self):
         """Cancel the running and queued jobs and stop the worker."""
-        self.stop()
+        self._stopping.set()  # before the drain, so the worker takes no job from it
         if self.current is not None:
             self.current.cancel.set()
         while True:
