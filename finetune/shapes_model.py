@@ -66,7 +66,10 @@ def build(out: Path, *, install: bool = False, resume: bool = False, progress: b
 
 
 def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, clip_target: Path | None = None):
-    """Copy a trained model (weights as fp16) and the CLIP's visual tower into the package."""
+    """Copy a trained model and the CLIP's visual tower into the package. The model's weights stay fp32,
+    as diffusers expects of a main weight file: ``StableDiffusionPipeline.from_pretrained(DIR)`` keeps
+    its parts in the dtype their files and configs say, and a plain call on fp16 parts mixes Half
+    and Float on the CPU."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
@@ -78,7 +81,10 @@ def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, c
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    pipe.to(torch.float32).save_pretrained(str(tmp), safe_serialization=True)
+    index = json.loads((tmp / "model_index.json").read_text())
+    index["_name_or_path"] = target.name  # not the build folder it was loaded from
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if (model_dir / SAMPLING_FILE).is_file():
         shutil.copy(model_dir / SAMPLING_FILE, tmp / SAMPLING_FILE)
     if target.exists():

@@ -191,18 +191,10 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     if text_width != cross:
         raise ModelError(f"model {str(path)!r}: the text encoder is {text_width} wide but the U-Net attends to "
                          f"{cross}-wide text; the parts do not belong together")
-    name = _model_name(path)
+    # the name PNG metadata and the studio show: the directory's own name (a hub id as given); not
+    # model_index.json's _name_or_path, which diffusers sets to wherever the pipeline was loaded from
+    name = path.resolve().name if Path(name_or_path).expanduser().exists() else str(name_or_path)
     return Model(unet, vae, text_encoder, tokenizer, schedule, name, path, read_sampling_defaults(path))
-
-
-def _model_name(path: Path) -> str:
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-        if index.get("_name_or_path"):
-            return str(index["_name_or_path"])
-    except (OSError, ValueError):
-        pass
-    return path.resolve().name
 
 
 def set_attention(unet, vae, attention: str, device: torch.device) -> str:

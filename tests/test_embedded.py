@@ -49,6 +49,25 @@ def test_diffusers_loads_and_runs_the_embedded_model():
 
 
 @needs_model
+def test_diffusers_plain_call_on_the_embedded_model():
+    """Exactly what a new user types: no dtype, no options. fp16 parts beside fp32 ones crashed it
+    ('mat1 and mat2 must have the same dtype')."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model_path()))
+    image = pipe("a red circle").images[0]
+    assert image.size == (64, 64)
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {torch.float32}
+
+
+@needs_model
+def test_embedded_model_names_itself():
+    from pipelines.pipeline import Pipeline
+
+    assert Pipeline.from_pretrained(default_model_path()).model.name == "shapes-model"
+
+
+@needs_model
 def test_embedded_model_draws_what_it_is_asked():
     from pipelines.pipeline import Pipeline
 

@@ -1,6 +1,8 @@
 """The shapes model's trainings: the VAE loss options, and a whole tiny build (every stage of
 ``build-shapes-model``, a few steps each) whose result diffusers loads and runs."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -123,7 +125,7 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
-def test_install_copies_fp16_weights_and_the_recipes_sampling_defaults(tiny_build, tmp_path):
+def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_build, tmp_path):
     from safetensors.torch import load_file
 
     from finetune.cli import default_recipe
@@ -137,8 +139,9 @@ def test_install_copies_fp16_weights_and_the_recipes_sampling_defaults(tiny_buil
     assert read_sampling_defaults(out / "model")["guidance_scale"] == guidance
     install_model(out / "model", out / "clip" / "clip", target=tmp_path / "model", clip_target=tmp_path / "clip")
     weights = load_file(str(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert all(v.dtype == torch.float16 for v in weights.values())
+    assert all(v.dtype == torch.float32 for v in weights.values())  # what diffusers' plain call needs
     assert (tmp_path / "clip" / "visual.safetensors").is_file()
+    assert json.loads((tmp_path / "model" / "model_index.json").read_text())["_name_or_path"] == "model"
     pipe = Pipeline.from_pretrained(tmp_path / "model")
     assert pipe.sampling() == ("ddim", 30, guidance)
 
