@@ -10,61 +10,20 @@ import argparse
 import sys
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-# command -> (help, module, config class, objective class, default recipe)
-METHODS = {
-    "train-vae": ("train the autoencoder (AutoencoderKL, SD layout)", "finetune.vae", "VAEConfig", "VAEObjective",
-                  "shapes-vae.yaml"),
-    "train-clip": ("train the CLIP (open_clip, contrastive) and save its text tower", "finetune.clip", "CLIPConfig",
-                   "CLIPObjective", "shapes-clip.yaml"),
-    "train-unet": ("train the text-to-image U-Net on cached latents", "finetune.unet", "UNetConfig",
-                   "UNetObjective", "shapes-unet.yaml"),
-    "textual-inversion": ("learn a new token's embedding from a few images (Gal et al. 2022)",
-                          "finetune.textual_inversion", "TextualInversionConfig", "TextualInversionObjective",
-                          "textual-inversion.yaml"),
-    "dreambooth": ("fine-tune on a few images of one subject, with prior preservation (Ruiz et al. 2022)",
-                   "finetune.dreambooth", "DreamBoothConfig", "DreamBoothObjective", "dreambooth.yaml"),
-}
-
-# recipe keys that a method also takes as its own flags (--data-dir for data_dir, ...)
-LOOP_FLAGS = ("batch_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
-              "gradient_accumulation_steps", "validation_every", "optimizer")
-METHOD_FLAGS = {
-    "textual-inversion": ("data_dir", "placeholder_token", "initializer_token", "num_vectors", "learnable_property",
-                          "repeats", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
-                          "validation_prompts") + LOOP_FLAGS,
-    "dreambooth": ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "with_prior_preservation",
-                   "prior_loss_weight", "num_class_images", "sample_batch_size", "train_text_encoder", "lora_rank",
-                   "lora_alpha", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
-                   "validation_prompts") + LOOP_FLAGS,
-}
-
-
-DISTILL = ("distill", "finetune.distill", "DistillConfig", None, "distill-shapes.yaml")
-DISTILL_FLAGS = ("teacher", "from_steps", "to_steps", "guidance_distillation", "guidance_scale", "guidance_range",
-                 "guidance_steps", "stage_steps", "prediction_type", "data_dir", "num_images") + LOOP_FLAGS
-
-
-def default_recipe(name: str) -> str | None:
-    path = CONFIGS / name
-    return str(path) if path.is_file() else None
+from .recipes import DISTILL, METHODS, Method, recipe_path
 
 
 def _run_method(command: str, args: argparse.Namespace) -> int:
-    import importlib
-
     from .config import ConfigError, from_args
     from .loop import TrainingError, train
 
-    _, module, cfg_name, obj_name, recipe = METHODS[command]
-    mod = importlib.import_module(module)
-    if args.config is None:
-        args.config = default_recipe(recipe)
-    extra = {k: getattr(args, k, None) for k in METHOD_FLAGS.get(command, ())}
+    method = METHODS[command]
+    extra = {k: getattr(args, k, None) for k in method.flags}
     try:
-        cfg = from_args(getattr(mod, cfg_name), args, extra)
-        summary = train(getattr(mod, obj_name)(cfg), cfg, progress=not args.quiet)
+        if args.config is None:
+            args.config = str(recipe_path(method.recipe))
+        cfg = from_args(method.config_class(), args, extra)
+        summary = train(method.objective_class()(cfg), cfg, progress=not args.quiet)
     except (ConfigError, TrainingError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -80,17 +39,15 @@ def register(sub) -> None:
     """Add the training commands to ``ldm``'s subparsers."""
     from .config import add_common_flags
 
-    for command, (help_, *_rest) in METHODS.items():
-        p = sub.add_parser(command, help=help_)
+    for command, method in METHODS.items():
+        p = sub.add_parser(command, help=method.help)
         add_common_flags(p)
-        if command in METHOD_FLAGS:
-            add_recipe_flags(p, METHODS[command], METHOD_FLAGS[command])
+        add_recipe_flags(p, method)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=lambda a, c=command: _run_method(c, a))
-    d = sub.add_parser("distill", help="guidance and progressive distillation into a few-step student "
-                                       "(Meng et al. 2023; Salimans & Ho 2022)")
+    d = sub.add_parser("distill", help=DISTILL.help)
     add_common_flags(d)
-    add_recipe_flags(d, DISTILL, DISTILL_FLAGS)
+    add_recipe_flags(d, DISTILL)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_distill)
     from .demos import register as register_demos
@@ -105,18 +62,17 @@ def register(sub) -> None:
     b.set_defaults(func=_build)
 
 
-def add_recipe_flags(p: argparse.ArgumentParser, method: tuple, keys) -> None:
-    """A flag per recipe key (data_dir -> --data-dir), typed from the method's config dataclass; each
-    defaults to None so that the recipe's value stands unless the flag is given."""
+def add_recipe_flags(p: argparse.ArgumentParser, method: Method) -> None:
+    """A flag per recipe key the method names (data_dir -> --data-dir), typed from its config
+    dataclass; each defaults to None so that the recipe's value stands unless the flag is given."""
     import dataclasses
-    import importlib
     import typing
 
-    cls = getattr(importlib.import_module(method[1]), method[2])
+    cls = method.config_class()
     hints = typing.get_type_hints(cls)
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
-    for key in keys:
+    for key in method.flags:
         flag = "--" + key.replace("_", "-")
         tp = hints[key]
         optional = type(None) in typing.get_args(tp)  # X | None: the flag takes an X
@@ -139,10 +95,10 @@ def _distill(args) -> int:
 
     if args.model and not args.teacher:  # --model names the teacher here too
         args.teacher = args.model
-    if args.config is None:
-        args.config = default_recipe(DISTILL[4])
     try:
-        cfg = from_args(DistillConfig, args, {k: getattr(args, k, None) for k in DISTILL_FLAGS})
+        if args.config is None:
+            args.config = str(recipe_path(DISTILL.recipe))
+        cfg = from_args(DistillConfig, args, {k: getattr(args, k, None) for k in DISTILL.flags})
         result = distill(cfg, progress=not args.quiet)
     except (ConfigError, TrainingError, ModelError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

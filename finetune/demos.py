@@ -25,6 +25,8 @@ import numpy as np
 
 from ldm import shapes
 
+from .recipes import recipe_path
+
 log = logging.getLogger(__name__)
 
 TI_COLOR, TI_SHAPE = "orange", "star"
@@ -91,14 +93,13 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     from ldm.images import make_grid
     from pipelines.pipeline import Pipeline
 
-    from .cli import default_recipe
     from .config import build, read_yaml
     from .data import base_model_path
     from .loop import train
     from .textual_inversion import TextualInversionConfig, TextualInversionObjective
 
     output_dir = Path(output_dir)
-    values = {**read_yaml(default_recipe("textual-inversion-shapes.yaml")), **(overrides or {})}
+    values = {**read_yaml(recipe_path("textual-inversion-shapes.yaml")), **(overrides or {})}
     token = values.get("placeholder_token", "<concept>")
     data = output_dir / "data"
     render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN, seed=seed)
@@ -182,7 +183,6 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
                     overrides: dict | None = None, progress: bool = True) -> dict:
     from ldm.images import make_grid
 
-    from .cli import default_recipe
     from .config import build, read_yaml
     from .data import base_model_path, load_base_model
     from .dreambooth import DreamBoothConfig, DreamBoothObjective, generate_class_images
@@ -192,7 +192,7 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     base = base_model_path(model)
-    values = {**read_yaml(default_recipe("dreambooth-shapes.yaml")), **(overrides or {})}
+    values = {**read_yaml(recipe_path("dreambooth-shapes.yaml")), **(overrides or {})}
     if max_steps is not None:
         values["max_steps"] = max_steps
     instance = output_dir / "instance"
@@ -204,7 +204,7 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
                           probe.num_class_images, probe.sample_batch_size)
 
     # 1. the decoder learns to draw the subject (the encoder, latents and U-Net are untouched)
-    vae_values = {**read_yaml(default_recipe("vae-decoder-adapt-shapes.yaml")), "init_vae": str(base),
+    vae_values = {**read_yaml(recipe_path("vae-decoder-adapt-shapes.yaml")), "init_vae": str(base),
                   "data_dirs": [str(instance), str(class_dir)], "output_dir": str(output_dir / "decoder"),
                   "seed": seed, "overwrite": True, "report_to": "none"}
     if decoder_steps is not None:

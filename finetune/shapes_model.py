@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import default_recipe
 from .config import build as build_config, read_yaml
+from .recipes import recipe_path
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ STAGES = (("vae", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae.yaml"
 
 
 def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool, overrides: dict | None = None):
-    values = read_yaml(default_recipe(recipe))
+    values = read_yaml(recipe_path(recipe))
     values.update((overrides or {}).get(stage, {}))
     values.update(output_dir=str(out / stage), resume=resume, overwrite=not resume)
     vae_stages = [s[0] for s in STAGES if s[1] == "finetune.vae"]

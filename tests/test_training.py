@@ -128,14 +128,14 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
 def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_build, tmp_path):
     from safetensors.torch import load_file
 
-    from finetune.cli import default_recipe
     from finetune.config import read_yaml
+    from finetune.recipes import recipe_path
     from finetune.shapes_model import install_model
     from ldm.models import read_sampling_defaults
     from pipelines.pipeline import Pipeline
 
     out, _ = tiny_build
-    guidance = read_yaml(default_recipe("shapes-unet.yaml"))["guidance_scale"]
+    guidance = read_yaml(recipe_path("shapes-unet.yaml"))["guidance_scale"]
     assert read_sampling_defaults(out / "model")["guidance_scale"] == guidance
     install_model(out / "model", out / "clip" / "clip", target=tmp_path / "model", clip_target=tmp_path / "clip")
     weights = load_file(str(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))

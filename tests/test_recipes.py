@@ -1,0 +1,28 @@
+"""The recipes travel with the package and every command's default recipe builds its config."""
+
+import pytest
+
+from finetune.config import build, read_yaml
+from finetune.recipes import DISTILL, METHODS, recipe_path
+
+
+@pytest.mark.parametrize("command", [*METHODS, "distill"])
+def test_every_default_recipe_is_installed_and_builds(command):
+    method = DISTILL if command == "distill" else METHODS[command]
+    path = recipe_path(method.recipe)
+    cfg = build(method.config_class(), read_yaml(path), str(path))
+    assert cfg.max_steps >= 1
+
+
+def test_a_missing_recipe_names_itself_and_the_installed_ones():
+    with pytest.raises(FileNotFoundError, match="no recipe 'nope.yaml'.*shapes-unet.yaml"):
+        recipe_path("nope.yaml")
+
+
+def test_the_wheel_lists_the_recipes_as_package_data():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "configs" in project["packages"]["find"]["include"]
+    assert project["package-data"]["configs"] == ["*.yaml"]
