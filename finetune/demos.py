@@ -325,7 +325,10 @@ def _run_demo(args, demo, printer, **kw) -> int:
     from .config import ConfigError
     from .loop import TrainingError
 
+    from pipelines.outputs import check_output_dir
+
     try:
+        check_output_dir(args.output_dir)
         bad = [item for item in args.set if "=" not in item]
         if bad:
             raise ConfigError(f"--set {bad[0]!r}: expected KEY=VALUE")

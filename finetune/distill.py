@@ -341,15 +341,15 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
     count. A finished stage is kept on --resume and refused otherwise; an unfinished one resumes
     from its last checkpoint (--resume) or is refused (the loop's rule)."""
     from pipelines.evaluate import write_report
+    from pipelines.outputs import check_output_dir
 
+    out = check_output_dir(cfg.output_dir)
     stages, info = plan(cfg)
-    out = Path(cfg.output_dir)
     for name, _, _ in stages:
         d = out / name
         if stage_complete(d) and not (cfg.resume or cfg.overwrite):
             raise TrainingError(f"{d} already holds a finished stage; pass --resume to keep it and continue the "
                                 f"chain, or --overwrite to train it again")
-    out.mkdir(parents=True, exist_ok=True)
     teacher, data, record = info["teacher"], None, []
     earlier = {}  # a kept stage keeps the wall time the run that trained it recorded
     if (out / CHAIN_FILE).is_file():

@@ -217,7 +217,11 @@ def _save_images(images: dict[str, list], directory: Path):
 
 
 def prepare_output_dir(output_dir: Path, cfg: TrainConfig) -> int:
-    """Check the output directory; returns the step to resume from (0 for a fresh run)."""
+    """Check the output directory (it must be writable: found before any work); returns the step to
+    resume from (0 for a fresh run)."""
+    from pipelines.outputs import check_output_dir
+
+    check_output_dir(output_dir)
     found = checkpoints(output_dir)
     if cfg.resume:
         return found[-1][0] if found else 0
@@ -298,7 +302,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()  # each process writes its own random states: all done before the rename
-        if main and objective.export_checkpoints and step < cfg.max_steps:  # the last one is the result itself
+        if main and objective.export_checkpoints:  # the last one too: every checkpoint is a usable model
             with (ema.swapped() if ema is not None else nullcontext()):
                 objective.save(tmp, unwrapped())
         if main:

@@ -38,7 +38,8 @@ SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 30, "guidance_scale": 7.5}
 
 
 def read_sampling_defaults(path: str | os.PathLike) -> dict:
-    """The sampling defaults of model directory ``path``: SAMPLING_DEFAULTS updated by its sampling.json."""
+    """The sampling defaults of model directory ``path``: SAMPLING_DEFAULTS updated by its sampling.json,
+    each value checked (a ModelError names the file, the key and what it should be)."""
     file = Path(path) / SAMPLING_FILE
     if not file.is_file():
         return dict(SAMPLING_DEFAULTS)
@@ -49,7 +50,23 @@ def read_sampling_defaults(path: str | os.PathLike) -> dict:
     unknown = sorted(set(values) - set(SAMPLING_DEFAULTS)) if isinstance(values, dict) else ["(not an object)"]
     if unknown:
         raise ModelError(f"{file}: unknown key(s) {', '.join(unknown)}; it may hold {', '.join(SAMPLING_DEFAULTS)}")
+    for key, value in values.items():
+        problem = _sampling_value_problem(key, value)
+        if problem:
+            raise ModelError(f"{file}: {key} {problem}, got {value!r}; fix or delete it")
     return {**SAMPLING_DEFAULTS, **values}
+
+
+def _sampling_value_problem(key: str, value) -> str | None:
+    from .samplers import SAMPLERS
+
+    if key == "sampler" and value not in SAMPLERS:
+        return f"must be one of {', '.join(SAMPLERS)}"
+    if key == "steps" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        return "must be a whole number >= 1"
+    if key == "guidance_scale" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        return "must be a number >= 0"
+    return None
 
 
 def write_sampling_defaults(path: str | os.PathLike, **values) -> Path:

@@ -19,11 +19,12 @@ grid and final level the pipeline gives them (``SAMPLERS``), not in their arithm
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from .process import ddim_step, eps_from_x0, posterior, q_sample
+from .process import ddim_step, eps_from_x0, posterior
 from .schedule import Steps
 
 Denoiser = Callable[[torch.Tensor, float, float], torch.Tensor]
@@ -138,24 +139,30 @@ def invert_ddim(denoise: Denoiser, x0: torch.Tensor, steps: Steps, *, callback: 
     return sample_ddim(denoise, x0, steps, eta=0.0, callback=callback)
 
 
-def add_noise(x0: torch.Tensor, alpha_bar: float, generator: Generators = None) -> torch.Tensor:
-    """q(x_t | x_0) with fresh noise from the generators (image-to-image's starting point)."""
-    return q_sample(x0, randn_like(x0, generator), alpha_bar)
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler and its properties, kept together so that no caller keeps its own list."""
+    fn: Callable
+    grid: dict              # NoiseSchedule.steps options: the grid of the diffusers scheduler of the same name
+    takes_eta: bool = False  # accepts eta (stochasticity)
+    stochastic: bool = False  # draws noise at eta = 0 too (needs the generators)
+
+    def needs_generator(self, eta: float) -> bool:
+        return self.stochastic or (self.takes_eta and eta > 0)
 
 
-# name -> (function, steps options): the grid each sampler uses follows
-# the diffusers scheduler of the same name, so that the same settings give the same images.
+# name -> Sampler; the same name, grid and final level as diffusers' scheduler, so that the same
+# settings give the same images
 SAMPLERS = {
-    "ddim": (sample_ddim, dict(integer=True, final="config")),
-    "ddpm": (sample_ddpm, dict(integer=True, final="zero")),
-    "euler": (sample_euler, dict(integer=False, final="zero")),
-    "euler-a": (sample_euler_ancestral, dict(integer=False, final="zero")),
-    "dpmpp-2m": (sample_dpmpp_2m, dict(integer=True, final="zero", drop_lowest=True)),
+    "ddim": Sampler(sample_ddim, dict(integer=True, final="config"), takes_eta=True),
+    "ddpm": Sampler(sample_ddpm, dict(integer=True, final="zero"), stochastic=True),
+    "euler": Sampler(sample_euler, dict(integer=False, final="zero")),
+    "euler-a": Sampler(sample_euler_ancestral, dict(integer=False, final="zero"), takes_eta=True, stochastic=True),
+    "dpmpp-2m": Sampler(sample_dpmpp_2m, dict(integer=True, final="zero", drop_lowest=True)),
 }
-STOCHASTIC = {"ddpm", "euler-a"}
 
 
-def get_sampler(name: str):
+def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]

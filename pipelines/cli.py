@@ -11,7 +11,9 @@ from ldm.images import load_image, make_grid
 from ldm.models import ModelError, default_model_path
 from ldm.samplers import SAMPLERS
 
+from .outputs import check_output_dir, check_output_file
 from .pngmeta import save_png
+from .request import Request, RequestError
 
 log = logging.getLogger("ldm")
 
@@ -131,6 +133,7 @@ def _eval(args) -> int:
     from .pipeline import Pipeline
 
     try:
+        check_output_dir(args.output_dir)
         pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args))
         report = evaluate(pipe, seen=args.seen, heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,
                           steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
@@ -160,6 +163,7 @@ def _serve(args) -> int:
         log.warning("binding to %s: anyone who can reach this address can generate images and write files "
                     "into %s", args.host, args.output_dir)
     try:
+        check_output_dir(args.output_dir)
         studio = Studio(_model_path(args), output_dir=args.output_dir, device=_device(args),
                         limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir,
@@ -168,7 +172,7 @@ def _serve(args) -> int:
     except (ValueError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("studio on http://%s:%d/ (API under /api, docs at /api/docs); images go to %s",
+    log.info("studio on http://%s:%d/ (API under /api, schema at /api/openapi.json); images go to %s",
              args.host, args.port, args.output_dir)
     try:
         serve(studio, args.host, args.port)
@@ -187,102 +191,100 @@ def _plugins():
     return [ep.load() for ep in sorted(entry_points(group="ldm.commands"), key=lambda e: e.name)]
 
 
+def read_prompt_file(path: Path, flag: str = "--from-file") -> list[str]:
+    """One prompt a line; blank lines and #-lines skipped. A missing, binary or empty file is an
+    error naming the file and the flag."""
+    if not path.is_file():
+        raise ValueError(f"{flag} {str(path)!r} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {str(path)!r} is not UTF-8 text (byte {exc.start}); give a text file with one "
+                         "prompt a line") from None
+    if "\x00" in text:
+        raise ValueError(f"{flag} {str(path)!r} is a binary file; give a text file with one prompt a line")
+    prompts = [ln.strip() for ln in text.splitlines()]
+    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{flag} {str(path)!r} holds no prompt")
+    return prompts
+
+
 def _prompts(args) -> list[str]:
     if args.from_file:
         if args.prompt:
             raise ValueError("give either a prompt or --from-file, not both")
-        if not args.from_file.is_file():
-            raise ValueError(f"--from-file {str(args.from_file)!r} does not exist")
-        lines = [ln.strip() for ln in args.from_file.read_text(encoding="utf-8").splitlines()]
-        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-        if not prompts:
-            raise ValueError(f"--from-file {str(args.from_file)!r} holds no prompt")
-        return prompts
+        return read_prompt_file(args.from_file)
     if not args.prompt:
         raise ValueError("no prompt: give one as an argument or use --from-file")
     return [args.prompt]
 
 
-def _check_args(args):
+def build_request(args, prompts: list[str]) -> Request:
+    """The command line's request (for the first prompt; each prompt of a file reuses its settings)."""
     if args.token and len(args.token) != len(args.embedding):
         raise ValueError(f"got {len(args.token)} --token for {len(args.embedding)} --embedding; give one per "
                          "embedding, or none to use the names stored in the files")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
-    if hasattr(args, "strength") and not 0 < args.strength <= 1:
-        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
-    for name in ("width", "height"):
-        v = getattr(args, name, None)
-        if v is not None and (v <= 0 or v % 8):
-            raise ValueError(f"--{name} must be a positive multiple of 8, got {v}; try {max(8, round(v / 8) * 8)}")
+    image = mask = None
+    if args.command in ("img2img", "inpaint"):
+        image = load_image(args.image)
+    if args.command == "inpaint":
+        mask = load_image(args.mask, mode="L")
+    kind = {"generate": "txt2img"}.get(args.command, args.command)
+    tokens = args.token or [None] * len(args.embedding)
+    seed = args.seed
+    if seed is None and args.from_file:
+        seed = 0  # a fixed default, so that a rerun names the same files and skips those already written
+    return Request(prompt=prompts[0], kind=kind, negative=args.negative, sampler=args.sampler, steps=args.steps,
+                   guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, seed=seed,
+                   width=getattr(args, "width", None), height=getattr(args, "height", None),
+                   batch_size=args.batch_size, strength=getattr(args, "strength", None), image=image, mask=mask,
+                   embeddings=list(zip(args.embedding, tokens)), lora=list(args.lora))
 
 
 def run(args) -> list[Path]:
     """``ldm generate`` / ``img2img`` / ``inpaint``. Under ``accelerate launch`` the prompts of
     ``--from-file`` are dealt over the processes (pipelines.batch); each writes its own images."""
-    import torch
     from tqdm import tqdm
 
     from .batch import Task, my_share, process_state, write_tasks
     from .pipeline import Pipeline
 
-    _check_args(args)
+    # everything that can be checked without the model, before it loads
     prompts = _prompts(args)
     n_images = len(prompts) * args.batch_size
     if args.output and n_images > 1:
         raise ValueError(f"--output names one file but this run makes {n_images} images; use --output-dir")
+    if args.output:
+        check_output_file(args.output)
     out_dir = args.output_dir or (None if args.output else Path("outputs"))
-    init = mask = None
-    if args.command in ("img2img", "inpaint"):
-        init = load_image(args.image)
-    if args.command == "inpaint":
-        mask = load_image(args.mask, mode="L")
-        if mask.size != init.size:
-            raise ValueError(f"--mask is {mask.size[0]}x{mask.size[1]} but --image is "
-                             f"{init.size[0]}x{init.size[1]}; they must be the same size")
+    if out_dir is not None:
+        check_output_dir(out_dir, "--output-dir" if args.output_dir else "the default --output-dir")
+    req = build_request(args, prompts).check()
+
     rank, world, state = process_state()
     device = args.device or (str(state.device) if world > 1 else _device(args))
     pipe = Pipeline.from_pretrained(_model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
-    for file in args.lora:
-        pipe.load_lora(file)
-    for i, file in enumerate(args.embedding):
-        tokens = pipe.load_embedding(file, args.token[i] if args.token else None)
-        log.info("embedding %s: %s", file, ", ".join(tokens))
-    sampler, steps, guidance = pipe.sampling(args.sampler, args.steps, args.guidance)
-    seed = args.seed
-    if seed is None and args.from_file:
-        seed = 0  # a fixed default, so that a rerun names the same files and skips those already written
-    elif seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        log.info("seed %d", seed)
+    resolved = pipe.resolve(req)
+    if args.seed is None and not args.from_file:
+        log.info("seed %d", resolved.seeds[0])
     tasks = []
     for k, prompt in enumerate(prompts):
-        seeds = [seed + k * args.batch_size + i for i in range(args.batch_size)]
+        seeds = [resolved.seeds[0] + k * args.batch_size + i for i in range(args.batch_size)]
         paths = [args.output] if args.output else [out_dir / f"{k:05d}-{s}.png" for s in seeds]
         tasks.append(Task(prompt, seeds, paths))
-    steps_per_batch = steps if not hasattr(args, "strength") else max(1, int(steps * args.strength))
     mine = len(my_share(tasks, rank, world))
-    bar = tqdm(total=mine * steps_per_batch, desc=args.command if world == 1 else f"{args.command} [{rank}/{world}]",
+    bar = tqdm(total=mine * resolved.run_steps,
+               desc=args.command if world == 1 else f"{args.command} [{rank}/{world}]",
                unit="step", disable=args.quiet, position=rank)
 
     def make(task, callback):
-        common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance,
-                      guidance_rescale=args.guidance_rescale, seeds=task.seeds, batch_size=args.batch_size,
-                      sampler=sampler, eta=args.eta, callback=callback)
-        if args.command == "generate":
-            return pipe.text_to_image(task.prompt, width=args.width, height=args.height, **common)
-        if args.command == "img2img":
-            return pipe.image_to_image(task.prompt, init, strength=args.strength, **common)
-        return pipe.inpaint(task.prompt, init, mask, strength=args.strength, **common)
+        return pipe.generate(resolved.with_task(task.prompt, task.seeds), callback)
 
     written = write_tasks(pipe, tasks, make, rank=rank, world=world, skip_done=bool(args.from_file),
-                          on_step=lambda i, x, x0: bar.update(1), on_skip=lambda t: bar.update(steps_per_batch))
+                          on_step=lambda i, x, x0: bar.update(1), on_skip=lambda t: bar.update(resolved.run_steps))
     bar.close()
     if world > 1:
         state.wait_for_everyone()  # the grid below needs every process's images
@@ -305,6 +307,9 @@ def main(argv=None) -> int:
         return args.func(args)
     try:
         run(args)
+    except RequestError as exc:
+        print(f"error: {exc.for_cli()}", file=sys.stderr)
+        return 2
     except (ValueError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 All four share one path: encode the prompts, build the guided denoiser, pick the sampler's steps,
 run the sampler from a starting latent, decode. They differ only in where the latent starts and
-what the denoiser is wrapped with.
+what the denoiser is wrapped with. What to generate arrives as one request (pipelines.request),
+checked and resolved there.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,15 +25,14 @@ from ldm.guidance import guidance_embedding, guidance_input_dim, guided
 from ldm.images import to_pil, to_tensor
 from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
-from ldm.samplers import STOCHASTIC, get_sampler, invert_ddim, randn_like
+from ldm.samplers import get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
 from ldm.text import encode_prompts
 
 from .pngmeta import format_parameters
+from .request import Request, Resolved, sampling_defaults
 
 log = logging.getLogger(__name__)
-
-MAX_SIDE = 4096
 
 
 @dataclass
@@ -49,28 +49,15 @@ class Result:
         return to_pil(self.pixels)
 
 
-def _check_sampling(steps: int, guidance_scale: float):
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance scale must be >= 0 (1 turns guidance off), got {guidance_scale}")
-
-
-def _check_size(width: int, height: int, factor: int):
-    for name, v in (("width", width), ("height", height)):
-        if v % factor or v <= 0:
-            raise ValueError(f"{name} must be a positive multiple of {factor} (the VAE's downsampling factor), "
-                             f"got {v}; try {max(factor, round(v / factor) * factor)}")
-        if v > MAX_SIDE:
-            raise ValueError(f"{name}={v} is larger than {MAX_SIDE}")
-
-
 class Pipeline:
-    """The generation front of a Stable-Diffusion-layout model."""
+    """The generation front of a Stable-Diffusion-layout model: :meth:`generate` runs a
+    :class:`~pipelines.request.Request`; ``text_to_image``, ``image_to_image`` and ``inpaint`` are
+    keyword shorthands that build one."""
 
     def __init__(self, model: Model, vae_slice_size: int | None = None):
         self.model = model
         self.vae_slice_size = vae_slice_size
+        self._adapters: set[str] = set()  # embedding and LoRA files applied, by resolved path
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "Pipeline":
@@ -82,40 +69,29 @@ class Pipeline:
                  guidance_scale: float | None = None) -> tuple[str, int, float]:
         """The given sampling settings, each None replaced by the model's default (its sampling.json,
         else ddim, 30 steps, guidance 7.5), checked."""
-        d = self.model.sampling
-        sampler = d["sampler"] if sampler is None else sampler
-        steps = d["steps"] if steps is None else steps
-        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
-        _check_sampling(steps, guidance_scale)
-        get_sampler(sampler)
-        return sampler, steps, guidance_scale
+        Request(sampler=sampler, steps=steps, guidance=guidance_scale).check(factor=self.model.vae_factor)
+        return sampling_defaults(self.model, sampler, steps, guidance_scale)
 
     def default_size(self) -> tuple[int, int]:
         side = self.model.unet.config.sample_size * self.model.vae_factor
         return side, side
 
-    def _prompts(self, prompt, negative_prompt, batch_size):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompt given")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        negs = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(
-            negative_prompt, str) else list(negative_prompt)
-        if len(negs) != len(prompts):
-            raise ValueError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
-        prompts = [p for p in prompts for _ in range(batch_size)]
-        negs = [n for n in negs for _ in range(batch_size)]
-        return prompts, negs
+    def resolve(self, req: Request, limits=None) -> Resolved:
+        return req.resolve(self.model, limits)
 
-    def _generators(self, seed: int | None, n: int, seeds: Sequence[int] | None = None):
-        if seeds is None:
-            if seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            seeds = [seed + i for i in range(n)]
-        if len(seeds) != n:
-            raise ValueError(f"got {len(seeds)} seeds for {n} images")
-        return list(seeds), [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    def apply_adapters(self, req: Request) -> None:
+        """Load the request's embeddings and LoRA files that this model does not have yet."""
+        for file, token in req.embeddings:
+            key = f"embedding:{Path(file).resolve()}:{token}"
+            if key not in self._adapters:
+                tokens = self.load_embedding(file, token)
+                log.info("embedding %s: %s", file, ", ".join(tokens))
+                self._adapters.add(key)
+        for file in req.lora:
+            key = f"lora:{Path(file).resolve()}"
+            if key not in self._adapters:
+                self.load_lora(file)
+                self._adapters.add(key)
 
     def load_embedding(self, path, token: str | None = None) -> list[str]:
         """Add the textual-inversion concept(s) of an embedding file (diffusers' or A1111's format,
@@ -152,8 +128,9 @@ class Pipeline:
         m = self.model
         return encode_prompts(m.tokenizer, m.text_encoder, prompts, device=m.device)
 
-    def _denoiser(self, prompts, negs, guidance_scale, guidance_rescale, concat=None) -> Callable:
+    def _denoiser(self, r: Resolved, concat=None) -> Callable:
         m = self.model
+        prompts, negs, guidance_scale, guidance_rescale = r.prompts, r.negatives, r.guidance, r.guidance_rescale
         cond = {"encoder_hidden_states": self.encode_text(prompts)}
         uncond = None
         w_dim = guidance_input_dim(m.unet)
@@ -176,24 +153,21 @@ class Pipeline:
         return make_denoiser(model_fn, m.schedule.prediction_type)
 
     def _steps(self, sampler: str, steps: int) -> Steps:
-        _, opts = get_sampler(sampler)
-        return self.model.schedule.steps(steps, **opts)
+        return self.model.schedule.steps(steps, **get_sampler(sampler).grid)
 
     @torch.no_grad()
-    def _sample(self, denoise, x, steps: Steps, sampler: str, eta: float, generators, callback):
-        fn, _ = get_sampler(sampler)
+    def _sample(self, denoise, x, steps: Steps, r: Resolved, generators, callback):
+        spec = get_sampler(r.sampler)
         kwargs = {}
-        if sampler in STOCHASTIC or eta:
+        if spec.needs_generator(r.eta):
             kwargs["generator"] = generators
-        if eta:
-            if sampler not in ("ddim", "euler-a"):
-                raise ValueError(f"eta applies to the ddim and euler-a samplers, not {sampler}")
-            kwargs["eta"] = eta
-        return fn(denoise, x, steps, callback=callback, **kwargs)
+        if r.eta:
+            kwargs["eta"] = r.eta
+        return spec.fn(denoise, x, steps, callback=callback, **kwargs)
 
-    def _finish(self, latents, seeds, prompts, negs, settings) -> Result:
+    def _finish(self, latents, r: Resolved) -> Result:
         pixels = autoencoder.decode(self.model.vae, latents, self._slice(latents.shape[0]))
-        return Result(pixels, latents, seeds, prompts, negs, settings)
+        return Result(pixels, latents, list(r.seeds), list(r.prompts), list(r.negatives), r.settings())
 
     def parameters(self, res: Result) -> list[str]:
         """The A1111 ``parameters`` text of each image of ``res`` (what its PNG carries)."""
@@ -216,35 +190,62 @@ class Pipeline:
         """An image (PIL, or a tensor in [-1, 1]) -> scaled latents (1, 4, h, w); its sides must be
         multiples of the VAE's factor."""
         x = to_tensor(image) if isinstance(image, Image.Image) else image
-        _check_size(x.shape[-1], x.shape[-2], self.model.vae_factor)
+        f = self.model.vae_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image: is {x.shape[-1]}x{x.shape[-2]}; both sides must be multiples of {f}")
         return autoencoder.encode(self.model.vae, x.to(self.model.device))
 
-    # --- the four tasks -------------------------------------------------------------------------
+    # --- the tasks ------------------------------------------------------------------------------
+    def generate(self, req: Request | Resolved, callback=None) -> Result:
+        """Run a request (resolved here if it is not yet): its embeddings and LoRA files are loaded
+        first. Image i draws its noise from a generator seeded with its own seed alone, so it equals
+        a lone image made with that seed."""
+        r = req if isinstance(req, Resolved) else req.resolve(self.model)
+        self.apply_adapters(r.request)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in r.seeds]
+        run = {"txt2img": self._text_to_image, "img2img": self._image_to_image, "inpaint": self._inpaint}[r.kind]
+        return run(r, gens, callback)
+
     def text_to_image(self, prompt, *, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
                       guidance_rescale: float = 0.0, seed: int | None = None, seeds=None, batch_size: int = 1,
                       width: int | None = None, height: int | None = None, sampler: str | None = None,
                       eta: float = 0.0, latents: torch.Tensor | None = None, callback=None) -> Result:
-        """Generate images for a prompt (or a list of prompts, ``batch_size`` images each).
+        """Generate images for a prompt (or a list of prompts, ``batch_size`` images each);
+        ``latents`` starts from given noise (e.g. from ``invert``)."""
+        return self.generate(Request(
+            prompt, "txt2img", negative_prompt, sampler, steps, guidance_scale, guidance_rescale, eta, seed, seeds,
+            width, height, batch_size, latents=latents), callback)
 
-        Image i of a batch draws its noise from a generator seeded ``seed + i`` alone, so it equals a
-        lone image made with that seed. ``latents`` starts from given noise (e.g. from ``invert``)."""
-        dw, dh = self.default_size()
-        width = dw if width is None else width
-        height = dh if height is None else height
-        sampler, steps, guidance_scale = self.sampling(sampler, steps, guidance_scale)
-        _check_size(width, height, self.model.vae_factor)
-        prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
-        seeds, gens = self._generators(seed, len(prompts), seeds)
-        sched_steps = self._steps(sampler, steps)
-        denoise = self._denoiser(prompts, negs, guidance_scale, guidance_rescale, self._empty_concat(
-            len(prompts), width, height))
+    def image_to_image(self, prompt, image, *, strength: float = 0.8, negative_prompt=None, steps: int | None = None,
+                       guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
+                       batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
+        """SDEdit (Meng et al. 2022): noise the image's latents to the level ``strength`` of the way up
+        the schedule and denoise from there; int(strength x steps) steps run."""
+        return self.generate(Request(
+            prompt, "img2img", negative_prompt, sampler, steps, guidance_scale, guidance_rescale, eta, seed, seeds,
+            batch_size=batch_size, strength=strength, image=image), callback)
+
+    def inpaint(self, prompt, image, mask, *, strength: float = 1.0, negative_prompt=None, steps: int | None = None,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
+                batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
+        """Repaint the white part of ``mask`` (an image the size of ``image``; white = repaint).
+
+        On a 9-channel inpainting U-Net the mask and the masked image's latents are extra input
+        channels; on an ordinary checkpoint the kept region is blended back at every step."""
+        return self.generate(Request(
+            prompt, "inpaint", negative_prompt, sampler, steps, guidance_scale, guidance_rescale, eta, seed, seeds,
+            batch_size=batch_size, strength=strength, image=image, mask=mask), callback)
+
+    def _text_to_image(self, r: Resolved, gens, callback) -> Result:
+        n = len(r.prompts)
+        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height))
+        latents = r.request.latents
         if latents is None:
             # (B, 4, H/8, W/8): unit-variance noise is x_T at the first level (alpha_bar ~ 0)
-            latents = randn_like(torch.empty(self._latent_shape(len(prompts), width, height)), gens)
+            latents = randn_like(torch.empty(self._latent_shape(n, r.width, r.height)), gens)
         x = latents.to(self.model.device, torch.float32)
-        x = self._sample(denoise, x, sched_steps, sampler, eta, gens, callback)
-        return self._finish(x, seeds, prompts, negs, dict(steps=steps, sampler=sampler, guidance=guidance_scale,
-                                                          width=width, height=height))
+        x = self._sample(denoise, x, self._steps(r.sampler, r.steps), r, gens, callback)
+        return self._finish(x, r)
 
     def _empty_concat(self, n, width, height):
         """A 9-channel inpainting U-Net asked for plain text-to-image gets an all-masked image."""
@@ -255,56 +256,28 @@ class Pipeline:
         masked = autoencoder.encode(self.model.vae, torch.zeros(1, 3, height, width, device=self.model.device))
         return torch.cat([mask.to(masked), masked.expand(n, -1, -1, -1)], dim=1)
 
-    def image_to_image(self, prompt, image, *, strength: float = 0.8, negative_prompt=None, steps: int | None = None,
-                       guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
-                       batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
-        """SDEdit (Meng et al. 2022): noise the image's latents to the level ``strength`` of the way up
-        the schedule and denoise from there; about ``strength * steps`` steps run."""
-        sampler, steps, guidance_scale = self.sampling(sampler, steps, guidance_scale)
-        sched_steps = self._strength_steps(sampler, steps, strength)
-        z0 = self.encode_image(image)
-        width, height = z0.shape[-1] * self.model.vae_factor, z0.shape[-2] * self.model.vae_factor
-        prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
-        seeds, gens = self._generators(seed, len(prompts), seeds)
-        z0 = z0.expand(len(prompts), -1, -1, -1)
-        settings = dict(steps=steps, sampler=sampler, guidance=guidance_scale, width=width, height=height,
-                        strength=strength)
+    def _strength_steps(self, r: Resolved) -> Steps:
+        """The last ``run_steps`` of the request's ``steps`` (pipelines.request.strength_steps)."""
+        return self._steps(r.sampler, r.steps).tail(r.steps - r.run_steps)
+
+    def _image_to_image(self, r: Resolved, gens, callback) -> Result:
+        n = len(r.prompts)
+        sched_steps = self._strength_steps(r)
+        z0 = self.encode_image(r.request.image).expand(n, -1, -1, -1)
         if len(sched_steps) == 0:
-            return self._finish(z0.clone(), seeds, prompts, negs, settings)
-        denoise = self._denoiser(prompts, negs, guidance_scale, guidance_rescale,
-                                 self._empty_concat(len(prompts), width, height))
+            return self._finish(z0.clone(), r)
+        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height))
         x = q_sample(z0, randn_like(z0, gens), sched_steps.alpha_bars[0])
-        x = self._sample(denoise, x, sched_steps, sampler, eta, gens, callback)
-        return self._finish(x, seeds, prompts, negs, settings)
+        x = self._sample(denoise, x, sched_steps, r, gens, callback)
+        return self._finish(x, r)
 
-    def _strength_steps(self, sampler, steps, strength) -> Steps:
-        """diffusers' convention: the last int(steps * strength) of the ``steps`` steps run."""
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        return self._steps(sampler, steps).tail(steps - min(int(steps * strength), steps))
-
-    def inpaint(self, prompt, image, mask, *, strength: float = 1.0, negative_prompt=None, steps: int | None = None,
-                guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
-                batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
-        """Repaint the white part of ``mask`` (an image the size of ``image``; white = repaint).
-
-        On a 9-channel inpainting U-Net the mask and the masked image's latents are extra input
-        channels; on an ordinary checkpoint the kept region is blended back at every step."""
-        sampler, steps, guidance_scale = self.sampling(sampler, steps, guidance_scale)
-        sched_steps = self._strength_steps(sampler, steps, strength)
-        if len(sched_steps) == 0:
-            raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")
+    def _inpaint(self, r: Resolved, gens, callback) -> Result:
+        n = len(r.prompts)
+        sched_steps = self._strength_steps(r)
+        image = r.request.image
         img_t = to_tensor(image) if isinstance(image, Image.Image) else image
-        mask_t = self._mask_tensor(mask)
-        if mask_t.shape[-2:] != img_t.shape[-2:]:
-            raise ValueError(f"the mask is {mask_t.shape[-1]}x{mask_t.shape[-2]} but the image is "
-                             f"{img_t.shape[-1]}x{img_t.shape[-2]}; they must be the same size")
-        z0 = self.encode_image(img_t)
-        height, width = img_t.shape[-2:]
-        prompts, negs = self._prompts(prompt, negative_prompt, batch_size)
-        n = len(prompts)
-        seeds, gens = self._generators(seed, n, seeds)
-        z0 = z0.expand(n, -1, -1, -1)
+        mask_t = self._mask_tensor(r.request.mask)
+        z0 = self.encode_image(img_t).expand(n, -1, -1, -1)
         lat_hw = z0.shape[-2:]
         noise = randn_like(z0, gens)
         concat = None
@@ -313,16 +286,15 @@ class Pipeline:
             masked = autoencoder.encode(self.model.vae, (img_t * (1 - binary)).to(self.model.device))
             m_lat = F.interpolate(binary, size=lat_hw)  # nearest, as the inpainting models were trained
             concat = torch.cat([m_lat.to(masked), masked], dim=1).expand(n, -1, -1, -1)
-        denoise = self._denoiser(prompts, negs, guidance_scale, guidance_rescale, concat)
+        denoise = self._denoiser(r, concat)
         x = q_sample(z0, noise, sched_steps.alpha_bars[0])
         if not self.model.is_inpainting:
             keep = 1 - F.interpolate(mask_t, size=lat_hw, mode="area").to(z0)  # (1, 1, h, w), 1 = keep
             denoise = blend_known(denoise, z0, keep, noise)
-        x = self._sample(denoise, x, sched_steps, sampler, eta, gens, callback)
+        x = self._sample(denoise, x, sched_steps, r, gens, callback)
         if not self.model.is_inpainting:
             x = keep * q_sample(z0, noise, sched_steps.alpha_bars[-1]) + (1 - keep) * x
-        return self._finish(x, seeds, prompts, negs, dict(steps=steps, sampler=sampler, guidance=guidance_scale,
-                                                          width=width, height=height, strength=strength))
+        return self._finish(x, r)
 
     @staticmethod
     def _mask_tensor(mask) -> torch.Tensor:
@@ -339,10 +311,8 @@ class Pipeline:
                callback=None) -> torch.Tensor:
         """DDIM inversion: the noise latents (1, 4, h, w) that DDIM sampling with the same prompt,
         steps and guidance maps back to ``image`` (exactly in the limit of many steps)."""
-        _check_sampling(steps, guidance_scale)
+        r = Request(prompt, "img2img", "", "ddim", steps, guidance_scale, image=image, strength=1.0).resolve(self.model)
         z0 = self.encode_image(image)
-        f = self.model.vae_factor
-        width, height = z0.shape[-1] * f, z0.shape[-2] * f
-        denoise = self._denoiser([prompt], [""], guidance_scale, 0.0, self._empty_concat(1, width, height))
+        denoise = self._denoiser(r, self._empty_concat(1, r.width, r.height))
         inv = self.model.schedule.inversion_steps(self._steps("ddim", steps))
         return invert_ddim(denoise, z0, inv, callback=callback)

@@ -28,8 +28,10 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
+import math
 import queue
 import signal
 import threading
@@ -46,6 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ldm.images import decode_image
 from ldm.samplers import SAMPLERS
 
+from . import request as rq
+from .outputs import check_output_dir
 from .pngmeta import png_bytes, save_png
 
 log = logging.getLogger("ldm.serve")
@@ -56,11 +60,14 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 @dataclass
 class Limits:
-    """What one request may ask for; ``ldm serve`` sets each from its command line."""
+    """What one request may ask for, and how many may wait; ``ldm serve`` sets each from its command line."""
     max_side: int = 1024        # width and height, pixels
     max_batch: int = 8          # images per request
     max_steps: int = 150        # sampling steps per request
     queue_size: int = 8         # requests waiting (the running one not counted)
+
+    def for_requests(self, lora_dir: Path | None) -> rq.Limits:
+        return rq.Limits(self.max_side, self.max_batch, self.max_steps, lora_dir)
 
 
 # --- requests ---------------------------------------------------------------------------------------
@@ -127,10 +134,18 @@ def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple
 
 
 # --- the worker ----------------------------------------------------------------------------------
+def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
+    """The API's JSON body as the one generation request every front end builds."""
+    return rq.Request(prompt=body.prompt, kind=kind, negative=body.negative, sampler=body.sampler, steps=body.steps,
+                      guidance=body.guidance, guidance_rescale=body.guidance_rescale, eta=body.eta, seed=body.seed,
+                      width=body.width, height=body.height, batch_size=body.batch_size,
+                      strength=getattr(body, "strength", None), image=image, lora=list(body.lora))
+
+
 class Job:
-    def __init__(self, kind: str, req: Txt2Img, image=None):
+    def __init__(self, resolved: rq.Resolved):
         self.id = uuid.uuid4().hex[:12]
-        self.kind, self.req, self.image = kind, req, image
+        self.resolved = resolved
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.cancel = threading.Event()
         self.step, self.steps = 0, 0
@@ -144,7 +159,7 @@ class Studio:
     def __init__(self, model_path, *, output_dir, limits: Limits | None = None, device: str = "cpu",
                  embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None, worker_thread: bool = True):
         self.model_path = str(model_path)
-        self.output_dir = Path(output_dir)
+        self.output_dir = check_output_dir(output_dir)
         self.limits = limits or Limits()
         self.device = device
         self.load_kwargs = load_kwargs or {}
@@ -158,6 +173,7 @@ class Studio:
         self.current: Job | None = None
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "images": 0}
         self._seconds = []          # recent job durations, for Retry-After
+        self._started = 0.0         # when the running job started (perf_counter)
         self._seq = itertools.count(1)
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
         self.embeddings: dict[str, list[str]] = {}   # file name -> tokens
@@ -170,9 +186,7 @@ class Studio:
 
     # model --------------------------------------------------------------------------------------
     def lora_files(self) -> dict[str, Path]:
-        if self.lora_dir is None:
-            return {}
-        return {p.name: p for p in sorted(self.lora_dir.iterdir()) if p.suffix == ".safetensors"}
+        return {} if self.lora_dir is None else rq.lora_files(self.lora_dir)
 
     def _load(self, lora: tuple[str, ...]):
         """The model with every embedding of the folder and the named LoRA files applied."""
@@ -191,6 +205,7 @@ class Studio:
         files = self.lora_files()
         for name in lora:
             pipe.load_lora(files[name])
+            pipe._adapters.add(f"lora:{files[name].resolve()}")
         self.embeddings, self._lora_loaded = embeddings, lora
         return pipe
 
@@ -202,7 +217,7 @@ class Studio:
 
     def info(self) -> dict:
         pipe = self.pipe
-        sampler, steps, guidance = pipe.sampling()
+        sampler, steps, guidance = rq.sampling_defaults(pipe.model)
         width, height = pipe.default_size()
         return {"models": [{"name": pipe.model.name, "path": self.model_path, "loaded": True,
                             "defaults": {"sampler": sampler, "steps": steps, "guidance": guidance,
@@ -214,38 +229,10 @@ class Studio:
                 "limits": asdict(self.limits)}
 
     # checks -------------------------------------------------------------------------------------
-    def check(self, req: Txt2Img) -> list[tuple[str, str]]:
-        """Problems with a request's values that the types alone do not catch, as (field, message)."""
-        lim, problems = self.limits, []
-        factor = self.pipe.model.vae_factor
-        if req.sampler is not None and req.sampler not in SAMPLERS:
-            problems.append(("sampler", f"unknown sampler {req.sampler!r}; one of {', '.join(SAMPLERS)}"))
-        if req.steps is not None and not 1 <= req.steps <= lim.max_steps:
-            problems.append(("steps", f"must be between 1 and {lim.max_steps}, got {req.steps}"))
-        elif req.steps is not None and (req.sampler is None or req.sampler in SAMPLERS):
-            try:  # the schedule's own bound (a model's training timesteps)
-                self.pipe._steps(self.pipe.sampling(req.sampler)[0], req.steps)
-            except ValueError as exc:
-                problems.append(("steps", str(exc)))
-        if not 1 <= req.batch_size <= lim.max_batch:
-            problems.append(("batch_size", f"must be between 1 and {lim.max_batch}, got {req.batch_size}"))
-        for name in ("width", "height"):
-            v = getattr(req, name)
-            if v is None:
-                continue
-            if v <= 0 or v % factor:
-                problems.append((name, f"must be a positive multiple of {factor}, got {v}; "
-                                       f"try {max(factor, round(v / factor) * factor)}"))
-            elif v > lim.max_side:
-                problems.append((name, f"must be at most {lim.max_side}, got {v}"))
-        files = self.lora_files()
-        for name in req.lora:
-            if name not in files:
-                problems.append(("lora", f"no LoRA file {name!r} in the server's --lora-dir; "
-                                         f"available: {', '.join(files) or 'none'}"))
-        if req.eta and req.sampler not in ("ddim", "euler-a", None):
-            problems.append(("eta", f"applies to the ddim and euler-a samplers, not {req.sampler}"))
-        return problems
+    def resolve(self, req: rq.Request) -> rq.Resolved:
+        """The request checked against this server's limits and the model, defaults filled in and the
+        seed drawn; RequestError lists every problem as (field, message)."""
+        return req.resolve(self.pipe.model, self.limits.for_requests(self.lora_dir))
 
     def read_image(self, data: str):
         """A request's base64 image -> RGB PIL image, or BadRequest naming the field."""
@@ -256,16 +243,9 @@ class Studio:
         except (binascii.Error, ValueError) as exc:
             raise BadRequest("image", f"not valid base64 ({exc})") from exc
         try:
-            image = decode_image(raw, what="in field 'image'")
+            return decode_image(raw, what="in field 'image'")
         except ValueError as exc:
             raise BadRequest("image", str(exc)) from exc
-        factor = self.pipe.model.vae_factor
-        w, h = image.size
-        if w % factor or h % factor:
-            raise BadRequest("image", f"is {w}x{h}; both sides must be multiples of {factor}")
-        if max(w, h) > self.limits.max_side:
-            raise BadRequest("image", f"is {w}x{h}; sides must be at most {self.limits.max_side}")
-        return image
 
     # queue --------------------------------------------------------------------------------------
     def submit(self, job: Job):
@@ -277,9 +257,14 @@ class Studio:
             raise
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the queue's length times the mean recent job time."""
-        mean = sum(self._seconds) / len(self._seconds) if self._seconds else 1.0
-        return max(1, round(mean * (self.queue.qsize() + 1)))
+        """Seconds until a queue slot is likely free. A slot frees when the worker takes the next job,
+        that is when the running one ends: the mean of the last few job times less what the running
+        job has already spent (not the time to drain the whole queue)."""
+        recent = self._seconds[-5:]
+        mean = sum(recent) / len(recent) if recent else 1.0
+        if self.current is None:
+            return 1
+        return max(1, math.ceil(mean - (time.perf_counter() - self._started)))
 
     def progress(self) -> dict:
         job = self.current
@@ -323,7 +308,7 @@ class Studio:
                 job.future.set_exception(Cancelled())
                 continue
             self.current = job
-            t0 = time.perf_counter()
+            t0 = self._started = time.perf_counter()
             try:
                 result = self._run(job)
             except Cancelled as exc:
@@ -347,27 +332,21 @@ class Studio:
     def _run(self, job: Job) -> dict:
         import torch
 
-        req = job.req
-        pipe = self._pipeline(tuple(req.lora))
-        sampler, steps, guidance = pipe.sampling(req.sampler, req.steps, req.guidance)
-        seed = req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        seeds = [seed + i for i in range(req.batch_size)]
-        job.steps = steps if job.kind == "txt2img" else max(1, int(steps * req.strength))
+        r = job.resolved
+        pipe = self._pipeline(tuple(str(x) for x in r.request.lora))
+        job.steps = r.run_steps
 
         def step(i, x, x0):
             job.step = i + 1
             if job.cancel.is_set():
                 raise Cancelled()
 
-        common = dict(negative_prompt=req.negative, steps=steps, guidance_scale=guidance,
-                      guidance_rescale=req.guidance_rescale, seeds=seeds, batch_size=req.batch_size,
-                      sampler=sampler, eta=req.eta, callback=step)
+        files_by_name = self.lora_files()
+        runnable = dataclasses.replace(r, request=dataclasses.replace(r.request, lora=[
+            files_by_name[str(name)] for name in r.request.lora]))
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if job.kind == "txt2img":
-                res = pipe.text_to_image(req.prompt, width=req.width, height=req.height, **common)
-            else:
-                res = pipe.image_to_image(req.prompt, job.image, strength=req.strength, **common)
+            res = pipe.generate(runnable, step)
         seconds = time.perf_counter() - t0
         images, files, parameters = [], [], pipe.parameters(res)
         for img, params, s in zip(res.images, parameters, res.seeds):
@@ -389,7 +368,9 @@ async def _client_gone(request: Request):
 
 # --- the app ---------------------------------------------------------------------------------------
 def create_app(studio: Studio) -> FastAPI:
-    app = FastAPI(title="ldm studio", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    # no /api/docs: FastAPI's docs page loads its scripts from a CDN, so offline it was a blank page;
+    # the schema itself is served, for any OpenAPI viewer or client generator
+    app = FastAPI(title="ldm studio", version="1", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.studio = studio
 
     @app.exception_handler(RequestValidationError)
@@ -415,10 +396,11 @@ def create_app(studio: Studio) -> FastAPI:
     async def progress():
         return studio.progress()
 
-    async def run(job: Job, request: Request):
-        problems = studio.check(job.req)
-        if problems:
-            return _error(422, problems)
+    async def run(req: rq.Request, request: Request):
+        try:
+            job = Job(studio.resolve(req))
+        except rq.RequestError as exc:
+            return _error(422, exc.problems)
         try:
             studio.submit(job)
         except queue.Full:
@@ -444,7 +426,7 @@ def create_app(studio: Studio) -> FastAPI:
 
     @app.post("/api/txt2img")
     async def txt2img(req: Txt2Img, request: Request):
-        return await run(Job("txt2img", req), request)
+        return await run(to_request("txt2img", req), request)
 
     @app.post("/api/img2img")
     async def img2img(req: Img2Img, request: Request):
@@ -452,7 +434,7 @@ def create_app(studio: Studio) -> FastAPI:
             image = studio.read_image(req.image)
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        return await run(Job("img2img", req, image), request)
+        return await run(to_request("img2img", req, image), request)
 
     return app
 

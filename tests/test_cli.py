@@ -77,9 +77,13 @@ def test_img2img_and_inpaint_commands(sd1_dir, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--width", "65"], "--width must be a positive multiple of 8, got 65"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--guidance", "-2"], "--guidance must be >= 0"),
     (["--batch-size", "2", "--output", "x.png"], "use --output-dir"),
+    (["--guidance-rescale", "2"], "--guidance-rescale must be between 0 and 1, got 2.0"),
+    (["--eta", "-1"], "--eta must be between 0 and 1, got -1.0"),
+    (["--sampler", "euler", "--eta", "0.5"], "--eta applies to the ddim and euler-a samplers, not euler"),
+    (["--output", "x.jpg"], "give a name ending in .png"),
 ])
 def test_bad_arguments_exit_2_with_a_message(sd1_dir, capsys, extra, message):
     assert main(["generate", "a star", "--model", str(sd1_dir), "--quiet"] + extra) == 2
@@ -96,7 +100,7 @@ def test_bad_files_exit_2_with_a_message(sd1_dir, tmp_path, capsys):
     small = tmp_path / "small.png"
     Image.new("L", (32, 32)).save(small)
     assert main(["inpaint", "x", "--model", str(sd1_dir), "--image", str(good), "--mask", str(small)]) == 2
-    assert "--mask is 32x32 but --image is 64x64" in capsys.readouterr().err
+    assert "--mask is 32x32 but the image is 64x64" in capsys.readouterr().err
     for s in ("0", "1.5"):
         assert main(["img2img", "x", "--model", str(sd1_dir), "--image", str(good), "--strength", s]) == 2
         assert "--strength must be in (0, 1]" in capsys.readouterr().err
@@ -104,11 +108,53 @@ def test_bad_files_exit_2_with_a_message(sd1_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_unwritable_destinations_fail_before_any_work(tmp_path, capsys):
+    """The model path does not exist: an error about the destination proves it was checked first."""
+    missing_model = str(tmp_path / "no-model")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [(["--output", "/proc/x.png"], "--output's folder '/proc' cannot be written"),
+             (["--output-dir", str(a_file / "sub")], f"--output-dir {str(a_file / 'sub')!r} cannot be written"),
+             (["--output-dir", str(a_file)], "is a file, not a folder")]
+    for extra, message in cases:
+        assert main(["generate", "a star", "--model", missing_model, "--quiet"] + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a star\n")
+    assert main(["generate", "--from-file", str(prompts), "--model", missing_model, "--output-dir", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_binary_prompt_file_names_the_file_and_the_flag(sd1_dir, tmp_path, capsys):
+    blob = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(blob)
+    assert main(["generate", "--from-file", str(blob), "--model", str(sd1_dir), "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--from-file {str(blob)!r} is not UTF-8 text" in err
+
+
 def test_parameters_round_trip_with_commas_in_values():
     text = format_parameters("a, b", "c", steps=2, sampler="dpmpp-2m", guidance=1.0, seed=3, width=8, height=16,
                              model="my, model")
     p = parse_parameters(text)
     assert p["prompt"] == "a, b" and p["Sampler"] == "DPM++ 2M" and p["Model"] == "my, model" and p["Size"] == "8x16"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"guidance_scale": "high"}', "guidance_scale must be a number >= 0, got 'high'"),
+    ('{"steps": 2.5}', "steps must be a whole number >= 1, got 2.5"),
+    ('{"sampler": "plms"}', "sampler must be one of ddim"),
+])
+def test_a_bad_sampling_json_value_is_a_clear_error(sd1_dir, tmp_path, capsys, content, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sd1_dir, model)
+    (model / "sampling.json").write_text(content)
+    assert main(["generate", "a star", "--model", str(model), "--output", str(tmp_path / "x.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model / 'sampling.json'}: {message}" in err and "Traceback" not in err
 
 
 def test_generate_uses_the_models_sampling_defaults(sd1_dir, tmp_path):
@@ -123,3 +169,13 @@ def test_generate_uses_the_models_sampling_defaults(sd1_dir, tmp_path):
     assert main(["generate", "a star", "--model", str(model), "--output", str(out), "--seed", "1", "--quiet",
                  "--steps", "3", "--guidance", "1"]) == 0
     assert "Steps: 3, Sampler: DDIM, CFG scale: 1.0" in read_parameters(out)
+
+
+@pytest.mark.parametrize("command", [["train-vae"], ["textual-inversion", "--data-dir", "nowhere"], ["distill"],
+                                     ["demo", "textual-inversion"]])
+def test_training_commands_check_their_output_dir_first(tmp_path, capsys, command):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(command + ["--output-dir", str(a_file / "sub"), "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output-dir {str(a_file / 'sub')!r} cannot be written" in err and err.count("\n") == 1, err

@@ -74,7 +74,7 @@ def test_full_fine_tune_saves_a_model_that_diffusers_loads_and_every_checkpoint_
     from diffusers import StableDiffusionPipeline
 
     _run(_cfg(sd1_dir, instance_dir, tmp_path / "out"))
-    for d in (tmp_path / "out", tmp_path / "out" / "checkpoint-2"):
+    for d in (tmp_path / "out", tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-4"):
         pipe = StableDiffusionPipeline.from_pretrained(str(d), safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         img = pipe("a sks circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))

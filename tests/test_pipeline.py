@@ -114,13 +114,13 @@ def test_inpaint_on_a_nine_channel_unet_sees_the_masked_image(inpaint_dir):
 # --- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(width=60), "width must be a positive multiple of 8"),
-    (dict(height=0), "height must be a positive multiple of 8"),
-    (dict(steps=0), "steps must be an integer >= 1"),
-    (dict(guidance_scale=-1.0), "guidance scale must be >= 0"),
-    (dict(batch_size=0), "batch size must be >= 1"),
+    (dict(width=60), "width: must be a positive multiple of 8"),
+    (dict(height=0), "height: must be a positive multiple of 8"),
+    (dict(steps=0), "steps: must be an integer >= 1"),
+    (dict(guidance_scale=-1.0), "guidance: must be >= 0"),
+    (dict(batch_size=0), "batch_size: must be >= 1"),
     (dict(sampler="heun"), "unknown sampler 'heun'"),
-    (dict(sampler="euler", eta=0.5), "eta applies to the ddim and euler-a"),
+    (dict(sampler="euler", eta=0.5), "eta: applies to the ddim and euler-a"),
 ])
 def test_text_to_image_rejects_bad_values(sd1_pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -130,11 +130,11 @@ def test_text_to_image_rejects_bad_values(sd1_pipe, kwargs, match):
 def test_image_tasks_reject_bad_values(sd1_pipe):
     img = Image.new("RGB", (64, 64))
     for s in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"strength: must be in \(0, 1\]"):
             sd1_pipe.image_to_image("x", img, strength=s)
-    with pytest.raises(ValueError, match="the mask is 32x32 but the image is 64x64"):
+    with pytest.raises(ValueError, match="mask: is 32x32 but the image is 64x64"):
         sd1_pipe.inpaint("x", img, Image.new("L", (32, 32)))
-    with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
+    with pytest.raises(ValueError, match="image: is 60x64; both sides must be multiples of 8"):
         sd1_pipe.image_to_image("x", Image.new("RGB", (60, 64)))
 
 

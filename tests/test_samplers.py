@@ -149,7 +149,7 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver(spacing):
                steps_offset=1 if spacing == "leading" else 0)
     ref = DPMSolverMultistepScheduler(**cfg, prediction_type="sample", algorithm_type="dpmsolver++", solver_order=2)
     ref.set_timesteps(10)
-    steps = NoiseSchedule(**cfg).steps(10, **SAMPLERS["dpmpp-2m"][1])
+    steps = NoiseSchedule(**cfg).steps(10, **SAMPLERS["dpmpp-2m"].grid)
     assert steps.timesteps == [float(t) for t in ref.timesteps]
     x = start(steps)[:2000]
     y = x.clone()

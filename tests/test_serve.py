@@ -76,6 +76,20 @@ def pixels(im) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
+def test_nothing_served_needs_the_network(server):
+    """FastAPI's /api/docs page pulled its scripts from a CDN (blank offline): it is gone, the schema
+    stays, and the studio page names no outside address."""
+    assert httpx.get(server.url + "/api/docs").status_code == 404
+    schema = httpx.get(server.url + "/api/openapi.json")
+    assert schema.status_code == 200 and "/api/txt2img" in schema.json()["paths"]
+    page = httpx.get(server.url + "/").text
+    assert "<html" in page.lower() and "http://" not in page and "https://" not in page
+
+
+def test_the_embedded_model_is_named_after_itself(server):
+    assert httpx.get(server.url + "/api/models").json()["models"][0]["name"] == "shapes-model"
+
+
 def test_txt2img_answers_pngs_with_parameters_equal_to_the_pipeline(server):
     r = post(server, "/api/txt2img", {"prompt": PROMPT, "seed": 7, "steps": 6, "batch_size": 2})
     assert r.status_code == 200, r.text
@@ -347,10 +361,10 @@ def test_stopping_never_blocks_on_a_full_queue_and_close_cancels_what_waits(tmp_
     """``stop`` (what the HTTP thread calls as it ends) must return at once even when the queue is at its
     bound and nothing is taking from it; the worker then returns without running the queued job, and
     ``close`` answers that job as cancelled."""
-    from pipelines.serve import Cancelled, Job, Txt2Img
+    from pipelines.serve import Cancelled, Job, Txt2Img, to_request
 
     studio = Studio(default_model_path(), output_dir=tmp_path, limits=Limits(queue_size=1), worker_thread=False)
-    job = Job("txt2img", Txt2Img(prompt=PROMPT, steps=2))
+    job = Job(studio.resolve(to_request("txt2img", Txt2Img(prompt=PROMPT, steps=2))))
     studio.submit(job)
     stopper = threading.Thread(target=studio.stop, daemon=True)
     stopper.start()
@@ -362,3 +376,22 @@ def test_stopping_never_blocks_on_a_full_queue_and_close_cancels_what_waits(tmp_
     with pytest.raises(Cancelled):
         job.future.result(timeout=1)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_retry_after_is_the_time_until_the_running_job_ends_not_the_whole_queue(tmp_path):
+    """A full queue frees a slot when the worker takes the next job, i.e. when the running job ends.
+    It was the queue's length times the mean of all recent jobs (213 s when a slot freed in 13 s)."""
+    from pipelines.serve import Job, Txt2Img, to_request
+
+    studio = Studio(default_model_path(), output_dir=tmp_path, limits=Limits(queue_size=4), worker_thread=False)
+    make = lambda: Job(studio.resolve(to_request("txt2img", Txt2Img(prompt=PROMPT, steps=2))))  # noqa: E731
+    for _ in range(4):
+        studio.submit(make())
+    studio._seconds = [40.0] * 15 + [3.0] * 5  # stale long jobs, then the last five at 3 s
+    assert studio.retry_after() == 1  # nothing running: the worker takes a job at once
+    studio.current, studio._started = make(), time.perf_counter() - 1.0
+    assert studio.retry_after() == 2  # 3 s a job, 1 s of it spent; not 4 waiting x 40 s
+    studio._started = time.perf_counter() - 10.0
+    assert studio.retry_after() == 1  # overdue: soon
+    studio.current = None
+    studio.close()

@@ -1,0 +1,266 @@
+"""One generation request, checked and resolved in one place.
+
+The command line, ``Pipeline``'s Python calls and the web studio all build a :class:`Request`, ask it
+for its problems (:meth:`Request.validate`, with the :class:`Limits` of whoever runs it) and turn it
+into a :class:`Resolved` request for one model (:meth:`Request.resolve`): the model's defaults filled
+in from its sampling.json, the seed drawn once, the steps a strength runs counted once. A new option
+is added here, once, and every front end has it.
+
+Problems are ``(field, message)`` pairs; ``field`` is the request's field name, which is also the
+HTTP API's JSON key and, as ``--field-name``, the command line's flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.samplers import SAMPLERS, get_sampler
+
+KINDS = ("txt2img", "img2img", "inpaint")
+DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.8, "inpaint": 1.0}
+MAX_SEED = 2**63
+
+
+@dataclass
+class Limits:
+    """What one request may ask for. The command line's are the pipeline's own bounds; ``ldm serve``
+    sets tighter ones from its flags."""
+    max_side: int = 4096          # width and height, pixels
+    max_batch: int | None = None  # images per prompt
+    max_steps: int | None = None  # sampling steps
+    lora_dir: Path | None = None  # LoRA entries are names of files in this folder (else paths)
+
+
+class RequestError(ValueError):
+    """A request with problems; ``problems`` lists them as (field, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{f}: {m}" if f else m for f, m in self.problems))
+
+    def for_cli(self) -> str:
+        """The problems with each field named as its command-line flag."""
+        return "; ".join(f"--{f.replace('_', '-')} {m}" if f else m for f, m in self.problems)
+
+
+def strength_steps(steps: int, strength: float | None) -> int:
+    """How many of ``steps`` run at ``strength`` (diffusers' convention: the last int(steps x strength));
+    all of them without a strength. The progress bars and the sampler both count with this."""
+    return steps if strength is None else min(int(steps * strength), steps)
+
+
+def random_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def sampling_defaults(model, sampler: str | None = None, steps: int | None = None,
+                      guidance: float | None = None) -> tuple[str, int, float]:
+    """Each None replaced by the model's default (its sampling.json, else ddim, 30 steps, 7.5)."""
+    d = model.sampling
+    return (d["sampler"] if sampler is None else sampler, d["steps"] if steps is None else steps,
+            d["guidance_scale"] if guidance is None else guidance)
+
+
+def _size_problem(name: str, v, factor: int, max_side: int) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % factor:
+        hint = f"; try {max(factor, round(v / factor) * factor)}" if isinstance(v, (int, float)) else ""
+        return f"must be a positive multiple of {factor}, got {v!r}{hint}"
+    if v > max_side:
+        return f"must be at most {max_side}, got {v}"
+    return None
+
+
+@dataclass
+class Request:
+    """What to generate. None means "the model's default" (sampler, steps, guidance, size) or "draw
+    one" (seed). ``seeds`` gives every image's seed explicitly (one per prompt x batch_size)."""
+    prompt: str | list[str] = ""
+    kind: str = "txt2img"                 # txt2img | img2img | inpaint
+    negative: str | list[str] | None = ""
+    sampler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None         # classifier-free guidance scale; 1 turns it off
+    guidance_rescale: float = 0.0         # phi of Lin et al. 2023, 0 to 1
+    eta: float = 0.0                      # stochasticity of ddim / euler-a, 0 to 1
+    seed: int | None = None
+    seeds: list[int] | None = None
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    strength: float | None = None         # img2img / inpaint; None: 0.8 / 1.0
+    image: Any = None                     # PIL image or (1, 3, H, W) tensor in [-1, 1]
+    mask: Any = None                      # PIL image or tensor in [0, 1], white = repaint
+    latents: torch.Tensor | None = None   # txt2img: start from these instead of fresh noise
+    embeddings: list[tuple[Path, str | None]] = field(default_factory=list)  # (file, token or None)
+    lora: list[str | Path] = field(default_factory=list)
+
+    # --- checks that need no model ---------------------------------------------------------------
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def validate(self, limits: Limits | None = None, factor: int = 8) -> list[tuple[str, str]]:
+        """Every problem of this request's values, as (field, message); [] when it can run."""
+        lim = limits or Limits()
+        problems = []
+        add = problems.append
+        if self.kind not in KINDS:
+            add(("kind", f"must be one of {', '.join(KINDS)}, got {self.kind!r}"))
+        prompts = self.prompts()
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            add(("prompt", "no prompt given"))
+        if self.negative is not None and not isinstance(self.negative, str) and len(self.negative) != len(prompts):
+            add(("negative", f"got {len(self.negative)} negative prompts for {len(prompts)} prompts"))
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            add(("sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"))
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                add(("steps", f"must be an integer >= 1, got {self.steps!r}"))
+            elif lim.max_steps is not None and self.steps > lim.max_steps:
+                add(("steps", f"must be between 1 and {lim.max_steps}, got {self.steps}"))
+        if self.guidance is not None and not self.guidance >= 0:
+            add(("guidance", f"must be >= 0 (1 turns guidance off), got {self.guidance}"))
+        if not 0 <= self.guidance_rescale <= 1:
+            add(("guidance_rescale", f"must be between 0 and 1, got {self.guidance_rescale}"))
+        if not 0 <= self.eta <= 1:
+            add(("eta", f"must be between 0 and 1, got {self.eta}"))
+        elif self.eta and self.sampler in SAMPLERS and not SAMPLERS[self.sampler].takes_eta:
+            add(("eta", f"applies to the {_eta_samplers()} samplers, not {self.sampler}"))
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
+            add(("seed", f"must be an integer from 0 to 2**63 - 1, got {self.seed!r}"))
+        if not isinstance(self.batch_size, int) or self.batch_size < 1 or (
+                lim.max_batch is not None and self.batch_size > lim.max_batch):
+            top = f"between 1 and {lim.max_batch}" if lim.max_batch is not None else ">= 1"
+            add(("batch_size", f"must be {top}, got {self.batch_size}"))
+        if self.seeds is not None and len(self.seeds) != len(prompts) * self.batch_size:
+            add(("seeds", f"got {len(self.seeds)} seeds for {len(prompts) * self.batch_size} images"))
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (msg := _size_problem(name, v, factor, lim.max_side)):
+                add((name, msg))
+        if self.kind in ("img2img", "inpaint"):
+            if self.strength is not None and not 0 < self.strength <= 1:
+                add(("strength", f"must be in (0, 1], got {self.strength}"))
+            if self.image is None:
+                add(("image", "required for " + self.kind))
+            else:
+                w, h = _image_size(self.image)
+                if w % factor or h % factor:
+                    add(("image", f"is {w}x{h}; both sides must be multiples of {factor}"))
+                elif max(w, h) > lim.max_side:
+                    add(("image", f"is {w}x{h}; sides must be at most {lim.max_side}"))
+                if self.kind == "inpaint" and self.mask is not None and _image_size(self.mask) != (w, h):
+                    mw, mh = _image_size(self.mask)
+                    add(("mask", f"is {mw}x{mh} but the image is {w}x{h}; they must be the same size"))
+            if self.kind == "inpaint" and self.mask is None:
+                add(("mask", "required for inpaint"))
+        for entry in self.lora:
+            if lim.lora_dir is not None:
+                files = lora_files(lim.lora_dir)
+                if str(entry) not in files:
+                    add(("lora", f"no LoRA file {str(entry)!r} in the server's --lora-dir; available: "
+                                 f"{', '.join(files) or 'none'}"))
+            elif not Path(entry).exists():
+                add(("lora", f"LoRA file {str(entry)!r} does not exist"))
+        for file, _ in self.embeddings:
+            if not Path(file).is_file():
+                add(("embedding", f"embedding file {str(file)!r} does not exist"))
+        return problems
+
+    def check(self, limits: Limits | None = None, factor: int = 8) -> "Request":
+        problems = self.validate(limits, factor)
+        if problems:
+            raise RequestError(problems)
+        return self
+
+    # --- resolution against a model --------------------------------------------------------------
+    def resolve(self, model, limits: Limits | None = None) -> "Resolved":
+        """This request for ``model``: checked (with the model's VAE factor and schedule), defaults
+        filled in, the seed drawn once. Raises RequestError listing every problem."""
+        factor = model.vae_factor
+        problems = self.validate(limits, factor)
+        if problems:
+            raise RequestError(problems)
+        sampler, steps, guidance = sampling_defaults(model, self.sampler, self.steps, self.guidance)
+        spec = get_sampler(sampler)
+        if self.eta and not spec.takes_eta:
+            problems.append(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
+        try:  # the schedule's own bound (the model's training timesteps)
+            model.schedule.steps(steps, **spec.grid)
+        except ValueError as exc:
+            problems.append(("steps", str(exc)))
+        strength = self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.kind)
+        run_steps = strength_steps(steps, strength)
+        if self.kind == "inpaint" and run_steps == 0:
+            problems.append(("strength", f"{strength} with {steps} steps runs no step; raise either"))
+        if self.kind == "txt2img":
+            side = model.unet.config.sample_size * factor
+            width, height = self.width or side, self.height or side
+        else:
+            width, height = _image_size(self.image)
+        if problems:
+            raise RequestError(problems)
+        prompts = [p for p in self.prompts() for _ in range(self.batch_size)]
+        negs = self.negative if self.negative is not None and not isinstance(self.negative, str) else \
+            [self.negative or ""] * len(self.prompts())
+        negatives = [n for n in negs for _ in range(self.batch_size)]
+        if self.seeds is not None:
+            seeds = [int(s) for s in self.seeds]
+        else:
+            seed = random_seed() if self.seed is None else self.seed
+            seeds = [seed + i for i in range(len(prompts))]
+        return Resolved(request=self, kind=self.kind, prompts=prompts, negatives=negatives, seeds=seeds,
+                        sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=self.guidance_rescale,
+                        eta=self.eta, width=width, height=height, strength=strength, run_steps=run_steps)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request with nothing left to choose: one prompt, negative prompt and seed per image."""
+    request: Request
+    kind: str
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    sampler: str
+    steps: int
+    guidance: float
+    guidance_rescale: float
+    eta: float
+    width: int
+    height: int
+    strength: float | None
+    run_steps: int          # sampler steps that run (fewer than ``steps`` at a strength below 1)
+
+    def settings(self) -> dict:
+        """What the PNG metadata records."""
+        s = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, width=self.width,
+                 height=self.height)
+        if self.strength is not None:
+            s["strength"] = self.strength
+        return s
+
+    def with_task(self, prompt: str, seeds: list[int]) -> "Resolved":
+        """The same settings for another prompt and seeds (one batch of a prompt file)."""
+        n = len(seeds)
+        neg = self.negatives[0] if self.negatives else ""
+        return dataclasses.replace(self, prompts=[prompt] * n, negatives=[neg] * n, seeds=list(seeds))
+
+
+def lora_files(folder: Path) -> dict[str, Path]:
+    """The LoRA files of a folder by name."""
+    return {p.name: p for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors"}
+
+
+def _eta_samplers() -> str:
+    return " and ".join(n for n, s in SAMPLERS.items() if s.takes_eta)
+
+
+def _image_size(image) -> tuple[int, int]:
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-1]), int(image.shape[-2])
+    return image.size
