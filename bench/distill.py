@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.models import default_model_path  # noqa: E402
-from pipelines.evaluate import eval_prompts, generate, judge, summarize  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
+from shapes.evaluate import eval_prompts, generate, judge, summarize  # noqa: E402
 
 
 def run(pipe: Pipeline, cases, *, steps: int, guidance: float, seed: int, batch_size: int):

@@ -127,8 +127,8 @@ def main():
         return
 
     from finetune.data import base_model_path, load_base_model
-    from finetune.demos import DB_TRAIN, render_instances
     from finetune.dreambooth import generate_class_images
+    from shapes.demos import DB_TRAIN, render_instances
 
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)

@@ -39,11 +39,11 @@ def main():
 
     from accelerate import Accelerator
 
+    from finetune.common import denoising_loss
     from finetune.config import build
-    from finetune.demos import TI_COLOR, TI_SHAPE, TI_TRAIN, render_instances
     from finetune.loop import step_generator
     from finetune.textual_inversion import TextualInversionConfig, TextualInversionObjective
-    from finetune.unet import denoising_loss
+    from shapes.demos import TI_COLOR, TI_SHAPE, TI_TRAIN, render_instances
 
     tmp = tempfile.TemporaryDirectory()
     data = args.data_dir

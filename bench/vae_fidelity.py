@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from ldm import shapes
 from ldm.images import to_pil
+from shapes import world as shapes
 
 
 def roundtrip(vae, scenes):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .recipes import DISTILL, METHODS, Method, recipe_path
 
@@ -50,16 +49,6 @@ def register(sub) -> None:
     add_recipe_flags(d, DISTILL)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_distill)
-    from .demos import register as register_demos
-
-    register_demos(sub)
-    b = sub.add_parser("build-shapes-model", help="train the embedded shapes model from scratch (VAE, CLIP, U-Net)")
-    b.add_argument("--output-dir", type=Path, default=Path("runs/shapes"), help="work directory (default runs/shapes)")
-    b.add_argument("--install", action="store_true",
-                   help="copy the result (fp16) into the package as the embedded default model")
-    b.add_argument("--resume", action="store_true", help="continue an interrupted build")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.set_defaults(func=_build)
 
 
 def add_recipe_flags(p: argparse.ArgumentParser, method: Method) -> None:
@@ -110,15 +99,4 @@ def _distill(args) -> int:
         how = "kept" if st.get("kept") else f"{st['steps']} steps in {st['wall_seconds']:.0f} s"
         print(f"{st['stage']}: {how}")
     print(f"chain: {result['wall_seconds']:.0f} s; final student {result['final']}")
-    return 0
-
-
-def _build(args) -> int:
-    from .shapes_model import build
-
-    try:
-        build(args.output_dir, install=args.install, resume=args.resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm import shapes
-from ldm.clip import build_open_clip, save_visual, text_tower_to_hf
 from ldm.tokenizer import write_clip_tokenizer
+from shapes import world as shapes
+from shapes.clip import build_open_clip, save_visual, text_tower_to_hf
 
 from .config import TrainConfig
 from .loop import Objective, sample_offset

@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,16 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm import shapes
 from ldm.denoiser import make_denoiser, unet_net
 from ldm.guidance import guidance_embedding, guidance_input_dim, guided
 from ldm.models import Model, ModelError, check_model_dir, load_model, read_sampling_defaults
 from ldm.process import ddim_step, ddim_x0_for, q_sample, to_x0, truncated_snr_weight
 from ldm.schedule import NoiseSchedule, spaced_timesteps
+from shapes import world as shapes
 
+from .common import TextCache, sample_grid, save_pipeline
 from .config import ConfigError, TrainConfig
-from .loop import Objective, TrainingError, sample_grid, train
-from .unet import TextCache, save_pipeline, scene_latents
+from .loop import Objective, TrainingError, train
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class DistillData:
         self.scenes, self.captions = None, None
         if cfg.data_dir is None:
             self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
-            self.latents = scene_latents(model.vae, self.scenes, model.device, progress=progress)
+            self.latents = shapes.encode_scenes(model.vae, self.scenes, model.device, progress=progress)
         else:
             from .data import encode_views, read_image_folder, training_resolution
 
@@ -340,8 +339,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
     then one halving per stage, each a model directory that ``ldm generate --model`` runs at its step
     count. A finished stage is kept on --resume and refused otherwise; an unfinished one resumes
     from its last checkpoint (--resume) or is refused (the loop's rule)."""
-    from pipelines.evaluate import write_report
-    from pipelines.outputs import check_output_dir
+    from pipelines.outputs import check_output_dir, write_report
 
     out = check_output_dir(cfg.output_dir)
     stages, info = plan(cfg)

@@ -4,7 +4,7 @@ class ("a circle") are trained on alongside, so the model keeps what the class l
 
     loss = mean_instance(l) + prior_loss_weight * mean_class(l)
 
-where l is the base denoising loss (finetune.unet.denoising_loss) of each sample. Full fine-tuning
+where l is the base denoising loss (finetune.common.denoising_loss) of each sample. Full fine-tuning
 of the U-Net (and with ``train_text_encoder`` the text encoder), or LoRA adapters through peft
 (``lora_rank`` > 0). Instance and class latents are encoded once; the two prompts' text states are
 computed once when the text encoder is frozen. Missing class images are generated with the base
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +23,10 @@ import torch
 
 from ldm.text import encode_prompts, text_states
 
+from .common import denoising_loss, sample_grid, save_pipeline
 from .config import ConfigError, TrainConfig
 from .data import IMAGE_SUFFIXES, encode_views, load_base_model, read_image_folder, training_resolution
-from .loop import Objective, sample_grid, sample_offset
-from .unet import denoising_loss, save_pipeline
+from .loop import Objective, sample_offset
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,9 @@ def generate_class_images(model, prompt: str, class_dir: Path, count: int, batch
     the folder, before any writes. Returns how many this process generated."""
     from tqdm.auto import tqdm
 
-    from pipelines.batch import Task, my_share, write_tasks
+    from pipelines.batch import Task, write_tasks
     from pipelines.pipeline import Pipeline
+    from pipelines.processes import my_share
 
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)

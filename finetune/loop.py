@@ -66,25 +66,6 @@ class Objective:
         raise NotImplementedError
 
 
-def sample_grid(model, prompts: list[str], *, seed: int, batch_size: int, trained=(), cols: int | None = None,
-                **sampling) -> dict[str, list]:
-    """Validation images of an Objective: ``batch_size`` images per prompt from ``model`` (an
-    ldm.models.Model) as it is now, the ``trained`` modules in eval mode meanwhile; one grid."""
-    from ldm.images import make_grid
-    from pipelines.pipeline import Pipeline
-
-    modes = [(m, m.training) for m in trained]
-    for m, _ in modes:
-        m.eval()
-    try:
-        with torch.no_grad():
-            res = Pipeline(model).text_to_image(prompts, seed=seed, batch_size=batch_size, **sampling)
-    finally:
-        for m, was in modes:
-            m.train(was)
-    return {"samples": [make_grid(res.images, cols=cols or batch_size * len(prompts))]}
-
-
 class EMA:
     """Exponential moving average of parameters: ``shadow = d * shadow + (1 - d) * param``."""
 
@@ -250,7 +231,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     if accelerator.num_processes > 1:
-        from pipelines.batch import destroy_process_group_at_exit
+        from pipelines.processes import destroy_process_group_at_exit
 
         destroy_process_group_at_exit()
     main = accelerator.is_main_process

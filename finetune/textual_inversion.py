@@ -2,7 +2,7 @@
 token from a handful of images; every weight of the model stays frozen except the new rows of the
 text encoder's token-embedding matrix.
 
-The loss is the base denoising loss (finetune.unet.denoising_loss) of the frozen U-Net on the
+The loss is the base denoising loss (finetune.common.denoising_loss) of the frozen U-Net on the
 images' latents, conditioned on prompts that name the placeholder. Latents are encoded once; a step
 is one text-encoder and one U-Net forward and backward, and no VAE work. After every optimiser step
 the rows of every other token are restored (weight decay or numerical drift cannot touch them).
@@ -21,10 +21,10 @@ import torch
 from ldm.embeddings import add_concept, write_a1111, write_embeddings
 from ldm.text import text_states
 
+from .common import denoising_loss, sample_grid
 from .config import ConfigError, TrainConfig
 from .data import encode_views, load_base_model, read_image_folder, training_resolution
-from .loop import Objective, sample_grid, sample_offset
-from .unet import denoising_loss
+from .loop import Objective, sample_offset
 
 log = logging.getLogger(__name__)
 

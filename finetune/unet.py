@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm import shapes
-from ldm.models import SAMPLING_DEFAULTS, write_sampling_defaults
-from ldm.process import from_x0, q_sample
-from ldm.schedule import NoiseSchedule
-from ldm.tiny import SD1_SCHEDULER
+from ldm.models import SAMPLING_DEFAULTS
+from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
+from shapes import world as shapes
 
+from .common import TextCache, denoising_loss, sample_grid, save_pipeline
 from .config import TrainConfig, trained_part
-from .loop import Objective, sample_grid
+from .loop import Objective
 
 
 @dataclass
@@ -43,39 +42,6 @@ class UNetConfig(TrainConfig):
         "a large green circle on a white background", "a small purple triangle on a gray background"])
 
 
-def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
-                   snr_gamma: float = 0.0, reduce: bool = True):
-    """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction
-    against the true target of its parameterisation; per-sample losses when ``reduce`` is False."""
-    b = latents.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    ab = schedule.alphas_cumprod[t].view(b, 1, 1, 1).to(latents.device)
-    noise = noise.to(latents.device)
-    xt = q_sample(latents, noise, ab)
-    target = from_x0(latents, xt, ab, schedule.prediction_type)
-    pred = unet(xt, t.to(latents.device), hidden).sample
-    per = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-    if snr_gamma > 0:
-        snr = (ab / (1 - ab)).view(b)
-        # min-SNR-gamma in the epsilon form; v-prediction's loss is already (snr + 1)-scaled
-        denom = snr + 1 if schedule.prediction_type == "v_prediction" else snr
-        per = per * torch.minimum(snr, torch.full_like(snr, snr_gamma)) / denom
-    return per.mean() if reduce else per
-
-
-@torch.no_grad()
-def scene_latents(vae, scenes, device, progress: bool = True, chunk: int = 500) -> torch.Tensor:
-    """(N, 4, h, w): the scaled posterior-mean latents of the rendered shapes-world ``scenes``."""
-    from tqdm.auto import tqdm
-
-    lat = []
-    for i in tqdm(range(0, len(scenes), chunk), desc="caching latents", disable=not progress):
-        x = shapes.render_tensor(scenes[i:i + chunk])
-        lat.append(vae.encode(x.to(device, vae.dtype)).latent_dist.mode().float().cpu())
-    return torch.cat(lat) * vae.config.scaling_factor
-
-
 def build_unet(cfg: UNetConfig, cross_attention_dim: int, sample_size: int):
     from diffusers import UNet2DConditionModel
 
@@ -87,25 +53,6 @@ def build_unet(cfg: UNetConfig, cross_attention_dim: int, sample_size: int):
         block_out_channels=list(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups)
-
-
-class TextCache:
-    """Hidden states of the frozen text encoder, computed once per distinct prompt."""
-
-    def __init__(self, text_encoder, tokenizer, device):
-        self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
-        self.cache: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        missing = sorted({p for p in prompts if p not in self.cache})
-        for i in range(0, len(missing), 512):
-            chunk = missing[i:i + 512]
-            ids = self.tokenizer(chunk, padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-            hs = self.text_encoder(ids.to(self.device))[0].float().cpu()
-            self.cache.update(zip(chunk, hs))
-        return torch.stack([self.cache[p] for p in prompts])
 
 
 class UNetObjective(Objective):
@@ -132,7 +79,7 @@ class UNetObjective(Objective):
         self.text = TextCache(self.text_encoder, self.tokenizer, self.device)
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
-        self.latents = scene_latents(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
+        self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.trainable = {"unet": build_unet(cfg, self.text_encoder.config.hidden_size, shapes.CANVAS // factor)}
 
@@ -168,23 +115,3 @@ class UNetObjective(Objective):
                       sampling={"guidance_scale": self.cfg.guidance_scale})
 
 
-def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, dtype=None,
-                  sampling: dict | None = None):
-    """Write a Stable Diffusion directory (model_index.json, unet, vae, text_encoder, tokenizer,
-    scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads; ``sampling``, when
-    given, becomes its sampling.json (the defaults ``ldm generate`` uses for it)."""
-    import copy
-
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    parts = [copy.deepcopy(m) for m in (unet, vae, text_encoder)]
-    if dtype is not None:
-        parts = [m.to(dtype) for m in parts]
-    cfg = {k: v for k, v in schedule.to_config().items() if k != "rescale_betas_zero_snr" or v}
-    scheduler = DDIMScheduler(**{**dict(clip_sample=False, set_alpha_to_one=False), **cfg})
-    pipe = StableDiffusionPipeline(vae=parts[1], text_encoder=parts[2], tokenizer=tokenizer, unet=parts[0],
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(str(directory), safe_serialization=True)
-    if sampling:
-        write_sampling_defaults(directory, **sampling)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm import shapes
 from ldm.images import pixels_to_tensor
+from shapes import world as shapes
 
 from .config import TrainConfig, trained_part
 from .loop import Objective, sample_offset

@@ -243,5 +243,3 @@ def default_model_path() -> Path | None:
     """The embedded default model shipped inside the package, when it is installed."""
     return EMBEDDED_MODEL if (EMBEDDED_MODEL / "model_index.json").is_file() else None
 
-
-EMBEDDED_CLIP = Path(__file__).parent / "assets" / "shapes-clip"  # the visual tower for CLIP score

@@ -24,6 +24,12 @@ SPACINGS = ("leading", "trailing", "linspace")
 # Where diffusers clamps the last alpha_bar of a zero-terminal-SNR schedule for sigma-space samplers.
 ZERO_SNR_ALPHA_BAR = 2.0**-24
 
+# Stable Diffusion 1.x's training schedule (scheduler_config.json of SD 1.5), the one this project's
+# own models train with
+SD1_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
+                     prediction_type="epsilon", timestep_spacing="leading")
+
 
 def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """Per-step betas, float32, computed the way diffusers computes them."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .schedule import SD1_SCHEDULER
 from .tokenizer import write_clip_tokenizer
 
 SIZES = {
@@ -25,10 +26,6 @@ SIZES = {
     "bench": dict(unet_channels=(64, 128, 256), layers=2, text_width=256, text_layers=4, text_heads=4,
                   vae_channels=(32, 64, 64, 64), vae_groups=32, resolution=256),
 }
-
-SD1_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
-                     prediction_type="epsilon", timestep_spacing="leading")
 
 
 def build_checkpoint(directory: str | Path, kind: str = "sd1", size: str = "tiny", seed: int = 0,

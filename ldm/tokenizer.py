@@ -14,8 +14,9 @@ N_MERGES = 49152 - 256 - 2  # as in CLIP's SimpleTokenizer
 
 
 def _merges() -> list[str]:
-    import open_clip
     from importlib.resources import files
+
+    import open_clip
     path = files(open_clip).joinpath("bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
     return lines[1:N_MERGES + 1]  # the first line is a header

@@ -33,7 +33,7 @@ def _common(p: argparse.ArgumentParser):
                                                   "the processes")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt, made in one batch (default 1)")
     p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed+i (default: random; 0 with --from-file)")
-    _sampling_args(p)
+    sampling_args(p)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim / euler-a (default 0; euler-a uses 1)")
@@ -56,7 +56,7 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _sampling_args(p: argparse.ArgumentParser):
+def sampling_args(p: argparse.ArgumentParser):
     model_default = "the model's sampling.json, else %s"
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: " + model_default % "ddim")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: " + model_default % "30)")
@@ -80,17 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--image", type=Path, required=True, help="the input image")
     n.add_argument("--mask", type=Path, required=True, help="a mask the image's size: white = repaint, black = keep")
     n.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1)")
-    e = sub.add_parser("eval", help="judge a model on the shapes world (JSON report and grid)")
-    e.add_argument("--model", default=None, help="model directory (default: the embedded shapes model)")
-    e.add_argument("--output-dir", type=Path, default=Path("eval"), help="where report.json and grid.png go")
-    e.add_argument("--seen", type=int, default=64, help="seen-pair prompts (default 64)")
-    e.add_argument("--heldout", type=int, default=48, help="held-out-pair prompts (default 48: all of them)")
-    _sampling_args(e)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--device", default=None)
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(func=_eval)
     s = sub.add_parser("serve", help="local web studio and HTTP API (one model, one queue)")
     s.add_argument("--model", default=None, help="model directory (default: the embedded shapes model)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -114,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_path(args):
+def model_path(args):
     path = args.model or default_model_path()
     if path is None:
         raise ModelError("no --model given and no embedded model is installed; pass --model DIR "
@@ -122,34 +111,10 @@ def _model_path(args):
     return path
 
 
-def _device(args) -> str:
+def device_for(args) -> str:
     import torch
 
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _eval(args) -> int:
-    from .evaluate import evaluate
-    from .pipeline import Pipeline
-
-    try:
-        check_output_dir(args.output_dir)
-        pipe = Pipeline.from_pretrained(_model_path(args), device=_device(args))
-        report = evaluate(pipe, seen=args.seen, heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,
-                          steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                          output_dir=args.output_dir, progress=not args.quiet)
-    except (ValueError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for split in ("seen", "heldout"):
-        r = report[split]
-        if not r["n"]:
-            continue  # --seen 0 or --heldout 0: nothing asked, nothing to print
-        attrs = " ".join(f"{a} {r[a]:.3f}" for a in ("size", "color", "shape", "background") if a in r)
-        clip = f" clip_score {r['clip_score']:.1f}" if "clip_score" in r else ""
-        print(f"{split}: all-correct {r.get('all_correct', 0):.3f} of {r['n']} ({attrs}){clip}")
-    print(f"report: {args.output_dir / 'report.json'}, grid: {args.output_dir / 'grid.png'}")
-    return 0
 
 
 def _serve(args) -> int:
@@ -164,7 +129,7 @@ def _serve(args) -> int:
                     "into %s", args.host, args.output_dir)
     try:
         check_output_dir(args.output_dir)
-        studio = Studio(_model_path(args), output_dir=args.output_dir, device=_device(args),
+        studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir,
                         load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle),
@@ -247,8 +212,9 @@ def run(args) -> list[Path]:
     ``--from-file`` are dealt over the processes (pipelines.batch); each writes its own images."""
     from tqdm import tqdm
 
-    from .batch import Task, my_share, process_state, write_tasks
+    from .batch import Task, write_tasks
     from .pipeline import Pipeline
+    from .processes import my_share, process_state
 
     # everything that can be checked without the model, before it loads
     prompts = _prompts(args)
@@ -263,8 +229,8 @@ def run(args) -> list[Path]:
     req = build_request(args, prompts).check()
 
     rank, world, state = process_state()
-    device = args.device or (str(state.device) if world > 1 else _device(args))
-    pipe = Pipeline.from_pretrained(_model_path(args), device=device, dtype=args.dtype,
+    device = args.device or (str(state.device) if world > 1 else device_for(args))
+    pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
     resolved = pipe.resolve(req)

@@ -3,6 +3,7 @@ a model loads or a step runs, not after the images are made (and lost behind a t
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +40,11 @@ def check_output_file(path: str | os.PathLike, flag: str = "--output") -> Path:
         raise OutputError(f"{flag} {str(path)!r} is a folder; give a file name, or use --output-dir")
     check_output_dir(path.parent, f"{flag}'s folder")
     return path
+
+
+def write_report(output_dir: Path, report: dict, name: str = "report.json") -> Path:
+    """``output_dir/name`` as JSON, written whole and then renamed into place."""
+    tmp = Path(output_dir) / f".{name}.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, Path(output_dir) / name)
+    return Path(output_dir) / name

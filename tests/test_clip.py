@@ -4,8 +4,8 @@ same hidden states and pooled features; the real CLIP BPE ids are used by both."
 import pytest
 import torch
 
-from ldm.clip import build_open_clip, text_tower_to_hf
 from ldm.tokenizer import write_clip_tokenizer
+from shapes.clip import build_open_clip, text_tower_to_hf
 
 CFG = {"embed_dim": 16,
        "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
@@ -41,8 +41,8 @@ def test_saved_clip_scores_as_open_clip_does(tmp_path, cfg):
     """ShapesCLIP, loaded from what training saves (visual tower + converted text tower), gives the
     open_clip model's own image and text features, for the ViT and the convolutional image tower."""
     from finetune.clip import CLIPConfig
-    from ldm import shapes
-    from ldm.clip import ShapesCLIP, save_visual
+    from shapes import world as shapes
+    from shapes.clip import ShapesCLIP, save_visual
 
     torch.manual_seed(0)
     model = build_open_clip(cfg).eval()

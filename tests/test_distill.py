@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.config import ConfigError
-from finetune.distill import (DistillConfig, DistillObjective, add_guidance_input, check_steps, distill,
-                              student_grid)
+from finetune.distill import DistillConfig, DistillObjective, add_guidance_input, check_steps, distill, student_grid
 from finetune.loop import TrainingError
 from ldm.guidance import guidance_embedding
 from ldm.models import ModelError, load_model

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from finetune.config import ConfigError, build
 from finetune.dreambooth import DreamBoothConfig, DreamBoothObjective
 from finetune.loop import TrainingError, step_generator, train
-from ldm import shapes
 from ldm.models import load_model
 from pipelines.pipeline import Pipeline
+from shapes import world as shapes
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_adamw8bit_trains_on_cuda(sd1_dir, instance_dir, tmp_path):
 def test_the_demo_runs_end_to_end_on_a_tiny_model(sd1_dir, tmp_path):
     """`ldm demo dreambooth` in miniature: every stage runs, the four judged models exist and load,
     and the report holds both arms' figures for the asked number of images."""
-    from finetune.demos import DB_PRIOR_COLORS, dreambooth_demo
+    from shapes.demos import DB_PRIOR_COLORS, dreambooth_demo
 
     out = tmp_path / "demo"
     report = dreambooth_demo(out, model=str(sd1_dir), per_case=1, prior_per_case=1, max_steps=2, decoder_steps=2,

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm import shapes
-from ldm.models import EMBEDDED_CLIP, default_model_path
-from pipelines.evaluate import eval_prompts, judge, summarize
+from ldm.models import default_model_path
+from shapes import world as shapes
+from shapes.clip import EMBEDDED_CLIP
+from shapes.evaluate import eval_prompts, judge, summarize
 
 needs_model = pytest.mark.skipif(default_model_path() is None, reason="embedded model not installed")
 

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from loop_worker import main as worker
 from safetensors.torch import load_file
 
 from finetune.config import ConfigError, TrainConfig, build
 from finetune.loop import EMA, TrainingError, checkpoints, lr_lambda
-
-from loop_worker import main as worker
 
 WORKER = Path(__file__).with_name("loop_worker.py")
 

@@ -20,8 +20,9 @@ def test_a_missing_recipe_names_itself_and_the_installed_ones():
 
 
 def test_the_wheel_lists_the_recipes_as_package_data():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "configs" in project["packages"]["find"]["include"]

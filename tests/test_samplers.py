@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from ldm.samplers import (invert_ddim, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
-                          sample_euler_ancestral)
+from ldm.samplers import invert_ddim, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
 from ldm.schedule import NoiseSchedule
 
 MU, S = 1.5, 0.5

@@ -5,8 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
-from ldm.schedule import NoiseSchedule, spaced_timesteps
-from ldm.tiny import SD1_SCHEDULER
+from ldm.schedule import SD1_SCHEDULER, NoiseSchedule, spaced_timesteps
 
 CONFIGS = [
     dict(beta_schedule="linear"),

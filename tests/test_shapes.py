@@ -4,7 +4,7 @@ and the detector (100 % on clean renders, > 95 % on blurred noisy renders)."""
 import numpy as np
 import pytest
 
-from ldm import shapes as S
+from shapes import world as S
 
 
 def cases(n, seed, include_reserved=True):

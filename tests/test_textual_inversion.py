@@ -12,12 +12,12 @@ from PIL import Image
 from finetune.config import ConfigError, build
 from finetune.loop import train
 from finetune.textual_inversion import TextualInversionConfig, TextualInversionObjective
-from ldm import shapes
 from ldm.embeddings import read_embeddings, write_a1111, write_embeddings
 from ldm.models import ModelError, load_model
 from ldm.text import expand_concepts, tokenize
 from pipelines.cli import main
 from pipelines.pipeline import Pipeline
+from shapes import world as shapes
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_generate_with_several_embeddings_and_token_names(sd1_dir, tmp_path, cap
 
 
 def test_paired_counts_and_the_exact_sign_test():
-    from finetune.demos import paired
+    from shapes.demos import paired
 
     rows = lambda bits: [{"all": bool(b)} for b in bits]  # noqa: E731
     # 10 images only the first got right, none only the second: p = 2 * (1/2)^10
@@ -186,7 +186,7 @@ def test_paired_counts_and_the_exact_sign_test():
 def test_the_demo_renders_trains_and_judges_both_prompts(sd1_dir, tmp_path):
     import json
 
-    from finetune.demos import TI_TRAIN, textual_inversion_demo
+    from shapes.demos import TI_TRAIN, textual_inversion_demo
 
     report = textual_inversion_demo(tmp_path, model=str(sd1_dir), per_case=1, max_steps=2,
                                     overrides={"batch_size": 2, "ema_decay": 0.0}, progress=False)

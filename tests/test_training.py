@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finetune.vae import VAEConfig, VAEObjective, edge_mask
-from ldm import shapes
+from shapes import world as shapes
 
 
 class CPU:
@@ -94,7 +94,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
-    from finetune.shapes_model import build
+    from shapes.build import build
 
     out = tmp_path_factory.mktemp("build")
     summary = build(out, progress=False, overrides=TINY)
@@ -130,9 +130,9 @@ def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_buil
 
     from finetune.config import read_yaml
     from finetune.recipes import recipe_path
-    from finetune.shapes_model import install_model
     from ldm.models import read_sampling_defaults
     from pipelines.pipeline import Pipeline
+    from shapes.build import install_model
 
     out, _ = tiny_build
     guidance = read_yaml(recipe_path("shapes-unet.yaml"))["guidance_scale"]

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from ldm import shapes
+from finetune.recipes import recipe_path
 
-from .recipes import recipe_path
+from . import world as shapes
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def render_instances(directory: Path, color: str, shape: str, views, caption: st
 
 
 def judge_prompts(pipe, prompts: list[str], cases: list[dict], seeds: list[int], batch_size: int = 16) -> list[dict]:
-    from pipelines.evaluate import judge
+    from .evaluate import judge
 
     images = []
     for i in range(0, len(prompts), batch_size):
@@ -65,7 +64,7 @@ def judge_prompts(pipe, prompts: list[str], cases: list[dict], seeds: list[int],
 
 
 def _rates(rows: list[dict]) -> dict:
-    from pipelines.evaluate import summarize
+    from .evaluate import summarize
 
     out = summarize(rows)
     for size in shapes.SIZES:
@@ -90,13 +89,12 @@ def paired(a_rows: list[dict], b_rows: list[dict]) -> dict:
 
 def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_case: int = 16, seed: int = 0,
                            max_steps: int | None = None, overrides: dict | None = None, progress: bool = True) -> dict:
+    from finetune.config import build, read_yaml
+    from finetune.data import base_model_path
+    from finetune.loop import train
+    from finetune.textual_inversion import TextualInversionConfig, TextualInversionObjective
     from ldm.images import make_grid
     from pipelines.pipeline import Pipeline
-
-    from .config import build, read_yaml
-    from .data import base_model_path
-    from .loop import train
-    from .textual_inversion import TextualInversionConfig, TextualInversionObjective
 
     output_dir = Path(output_dir)
     values = {**read_yaml(recipe_path("textual-inversion-shapes.yaml")), **(overrides or {})}
@@ -131,7 +129,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
         "embedding_vs_words": paired(ti_rows, base_rows),
         "rows": {"words": base_rows, "embedding": ti_rows},
     }
-    from pipelines.evaluate import write_report
+    from pipelines.outputs import write_report
 
     write_report(output_dir, report)
     make_grid(base_images, cols=16).save(output_dir / "words.png")
@@ -181,13 +179,12 @@ def _measure_dreambooth(model_dir: Path, per_case: int, prior_per_case: int) -> 
 def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int = 6, prior_per_case: int = 2,
                     seed: int = 0, max_steps: int | None = None, decoder_steps: int | None = None,
                     overrides: dict | None = None, progress: bool = True) -> dict:
+    from finetune.config import build, read_yaml
+    from finetune.data import base_model_path, load_base_model
+    from finetune.dreambooth import DreamBoothConfig, DreamBoothObjective, generate_class_images
+    from finetune.loop import train
+    from finetune.vae import VAEConfig, VAEObjective
     from ldm.images import make_grid
-
-    from .config import build, read_yaml
-    from .data import base_model_path, load_base_model
-    from .dreambooth import DreamBoothConfig, DreamBoothObjective, generate_class_images
-    from .loop import train
-    from .vae import VAEConfig, VAEObjective
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +236,7 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
         "subject_images": len(measured["base"]["rows"]["subject"]),
         "prior_images": len(measured["base"]["rows"]["prior"]), **measured,
     }
-    from pipelines.evaluate import write_report
+    from pipelines.outputs import write_report
 
     write_report(output_dir, report)
     make_grid(grids, cols=1).save(output_dir / "samples.png")
@@ -250,102 +247,3 @@ def torch_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _print_db(report: dict, output_dir: Path):
-    print(f"DreamBooth of a {report['subject']} from {report['instance_images']} images "
-          f"('{report['instance_prompt']}', class '{report['class_prompt']}', {report['class_images']} class images): "
-          f"decoder adapted in {report['decoder_steps']} steps ({report['decoder_seconds']:.0f} s); "
-          f"{report['steps']} steps each, with prior {report['train_seconds']['with_prior']:.0f} s, "
-          f"without {report['train_seconds']['without_prior']:.0f} s")
-    print(f"{'model':>28} {'subject fidelity':>17} {'prior preserved':>16} {'prior reads teal':>17} "
-          f"{'prior reads ring':>17}")
-    for name, label in (("base", "base"), ("base_adapted_decoder", "base, adapted decoder"),
-                        ("with_prior", "DreamBooth with prior"), ("without_prior", "DreamBooth without prior")):
-        m = report[name]
-        print(f"{label:>28} {m['subject']['all_correct']:>17.3f} {m['prior']['all_correct']:>16.3f} "
-              f"{m['prior_reads_teal']:>17.3f} {m['prior_reads_ring']:>17.3f}")
-    print(f"subject: {report['subject_images']} images of 'a sks circle on a {{background}} background' judged a "
-          f"teal ring on that background; prior: {report['prior_images']} images of 'a {{color}} circle on a "
-          f"{{background}} background' judged exactly that")
-    print(f"report: {output_dir / 'report.json'}; samples.png (rows: base, adapted decoder, with prior, without)")
-
-
-def _print_ti(report: dict, output_dir: Path):
-    def line(name, r):
-        return (f"{name:>24}: orange star with the asked size and background {r['all_correct']:.3f} "
-                f"(small {r['all_correct_small']:.3f}, large {r['all_correct_large']:.3f}; "
-                f"colour {r['color']:.3f}, shape {r['shape']:.3f})")
-    print(f"textual inversion of '{report['concept']}' from {report['training_images']} images: "
-          f"{report['steps']} steps, {report['train_seconds']:.0f} s ({report['steps_per_s']:.1f} steps/s)")
-    print(f"{report['images']} images each ({report['sampling']}):")
-    print(line("words 'orange star'", report["words"]))
-    print(line(report["token"], report["embedding"]))
-    print(line("words, unseen bgs", report["words_other_backgrounds"]))
-    print(line(report["token"] + ", unseen bgs", report["embedding_other_backgrounds"]))
-    pv = report["embedding_vs_words"]
-    print(f"same seeds: {pv['first_only']} images right only with {report['token']}, {pv['second_only']} only with the "
-          f"words (both {pv['both']}, neither {pv['neither']}); sign test p = {pv['sign_test_p']:.3g}")
-    print(f"report: {output_dir / 'report.json'}; grids: words.png, embedding.png")
-
-
-def register(sub) -> None:
-    d = sub.add_parser("demo", help="personalisation demonstrations on the embedded shapes model")
-    dsub = d.add_subparsers(dest="demo", required=True)
-    t = dsub.add_parser("textual-inversion", help="learn <concept> = orange star (a held-out pair) from 5 images")
-    t.add_argument("--output-dir", type=Path, default=Path("runs/demo-textual-inversion"))
-    t.add_argument("--model", default=None, help="base model (default: the embedded shapes model)")
-    t.add_argument("--per-case", type=int, default=16, help="images per (size, background) (default 16)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of configs/textual-inversion-shapes.yaml (repeatable)")
-    t.add_argument("--quiet", action="store_true")
-    t.set_defaults(func=_run_ti)
-    b = dsub.add_parser("dreambooth", help="DreamBooth a teal ring (never seen) as 'a sks circle', "
-                                           "with and without prior preservation")
-    b.add_argument("--output-dir", type=Path, default=Path("runs/demo-dreambooth"))
-    b.add_argument("--model", default=None, help="base model (default: the embedded shapes model)")
-    b.add_argument("--per-case", type=int, default=6, help="subject images per background (default 6)")
-    b.add_argument("--prior-per-case", type=int, default=2,
-                   help="class images judged per (colour, background) (default 2)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
-    b.add_argument("--decoder-steps", type=int, default=None,
-                   help="override the decoder adaptation's steps (configs/vae-decoder-adapt-shapes.yaml)")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of configs/dreambooth-shapes.yaml (repeatable)")
-    b.add_argument("--quiet", action="store_true")
-    b.set_defaults(func=_run_db)
-
-
-def _run_demo(args, demo, printer, **kw) -> int:
-    from ldm.models import ModelError
-
-    from .config import ConfigError
-    from .loop import TrainingError
-
-    from pipelines.outputs import check_output_dir
-
-    try:
-        check_output_dir(args.output_dir)
-        bad = [item for item in args.set if "=" not in item]
-        if bad:
-            raise ConfigError(f"--set {bad[0]!r}: expected KEY=VALUE")
-        overrides = dict(item.split("=", 1) for item in args.set)
-        report = demo(args.output_dir, model=args.model, per_case=args.per_case, seed=args.seed,
-                      max_steps=args.max_steps, overrides=overrides, progress=not args.quiet, **kw)
-    except (ConfigError, TrainingError, ModelError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    printer(report, args.output_dir)
-    return 0
-
-
-def _run_ti(args) -> int:
-    return _run_demo(args, textual_inversion_demo, _print_ti)
-
-
-def _run_db(args) -> int:
-    return _run_demo(args, dreambooth_demo, _print_db, prior_per_case=args.prior_per_case,
-                     decoder_steps=args.decoder_steps)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ldm.models import EMBEDDED_MODEL
+
 VISUAL_FILE = "visual.safetensors"
+# the embedded model's CLIP image tower (for CLIP score), shipped beside the model
+EMBEDDED_CLIP = EMBEDDED_MODEL.parent / "shapes-clip"
 CONFIG_FILE = "open_clip_config.json"
 BOS, EOS = 49406, 49407
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .config import build as build_config, read_yaml
-from .recipes import recipe_path
+from finetune.config import build as build_config
+from finetune.config import read_yaml
+from finetune.recipes import recipe_path
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def build(out: Path, *, install: bool = False, resume: bool = False, progress: b
     (the tests build a tiny model this way)."""
     import importlib
 
-    from .loop import train
+    from finetune.loop import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,8 +74,9 @@ def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, c
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
-    from ldm.clip import CONFIG_FILE, VISUAL_FILE
-    from ldm.models import EMBEDDED_CLIP, EMBEDDED_MODEL, SAMPLING_FILE
+    from ldm.models import EMBEDDED_MODEL, SAMPLING_FILE
+
+    from .clip import CONFIG_FILE, EMBEDDED_CLIP, VISUAL_FILE
 
     target, clip_target = Path(target or EMBEDDED_MODEL), Path(clip_target or EMBEDDED_CLIP)
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)

@@ -242,7 +242,7 @@ def render_batch(scenes) -> np.ndarray:
 
 def render_tensor(scenes):
     """Scenes as a float tensor (N, 3, 64, 64) in [-1, 1], as the VAE and the CLIP read images."""
-    from .images import pixels_to_tensor
+    from ldm.images import pixels_to_tensor
 
     return pixels_to_tensor(render_batch(scenes))
 
@@ -335,3 +335,17 @@ def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noi
     a = np.asarray(image.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
     a = a + rng.normal(0, noise, a.shape)
     return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+
+
+def encode_scenes(vae, scenes, device, progress: bool = True, chunk: int = 500):
+    """(N, 4, h, w): the scaled posterior-mean latents of the rendered ``scenes`` (what the U-Net and
+    the distillation train on)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    lat = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(scenes), chunk), desc="caching latents", disable=not progress):
+            x = render_tensor(scenes[i:i + chunk])
+            lat.append(vae.encode(x.to(device, vae.dtype)).latent_dist.mode().float().cpu())
+    return torch.cat(lat) * vae.config.scaling_factor

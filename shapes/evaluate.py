@@ -1,19 +1,19 @@
 """``ldm eval``: generate a fixed, seeded set of full-caption prompts and judge every image with the
-shapes-world detector (ldm.shapes.detect): all-correct rate and each attribute's rate, separately
+shapes-world detector (shapes.world.detect): all-correct rate and each attribute's rate, separately
 for seen pairs and held-out pairs, plus CLIP score with the shapes CLIP. Writes a JSON report and a
 grid image."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ldm import shapes
 from ldm.images import to_tensor
+from pipelines.outputs import write_report
+
+from . import world as shapes
 
 ATTRS = ("size", "color", "shape", "background")
 
@@ -26,13 +26,6 @@ def eval_prompts(split: str, n: int | None, seed: int = 0) -> list[dict]:
     if n is not None:
         order = order[:n]
     return [dict(zip(ATTRS, combos[i]), prompt=shapes.caption(*combos[i]), split=split) for i in order]
-
-
-def write_report(output_dir: Path, report: dict, name: str = "report.json") -> None:
-    """``output_dir/name`` as JSON, written whole and then renamed into place."""
-    tmp = output_dir / f".{name}.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, output_dir / name)
 
 
 def judge(images, cases: list[dict]) -> list[dict]:
@@ -73,7 +66,7 @@ def generate(pipe, cases: list[dict], *, seed: int, batch_size: int, progress: b
 
 
 def clip_scores(images, prompts, clip_dir, text_dir) -> list[float]:
-    from ldm.clip import ShapesCLIP
+    from .clip import ShapesCLIP
 
     clip = ShapesCLIP(clip_dir, text_dir)
     return clip.score(torch.cat([to_tensor(i) for i in images]), prompts).tolist()
@@ -85,7 +78,9 @@ def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int
     """Generate and judge; returns the report (and writes report.json and grid.png into ``output_dir``).
     Sampling settings left None are the model's defaults (``Pipeline.sampling``)."""
     from ldm.images import make_grid
-    from ldm.models import EMBEDDED_CLIP, default_model_path
+    from ldm.models import default_model_path
+
+    from .clip import EMBEDDED_CLIP
 
     sampler, steps, guidance_scale = pipe.sampling(sampler, steps, guidance_scale)
     cases = eval_prompts("seen", seen, seed) + eval_prompts("heldout", heldout, seed)

@@ -1,0 +1,89 @@
+"""What the training objectives share: the denoising loss, the text-state cache, the validation grid
+and saving a model directory that diffusers loads."""
+
+from __future__ import annotations
+
+import torch
+
+from ldm.models import write_sampling_defaults
+from ldm.process import from_x0, q_sample
+from ldm.schedule import NoiseSchedule
+from ldm.text import encode_prompts
+
+
+def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
+                   snr_gamma: float = 0.0, reduce: bool = True):
+    """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction
+    against the true target of its parameterisation; per-sample losses when ``reduce`` is False."""
+    b = latents.shape[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    ab = schedule.alphas_cumprod[t].view(b, 1, 1, 1).to(latents.device)
+    noise = noise.to(latents.device)
+    xt = q_sample(latents, noise, ab)
+    target = from_x0(latents, xt, ab, schedule.prediction_type)
+    pred = unet(xt, t.to(latents.device), hidden).sample
+    per = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        snr = (ab / (1 - ab)).view(b)
+        # min-SNR-gamma in the epsilon form; v-prediction's loss is already (snr + 1)-scaled
+        denom = snr + 1 if schedule.prediction_type == "v_prediction" else snr
+        per = per * torch.minimum(snr, torch.full_like(snr, snr_gamma)) / denom
+    return per.mean() if reduce else per
+
+
+class TextCache:
+    """Hidden states of a frozen text encoder, computed once per distinct prompt, through the same
+    code as generation (ldm.text: concept expansion, the attention mask where the encoder uses one)."""
+
+    def __init__(self, text_encoder, tokenizer, device):
+        self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self.cache})
+        for i in range(0, len(missing), 512):
+            chunk = missing[i:i + 512]
+            self.cache.update(zip(chunk, encode_prompts(self.tokenizer, self.text_encoder, chunk, self.device).cpu()))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def sample_grid(model, prompts: list[str], *, seed: int, batch_size: int, trained=(), cols: int | None = None,
+                **sampling) -> dict[str, list]:
+    """Validation images of an Objective: ``batch_size`` images per prompt from ``model`` (an
+    ldm.models.Model) as it is now, the ``trained`` modules in eval mode meanwhile; one grid."""
+    from ldm.images import make_grid
+    from pipelines.pipeline import Pipeline
+
+    modes = [(m, m.training) for m in trained]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with torch.no_grad():
+            res = Pipeline(model).text_to_image(prompts, seed=seed, batch_size=batch_size, **sampling)
+    finally:
+        for m, was in modes:
+            m.train(was)
+    return {"samples": [make_grid(res.images, cols=cols or batch_size * len(prompts))]}
+
+
+def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, dtype=None,
+                  sampling: dict | None = None):
+    """Write a Stable Diffusion directory (model_index.json, unet, vae, text_encoder, tokenizer,
+    scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads; ``sampling``, when
+    given, becomes its sampling.json (the defaults ``ldm generate`` uses for it)."""
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    parts = [copy.deepcopy(m) for m in (unet, vae, text_encoder)]
+    if dtype is not None:
+        parts = [m.to(dtype) for m in parts]
+    cfg = {k: v for k, v in schedule.to_config().items() if k != "rescale_betas_zero_snr" or v}
+    scheduler = DDIMScheduler(**{**dict(clip_sample=False, set_alpha_to_one=False), **cfg})
+    pipe = StableDiffusionPipeline(vae=parts[1], text_encoder=parts[2], tokenizer=tokenizer, unet=parts[0],
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    if sampling:
+        write_sampling_defaults(directory, **sampling)

@@ -1,0 +1,172 @@
+"""The shapes world's commands of ``ldm`` (plugged in through the ``ldm.commands`` entry point):
+``ldm eval``, ``ldm demo textual-inversion|dreambooth`` and ``ldm build-shapes-model``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ldm.models import ModelError
+from pipelines.cli import device_for, model_path, sampling_args
+from pipelines.outputs import check_output_dir
+
+
+def register(sub) -> None:
+    """Add the shapes-world commands to ``ldm``'s subparsers."""
+    e = sub.add_parser("eval", help="judge a model on the shapes world (JSON report and grid)")
+    e.add_argument("--model", default=None, help="model directory (default: the embedded shapes model)")
+    e.add_argument("--output-dir", type=Path, default=Path("eval"), help="where report.json and grid.png go")
+    e.add_argument("--seen", type=int, default=64, help="seen-pair prompts (default 64)")
+    e.add_argument("--heldout", type=int, default=48, help="held-out-pair prompts (default 48: all of them)")
+    sampling_args(e)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+    _register_demos(sub)
+    b = sub.add_parser("build-shapes-model", help="train the embedded shapes model from scratch (VAE, CLIP, U-Net)")
+    b.add_argument("--output-dir", type=Path, default=Path("runs/shapes"), help="work directory (default runs/shapes)")
+    b.add_argument("--install", action="store_true",
+                   help="copy the result into the package as the embedded default model")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted build")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_build)
+
+
+def _eval(args) -> int:
+    from pipelines.pipeline import Pipeline
+
+    from .evaluate import evaluate
+
+    try:
+        check_output_dir(args.output_dir)
+        pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args))
+        report = evaluate(pipe, seen=args.seen, heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,
+                          steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                          output_dir=args.output_dir, progress=not args.quiet)
+    except (ValueError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for split in ("seen", "heldout"):
+        r = report[split]
+        if not r["n"]:
+            continue  # --seen 0 or --heldout 0: nothing asked, nothing to print
+        attrs = " ".join(f"{a} {r[a]:.3f}" for a in ("size", "color", "shape", "background") if a in r)
+        clip = f" clip_score {r['clip_score']:.1f}" if "clip_score" in r else ""
+        print(f"{split}: all-correct {r.get('all_correct', 0):.3f} of {r['n']} ({attrs}){clip}")
+    print(f"report: {args.output_dir / 'report.json'}, grid: {args.output_dir / 'grid.png'}")
+    return 0
+
+
+def _build(args) -> int:
+    from .build import build
+
+    try:
+        check_output_dir(args.output_dir)
+        build(args.output_dir, install=args.install, resume=args.resume, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_db(report: dict, output_dir: Path):
+    print(f"DreamBooth of a {report['subject']} from {report['instance_images']} images "
+          f"('{report['instance_prompt']}', class '{report['class_prompt']}', {report['class_images']} class images): "
+          f"decoder adapted in {report['decoder_steps']} steps ({report['decoder_seconds']:.0f} s); "
+          f"{report['steps']} steps each, with prior {report['train_seconds']['with_prior']:.0f} s, "
+          f"without {report['train_seconds']['without_prior']:.0f} s")
+    print(f"{'model':>28} {'subject fidelity':>17} {'prior preserved':>16} {'prior reads teal':>17} "
+          f"{'prior reads ring':>17}")
+    for name, label in (("base", "base"), ("base_adapted_decoder", "base, adapted decoder"),
+                        ("with_prior", "DreamBooth with prior"), ("without_prior", "DreamBooth without prior")):
+        m = report[name]
+        print(f"{label:>28} {m['subject']['all_correct']:>17.3f} {m['prior']['all_correct']:>16.3f} "
+              f"{m['prior_reads_teal']:>17.3f} {m['prior_reads_ring']:>17.3f}")
+    print(f"subject: {report['subject_images']} images of 'a sks circle on a {{background}} background' judged a "
+          f"teal ring on that background; prior: {report['prior_images']} images of 'a {{color}} circle on a "
+          f"{{background}} background' judged exactly that")
+    print(f"report: {output_dir / 'report.json'}; samples.png (rows: base, adapted decoder, with prior, without)")
+
+
+def _print_ti(report: dict, output_dir: Path):
+    def line(name, r):
+        return (f"{name:>24}: orange star with the asked size and background {r['all_correct']:.3f} "
+                f"(small {r['all_correct_small']:.3f}, large {r['all_correct_large']:.3f}; "
+                f"colour {r['color']:.3f}, shape {r['shape']:.3f})")
+    print(f"textual inversion of '{report['concept']}' from {report['training_images']} images: "
+          f"{report['steps']} steps, {report['train_seconds']:.0f} s ({report['steps_per_s']:.1f} steps/s)")
+    print(f"{report['images']} images each ({report['sampling']}):")
+    print(line("words 'orange star'", report["words"]))
+    print(line(report["token"], report["embedding"]))
+    print(line("words, unseen bgs", report["words_other_backgrounds"]))
+    print(line(report["token"] + ", unseen bgs", report["embedding_other_backgrounds"]))
+    pv = report["embedding_vs_words"]
+    print(f"same seeds: {pv['first_only']} images right only with {report['token']}, {pv['second_only']} only with the "
+          f"words (both {pv['both']}, neither {pv['neither']}); sign test p = {pv['sign_test_p']:.3g}")
+    print(f"report: {output_dir / 'report.json'}; grids: words.png, embedding.png")
+
+
+def _register_demos(sub) -> None:
+    d = sub.add_parser("demo", help="personalisation demonstrations on the embedded shapes model")
+    dsub = d.add_subparsers(dest="demo", required=True)
+    t = dsub.add_parser("textual-inversion", help="learn <concept> = orange star (a held-out pair) from 5 images")
+    t.add_argument("--output-dir", type=Path, default=Path("runs/demo-textual-inversion"))
+    t.add_argument("--model", default=None, help="base model (default: the embedded shapes model)")
+    t.add_argument("--per-case", type=int, default=16, help="images per (size, background) (default 16)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of configs/textual-inversion-shapes.yaml (repeatable)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_run_ti)
+    b = dsub.add_parser("dreambooth", help="DreamBooth a teal ring (never seen) as 'a sks circle', "
+                                           "with and without prior preservation")
+    b.add_argument("--output-dir", type=Path, default=Path("runs/demo-dreambooth"))
+    b.add_argument("--model", default=None, help="base model (default: the embedded shapes model)")
+    b.add_argument("--per-case", type=int, default=6, help="subject images per background (default 6)")
+    b.add_argument("--prior-per-case", type=int, default=2,
+                   help="class images judged per (colour, background) (default 2)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
+    b.add_argument("--decoder-steps", type=int, default=None,
+                   help="override the decoder adaptation's steps (configs/vae-decoder-adapt-shapes.yaml)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of configs/dreambooth-shapes.yaml (repeatable)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_run_db)
+
+
+def _run_demo(args, demo, printer, **kw) -> int:
+    from finetune.config import ConfigError
+    from finetune.loop import TrainingError
+    from ldm.models import ModelError
+    from pipelines.outputs import check_output_dir
+
+    try:
+        check_output_dir(args.output_dir)
+        bad = [item for item in args.set if "=" not in item]
+        if bad:
+            raise ConfigError(f"--set {bad[0]!r}: expected KEY=VALUE")
+        overrides = dict(item.split("=", 1) for item in args.set)
+        report = demo(args.output_dir, model=args.model, per_case=args.per_case, seed=args.seed,
+                      max_steps=args.max_steps, overrides=overrides, progress=not args.quiet, **kw)
+    except (ConfigError, TrainingError, ModelError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    printer(report, args.output_dir)
+    return 0
+
+
+def _run_ti(args) -> int:
+    from .demos import textual_inversion_demo
+
+    return _run_demo(args, textual_inversion_demo, _print_ti)
+
+
+def _run_db(args) -> int:
+    from .demos import dreambooth_demo
+
+    return _run_demo(args, dreambooth_demo, _print_db, prior_per_case=args.prior_per_case,
+                     decoder_steps=args.decoder_steps)
