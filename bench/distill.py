@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     teacher_dir = args.teacher or Path(chain["teacher"]) or default_model_path()
     cases = eval_prompts("seen", args.seen, args.seed)
     teacher = Pipeline.from_pretrained(teacher_dir)
-    w = teacher.model.sampling["guidance_scale"] if args.guidance is None else args.guidance
+    w = teacher.model.sampling_defaults["guidance_scale"] if args.guidance is None else args.guidance
     own = teacher.model.schedule
     grids = [("trailing", dataclasses.replace(own, timestep_spacing="trailing", set_alpha_to_one=True))]
     if not args.no_config_spacing:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     for stage in chain["stages"]:
         d = args.chain / stage["stage"]
         student = Pipeline.from_pretrained(d)
-        n = student.model.sampling["steps"]
+        n = student.model.sampling_defaults["steps"]
         images, r = run(student, cases, steps=n, guidance=w, seed=args.seed, batch_size=args.batch_size)
         train_s = stage.get("seconds")
         results.append({"model": f"student {stage['stage']}", "steps": n, **r,

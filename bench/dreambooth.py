@@ -56,9 +56,9 @@ def run_one(args) -> dict:
 
     class Measured(DreamBoothObjective):
         def setup(self, accelerator):
-            super().setup(accelerator)
+            trainable = super().setup(accelerator)
             marks["rss_after_setup"] = rss_mib()
-            params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
+            params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
             marks["trainable_params"] = sum(p.numel() for p in params)
             if not cuda:  # (on CUDA a forward hook would time kernel launches, not the work)
                 timed_modules({"U-Net forward": self.model.unet}, parts)
@@ -66,6 +66,7 @@ def run_one(args) -> dict:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 marks["cuda_after_setup"] = torch.cuda.memory_allocated() / 2**20
+            return trainable
 
         def loss(self, batch, modules, generator):
             if cuda:

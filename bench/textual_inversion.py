@@ -53,8 +53,7 @@ def main():
     cfg = build(TextualInversionConfig, dict(model=args.model, data_dir=str(data), initializer_token=args.initializer,
                                              batch_size=args.batch_size, output_dir=tmp.name))
     obj = TextualInversionObjective(cfg)
-    obj.setup(Accelerator(cpu=not torch.cuda.is_available()))
-    te, unet = obj.trainable["text_encoder"], obj.model.unet
+    te, unet = obj.setup(Accelerator(cpu=not torch.cuda.is_available()))["text_encoder"], obj.model.unet
     opt = torch.optim.AdamW([obj.embedding], lr=cfg.learning_rate)
     parts = defaultdict(float)
 

@@ -65,9 +65,9 @@ class CLIPObjective(Objective):
         self._tmp = tempfile.TemporaryDirectory()
         self.tokenizer = write_clip_tokenizer(self._tmp.name, model_max_length=self.cfg.context_length)
         self.model = build_open_clip(self.cfg.open_clip_cfg())
-        self.trainable = {"clip": self.model}
         self.clip_loss = open_clip.ClipLoss()
         self._ids: dict[str, torch.Tensor] = {}
+        return {"clip": self.model}
 
     def tokens(self, captions: list[str]) -> torch.Tensor:
         missing = [c for c in set(captions) if c not in self._ids]

@@ -68,9 +68,9 @@ def sample_grid(model, prompts: list[str], *, seed: int, batch_size: int, traine
 
 
 def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, dtype=None,
-                  sampling: dict | None = None):
+                  sampling_defaults: dict | None = None):
     """Write a Stable Diffusion directory (model_index.json, unet, vae, text_encoder, tokenizer,
-    scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads; ``sampling``, when
+    scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads; ``sampling_defaults``, when
     given, becomes its sampling.json (the defaults ``ldm generate`` uses for it)."""
     import copy
 
@@ -85,5 +85,5 @@ def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: Noise
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(directory), safe_serialization=True)
-    if sampling:
-        write_sampling_defaults(directory, **sampling)
+    if sampling_defaults:
+        write_sampling_defaults(directory, **sampling_defaults)

@@ -203,7 +203,7 @@ class DistillObjective(Objective):
         else:
             student = copy.deepcopy(t.unet)
         self.w_dim = guidance_input_dim(student)
-        self.trainable = {"unet": student.requires_grad_(True).train()}
+        return {"unet": student.requires_grad_(True).train()}
 
     def batch(self, index, generator, rank, world):
         cfg = self.cfg
@@ -265,27 +265,28 @@ class DistillObjective(Objective):
         per = (x_hat - target).pow(2).mean(dim=(1, 2, 3)) * truncated_snr_weight(ab).view(-1)
         return per.mean(), {}
 
-    def sampling(self) -> dict:
+    def student_defaults(self) -> dict:
         """The student's sampling.json: its step count, and its default w (1 when the teacher's
         guidance is baked in without a w input)."""
         w = self.teacher_scale if (self.guidance_input or self.teacher_w_input) else 1.0
         return {"sampler": "ddim", "steps": self.steps or self.cfg.from_steps, "guidance_scale": w}
 
-    def model(self, unet) -> Model:
+    def as_model(self, unet) -> Model:
         t = self.teacher
         return Model(unet=unet, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
-                     schedule=self.schedule, name=self.name, path=Path(self.cfg.output_dir), sampling=self.sampling())
+                     schedule=self.schedule, name=self.name, path=Path(self.cfg.output_dir),
+                     sampling_defaults=self.student_defaults())
 
     def validate(self, step, modules):
-        return sample_grid(self.model(modules["unet"]), self.cfg.validation_prompts, seed=self.cfg.seed,
+        return sample_grid(self.as_model(modules["unet"]), self.cfg.validation_prompts, seed=self.cfg.seed,
                            batch_size=4, trained=[modules["unet"]], cols=4)
 
     def save(self, directory: Path, modules):
         t = self.teacher
         save_pipeline(directory, modules["unet"], t.vae, t.text_encoder, t.tokenizer, self.schedule,
-                      sampling=self.sampling())
+                      sampling_defaults=self.student_defaults())
         cfg = self.cfg
-        info = {"stage": self.name, "teacher": str(self.teacher_dir), "steps": self.sampling()["steps"],
+        info = {"stage": self.name, "teacher": str(self.teacher_dir), "steps": self.student_defaults()["steps"],
                 "prediction_type": self.schedule.prediction_type, "timestep_spacing": "trailing",
                 "guidance_input": self.w_dim is not None,
                 "guidance_range": list(cfg.guidance_range) if self.w_dim is not None else None,

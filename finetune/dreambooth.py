@@ -145,19 +145,20 @@ class DreamBoothObjective(Objective):
         if not cfg.train_text_encoder:  # the two prompts' states, once
             self.cached = {k: encode_prompts(m.tokenizer, m.text_encoder, [p])[0].cpu()
                            for k, p in self.prompts.items() if p}
-        self.trainable = {"unet": m.unet}
+        trainable = {"unet": m.unet}
         if cfg.train_text_encoder:
-            self.trainable["text_encoder"] = m.text_encoder
+            trainable["text_encoder"] = m.text_encoder
         if cfg.lora_rank:
             self._add_lora()
         else:
-            for mod in self.trainable.values():
+            for mod in trainable.values():
                 mod.requires_grad_(True)
-        for mod in self.trainable.values():
+        for mod in trainable.values():
             mod.train()
             if cfg.gradient_checkpointing:
                 (mod.enable_gradient_checkpointing if hasattr(mod, "enable_gradient_checkpointing")
                  else mod.gradient_checkpointing_enable)()
+        return trainable
 
     def _add_lora(self):
         from peft import LoraConfig
@@ -212,14 +213,14 @@ class DreamBoothObjective(Objective):
         return instance + self.cfg.prior_loss_weight * prior, {"instance": instance.item(), "prior": prior.item()}
 
     # --- results --------------------------------------------------------------------------------
-    def _model(self, modules):
+    def _as_model(self, modules):
         return dataclasses.replace(self.model, unet=modules["unet"],
                                    text_encoder=modules.get("text_encoder", self.model.text_encoder))
 
     def validate(self, step, modules):
         if not self.cfg.validation_prompts:
             return {}
-        return sample_grid(self._model(modules), self.cfg.validation_prompts, seed=self.cfg.seed, batch_size=2,
+        return sample_grid(self._as_model(modules), self.cfg.validation_prompts, seed=self.cfg.seed, batch_size=2,
                            trained=list(modules.values()))
 
     def save(self, directory: Path, modules):
@@ -238,4 +239,4 @@ class DreamBoothObjective(Objective):
                                                       safe_serialization=True)
             return
         save_pipeline(directory, modules["unet"], m.vae, modules.get("text_encoder", m.text_encoder), m.tokenizer,
-                      m.schedule, sampling=m.sampling)
+                      m.schedule, sampling_defaults=m.sampling_defaults)

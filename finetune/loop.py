@@ -32,18 +32,19 @@ class TrainingError(RuntimeError):
 
 
 class Objective:
-    """A training method. Subclasses set ``self.trainable`` (name -> module) in ``setup`` and
-    implement ``batch`` and ``loss``; the rest has defaults."""
+    """A training method. ``setup`` returns what trains (name -> module); ``batch`` and ``loss``
+    say what one step sees and optimises; the rest has defaults."""
 
     name = "train"
     export_checkpoints = False  # True: every checkpoint also holds the result (save()), usable for inference
 
-    def setup(self, accelerator) -> None:
-        """Load models, move frozen parts to ``accelerator.device``, cache data, set ``self.trainable``."""
+    def setup(self, accelerator) -> dict[str, torch.nn.Module]:
+        """Load models, move frozen parts to ``accelerator.device``, cache data; return the modules
+        that train, by name (the names ``loss``, ``after_step``, ``validate`` and ``save`` get them by)."""
         raise NotImplementedError
 
-    def parameters(self, modules: dict[str, torch.nn.Module]):
-        """The parameters the optimiser updates (default: every trainable parameter of ``modules``)."""
+    def optimized(self, modules: dict[str, torch.nn.Module]):
+        """The tensors the optimiser updates (default: every parameter of ``modules`` that requires grad)."""
         return [p for m in modules.values() for p in m.parameters() if p.requires_grad]
 
     def batch(self, index: int, generator: torch.Generator, rank: int, world: int) -> dict:
@@ -98,7 +99,7 @@ class EMA:
                     p.copy_(v)
 
     def state_dict(self):
-        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates, "decay": self.decay}
+        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates}
 
     def load_state_dict(self, state):
         for s, v in zip(self.shadow, state["shadow"]):
@@ -244,9 +245,9 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     optimizer_cls = optimizer_class(cfg, accelerator.device)
     torch.manual_seed(cfg.seed)  # model initialisation in setup is seeded alike on every process
 
-    objective.setup(accelerator)
-    names = list(objective.trainable)
-    params = objective.parameters(objective.trainable)
+    trainable = objective.setup(accelerator)
+    names = list(trainable)
+    params = objective.optimized(trainable)
     if not params:
         raise TrainingError(f"{objective.name}: nothing to train (no parameter requires grad)")
     lr = cfg.learning_rate
@@ -257,7 +258,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     optimizer = optimizer_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    prepared = accelerator.prepare(*[objective.trainable[n] for n in names], optimizer, scheduler)
+    prepared = accelerator.prepare(*[trainable[n] for n in names], optimizer, scheduler)
     modules = dict(zip(names, prepared[:len(names)]))
     optimizer, scheduler = prepared[len(names):]
     ema = EMA(params, cfg.ema_decay, cfg.ema_warmup_steps) if cfg.ema_decay > 0 else None

@@ -132,8 +132,8 @@ class TextualInversionObjective(Objective):
             te.gradient_checkpointing_enable()
         te.train()
         self.model = m
-        self.trainable = {"text_encoder": te}
         self._cache_latents(accelerator)
+        return {"text_encoder": te}
 
     def _cache_latents(self, accelerator):
         cfg, m = self.cfg, self.model
@@ -153,8 +153,8 @@ class TextualInversionObjective(Objective):
         log.info("textual inversion: %d images, %d view(s) each, latents %s", len(self.paths),
                  self.latents.shape[1], tuple(self.latents.shape[2:]))
 
-    def parameters(self, modules):
-        return [self.embedding]
+    def optimized(self, modules):
+        return [self.embedding]  # the embedding matrix only; its frozen rows are restored after each step
 
     # --- the data stream: epochs of (images x repeats), shuffled per epoch ------------------------
     def _item(self, k: int) -> int:

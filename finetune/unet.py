@@ -81,7 +81,7 @@ class UNetObjective(Objective):
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
         self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.trainable = {"unet": build_unet(cfg, self.text_encoder.config.hidden_size, shapes.CANVAS // factor)}
+        return {"unet": build_unet(cfg, self.text_encoder.config.hidden_size, shapes.CANVAS // factor)}
 
     def batch(self, index, generator, rank, world):
         rng = np.random.default_rng([self.cfg.seed, index, rank, 31])
@@ -99,19 +99,19 @@ class UNetObjective(Objective):
                               self.schedule, generator, self.cfg.snr_gamma)
         return loss, {}
 
-    def model(self, unet):
+    def as_model(self, unet):
         from ldm.models import Model
 
         return Model(unet=unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                      schedule=self.schedule, name="shapes", path=Path(self.cfg.output_dir),
-                     sampling={**SAMPLING_DEFAULTS, "guidance_scale": self.cfg.guidance_scale})
+                     sampling_defaults={**SAMPLING_DEFAULTS, "guidance_scale": self.cfg.guidance_scale})
 
     def validate(self, step, modules):
-        return sample_grid(self.model(modules["unet"]), self.cfg.validation_prompts, seed=self.cfg.seed,
+        return sample_grid(self.as_model(modules["unet"]), self.cfg.validation_prompts, seed=self.cfg.seed,
                            batch_size=4, trained=[modules["unet"]], cols=4, steps=25)
 
     def save(self, directory: Path, modules):
         save_pipeline(directory, modules["unet"], self.vae, self.text_encoder, self.tokenizer, self.schedule,
-                      sampling={"guidance_scale": self.cfg.guidance_scale})
+                      sampling_defaults={"guidance_scale": self.cfg.guidance_scale})
 
 

@@ -111,12 +111,12 @@ class VAEObjective(Objective):
             if self.cfg.decoder_only:
                 for part in (vae.encoder, vae.quant_conv):
                     part.requires_grad_(False)
-            self.trainable = {"vae": vae}
         elif self.cfg.decoder_only:
             raise ValueError("decoder_only: set init_vae to the VAE whose encoder is kept")
         else:
-            self.trainable = {"vae": build_vae(self.cfg)}
+            vae = build_vae(self.cfg)
         self.folders = [self._read_folder(d) for d in self.cfg.data_dirs]
+        return {"vae": vae}
 
     def _read_folder(self, directory: str) -> torch.Tensor:
         """(N, 3, R, R) in [-1, 1]: every readable image of ``directory`` made square."""

@@ -88,7 +88,7 @@ class Model:
     schedule: NoiseSchedule
     name: str
     path: Path
-    sampling: dict = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))  # see read_sampling_defaults
+    sampling_defaults: dict = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))  # see read_sampling_defaults
 
     @property
     def device(self) -> torch.device:

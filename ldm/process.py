@@ -69,10 +69,6 @@ def x0_from_v(xt, v, alpha_bar):
     return _sqrt(alpha_bar) * xt - _sqrt(1 - alpha_bar) * v
 
 
-def eps_from_v(xt, v, alpha_bar):
-    return _sqrt(alpha_bar) * v + _sqrt(1 - alpha_bar) * xt
-
-
 def to_x0(prediction: torch.Tensor, xt: torch.Tensor, alpha_bar, prediction_type: str) -> torch.Tensor:
     """Turn a network output of the given parameterisation into the x_0 estimate."""
     if prediction_type == "epsilon":

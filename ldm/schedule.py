@@ -21,8 +21,6 @@ from .process import PREDICTION_TYPES
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
-# Where diffusers clamps the last alpha_bar of a zero-terminal-SNR schedule for sigma-space samplers.
-ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 # Stable Diffusion 1.x's training schedule (scheduler_config.json of SD 1.5), the one this project's
 # own models train with
@@ -160,11 +158,6 @@ class NoiseSchedule:
         sig = np.sqrt((1 - self._ab) / self._ab)
         s = float(np.interp(t, np.arange(len(sig)), sig))
         return 1.0 / (1.0 + s * s)
-
-    def snr(self, t) -> torch.Tensor:
-        """alpha_bar / (1 - alpha_bar) at integer timesteps (a tensor of indices)."""
-        ab = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long)]
-        return ab / (1 - ab)
 
     def steps(self, num_steps: int, *, integer: bool = True, final: str = "zero",
               spacing: str | None = None, drop_lowest: bool = False) -> Steps:

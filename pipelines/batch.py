@@ -45,6 +45,6 @@ def write_tasks(pipe, tasks: list[Task], make: Callable, *, rank: int = 0, world
                 on_skip(task)
             continue
         res = make(task, on_step)
-        for img, params, path in zip(res.images, pipe.parameters(res), task.paths):
+        for img, params, path in zip(res.images, pipe.infotexts(res), task.paths):
             written.append(save_png(img, path, params))
     return written

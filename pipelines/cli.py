@@ -1,4 +1,5 @@
-"""The ``ldm`` command: generate, img2img, inpaint."""
+"""The ``ldm`` command: generate, img2img, inpaint and serve; finetune and shapes add theirs (training, eval,
+demos, the model build) through the ``ldm.commands`` entry point."""
 
 from __future__ import annotations
 

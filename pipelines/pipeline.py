@@ -65,7 +65,7 @@ class Pipeline:
         return cls(load_model(name_or_path, **kwargs), vae_slice_size=slice_size)
 
     # --- shared pieces --------------------------------------------------------------------------
-    def sampling(self, sampler: str | None = None, steps: int | None = None,
+    def sampling_settings(self, sampler: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None) -> tuple[str, int, float]:
         """The given sampling settings, each None replaced by the model's default (its sampling.json,
         else ddim, 30 steps, guidance 7.5), checked."""
@@ -169,8 +169,8 @@ class Pipeline:
         pixels = autoencoder.decode(self.model.vae, latents, self._slice(latents.shape[0]))
         return Result(pixels, latents, list(r.seeds), list(r.prompts), list(r.negatives), r.settings())
 
-    def parameters(self, res: Result) -> list[str]:
-        """The A1111 ``parameters`` text of each image of ``res`` (what its PNG carries)."""
+    def infotexts(self, res: Result) -> list[str]:
+        """The A1111 ``parameters`` text (A1111's "infotext") of each image of ``res``: what its PNG carries."""
         st = res.settings
         return [format_parameters(p, n, steps=st["steps"], sampler=st["sampler"], guidance=st["guidance"], seed=s,
                                   width=st["width"], height=st["height"], model=self.model.name,

@@ -61,7 +61,7 @@ def random_seed() -> int:
 def sampling_defaults(model, sampler: str | None = None, steps: int | None = None,
                       guidance: float | None = None) -> tuple[str, int, float]:
     """Each None replaced by the model's default (its sampling.json, else ddim, 30 steps, 7.5)."""
-    d = model.sampling
+    d = model.sampling_defaults
     return (d["sampler"] if sampler is None else sampler, d["steps"] if steps is None else steps,
             d["guidance_scale"] if guidance is None else guidance)
 

@@ -348,7 +348,7 @@ class Studio:
         with torch.inference_mode():
             res = pipe.generate(runnable, step)
         seconds = time.perf_counter() - t0
-        images, files, parameters = [], [], pipe.parameters(res)
+        images, files, parameters = [], [], pipe.infotexts(res)
         for img, params, s in zip(res.images, parameters, res.seeds):
             data = png_bytes(img, params)
             path = self.output_dir / f"{self._stamp}-{next(self._seq):05d}-{s}.png"

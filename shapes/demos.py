@@ -122,7 +122,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
         "concept": f"{TI_COLOR} {TI_SHAPE}", "token": token, "training_images": len(TI_TRAIN),
         "training_backgrounds": trained_bgs, "steps": cfg.max_steps,
         "train_seconds": summary["seconds"], "steps_per_s": summary["steps_per_s"],
-        "sampling": dict(zip(("sampler", "steps", "guidance"), base.sampling())), "images": len(cases),
+        "sampling": dict(zip(("sampler", "steps", "guidance"), base.sampling_settings())), "images": len(cases),
         "words": _rates(base_rows), "embedding": _rates(ti_rows),
         "words_other_backgrounds": _rates([r for r in base_rows if r["background"] not in trained_bgs]),
         "embedding_other_backgrounds": _rates([r for r in ti_rows if r["background"] not in trained_bgs]),

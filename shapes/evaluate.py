@@ -76,13 +76,13 @@ def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int
              steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None, clip_dir=None, clip_text_dir=None,
              output_dir=None, progress: bool = True) -> dict:
     """Generate and judge; returns the report (and writes report.json and grid.png into ``output_dir``).
-    Sampling settings left None are the model's defaults (``Pipeline.sampling``)."""
+    Sampling settings left None are the model's defaults (``Pipeline.sampling_settings``)."""
     from ldm.images import make_grid
     from ldm.models import default_model_path
 
     from .clip import EMBEDDED_CLIP
 
-    sampler, steps, guidance_scale = pipe.sampling(sampler, steps, guidance_scale)
+    sampler, steps, guidance_scale = pipe.sampling_settings(sampler, steps, guidance_scale)
     cases = eval_prompts("seen", seen, seed) + eval_prompts("heldout", heldout, seed)
     images = generate(pipe, cases, seed=seed, batch_size=batch_size, progress=progress, steps=steps,
                       guidance_scale=guidance_scale, sampler=sampler)

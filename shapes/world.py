@@ -53,14 +53,6 @@ class Scene:
     def caption(self) -> str:
         return caption(self.size, self.color, self.shape, self.background)
 
-    @property
-    def held_out(self) -> bool:
-        return (self.color, self.shape) in HELD_OUT
-
-    @property
-    def reserved(self) -> bool:
-        return self.color in RESERVED_COLORS or self.shape in RESERVED_SHAPES
-
 
 def caption(size: str | None, color: str | None, shape: str, background: str | None) -> str:
     """``a {size} {color} {shape} on a {background} background``; any attribute but the shape may be
@@ -77,25 +69,6 @@ def partial_caption(scene: Scene, rng: np.random.Generator, drop: float) -> str:
     keep = rng.random(3) >= drop
     return caption(scene.size if keep[0] else None, scene.color if keep[1] else None, scene.shape,
                    scene.background if keep[2] else None)
-
-
-def parse_caption(text: str) -> dict[str, str | None]:
-    """The attributes a caption names (None where it names none); the inverse of :func:`caption`."""
-    words = text.lower().split()
-    out: dict[str, str | None] = {"size": None, "color": None, "shape": None, "background": None}
-    if "background" in words:
-        i = words.index("background")
-        if i >= 1 and words[i - 1] in PALETTE:
-            out["background"] = words[i - 1]
-        words = words[:max(i - 3, 0)]  # drop "on a {bg} background"
-    for w in words:
-        if w in SIZES:
-            out["size"] = w
-        elif w in PALETTE and out["color"] is None:
-            out["color"] = w
-        elif w in ALL_SHAPES:
-            out["shape"] = w
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class Regression(Objective):
 
     def setup(self, accelerator):
         self.device = accelerator.device
-        self.trainable = {"net": torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))}
+        return {"net": torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))}
 
     def batch(self, index, generator, rank, world):
         x = torch.randn(8, 4, generator=generator)

@@ -147,14 +147,14 @@ def test_chain_saves_models_that_generate_at_their_step_count(sd1_dir, tmp_path)
     sched = json.loads((tmp_path / "c" / "steps-2" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction" and sched["timestep_spacing"] == "trailing"
     assert sched["set_alpha_to_one"] is True
-    assert student.model.sampling["steps"] == 2
+    assert student.model.sampling_defaults["steps"] == 2
     assert student.model.unet.config.time_cond_proj_dim == 8
     res, rows = _unet_rows(student)
     assert rows == [1, 1]  # two steps, one pass each, no unconditional branch
     other, _ = _unet_rows(student, guidance_scale=1.5)
     assert not torch.equal(res.pixels, other.pixels)  # w reaches the model
     guid = Pipeline.from_pretrained(tmp_path / "c" / "guidance")
-    assert guid.model.sampling["steps"] == 4 and guid.model.schedule.prediction_type == "epsilon"
+    assert guid.model.sampling_defaults["steps"] == 4 and guid.model.schedule.prediction_type == "epsilon"
     info = json.loads((tmp_path / "c" / "steps-2" / "distillation.json").read_text())
     assert info["teacher"] == str(tmp_path / "c" / "guidance")
     # a finished stage is never overwritten silently
@@ -183,7 +183,7 @@ def test_student_matches_diffusers_on_its_saved_scheduler(sd1_dir, tmp_path, gui
     if guided:
         assert ours.model.unet.config.time_cond_proj_dim == 8
     else:
-        assert ours.model.sampling["guidance_scale"] == 1.0 and ours.model.unet.config.time_cond_proj_dim is None
+        assert ours.model.sampling_defaults["guidance_scale"] == 1.0 and ours.model.unet.config.time_cond_proj_dim is None
     ref = StableDiffusionPipeline.from_pretrained(d, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     expect = ref("a red circle", num_inference_steps=2, guidance_scale=w,

@@ -46,11 +46,11 @@ def test_prior_loss_is_the_class_loss_times_the_weight(sd1_dir, instance_dir, tm
     cfg = _cfg(sd1_dir, instance_dir, tmp_path, with_prior_preservation=True, prior_loss_weight=0.3)
     obj = DreamBoothObjective(cfg)
     # a stand-in: a real Accelerator(cpu=True) would pin accelerate's process-wide state to the CPU
-    obj.setup(SimpleNamespace(device=torch.device("cpu"), is_main_process=True, process_index=0, num_processes=1,
+    trainable = obj.setup(SimpleNamespace(device=torch.device("cpu"), is_main_process=True, process_index=0, num_processes=1,
                               wait_for_everyone=lambda: None))
     batch = obj.batch(5, step_generator(0, 5, 0), 0, 1)
     assert batch["kinds"] == ["instance"] * 2 + ["class"] * 2
-    loss, logs = obj.loss(batch, obj.trainable, torch.Generator().manual_seed(11))
+    loss, logs = obj.loss(batch, trainable, torch.Generator().manual_seed(11))
     # by hand: the same draws (timesteps, then noise), DDPM's forward process, the MSE of epsilon
     g = torch.Generator().manual_seed(11)
     x0 = batch["latents"]

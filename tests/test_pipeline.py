@@ -213,7 +213,7 @@ def test_a_models_sampling_json_sets_the_defaults_and_explicit_values_win(tmp_pa
     assert (over.settings["sampler"], over.settings["steps"], over.settings["guidance"]) == ("ddim", 3, 7.5)
     assert torch.equal(over.pixels, sd1_pipe.text_to_image("a star", seed=4, steps=3).pixels)
     # without the file: ddim, 30 steps, guidance 7.5
-    assert sd1_pipe.sampling() == ("ddim", 30, 7.5)
+    assert sd1_pipe.sampling_settings() == ("ddim", 30, 7.5)
 
 
 @pytest.mark.parametrize("text, match", [('{"guidance": 5}', "unknown key.*guidance"), ("{5", "not valid JSON")])

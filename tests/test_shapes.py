@@ -84,12 +84,10 @@ def test_reserved_subject_renders():
         assert (r.color, r.shape, r.background) == ("teal", "ring", bg)
 
 
-def test_captions_full_partial_and_parsed():
+def test_captions_full_and_partial():
     assert S.caption("large", "red", "circle", "blue") == "a large red circle on a blue background"
     assert S.caption(None, "red", "circle", None) == "a red circle"
     assert S.caption(None, None, "star", "black") == "a star on a black background"
-    assert S.parse_caption("a small green star on a gray background") == \
-        {"size": "small", "color": "green", "shape": "star", "background": "gray"}
     sc = S.Scene("large", "red", "circle", "blue")
     rng = np.random.default_rng(0)
     seen = {S.partial_caption(sc, rng, 0.5) for _ in range(200)}

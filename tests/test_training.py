@@ -53,8 +53,7 @@ def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
     cfg = VAEConfig(output_dir=str(tmp_path), block_out_channels=[8, 8, 8, 8], norm_num_groups=4,
                     edge_weight=10.0, kl_weight=0.0, crop_size=0, batch_size=2)
     obj = VAEObjective(cfg)
-    obj.setup(CPU)
-    vae = obj.trainable["vae"]
+    vae = obj.setup(CPU)["vae"]
     x = obj.batch(0, None, 0, 1)["pixels"]
     g = torch.Generator().manual_seed(1)
     loss, logs = obj.loss({"pixels": x}, {"vae": vae}, g)
@@ -143,7 +142,7 @@ def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_buil
     assert (tmp_path / "clip" / "visual.safetensors").is_file()
     assert json.loads((tmp_path / "model" / "model_index.json").read_text())["_name_or_path"] == "model"
     pipe = Pipeline.from_pretrained(tmp_path / "model")
-    assert pipe.sampling() == ("ddim", 30, guidance)
+    assert pipe.sampling_settings() == ("ddim", 30, guidance)
 
 
 def test_scaling_factor_is_one_over_the_latent_std(tiny_build):
