@@ -3,14 +3,14 @@
 One process loads the model once. Requests go into a bounded queue and one worker runs them one
 batch at a time on the model: under ``ldm serve`` the worker is the process's main thread and the
 HTTP server runs in a second thread, because PyTorch's OpenMP kernels run several times slower when
-started from a thread that is not the main one (measured on the embedded model: 0.50 s an image
-against 0.16 s, see bench/serve.py); a full queue answers 503 with ``Retry-After`` instead of piling
+started from a thread that is not the main one (docs/serve.md has the figures); a full queue answers 503 with ``Retry-After`` instead of piling
 up memory. Each image is written to the output folder as soon as its batch is made (so a crash loses
 nothing already generated) and comes back as a base64 PNG carrying its A1111 ``parameters`` chunk.
 A client that goes away has its job cancelled: skipped if still queued, stopped at the next sampler
 step if running.
 
     GET  /                 the studio page (pipelines/static/studio.html)
+    GET  /api/openapi.json the API's schema
     GET  /api/health       liveness, queue length, counters
     GET  /api/models       the loaded model and its defaults, samplers, embeddings, LoRA files, limits
     GET  /api/progress     the running job's step and the queue length (the page's progress bar)
