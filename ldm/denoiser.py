@@ -14,7 +14,8 @@ def unet_net(unet) -> Callable:
 
     ``context`` holds ``encoder_hidden_states`` (B, L, D) and, for a 9-channel inpainting U-Net,
     ``concat`` (B, 5, h, w): the mask and the masked image's latents, appended to the input
-    channels, and for a guidance-distilled U-Net ``timestep_cond`` (B, D), its guidance-scale input
+    channels, for SDXL ``text_embeds`` and ``time_ids`` (its added conditions), and for a
+    guidance-distilled U-Net ``timestep_cond`` (B, D), its guidance-scale input
     (ldm.guidance.guidance_embedding). ``t`` is one timestep, or a (B,) tensor of one per sample (training).
     The network runs in its own dtype; the output comes back as float32.
     """
@@ -30,6 +31,9 @@ def unet_net(unet) -> Callable:
                              + ("; a 9-channel inpainting U-Net needs a mask and an image (use inpaint)"
                                 if expected == 9 else ""))
         extra = {}
+        if "text_embeds" in context:  # SDXL's added conditions: pooled text (B, P) and sizes (B, 5 or 6)
+            extra["added_cond_kwargs"] = {"text_embeds": context["text_embeds"].to(x.device, dtype),
+                                          "time_ids": context["time_ids"].to(x.device, dtype)}
         if "timestep_cond" in context:  # (B, D): the guidance-scale input of a guidance-distilled U-Net
             extra["timestep_cond"] = context["timestep_cond"].to(x.device, dtype)
         t = t.to(x.device) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float32, device=x.device)

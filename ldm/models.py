@@ -20,7 +20,9 @@ from .schedule import NoiseSchedule
 log = logging.getLogger(__name__)
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# SDXL adds a second text encoder and tokenizer; its refiner has only the second
+OPTIONAL_PARTS = ("text_encoder_2", "tokenizer_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -89,10 +91,30 @@ class Model:
     name: str
     path: Path
     sampling_defaults: dict = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))  # see read_sampling_defaults
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG, CLIPTextModelWithProjection
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = False     # SDXL base: an empty negative prompt is zeros, not encoded ""
+    requires_aesthetics_score: bool = False        # SDXL refiner: the added conditions end in an aesthetic score
 
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL's U-Net takes the pooled text embedding and size numbers as added conditions."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def arch(self) -> str:
+        if self.is_sdxl:
+            return "sdxl-refiner" if self.requires_aesthetics_score else "sdxl"
+        return "sd2" if self.schedule.prediction_type == "v_prediction" else "sd1"
+
+    def text_encoders(self) -> list[tuple[object, torch.nn.Module]]:
+        """(tokenizer, encoder) pairs whose states the U-Net reads, in order."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(t, e) for t, e in pairs if e is not None]
 
     @property
     def is_inpainting(self) -> bool:
@@ -131,7 +153,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, bool]:
     if not path.is_dir():
         raise ModelError(f"--model {str(path)!r} is a file, not a model directory; single-file checkpoints are "
                          "not read: convert it to diffusers' directory format first")
-    missing = [p for p in PARTS if not (path / p).is_dir()]
+    missing = [p for p in model_parts(path) if not (path / p).is_dir()]
     if not (path / "model_index.json").is_file():
         missing.insert(0, "model_index.json")
     if not (path / "scheduler" / "scheduler_config.json").is_file() and "scheduler" not in missing:
@@ -139,7 +161,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, bool]:
     if missing:
         raise ModelError(f"model directory {str(path)!r} is incomplete: missing {', '.join(missing)}")
     use_safe = {}
-    for part in WEIGHT_PARTS:
+    for part in [p for p in WEIGHT_PARTS if p in model_parts(path)]:
         safe, pickled = _weights(path / part)
         if safe:
             use_safe[part] = True
@@ -155,6 +177,23 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, bool]:
             raise ModelError(f"model directory {str(path)!r} is incomplete: {part}/ has no weights "
                              "(expected a .safetensors file)")
     return use_safe
+
+
+def read_index(path: Path) -> dict:
+    try:
+        return json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def model_parts(path: Path) -> list[str]:
+    """The parts a model directory has: model_index.json's non-empty entries (an SDXL refiner has no
+    first text encoder), else the Stable Diffusion set."""
+    index = read_index(path)
+    if not index:
+        return list(PARTS)
+    present = [k for k in PARTS + OPTIONAL_PARTS if isinstance(index.get(k), list) and index[k][0] is not None]
+    return present or list(PARTS)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -182,36 +221,47 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     attention), sdpa, or xformers.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = resolve_model_path(name_or_path)
     use_safe = check_model_dir(path, allow_pickle)
+    parts = model_parts(path)
     torch_dtype = resolve_dtype(dtype, device)
     device = torch.device(device)
     if device.type == "cpu" and torch_dtype == torch.float16:
         log.warning("fp16 on the CPU is slow and some operations lack fp16 kernels; fp32 or bf16 is better there")
+    encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    loaded = {}
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safe["unet"],
                                                     torch_dtype=torch_dtype)
         vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safe["vae"], torch_dtype=torch_dtype)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=use_safe["text_encoder"],
-                                                     dtype=torch_dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        for part, cls in encoders.items():
+            if part in parts:
+                loaded[part] = cls.from_pretrained(path / part, use_safetensors=use_safe[part], dtype=torch_dtype)
+        for part in ("tokenizer", "tokenizer_2"):
+            if part in parts:
+                loaded[part] = CLIPTokenizer.from_pretrained(path / part)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"could not load the model in {str(path)!r}: {exc}") from exc
     schedule = NoiseSchedule.from_file(path / "scheduler" / "scheduler_config.json")
-    for m in (unet, vae, text_encoder):
+    for m in (unet, vae, *(loaded[p] for p in encoders if p in loaded)):
         m.to(device).eval().requires_grad_(False)
     set_attention(unet, vae, attention, device)
-    text_width = text_encoder.config.hidden_size
+    text_width = sum(loaded[p].config.hidden_size for p in encoders if p in loaded)
     cross = unet.config.cross_attention_dim
     if text_width != cross:
-        raise ModelError(f"model {str(path)!r}: the text encoder is {text_width} wide but the U-Net attends to "
+        raise ModelError(f"model {str(path)!r}: the text encoder(s) are {text_width} wide but the U-Net attends to "
                          f"{cross}-wide text; the parts do not belong together")
     # the name PNG metadata and the studio show: the directory's own name (a hub id as given); not
     # model_index.json's _name_or_path, which diffusers sets to wherever the pipeline was loaded from
     name = path.resolve().name if Path(name_or_path).expanduser().exists() else str(name_or_path)
-    return Model(unet, vae, text_encoder, tokenizer, schedule, name, path, read_sampling_defaults(path))
+    index = read_index(path)
+    return Model(unet, vae, loaded.get("text_encoder"), loaded.get("tokenizer"), schedule, name, path,
+                 read_sampling_defaults(path), text_encoder_2=loaded.get("text_encoder_2"),
+                 tokenizer_2=loaded.get("tokenizer_2"),
+                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+                 requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
 
 
 def set_attention(unet, vae, attention: str, device: torch.device) -> str:

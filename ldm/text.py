@@ -57,3 +57,20 @@ def text_states(tokenizer, text_encoder, prompts: list[str], device=None) -> tor
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
     """``text_states`` without autograd: what generation conditions on."""
     return text_states(tokenizer, text_encoder, prompts, device)
+
+
+@torch.no_grad()
+def encode_sdxl(encoders: list[tuple[object, torch.nn.Module]], prompts: list[list[str]], device=None):
+    """SDXL's text conditioning (Podell et al. 2023): each encoder's penultimate hidden states,
+    concatenated on the last axis (B, L, D1 + D2), and the last encoder's pooled, projected output
+    (B, P), the U-Net's ``text_embeds``. ``prompts[i]`` goes to encoder i (the refiner has one)."""
+    states, pooled = [], None
+    for (tokenizer, encoder), texts in zip(encoders, prompts):
+        ids = tokenize(tokenizer, texts).to(device or next(encoder.parameters()).device)
+        out = encoder(ids, output_hidden_states=True)
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds (B, P)
+            pooled = out[0]
+        states.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError("SDXL conditioning needs a CLIPTextModelWithProjection as its last text encoder")
+    return torch.cat(states, dim=-1).float(), pooled.float()

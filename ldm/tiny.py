@@ -6,7 +6,11 @@ Nothing is downloaded. ``kind``:
   - ``sd1``: epsilon prediction, quick-GELU text encoder, the SD 1.x scheduler config;
   - ``sd2``: v-prediction, GELU text encoder, linear attention projections, per-block head
     dimensions and a wider text encoder than sd1 (as SD 2.x's 1024 against SD 1.x's 768);
-  - ``inpaint``: sd1 with a 9-channel U-Net (latents + mask + masked-image latents).
+  - ``inpaint``: sd1 with a 9-channel U-Net (latents + mask + masked-image latents);
+  - ``sdxl``: SDXL base: two text encoders (CLIPTextModel and CLIPTextModelWithProjection, penultimate
+    states concatenated), the pooled text embedding and six size/crop numbers as added conditions;
+  - ``sdxl-refiner``: the second encoder only, five numbers (sizes, crop, aesthetic score);
+  - ``sdxl-inpaint``: sdxl with a 9-channel U-Net.
 ``size``: ``tiny`` (thousands of parameters in the U-Net blocks, for tests) or ``bench`` (a few
 million, 256 x 256 images, for timing on a CPU).
 """
@@ -20,6 +24,7 @@ import torch
 from .schedule import SD1_SCHEDULER
 from .tokenizer import write_clip_tokenizer
 
+KINDS = ("sd1", "sd2", "inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint")
 SIZES = {
     "tiny": dict(unet_channels=(32, 64), layers=1, text_width=32, text_layers=2, text_heads=4,
                  vae_channels=(8, 16, 16, 16), vae_groups=8, resolution=64),
@@ -34,8 +39,10 @@ def build_checkpoint(directory: str | Path, kind: str = "sd1", size: str = "tiny
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if kind not in ("sd1", "sd2", "inpaint"):
-        raise ValueError(f"unknown kind {kind!r}; expected sd1, sd2 or inpaint")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind.startswith("sdxl"):
+        return _build_sdxl(Path(directory), kind, SIZES[size], seed, context_length)
     s = SIZES[size]
     directory = Path(directory)
     v = kind == "sd2"
@@ -85,13 +92,71 @@ def build_checkpoint(directory: str | Path, kind: str = "sd1", size: str = "tiny
     return directory
 
 
+def _text_encoder(cls, width: int, s: dict, context_length: int, act: str, pad_token_id: int):
+    from transformers import CLIPTextConfig
+
+    return cls(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=width * 4, num_hidden_layers=s["text_layers"],
+        num_attention_heads=s["text_heads"], max_position_embeddings=context_length, hidden_act=act,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_token_id, projection_dim=width))
+
+
+def _build_sdxl(directory: Path, kind: str, s: dict, seed: int, context_length: int) -> Path:
+    """SDXL's layout at a small size: base (two encoders), refiner (the second only) or inpainting."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    refiner = kind == "sdxl-refiner"
+    width1, width2 = s["text_width"], s["text_width"] * 3 // 2   # (ViT-L 768 and bigG 1280 in the real model)
+    time_dim = 8                                                 # (256 in the real model)
+    n_ids = 5 if refiner else 6                                  # the refiner's aesthetic score replaces target size
+    torch.manual_seed(seed)
+    channels = s["unet_channels"]
+    unet = UNet2DConditionModel(
+        sample_size=s["resolution"] // 8, in_channels=9 if kind == "sdxl-inpaint" else 4, out_channels=4,
+        block_out_channels=channels, layers_per_block=s["layers"],
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",),
+        attention_head_dim=tuple(max(c // 16, 1) for c in channels), use_linear_projection=True,
+        transformer_layers_per_block=tuple(range(1, len(channels) + 1)),
+        cross_attention_dim=width2 if refiner else width1 + width2,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=width2 + n_ids * time_dim, norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]), layers_per_block=1,
+        norm_num_groups=s["vae_groups"], sample_size=s["resolution"], scaling_factor=0.13025, force_upcast=True)
+    te1 = None if refiner else _text_encoder(CLIPTextModel, width1, s, context_length, "quick_gelu", 49407)
+    te2 = _text_encoder(CLIPTextModelWithProjection, width2, s, context_length, "gelu", 0)
+    tok_dir = directory / "_tokenizer_src"
+    tok1 = None if refiner else write_clip_tokenizer(tok_dir / "1", model_max_length=context_length)
+    tok2 = write_clip_tokenizer(tok_dir / "2", model_max_length=context_length, pad_token="!")
+    scheduler = DDIMScheduler(**SD1_SCHEDULER)  # its config names clip_sample and set_alpha_to_one (False)
+    parts = dict(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=unet,
+                 scheduler=scheduler)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=False, add_watermarker=False)
+    elif kind == "sdxl-inpaint":
+        pipe = StableDiffusionXLInpaintPipeline(**parts, add_watermarker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return directory
+
+
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(prog="python -m ldm.tiny",
                                  description="Write a small random model with a real Stable Diffusion layout "
                                              "(its images are noise: it is for trying the tools offline and for tests)")
     ap.add_argument("directory")
-    ap.add_argument("--kind", default="sd1", choices=["sd1", "sd2", "inpaint"])
+    ap.add_argument("--kind", "--arch", dest="kind", default="sd1", choices=list(KINDS))
     ap.add_argument("--size", default="tiny", choices=list(SIZES))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

@@ -27,7 +27,7 @@ from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
 from ldm.samplers import get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
-from ldm.text import encode_prompts
+from ldm.text import encode_prompts, encode_sdxl
 
 from .pngmeta import format_parameters
 from .request import Request, Resolved, sampling_defaults
@@ -128,10 +128,34 @@ class Pipeline:
         m = self.model
         return encode_prompts(m.tokenizer, m.text_encoder, prompts, device=m.device)
 
+    def _text_context(self, r: Resolved, negative: bool = False, like: dict | None = None) -> dict:
+        """The U-Net's text context for the prompts (or, with ``negative``, the negative prompts).
+
+        SDXL (Podell et al. 2023): both encoders' penultimate states and the pooled embedding
+        (ldm.text.encode_sdxl; the second prompt goes to the second encoder), plus ``time_ids``, the
+        size conditioning: original size, crop top-left, target size, or for the refiner original
+        size, crop and an aesthetic score (6 for the prompt, 2.5 for the negative, diffusers'
+        defaults). An empty negative prompt is zeros where the model says force_zeros_for_empty_prompt."""
+        m = self.model
+        texts, texts_2 = (r.negatives, r.negatives_2) if negative else (r.prompts, r.prompts_2)
+        if not m.is_sdxl:
+            return {"encoder_hidden_states": self.encode_text(texts)}
+        if negative and m.force_zeros_for_empty_prompt and not any(texts) and not any(texts_2):
+            ctx = {k: torch.zeros_like(like[k]) for k in ("encoder_hidden_states", "text_embeds")}
+        else:
+            hidden, pooled = encode_sdxl(m.text_encoders(), [texts, texts_2], device=m.device)
+            ctx = {"encoder_hidden_states": hidden, "text_embeds": pooled}
+        if m.requires_aesthetics_score:
+            ids = [r.height, r.width, 0, 0, 2.5 if negative else 6.0]
+        else:
+            ids = [r.height, r.width, 0, 0, r.height, r.width]
+        ctx["time_ids"] = torch.tensor([ids] * len(texts), dtype=torch.float32)  # (B, 5 or 6)
+        return ctx
+
     def _denoiser(self, r: Resolved, concat=None) -> Callable:
         m = self.model
         prompts, negs, guidance_scale, guidance_rescale = r.prompts, r.negatives, r.guidance, r.guidance_rescale
-        cond = {"encoder_hidden_states": self.encode_text(prompts)}
+        cond = self._text_context(r)
         uncond = None
         w_dim = guidance_input_dim(m.unet)
         if w_dim is not None:
@@ -144,7 +168,7 @@ class Pipeline:
             cond["timestep_cond"] = guidance_embedding(guidance_scale, w_dim, len(prompts))
             guidance_scale, guidance_rescale = 1.0, 0.0
         elif guidance_scale != 1.0:
-            uncond = {"encoder_hidden_states": self.encode_text(negs)}
+            uncond = self._text_context(r, negative=True, like=cond)
         if concat is not None:
             cond["concat"] = concat
             if uncond is not None:

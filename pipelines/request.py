@@ -98,6 +98,8 @@ class Request:
     latents: torch.Tensor | None = None   # txt2img: start from these instead of fresh noise
     embeddings: list[tuple[Path, str | None]] = field(default_factory=list)  # (file, token or None)
     lora: list[str | Path] = field(default_factory=list)
+    prompt_2: str | list[str] | None = None    # SDXL: the second text encoder's prompt (default: prompt)
+    negative_2: str | list[str] | None = None  # SDXL: the second encoder's negative prompt (default: negative)
 
     # --- checks that need no model ---------------------------------------------------------------
     def prompts(self) -> list[str]:
@@ -177,6 +179,11 @@ class Request:
             raise RequestError(problems)
         return self
 
+    def _each(self, value, n: int) -> list[str]:
+        """One text per image: a string (or None: empty) for every prompt, or one per prompt."""
+        texts = [value or ""] * n if value is None or isinstance(value, str) else list(value)
+        return [t for t in texts for _ in range(self.batch_size)]
+
     # --- resolution against a model --------------------------------------------------------------
     def resolve(self, model, limits: Limits | None = None) -> "Resolved":
         """This request for ``model``: checked (with the model's VAE factor and schedule), defaults
@@ -202,18 +209,25 @@ class Request:
             width, height = self.width or side, self.height or side
         else:
             width, height = _image_size(self.image)
+        if not model.is_sdxl:
+            for name in ("prompt_2", "negative_2"):
+                if getattr(self, name) is not None:
+                    problems.append((name, f"applies to SDXL models (two text encoders); {model.name} is "
+                                           f"{model.arch}"))
         if problems:
             raise RequestError(problems)
-        prompts = [p for p in self.prompts() for _ in range(self.batch_size)]
-        negs = self.negative if self.negative is not None and not isinstance(self.negative, str) else \
-            [self.negative or ""] * len(self.prompts())
-        negatives = [n for n in negs for _ in range(self.batch_size)]
+        per_prompt = len(self.prompts())
+        prompts = self._each(self.prompt, per_prompt)
+        negatives = self._each(self.negative, per_prompt)
+        prompts_2 = self._each(self.prompt_2, per_prompt) if self.prompt_2 is not None else prompts
+        negatives_2 = self._each(self.negative_2, per_prompt) if self.negative_2 is not None else negatives
         if self.seeds is not None:
             seeds = [int(s) for s in self.seeds]
         else:
             seed = random_seed() if self.seed is None else self.seed
             seeds = [seed + i for i in range(len(prompts))]
         return Resolved(request=self, kind=self.kind, prompts=prompts, negatives=negatives, seeds=seeds,
+                        prompts_2=prompts_2, negatives_2=negatives_2,
                         sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=self.guidance_rescale,
                         eta=self.eta, width=width, height=height, strength=strength, run_steps=run_steps)
 
@@ -235,6 +249,8 @@ class Resolved:
     height: int
     strength: float | None
     run_steps: int          # sampler steps that run (fewer than ``steps`` at a strength below 1)
+    prompts_2: list[str] = field(default_factory=list)    # SDXL's second encoder (the prompts by default)
+    negatives_2: list[str] = field(default_factory=list)
 
     def settings(self) -> dict:
         """What the PNG metadata records."""
@@ -248,7 +264,10 @@ class Resolved:
         """The same settings for another prompt and seeds (one batch of a prompt file)."""
         n = len(seeds)
         neg = self.negatives[0] if self.negatives else ""
-        return dataclasses.replace(self, prompts=[prompt] * n, negatives=[neg] * n, seeds=list(seeds))
+        neg_2 = self.negatives_2[0] if self.negatives_2 else neg
+        prompt_2 = prompt if self.request.prompt_2 is None else self.prompts_2[0]
+        return dataclasses.replace(self, prompts=[prompt] * n, negatives=[neg] * n, seeds=list(seeds),
+                                   prompts_2=[prompt_2] * n, negatives_2=[neg_2] * n)
 
 
 def lora_files(folder: Path) -> dict[str, Path]:

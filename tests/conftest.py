@@ -32,3 +32,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("sdxl"), "sdxl", seed=3)
+
+
+@pytest.fixture(scope="session")
+def refiner_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("sdxl-refiner"), "sdxl-refiner", seed=4)
