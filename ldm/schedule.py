@@ -100,6 +100,16 @@ class Steps(NamedTuple):
         """The steps from index ``start`` on (image-to-image skips the first ones)."""
         return Steps(self.timesteps[start:], self.alpha_bars[start:])
 
+    def head(self, stop: int) -> "Steps":
+        """The first ``stop`` steps, ending at the level the next one would start from."""
+        return Steps(self.timesteps[:stop], self.alpha_bars[:stop + 1])
+
+    def split_at(self, fraction: float, num_train_timesteps: int) -> int:
+        """How many steps come before ``fraction`` of the way through the training timesteps
+        (diffusers' denoising_end / denoising_start: those at t >= round(T - fraction T))."""
+        cutoff = int(round(num_train_timesteps - fraction * num_train_timesteps))
+        return sum(1 for t in self.timesteps if t >= cutoff)
+
 
 @dataclass
 class NoiseSchedule:

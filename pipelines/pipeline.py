@@ -57,6 +57,7 @@ class Pipeline:
     def __init__(self, model: Model, vae_slice_size: int | None = None):
         self.model = model
         self.vae_slice_size = vae_slice_size
+        self.refiner: Pipeline | None = None  # SDXL: a refiner that takes over at a request's refiner_start
         self._adapters: set[str] = set()  # embedding and LoRA files applied, by resolved path
 
     @classmethod
@@ -268,8 +269,29 @@ class Pipeline:
             # (B, 4, H/8, W/8): unit-variance noise is x_T at the first level (alpha_bar ~ 0)
             latents = randn_like(torch.empty(self._latent_shape(n, r.width, r.height)), gens)
         x = latents.to(self.model.device, torch.float32)
-        x = self._sample(denoise, x, self._steps(r.sampler, r.steps), r, gens, callback)
-        return self._finish(x, r)
+        steps = self._steps(r.sampler, r.steps)
+        if r.request.refiner_start is None:
+            return self._finish(self._sample(denoise, x, steps, r, gens, callback), r)
+        if self.refiner is None:
+            raise ValueError("refiner_start: no refiner is loaded (Pipeline.refiner; --refiner on the command line)")
+        k = steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps)
+        x = self._sample(denoise, x, steps.head(k), r, gens, callback)
+        return self.refiner._refine(x, r, gens, callback, first=k)
+
+    def _refine(self, x, r: Resolved, gens, callback, first: int) -> Result:
+        """The refiner's part of a base + refiner run (diffusers' denoising_start): the steps of its own
+        grid below the base's cutoff, from the base's latents as they are (no noise added)."""
+        steps = self._steps(r.sampler, r.steps)
+        m = len(steps) - steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps)
+        mine = steps.tail(len(steps) - m)
+        denoise = self._denoiser(r)
+        step0 = first
+
+        def offset(i, xi, x0):  # the progress callback counts on from the base's steps
+            if callback is not None:
+                callback(step0 + i, xi, x0)
+
+        return self._finish(self._sample(denoise, x, mine, r, gens, offset), r)
 
     def _empty_concat(self, n, width, height):
         """A 9-channel inpainting U-Net asked for plain text-to-image gets an all-masked image."""
@@ -311,13 +333,15 @@ class Pipeline:
             m_lat = F.interpolate(binary, size=lat_hw)  # nearest, as the inpainting models were trained
             concat = torch.cat([m_lat.to(masked), masked], dim=1).expand(n, -1, -1, -1)
         denoise = self._denoiser(r, concat)
-        x = q_sample(z0, noise, sched_steps.alpha_bars[0])
+        # at full strength the start is pure noise, as in text-to-image (and diffusers' inpainting);
+        # below it the image noised to the first level
+        x = noise.clone() if r.run_steps == r.steps else q_sample(z0, noise, sched_steps.alpha_bars[0])
         if not self.model.is_inpainting:
             keep = 1 - F.interpolate(mask_t, size=lat_hw, mode="area").to(z0)  # (1, 1, h, w), 1 = keep
             denoise = blend_known(denoise, z0, keep, noise)
         x = self._sample(denoise, x, sched_steps, r, gens, callback)
         if not self.model.is_inpainting:
-            x = keep * q_sample(z0, noise, sched_steps.alpha_bars[-1]) + (1 - keep) * x
+            x = keep * z0 + (1 - keep) * x  # the kept region is the image's own latents, clean
         return self._finish(x, r)
 
     @staticmethod

@@ -100,6 +100,8 @@ class Request:
     lora: list[str | Path] = field(default_factory=list)
     prompt_2: str | list[str] | None = None    # SDXL: the second text encoder's prompt (default: prompt)
     negative_2: str | list[str] | None = None  # SDXL: the second encoder's negative prompt (default: negative)
+    refiner_start: float | None = None  # with a refiner (Pipeline.refiner): the fraction of the schedule the
+                                        # base denoises before the refiner takes over (SDXL's 0.8)
 
     # --- checks that need no model ---------------------------------------------------------------
     def prompts(self) -> list[str]:
@@ -144,6 +146,11 @@ class Request:
             v = getattr(self, name)
             if v is not None and (msg := _size_problem(name, v, factor, lim.max_side)):
                 add((name, msg))
+        if self.refiner_start is not None:
+            if not 0 < self.refiner_start < 1:
+                add(("refiner_start", f"must be between 0 and 1 (exclusive), got {self.refiner_start}"))
+            if self.kind != "txt2img":
+                add(("refiner_start", "applies to text-to-image"))
         if self.kind in ("img2img", "inpaint"):
             if self.strength is not None and not 0 < self.strength <= 1:
                 add(("strength", f"must be in (0, 1], got {self.strength}"))

@@ -94,3 +94,115 @@ def test_sdxl_only_fields_on_an_sd1_model_name_both(sd1_pipe):
 
     with pytest.raises(RequestError, match="prompt_2: applies to SDXL models .* is sd1"):
         sd1_pipe.generate(Request("a star", prompt_2="a circle", steps=2))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp-2m"])
+def test_base_then_refiner_matches_diffusers_denoising_end_and_start(sdxl_dir, refiner_dir, ours, sampler):
+    """The base denoises the first 80 % of the schedule and hands its latents to the refiner, as
+    diffusers' denoising_end=0.8 then denoising_start=0.8 do."""
+    from pipelines.request import Request
+
+    base_ref = _ref(StableDiffusionXLPipeline, sdxl_dir, sampler)
+    refiner_ref = _ref(StableDiffusionXLImg2ImgPipeline, refiner_dir, sampler)
+    gens = [torch.Generator().manual_seed(31)]
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0, generator=gens)
+    latents = base_ref(PROMPT, denoising_end=0.8, output_type="latent", **kw).images
+    expect = refiner_ref(PROMPT, image=latents, denoising_start=0.8, output_type="np", **kw).images
+    ours.refiner = Pipeline.from_pretrained(refiner_dir)
+    try:
+        seen = []
+        got = ours.generate(Request(PROMPT, negative=NEGATIVE, steps=10, guidance=5.0, seed=31, sampler=sampler,
+                                    refiner_start=0.8), callback=lambda i, x, x0: seen.append(i))
+    finally:
+        ours.refiner = None
+    assert np.abs(got.pixels.permute(0, 2, 3, 1).numpy() - expect).max() <= TOLERANCE
+    assert seen == list(range(10))  # one progress count over both models' steps
+
+
+def test_refiner_start_without_a_refiner_or_out_of_range_is_an_error(ours):
+    from pipelines.request import Request
+
+    with pytest.raises(ValueError, match="no refiner is loaded"):
+        ours.generate(Request(PROMPT, steps=4, seed=0, refiner_start=0.8))
+    with pytest.raises(RequestError, match="refiner_start: must be between 0 and 1"):
+        ours.generate(Request(PROMPT, steps=4, seed=0, refiner_start=1.5))
+
+
+@pytest.fixture(scope="module")
+def inpaint_case(ours):
+    """An image and a mask whose edges fall on the 8-pixel latent cells (white = repaint)."""
+    image = ours.text_to_image("a small green square on a white background", steps=3, seed=1).images[0]
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    from PIL import Image
+
+    return image, Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp-2m"])
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_an_ordinary_sdxl_model_matches_diffusers(sdxl_dir, ours, inpaint_case, sampler, strength):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    image, mask = inpaint_case
+    ref = _ref(StableDiffusionXLInpaintPipeline, sdxl_dir, sampler)
+    expect = ref(PROMPT, image=ours.encode_image(image), mask_image=mask, strength=strength, negative_prompt=NEGATIVE,
+                 num_inference_steps=8, guidance_scale=5.0, generator=[torch.Generator().manual_seed(4)],
+                 height=64, width=64, output_type="np").images
+    got = ours.inpaint(PROMPT, image, mask, strength=strength, negative_prompt=NEGATIVE, steps=8, guidance_scale=5.0,
+                       seed=4, sampler=sampler).pixels.permute(0, 2, 3, 1).numpy()
+    assert np.abs(got - expect).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp-2m"])
+def test_a_9_channel_sdxl_inpainting_model_matches_diffusers(tmp_path_factory, inpaint_case, sampler):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from ldm.tiny import build_checkpoint
+
+    path = build_checkpoint(tmp_path_factory.mktemp("sdxl-inpaint"), "sdxl-inpaint", seed=6)
+    ours = Pipeline.from_pretrained(path)
+    assert ours.model.is_inpainting and ours.model.is_sdxl
+    image, mask = inpaint_case
+    binary = torch.from_numpy(np.asarray(mask) >= 128).float()[None, None]
+    from ldm.images import to_tensor
+
+    masked = ours.encode_image(to_tensor(image) * (1 - binary))
+    ref = _ref(StableDiffusionXLInpaintPipeline, path, sampler)
+    expect = ref(PROMPT, image=ours.encode_image(image), mask_image=mask, masked_image_latents=masked, strength=1.0,
+                 negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0, height=64, width=64,
+                 generator=[torch.Generator().manual_seed(4)], output_type="np").images
+    got = ours.inpaint(PROMPT, image, mask, strength=1.0, negative_prompt=NEGATIVE, steps=8, guidance_scale=5.0,
+                       seed=4, sampler=sampler).pixels.permute(0, 2, 3, 1).numpy()
+    assert np.abs(got - expect).max() <= TOLERANCE
+
+
+def test_ddim_inversion_on_sdxl_reconstructs_the_input_latent(ours):
+    """The exact-noise stand-in of test_pipeline, given SDXL's added conditions (which it checks arrive)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from test_pipeline import GaussianEpsUNet
+
+    seen = []
+
+    class SDXLStandIn(GaussianEpsUNet):
+        def __init__(self, ab):
+            super().__init__(ab)
+            self.config = SimpleNamespace(in_channels=4, out_channels=4, sample_size=8,
+                                          addition_embed_type="text_time")
+
+        def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+            seen.append({k: tuple(v.shape) for k, v in added_cond_kwargs.items()})
+            return super().forward(sample, timestep, encoder_hidden_states)
+
+    model = dataclasses.replace(ours.model)
+    model.unet = SDXLStandIn(model.schedule.alphas_cumprod)
+    pipe = Pipeline(model)
+    img = ours.text_to_image(PROMPT, steps=3, seed=0).images[0]
+    z0 = pipe.encode_image(img)
+    noise = pipe.invert(img, prompt=PROMPT, steps=500)
+    back = pipe.text_to_image(PROMPT, steps=500, guidance_scale=1.0, latents=noise, sampler="ddim").latents
+    assert (back - z0).abs().max() < 0.015 * z0.abs().max()
+    assert (noise - z0).abs().max() > 0.5 * z0.abs().max()
+    assert seen[0] == {"text_embeds": (1, ours.model.text_encoder_2.config.projection_dim), "time_ids": (1, 6)}
