@@ -28,6 +28,9 @@ def _common(p: argparse.ArgumentParser):
     out.add_argument("--output-dir", type=Path, help="write each image into this folder (default: outputs/)")
     p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
     p.add_argument("--negative", default="", help="negative prompt (what the unconditional branch is given)")
+    p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
+    p.add_argument("--negative-2", default=None,
+                   help="SDXL: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
                                                   "each image is written as soon as it is made, a rerun skips images already "
                                                   "written, and under `accelerate launch` the prompts are spread over "
@@ -72,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(g)
     g.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
     g.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--refiner", default=None, metavar="DIR",
+                   help="SDXL: a refiner model that finishes the schedule from --refiner-start on")
+    g.add_argument("--refiner-start", type=float, default=None, metavar="F",
+                   help="the fraction of the schedule the base denoises before the refiner (default 0.8 "
+                        "with --refiner)")
     i = sub.add_parser("img2img", help="image to image (SDEdit)")
     _common(i)
     i.add_argument("--image", type=Path, required=True, help="the input image")
@@ -186,6 +194,13 @@ def _prompts(args) -> list[str]:
     return [args.prompt]
 
 
+def refiner_start(args) -> float | None:
+    start = getattr(args, "refiner_start", None)
+    if start is not None and not getattr(args, "refiner", None):
+        raise ValueError("--refiner-start needs --refiner DIR (the SDXL refiner model)")
+    return start if start is not None or not getattr(args, "refiner", None) else 0.8
+
+
 def build_request(args, prompts: list[str]) -> Request:
     """The command line's request (for the first prompt; each prompt of a file reuses its settings)."""
     if args.token and len(args.token) != len(args.embedding):
@@ -205,7 +220,8 @@ def build_request(args, prompts: list[str]) -> Request:
                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, seed=seed,
                    width=getattr(args, "width", None), height=getattr(args, "height", None),
                    batch_size=args.batch_size, strength=getattr(args, "strength", None), image=image, mask=mask,
-                   embeddings=list(zip(args.embedding, tokens)), lora=list(args.lora))
+                   embeddings=list(zip(args.embedding, tokens)), lora=list(args.lora), prompt_2=args.prompt_2,
+                   negative_2=args.negative_2, refiner_start=refiner_start(args))
 
 
 def run(args) -> list[Path]:
@@ -234,6 +250,10 @@ def run(args) -> list[Path]:
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
+    if getattr(args, "refiner", None):
+        pipe.refiner = Pipeline.from_pretrained(args.refiner, device=device, dtype=args.dtype,
+                                                allow_pickle=args.allow_pickle, attention=args.attention,
+                                                vae_slice_size=args.vae_slicing)
     resolved = pipe.resolve(req)
     if args.seed is None and not args.from_file:
         log.info("seed %d", resolved.seeds[0])

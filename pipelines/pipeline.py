@@ -199,7 +199,8 @@ class Pipeline:
         st = res.settings
         return [format_parameters(p, n, steps=st["steps"], sampler=st["sampler"], guidance=st["guidance"], seed=s,
                                   width=st["width"], height=st["height"], model=self.model.name,
-                                  strength=st.get("strength"))
+                                  strength=st.get("strength"), **{"Refiner": st.get("refiner"),
+                                                                  "Refiner switch at": st.get("refiner_start")})
                 for p, n, s in zip(res.prompts, res.negative_prompts, res.seeds)]
 
     def _slice(self, batch: int) -> int | None:
@@ -291,7 +292,9 @@ class Pipeline:
             if callback is not None:
                 callback(step0 + i, xi, x0)
 
-        return self._finish(self._sample(denoise, x, mine, r, gens, offset), r)
+        res = self._finish(self._sample(denoise, x, mine, r, gens, offset), r)
+        res.settings.update(refiner=self.model.name, refiner_start=r.request.refiner_start)
+        return res
 
     def _empty_concat(self, n, width, height):
         """A 9-channel inpainting U-Net asked for plain text-to-image gets an all-masked image."""

@@ -77,6 +77,8 @@ class Txt2Img(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     negative: str = ""
+    prompt_2: str | None = None     # SDXL: the second text encoder's prompt (default: prompt)
+    negative_2: str | None = None   # SDXL: the second text encoder's negative prompt (default: negative)
     sampler: str | None = None
     steps: int | None = None
     guidance: float | None = Field(None, ge=0, le=100)
@@ -139,7 +141,8 @@ def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
     return rq.Request(prompt=body.prompt, kind=kind, negative=body.negative, sampler=body.sampler, steps=body.steps,
                       guidance=body.guidance, guidance_rescale=body.guidance_rescale, eta=body.eta, seed=body.seed,
                       width=body.width, height=body.height, batch_size=body.batch_size,
-                      strength=getattr(body, "strength", None), image=image, lora=list(body.lora))
+                      strength=getattr(body, "strength", None), image=image, lora=list(body.lora),
+                      prompt_2=body.prompt_2, negative_2=body.negative_2)
 
 
 class Job:
@@ -219,7 +222,7 @@ class Studio:
         pipe = self.pipe
         sampler, steps, guidance = rq.sampling_defaults(pipe.model)
         width, height = pipe.default_size()
-        return {"models": [{"name": pipe.model.name, "path": self.model_path, "loaded": True,
+        return {"models": [{"name": pipe.model.name, "path": self.model_path, "loaded": True, "arch": pipe.model.arch,
                             "defaults": {"sampler": sampler, "steps": steps, "guidance": guidance,
                                          "width": width, "height": height},
                             "guidance_input": pipe.model.unet.config.get("time_cond_proj_dim") is not None}],

@@ -206,3 +206,59 @@ def test_ddim_inversion_on_sdxl_reconstructs_the_input_latent(ours):
     assert (back - z0).abs().max() < 0.015 * z0.abs().max()
     assert (noise - z0).abs().max() > 0.5 * z0.abs().max()
     assert seen[0] == {"text_embeds": (1, ours.model.text_encoder_2.config.projection_dim), "time_ids": (1, 6)}
+
+
+def test_the_command_runs_sdxl_with_a_second_prompt_and_a_refiner(sdxl_dir, refiner_dir, tmp_path, ours):
+    from pipelines.cli import main
+    from pipelines.pngmeta import parse_parameters, read_parameters
+    from pipelines.request import Request
+
+    out = tmp_path / "x.png"
+    assert main(["generate", PROMPT, "--model", str(sdxl_dir), "--prompt-2", "a yellow star", "--refiner",
+                 str(refiner_dir), "--steps", "6", "--seed", "3", "--sampler", "euler", "--output", str(out),
+                 "--quiet"]) == 0
+    p = parse_parameters(read_parameters(out))
+    assert p["Refiner"] == refiner_dir.name and p["Refiner switch at"] == "0.8" and p["Size"] == "64x64"
+    ours.refiner = Pipeline.from_pretrained(refiner_dir)
+    try:
+        ref = ours.generate(Request(PROMPT, prompt_2="a yellow star", steps=6, seed=3, sampler="euler",
+                                    refiner_start=0.8)).images[0]
+    finally:
+        ours.refiner = None
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ref))
+
+
+def test_sdxl_flags_on_an_sd1_model_are_refused_naming_both(sd1_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["generate", "x", "--model", str(sd1_dir), "--prompt-2", "y", "--output", str(tmp_path / "a.png"),
+                 "--quiet"]) == 2
+    assert f"--prompt-2 applies to SDXL models (two text encoders); {sd1_dir.name} is sd1" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(sd1_dir), "--refiner-start", "0.5", "--quiet"]) == 2
+    assert "--refiner-start needs --refiner" in capsys.readouterr().err
+
+
+def test_the_studio_serves_sdxl_with_a_second_prompt(sdxl_dir, tmp_path, ours):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pipelines.serve import Job, Studio, Txt2Img, to_request
+
+    studio = Studio(sdxl_dir, output_dir=tmp_path, worker_thread=False)
+    try:
+        info = studio.info()["models"][0]
+        assert info["arch"] == "sdxl" and (info["defaults"]["width"], info["defaults"]["height"]) == (64, 64)
+        job = Job(studio.resolve(to_request("txt2img", Txt2Img(prompt=PROMPT, prompt_2="a yellow star", steps=4,
+                                                                 seed=9))))
+        out = studio._run(job)
+    finally:
+        studio.close()
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB"))
+    from pipelines.request import Request
+
+    ref = ours.generate(Request(PROMPT, prompt_2="a yellow star", steps=4, seed=9)).images[0]
+    assert np.array_equal(got, np.asarray(ref))

@@ -86,8 +86,10 @@ def test_nothing_served_needs_the_network(server):
     assert "<html" in page.lower() and "http://" not in page and "https://" not in page
 
 
-def test_the_embedded_model_is_named_after_itself(server):
-    assert httpx.get(server.url + "/api/models").json()["models"][0]["name"] == "shapes-model"
+def test_the_embedded_model_is_named_after_itself_with_its_architecture(server):
+    model = httpx.get(server.url + "/api/models").json()["models"][0]
+    assert model["name"] == "shapes-model" and model["arch"] == "sd1"
+    assert (model["defaults"]["width"], model["defaults"]["height"]) == (64, 64)
 
 
 def test_txt2img_answers_pngs_with_parameters_equal_to_the_pipeline(server):
@@ -152,6 +154,7 @@ def _png_b64(size) -> str:
     ("/api/txt2img", {"prompt": "x", "sampler": "plms"}, 422, "sampler"),
     ("/api/txt2img", {"prompt": "x", "guidance": -1}, 422, "guidance"),
     ("/api/txt2img", {"prompt": "x", "lora": ["nope.safetensors"]}, 422, "lora"),
+    ("/api/txt2img", {"prompt": "x", "prompt_2": "y"}, 422, "prompt_2"),
     ("/api/img2img", {"prompt": "x", "image": "not base64!"}, 422, "image"),
     ("/api/img2img", {"prompt": "x", "image": base64.b64encode(b"hello").decode()}, 422, "image"),
     ("/api/img2img", {"prompt": "x", "image": _png_b64((60, 64))}, 422, "image"),
