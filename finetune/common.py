@@ -73,17 +73,15 @@ def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: Noise
     scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads; ``sampling_defaults``, when
     given, becomes its sampling.json (the defaults ``ldm generate`` uses for it)."""
     import copy
+    from pathlib import Path
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from ldm.checkpoints import to_directory
+    from ldm.models import Model
 
     parts = [copy.deepcopy(m) for m in (unet, vae, text_encoder)]
     if dtype is not None:
         parts = [m.to(dtype) for m in parts]
-    cfg = {k: v for k, v in schedule.to_config().items() if k != "rescale_betas_zero_snr" or v}
-    scheduler = DDIMScheduler(**{**dict(clip_sample=False, set_alpha_to_one=False), **cfg})
-    pipe = StableDiffusionPipeline(vae=parts[1], text_encoder=parts[2], tokenizer=tokenizer, unet=parts[0],
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(str(directory), safe_serialization=True)
+    to_directory(Model(parts[0], parts[1], parts[2], tokenizer, schedule, "", Path(directory)), directory,
+                 atomic=False)
     if sampling_defaults:
         write_sampling_defaults(directory, **sampling_defaults)

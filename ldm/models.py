@@ -151,8 +151,8 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, bool]:
                          "Stable Diffusion directory (model_index.json, unet/, vae/, text_encoder/, "
                          "tokenizer/, scheduler/)")
     if not path.is_dir():
-        raise ModelError(f"--model {str(path)!r} is a file, not a model directory; single-file checkpoints are "
-                         "not read: convert it to diffusers' directory format first")
+        raise ModelError(f"--model {str(path)!r} is a file but not a checkpoint; give a diffusers-format directory "
+                         "or a single-file checkpoint (.safetensors; .ckpt / .pt with --allow-pickle)")
     missing = [p for p in model_parts(path) if not (path / p).is_dir()]
     if not (path / "model_index.json").is_file():
         missing.insert(0, "model_index.json")
@@ -211,57 +211,132 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     return Path(local)
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+
+
 def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
-               attention: str = "auto") -> Model:
-    """Load a diffusers-format Stable Diffusion model.
+               attention: str = "auto", config: str | os.PathLike | None = None,
+               vae: str | os.PathLike | None = None) -> Model:
+    """Load a Stable Diffusion model (SD 1.x, 2.x, SDXL base or refiner): a diffusers-format directory,
+    or one single-file checkpoint in the original (A1111 / ComfyUI) layout (ldm.checkpoints; ``config``
+    a diffusers directory of the same layout, by default the one shipped for the detected architecture).
 
     ``dtype``: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16; the VAE and text encoder share it.
     ``attention``: auto (xformers when installed and on CUDA, else PyTorch's scaled-dot-product
-    attention), sdpa, or xformers.
+    attention), sdpa, or xformers. ``vae`` replaces the model's VAE (ldm.checkpoints.load_vae).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     path = resolve_model_path(name_or_path)
-    use_safe = check_model_dir(path, allow_pickle)
-    parts = model_parts(path)
     torch_dtype = resolve_dtype(dtype, device)
     device = torch.device(device)
     if device.type == "cpu" and torch_dtype == torch.float16:
         log.warning("fp16 on the CPU is slow and some operations lack fp16 kernels; fp32 or bf16 is better there")
+    arch = None
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        loaded, config_dir, arch = _single_file(path, config, allow_pickle, torch_dtype)
+    else:
+        loaded, config_dir = _directory(path, allow_pickle, torch_dtype), path
+    if vae is not None:
+        from .checkpoints import CheckpointError, load_vae
+
+        try:
+            loaded["vae"] = load_vae(vae, loaded["vae"], allow_pickle=allow_pickle, dtype=torch_dtype)
+        except (CheckpointError, OSError, ValueError) as exc:
+            raise ModelError(str(exc)) from None
+    unet, vae = loaded["unet"], loaded["vae"]
+    encoders = [loaded[p] for p in ("text_encoder", "text_encoder_2") if p in loaded]
+    schedule = NoiseSchedule.from_file(config_dir / "scheduler" / "scheduler_config.json")
+    for m in (unet, vae, *encoders):
+        m.to(device).eval().requires_grad_(False)
+    set_attention(unet, vae, attention, device)
+    text_width = sum(e.config.hidden_size for e in encoders)
+    cross = unet.config.cross_attention_dim
+    if text_width != cross:
+        raise ModelError(f"model {str(path)!r}: the text encoder(s) are {text_width} wide but the U-Net attends to "
+                         f"{cross}-wide text; the parts do not belong together")
+    if arch is not None and arch.startswith("sd2") and config is None:  # 512-base (epsilon) or 768-v: the weights say
+        from .checkpoints import predicts_v
+
+        v = predicts_v(unet, text_width, float(schedule.alphas_cumprod[-1]), schedule.num_train_timesteps - 1)
+        schedule = NoiseSchedule(**{**schedule.to_config(), "prediction_type": "v_prediction" if v else "epsilon"})
+        log.info("%s: SD 2.x predicting %s", path.name, schedule.prediction_type)
+    # the name PNG metadata and the studio show: the directory's (or file's) own name, a hub id as given;
+    # not model_index.json's _name_or_path, which diffusers sets to wherever the pipeline was loaded from
+    if not Path(name_or_path).expanduser().exists():
+        name = str(name_or_path)
+    else:
+        name = path.resolve().stem if path.is_file() else path.resolve().name
+    index = read_index(config_dir)
+    sampling = read_sampling_defaults(path) if path.is_dir() else dict(SAMPLING_DEFAULTS)
+    return Model(unet, vae, loaded.get("text_encoder"), loaded.get("tokenizer"), schedule, name, path,
+                 sampling, text_encoder_2=loaded.get("text_encoder_2"), tokenizer_2=loaded.get("tokenizer_2"),
+                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+                 requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+
+
+def _directory(path: Path, allow_pickle: bool, torch_dtype) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    use_safe = check_model_dir(path, allow_pickle)
+    parts = model_parts(path)
     encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     loaded = {}
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safe["unet"],
-                                                    torch_dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safe["vae"], torch_dtype=torch_dtype)
+        loaded["unet"] = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safe["unet"],
+                                                              torch_dtype=torch_dtype)
+        loaded["vae"] = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safe["vae"],
+                                                      torch_dtype=torch_dtype)
         for part, cls in encoders.items():
             if part in parts:
                 loaded[part] = cls.from_pretrained(path / part, use_safetensors=use_safe[part], dtype=torch_dtype)
         for part in ("tokenizer", "tokenizer_2"):
             if part in parts:
-                loaded[part] = CLIPTokenizer.from_pretrained(path / part)
+                loaded[part] = load_tokenizer(path / part)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"could not load the model in {str(path)!r}: {exc}") from exc
-    schedule = NoiseSchedule.from_file(path / "scheduler" / "scheduler_config.json")
-    for m in (unet, vae, *(loaded[p] for p in encoders if p in loaded)):
-        m.to(device).eval().requires_grad_(False)
-    set_attention(unet, vae, attention, device)
-    text_width = sum(loaded[p].config.hidden_size for p in encoders if p in loaded)
-    cross = unet.config.cross_attention_dim
-    if text_width != cross:
-        raise ModelError(f"model {str(path)!r}: the text encoder(s) are {text_width} wide but the U-Net attends to "
-                         f"{cross}-wide text; the parts do not belong together")
-    # the name PNG metadata and the studio show: the directory's own name (a hub id as given); not
-    # model_index.json's _name_or_path, which diffusers sets to wherever the pipeline was loaded from
-    name = path.resolve().name if Path(name_or_path).expanduser().exists() else str(name_or_path)
-    index = read_index(path)
-    return Model(unet, vae, loaded.get("text_encoder"), loaded.get("tokenizer"), schedule, name, path,
-                 read_sampling_defaults(path), text_encoder_2=loaded.get("text_encoder_2"),
-                 tokenizer_2=loaded.get("tokenizer_2"),
-                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
-                 requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+    return loaded
+
+
+def _single_file(path: Path, config, allow_pickle: bool, torch_dtype) -> tuple[dict, Path]:
+    from .checkpoints import CheckpointError, load_single_file
+
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise ModelError(f"config {str(config)!r} is not a diffusers model directory (no model_index.json)")
+    try:
+        loaded, arch, config_dir = load_single_file(path, config=config, allow_pickle=allow_pickle,
+                                                    dtype=torch_dtype)
+        for part in ("tokenizer", "tokenizer_2"):
+            if (config_dir / part).is_dir():
+                loaded[part] = load_tokenizer(config_dir / part)
+    except CheckpointError as exc:
+        raise ModelError(str(exc)) from None
+    return loaded, config_dir, arch
+
+
+def load_tokenizer(directory: Path):
+    """A CLIP tokenizer directory, or a shipped config's ``tokenizer_spec.json`` (context length and pad
+    token), whose files are written once from open_clip's vocabulary into the user's cache."""
+    from transformers import CLIPTokenizer
+
+    spec = directory / "tokenizer_spec.json"
+    if not spec.is_file():
+        return CLIPTokenizer.from_pretrained(directory)
+    from .tokenizer import write_clip_tokenizer
+
+    s = json.loads(spec.read_text())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-toolkit" / "tokenizers"
+    target = cache / f"clip-{s['model_max_length']}-{'bang' if s['pad_token'] == '!' else 'eot'}"
+    if not (target / "tokenizer_config.json").is_file():  # written aside, then renamed: whole or not at all
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        write_clip_tokenizer(tmp, model_max_length=s["model_max_length"], pad_token=s["pad_token"])
+        try:
+            tmp.rename(target)
+        except OSError:  # another process got there first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return CLIPTokenizer.from_pretrained(target)
 
 
 def set_attention(unet, vae, attention: str, device: torch.device) -> str:

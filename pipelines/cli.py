@@ -21,8 +21,14 @@ log = logging.getLogger("ldm")
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
-    p.add_argument("--model", help="a diffusers-format model directory or a hub id "
-                                   "(default: the embedded model, when installed)")
+    p.add_argument("--model", help="a diffusers-format model directory, a single-file checkpoint (.safetensors in "
+                                   "the A1111 / ComfyUI layout) or a hub id (default: the embedded model)")
+    p.add_argument("--model-config", type=Path, default=None, metavar="DIR",
+                   help="for a single file of a layout other than SD 1.x / 2.x / SDXL: a diffusers directory of "
+                        "its layout (default: the one shipped for the detected architecture)")
+    p.add_argument("--vae", type=Path, default=None, metavar="DIR_OR_FILE",
+                   help="replace the model's VAE: a diffusers VAE or model directory, or a VAE .safetensors file "
+                        "(e.g. SDXL's fp16-fix VAE)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--output", type=Path, help="write the one image to this PNG file")
     out.add_argument("--output-dir", type=Path, help="write each image into this folder (default: outputs/)")
@@ -89,8 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--image", type=Path, required=True, help="the input image")
     n.add_argument("--mask", type=Path, required=True, help="a mask the image's size: white = repaint, black = keep")
     n.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1)")
+    c = sub.add_parser("convert", help="a single-file checkpoint (A1111 / ComfyUI layout) to a diffusers directory, "
+                                       "or a diffusers directory to a single file")
+    c.add_argument("input", type=Path, help="a .safetensors single file, or a diffusers model directory")
+    c.add_argument("output", type=Path, help="the directory to write, or the .safetensors file to write")
+    c.add_argument("--model-config", type=Path, default=None, metavar="DIR",
+                   help="for a single file: a diffusers directory of its layout (default: the one shipped for the "
+                        "detected SD 1.x / 2.x / SDXL architecture)")
+    c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="weights' dtype in the file written (default fp32)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.add_argument("--allow-pickle", action="store_true", help="allow a .ckpt/.pt pickle input (trusted files only)")
+    c.set_defaults(func=_convert)
     s = sub.add_parser("serve", help="local web studio and HTTP API (one model, one queue)")
-    s.add_argument("--model", default=None, help="model directory (default: the embedded shapes model)")
+    s.add_argument("--model", default=None, help="model directory or single-file checkpoint (default: the embedded "
+                                                 "shapes model)")
+    s.add_argument("--model-config", type=Path, default=None, metavar="DIR",
+                   help="for a single file of another layout: a diffusers directory of its layout")
+    s.add_argument("--vae", type=Path, default=None, metavar="DIR_OR_FILE", help="replace the model's VAE")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     s.add_argument("--output-dir", type=Path, default=Path("outputs/serve"),
@@ -141,7 +163,8 @@ def _serve(args) -> int:
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir,
-                        load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle),
+                        load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle,
+                                         config=args.model_config, vae=args.vae),
                         worker_thread=False)  # serve() runs the jobs in this (main) thread
     except (ValueError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -153,6 +176,31 @@ def _serve(args) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _convert(args) -> int:
+    from ldm.checkpoints import to_directory, to_single_file
+    from ldm.models import DTYPES, load_model
+
+    try:
+        to_file = args.output.suffix == ".safetensors"
+        if args.output.exists() and not args.overwrite:
+            raise ValueError(f"{str(args.output)!r} exists; pass --overwrite to replace it")
+        if to_file and not args.input.is_dir():
+            raise ValueError(f"a .safetensors output is written from a diffusers directory; {str(args.input)!r} "
+                             "is not one")
+        if not to_file and args.input.is_dir():
+            raise ValueError("the input is a directory: give an output ending in .safetensors")
+        check_output_dir(args.output.parent, "the output's folder")
+        model = load_model(args.input, config=args.model_config, allow_pickle=args.allow_pickle,
+                           dtype=DTYPES[args.dtype] if not to_file else "fp32")
+        written = (to_single_file(model, args.output, dtype=DTYPES[args.dtype]) if to_file
+                   else to_directory(model, args.output))
+    except (ValueError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{written} ({model.arch})")
     return 0
 
 
@@ -248,7 +296,7 @@ def run(args) -> list[Path]:
     rank, world, state = process_state()
     device = args.device or (str(state.device) if world > 1 else device_for(args))
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,
-                                    allow_pickle=args.allow_pickle,
+                                    allow_pickle=args.allow_pickle, config=args.model_config, vae=args.vae,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
     if getattr(args, "refiner", None):
         pipe.refiner = Pipeline.from_pretrained(args.refiner, device=device, dtype=args.dtype,

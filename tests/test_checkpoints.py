@@ -1,0 +1,222 @@
+"""Single-file checkpoints in the original (A1111 / ComfyUI) layout, both ways, on tiny random models
+of every layout; the shipped configs of the real architectures against their published sizes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.checkpoints import detect, load_single_file, to_single_file
+from ldm.models import ModelError, load_model
+from ldm.tiny import build_checkpoint
+from pipelines.cli import main
+from pipelines.pipeline import Pipeline
+
+KINDS = {"sd1": "sd1", "sd2": "sd2", "inpaint": "sd1-inpaint", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner",
+         "sdxl-inpaint": "sdxl-inpaint"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """kind -> (directory, the single file exported from it)."""
+    out = {}
+    for kind in KINDS:
+        d = build_checkpoint(tmp_path_factory.mktemp(kind), kind, seed=5)
+        out[kind] = (d, to_single_file(load_model(d), d.parent / f"{kind}.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_export_then_import_gives_back_every_weight(tiny, kind):
+    """Our export (diffusers -> original keys) read back by diffusers' own converters (original ->
+    diffusers) is the identity, for every layout."""
+    from safetensors import safe_open
+
+    d, f = tiny[kind]
+    with safe_open(str(f), "pt") as s:
+        keys = list(s.keys())
+        shapes = {k: tuple(s.get_slice(k).get_shape()) for k in keys if k.endswith("input_blocks.0.0.weight")}
+    assert detect(keys, shapes) == KINDS[kind]
+    parts, arch, _ = load_single_file(f, config=d)
+    ref = load_model(d)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine = getattr(ref, name)
+        if mine is None:
+            assert name not in parts
+            continue
+        theirs = parts[name].state_dict()
+        for k, v in mine.state_dict().items():
+            if not k.endswith("position_ids"):
+                assert torch.equal(v, theirs[k]), (name, k)
+
+
+def test_original_key_names(tiny):
+    """A few keys as A1111 and ComfyUI name them."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny["sd1"][1]), "pt") as s:
+        keys = set(s.keys())
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
+            "model.diffusion_model.output_blocks.1.1.conv.weight", "model.diffusion_model.out.2.weight",
+            "first_stage_model.decoder.up.0.block.0.conv1.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight"} <= keys
+    with safe_open(str(tiny["sdxl"][1]), "pt") as s:
+        keys = set(s.keys())
+    assert {"model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.1.model.text_projection",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"} <= keys
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_diffusers_from_single_file_and_ours_give_the_directorys_image(tiny, kind):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    d, f = tiny[kind]
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    theirs = cls.from_single_file(str(f), config=str(d), local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+    expect = theirs("a red circle", num_inference_steps=4, guidance_scale=5.0, output_type="np",
+                    generator=torch.Generator().manual_seed(2)).images
+    from_dir = Pipeline.from_pretrained(d).text_to_image("a red circle", steps=4, guidance_scale=5.0, seed=2)
+    from_file = Pipeline.from_pretrained(f, config=d).text_to_image("a red circle", steps=4, guidance_scale=5.0,
+                                                                    seed=2)
+    assert np.abs(from_dir.pixels.permute(0, 2, 3, 1).numpy() - expect).max() <= 1e-3
+    assert (from_file.pixels - from_dir.pixels).abs().max() <= 1e-3
+
+
+def test_generate_and_convert_commands(tiny, tmp_path, capsys):
+    d, f = tiny["sdxl"]
+    a, b = tmp_path / "dir.png", tmp_path / "file.png"
+    assert main(["generate", "a red circle", "--model", str(d), "--steps", "3", "--seed", "1", "--output", str(a),
+                 "--quiet"]) == 0
+    assert main(["generate", "a red circle", "--model", str(f), "--model-config", str(d), "--steps", "3", "--seed",
+                 "1", "--output", str(b), "--quiet"]) == 0
+    from PIL import Image
+
+    pa, pb = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (a, b))
+    assert np.abs(pa - pb).max() <= 1
+    # directory -> file -> directory, and the result loads in diffusers as the original did
+    one = tmp_path / "one.safetensors"
+    assert main(["convert", str(d), str(one)]) == 0
+    back = tmp_path / "back"
+    assert main(["convert", str(one), str(back), "--model-config", str(d)]) == 0
+    assert "(sdxl)" in capsys.readouterr().out
+    assert main(["convert", str(d), str(one)]) == 2 and "--overwrite" in capsys.readouterr().err
+    ref = load_model(d).unet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in load_model(back).unet.state_dict().items())
+    assert json.loads((back / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_bad_single_files_are_errors_naming_what_was_found(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd.safetensors"
+    save_file({"foo.bar.weight": torch.zeros(2), "model.diffusion_model.x": torch.zeros(1)}, str(odd))
+    with pytest.raises(ModelError, match=r"no text encoder this project knows\); key prefixes found: foo.bar, "
+                                         "model.diffusion_model"):
+        load_model(odd)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny["sd1"][1].read_bytes()[:5000])
+    with pytest.raises(ModelError, match="truncated.safetensors' is not a readable .safetensors file.*truncated"):
+        load_model(truncated)
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(tiny["sd1"][1]))}, ckpt)
+    with pytest.raises(ModelError, match="pickle checkpoint.*--allow-pickle"):
+        load_model(ckpt, config=tiny["sd1"][0])
+    assert load_model(ckpt, config=tiny["sd1"][0], allow_pickle=True).arch == "sd1"
+    with pytest.raises(ModelError, match="does not fit the config"):
+        load_model(tiny["sd1"][1], config=tiny["sd2"][0])  # an sd1 file read with another layout's config
+
+
+# published parameter counts of the real models (diffusers' and OpenCLIP's model cards)
+PUBLISHED = {"sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+             "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+             "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                      "text_encoder_2": 694_659_840}}
+
+
+@pytest.mark.parametrize("arch", list(PUBLISHED))
+def test_the_shipped_configs_build_the_real_architectures(arch):
+    """Built on the meta device (no memory), each part has the published parameter count."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.checkpoints import config_dir_for
+
+    d = config_dir_for(arch)
+    with init_empty_weights():
+        parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(d / "unet"))),
+                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(str(d / "vae")))}
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (d / name).is_dir():
+                parts[name] = cls(CLIPTextConfig.from_pretrained(str(d / name)))
+    assert {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()} == PUBLISHED[arch]
+
+
+def test_every_shipped_config_is_complete_and_its_tokenizer_is_clips(tmp_path, monkeypatch):
+    from ldm.checkpoints import CONFIGS
+    from ldm.models import load_tokenizer, model_parts
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    archs = sorted(p.name for p in CONFIGS.iterdir())
+    assert archs == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-inpaint", "sdxl-refiner"]
+    for arch in archs:
+        for part in model_parts(CONFIGS / arch):
+            assert (CONFIGS / arch / part).is_dir(), (arch, part)
+    tok = load_tokenizer(CONFIGS / "sdxl" / "tokenizer_2")
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.pad_token == "!" and tok.model_max_length == 77
+
+
+def test_vae_replaces_the_models_vae_from_a_directory_or_a_single_file(tiny, tmp_path):
+    """Another model's VAE, as its directory and as an A1111-style VAE file, gives the image of the
+    model with that VAE swapped in by hand."""
+    import dataclasses
+
+    from ldm.checkpoints import vae_file
+
+    d = tiny["sd1"][0]
+    other = build_checkpoint(tmp_path / "other", "sd1", seed=9)
+    base = load_model(d)
+    swapped = Pipeline(dataclasses.replace(base, vae=load_model(other).vae))
+    expect = swapped.text_to_image("a red circle", steps=3, seed=4).pixels
+    plain = Pipeline(base).text_to_image("a red circle", steps=3, seed=4).pixels
+    assert (expect - plain).abs().max() > 1e-2  # the VAE matters to the image
+    f = vae_file(load_model(other).vae, tmp_path / "other-vae.safetensors")
+    for source in (other, other / "vae", f):
+        got = Pipeline.from_pretrained(d, vae=source).text_to_image("a red circle", steps=3, seed=4).pixels
+        assert (got - expect).abs().max() <= 1e-5, source
+    with pytest.raises(ModelError, match="holds no VAE"):
+        load_model(d, vae=tmp_path)
+
+
+def test_v_prediction_is_read_from_the_weights():
+    """The embedded model predicts epsilon; the same network turned into an exact v predictor
+    (v = sqrt(ab) eps - sqrt(1 - ab) x0) is told apart by one evaluation."""
+    from types import SimpleNamespace
+
+    from ldm.checkpoints import predicts_v
+    from ldm.models import default_model_path
+
+    m = load_model(default_model_path())
+    ab = m.schedule.alphas_cumprod
+
+    class AsV(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.config = unet, unet.config
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+            a = ab[int(timestep)]
+            x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
+            return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
+
+    width = m.text_encoder.config.hidden_size
+    top = m.schedule.num_train_timesteps - 1
+    assert not predicts_v(m.unet, width, float(ab[-1]), top)
+    assert predicts_v(AsV(m.unet), width, float(ab[-1]), top)
