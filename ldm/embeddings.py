@@ -7,7 +7,9 @@ embedding row each; a prompt naming ``T`` is expanded to ``T T_1 .. T_{n-1}`` be
 Formats read and written:
 - diffusers: ``learned_embeds.safetensors`` (or ``.bin``) holding ``{token: tensor[n, dim]}``;
 - AUTOMATIC1111: a ``.pt`` holding ``{"string_to_param": {"*": tensor[n, dim]}, "name": token, ...}``,
-  and its safetensors form ``{"emb_params": tensor[n, dim]}``.
+  and its safetensors form ``{"emb_params": tensor[n, dim]}``;
+- SDXL (AUTOMATIC1111, ComfyUI, Civitai): ``{"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280]}``, one
+  set of rows per text encoder, the concept named after the file.
 Pickle files (``.pt``, ``.bin``) are read with ``torch.load(weights_only=True)``, which builds only
 tensors and plain containers and runs no code from the file.
 """
@@ -29,9 +31,13 @@ def vector_tokens(token: str, n: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
-def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[str, torch.Tensor]:
-    """``{token: tensor[n, dim]}`` from a diffusers or A1111 embedding file; ``token`` renames a
-    file's single concept (A1111 files are named by their ``name`` entry, else the file name)."""
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[str, torch.Tensor | dict]:
+    """``{token: tensor[n, dim]}`` from a diffusers or A1111 embedding file, or for an SDXL file
+    ``{token: {"clip_l": tensor, "clip_g": tensor}}``; ``token`` renames a file's single concept (A1111
+    and SDXL files are named by their ``name`` entry, else the file name)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"embedding file {str(path)!r} does not exist")
@@ -57,6 +63,12 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[s
         embeds = {name: next(iter(params.values()))}
     elif set(data) == {"emb_params"}:
         embeds = {path.stem: data["emb_params"]}
+    elif set(data) == set(SDXL_KEYS):
+        rows = {k: (v[None] if v.ndim == 1 else v).detach().float().cpu() for k, v in data.items()}
+        if rows["clip_l"].shape[0] != rows["clip_g"].shape[0]:
+            raise ModelError(f"{path}: clip_l has {rows['clip_l'].shape[0]} vectors but clip_g "
+                             f"{rows['clip_g'].shape[0]}; an SDXL embedding has as many for each encoder")
+        return {token or path.stem: rows}
     else:
         embeds = dict(data)
     bad = [k for k, v in embeds.items() if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2)]
@@ -101,8 +113,8 @@ def add_concept(tokenizer, text_encoder, token: str, vectors: torch.Tensor) -> l
     width = text_encoder.get_input_embeddings().weight.shape[1]
     if vectors.shape[-1] != width:
         raise ModelError(f"the embedding for {token!r} is {vectors.shape[-1]} wide but this model's text encoder "
-                         f"is {width} wide: it was trained for another model family (768: SD 1.x, 1024: SD 2.x); "
-                         "use an embedding made for this model")
+                         f"is {width} wide: it was trained for another model family (768: SD 1.x, 1024: SD 2.x, "
+                         "clip_l 768 + clip_g 1280: SDXL); use an embedding made for this model")
     names = vector_tokens(token, vectors.shape[0])
     taken = [t for t in names if t in tokenizer.get_vocab()]
     if taken:

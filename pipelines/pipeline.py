@@ -101,7 +101,16 @@ class Pipeline:
         m = self.model
         embeds = read_embeddings(path, token)
         for name, vectors in embeds.items():
-            add_concept(m.tokenizer, m.text_encoder, name, vectors)
+            if isinstance(vectors, dict) != m.is_sdxl:
+                made = "SDXL (clip_l and clip_g)" if isinstance(vectors, dict) else "one text encoder (SD 1.x / 2.x)"
+                raise ModelError(f"embedding {str(path)!r} was made for {made}, but this model is {m.arch}; use an "
+                                 "embedding made for this model")
+            if isinstance(vectors, dict):  # SDXL: the same token in both encoders, each with its own rows
+                if m.text_encoder is not None:
+                    add_concept(m.tokenizer, m.text_encoder, name, vectors["clip_l"])
+                add_concept(m.tokenizer_2, m.text_encoder_2, name, vectors["clip_g"])
+            else:
+                add_concept(m.tokenizer, m.text_encoder, name, vectors)
         return list(embeds)
 
     def load_lora(self, path) -> None:

@@ -262,3 +262,46 @@ def test_the_studio_serves_sdxl_with_a_second_prompt(sdxl_dir, tmp_path, ours):
 
     ref = ours.generate(Request(PROMPT, prompt_2="a yellow star", steps=4, seed=9)).images[0]
     assert np.array_equal(got, np.asarray(ref))
+
+
+def test_an_sdxl_embedding_gives_diffusers_image(sdxl_dir, tmp_path):
+    """An A1111/ComfyUI SDXL embedding ({clip_l, clip_g}, two vectors each): ours against diffusers'
+    load_textual_inversion once per encoder."""
+    from safetensors.torch import save_file
+
+    ours = Pipeline.from_pretrained(sdxl_dir)
+    te1, te2 = ours.model.text_encoder, ours.model.text_encoder_2
+    g = torch.Generator().manual_seed(0)
+    rows = {"clip_l": torch.randn(2, te1.config.hidden_size, generator=g) * 0.02,
+            "clip_g": torch.randn(2, te2.config.hidden_size, generator=g) * 0.02}
+    f = tmp_path / "shiny.safetensors"
+    save_file(rows, str(f))
+    assert ours.load_embedding(f) == ["shiny"]
+    prompt = "a shiny circle on a blue background"
+    got = ours.text_to_image(prompt, negative_prompt=NEGATIVE, steps=4, guidance_scale=5.0, seed=3,
+                             sampler="euler").pixels.permute(0, 2, 3, 1).numpy()
+    ref = _ref(StableDiffusionXLPipeline, sdxl_dir, "euler")
+    ref.load_textual_inversion(rows["clip_l"], token=["shiny", "shiny_1"], text_encoder=ref.text_encoder,
+                               tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(rows["clip_g"], token=["shiny", "shiny_1"], text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    expect = ref(prompt, negative_prompt=NEGATIVE, num_inference_steps=4,
+                 guidance_scale=5.0, generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert np.abs(got - expect).max() <= TOLERANCE
+    plain = ours.text_to_image("a circle on a blue background", negative_prompt=NEGATIVE, steps=4,
+                               guidance_scale=5.0, seed=3, sampler="euler").pixels.permute(0, 2, 3, 1).numpy()
+    assert np.abs(got - plain).max() > 1e-3
+
+
+def test_embeddings_for_another_architecture_are_refused_naming_both(sdxl_dir, sd1_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.models import ModelError
+
+    xl, sd = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
+    save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)}, str(xl))
+    save_file({"<c>": torch.zeros(1, 8)}, str(sd))
+    with pytest.raises(ModelError, match=r"made for SDXL \(clip_l and clip_g\), but this model is sd1"):
+        Pipeline.from_pretrained(sd1_dir).load_embedding(xl)
+    with pytest.raises(ModelError, match=r"made for one text encoder \(SD 1.x / 2.x\), but this model is sdxl"):
+        Pipeline.from_pretrained(sdxl_dir).load_embedding(sd)
