@@ -394,3 +394,44 @@ def predicts_v(unet, context_width: int, alpha_bar: float, timestep: int) -> boo
     noise = x[:, :out.shape[1]].to(out)
     cos = torch.nn.functional.cosine_similarity(out.flatten(), noise.flatten(), dim=0).item()
     return cos < 0.5
+
+
+# --- LoRA: diffusers / peft layout <-> kohya's (sd-scripts; read by A1111, ComfyUI, Forge) -----------
+_LORA_PARTS = {".lora.down.weight": "lora_down", ".lora.up.weight": "lora_up",
+               ".lora_linear_layer.down.weight": "lora_down", ".lora_linear_layer.up.weight": "lora_up",
+               ".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up"}
+
+
+def is_kohya_lora(keys) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
+
+
+def lora_to_kohya(sd: dict, unet_config: dict, sdxl: bool, alpha: float | None = None) -> dict:
+    """A LoRA in diffusers' layout (``unet.<module>.lora.down.weight``, ``text_encoder.``...,
+    ``text_encoder_2.``...) in kohya's: ``lora_unet_<module>`` with ``lora_down`` / ``lora_up`` and
+    ``alpha`` (default the rank, i.e. scale 1, which is how diffusers reads a file without alphas).
+    SD 1.x/2.x modules keep diffusers' names, SDXL's U-Net takes the original ones (input_blocks...),
+    as kohya's scripts name them."""
+    layers = unet_config["layers_per_block"]
+    up_attn = [t.startswith("CrossAttn") for t in unet_config["up_block_types"]]
+    out = {}
+    for key, value in sd.items():
+        suffix = next((s for s in _LORA_PARTS if key.endswith(s)), None)
+        if suffix is None:
+            raise CheckpointError(f"LoRA key {key!r} is not in diffusers' layout (…lora.down.weight / lora.up.weight)")
+        module = key[:-len(suffix)]
+        if module.startswith("unet."):
+            path = module[len("unet."):]
+            if sdxl:
+                path = _unet_key(path + ".weight", layers, up_attn)[:-len(".weight")]
+            name = "lora_unet_" + path
+        else:
+            encoder, _, path = module.partition(".")
+            path = path if path.startswith("text_model.") else "text_model." + path
+            te = {"text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}[encoder]
+            name = te + path
+        name = name.replace(".", "_")
+        out[f"{name}.{_LORA_PARTS[suffix]}.weight"] = value.contiguous()
+        if _LORA_PARTS[suffix] == "lora_down":
+            out[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else value.shape[0]))
+    return out

@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--mask", type=Path, required=True, help="a mask the image's size: white = repaint, black = keep")
     n.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1)")
     c = sub.add_parser("convert", help="a single-file checkpoint (A1111 / ComfyUI layout) to a diffusers directory, "
-                                       "or a diffusers directory to a single file")
-    c.add_argument("input", type=Path, help="a .safetensors single file, or a diffusers model directory")
+                                       "a diffusers directory to a single file, or a LoRA between diffusers' "
+                                       "and kohya's layouts")
+    c.add_argument("input", type=Path, help="a .safetensors single file, a diffusers model directory, or a LoRA file")
     c.add_argument("output", type=Path, help="the directory to write, or the .safetensors file to write")
+    c.add_argument("--model", default=None, help="for a LoRA: the model it was made for (default: the embedded model)")
     c.add_argument("--model-config", type=Path, default=None, metavar="DIR",
                    help="for a single file: a diffusers directory of its layout (default: the one shipped for the "
                         "detected SD 1.x / 2.x / SDXL architecture)")
@@ -184,6 +186,8 @@ def _convert(args) -> int:
     from ldm.models import DTYPES, load_model
 
     try:
+        if args.input.is_file() and _is_lora(args.input):
+            return _convert_lora(args)
         to_file = args.output.suffix == ".safetensors"
         if args.output.exists() and not args.overwrite:
             raise ValueError(f"{str(args.output)!r} exists; pass --overwrite to replace it")
@@ -201,6 +205,54 @@ def _convert(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{written} ({model.arch})")
+    return 0
+
+
+def _is_lora(path: Path) -> bool:
+    from safetensors import safe_open
+
+    from ldm.checkpoints import is_kohya_lora
+
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # not readable: the checkpoint path reports it
+        return False
+    return is_kohya_lora(keys) or any(k.startswith(("unet.", "text_encoder.")) and "lora" in k for k in keys)
+
+
+def _convert_lora(args) -> int:
+    """diffusers' LoRA layout -> kohya's, or kohya's -> diffusers' (read by diffusers' converter)."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.checkpoints import is_kohya_lora, lora_to_kohya
+    from ldm.models import load_model
+
+    if args.output.exists() and not args.overwrite:
+        raise ValueError(f"{str(args.output)!r} exists; pass --overwrite to replace it")
+    if args.output.suffix != ".safetensors":
+        raise ValueError("a LoRA is written as one .safetensors file: give an output ending in .safetensors")
+    check_output_dir(args.output.parent, "the output's folder")
+    model = load_model(model_path(args), config=args.model_config)
+    sd = load_file(str(args.input))
+    if is_kohya_lora(sd):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        loader = StableDiffusionXLPipeline if model.is_sdxl else StableDiffusionPipeline
+        state, alphas = loader.lora_state_dict(sd, unet_config=model.unet.config)
+        if alphas and any(float(a) != float(state[k.replace(".alpha", ".lora.down.weight")].shape[0])
+                          for k, a in alphas.items() if k.replace(".alpha", ".lora.down.weight") in state):
+            raise ValueError("this kohya LoRA has alphas other than its rank, which diffusers' layout cannot "
+                             "carry in one file; use it as it is (--lora reads kohya files)")
+        out, layout = state, "diffusers"
+    else:
+        out, layout = lora_to_kohya(sd, dict(model.unet.config), sdxl=model.is_sdxl), "kohya"
+    tmp = args.output.with_name(f".{args.output.name}.tmp")
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(args.output)
+    print(f"{args.output} (LoRA, {layout} layout, for {model.arch})")
     return 0
 
 

@@ -117,7 +117,7 @@ class Pipeline:
         """Add LoRA weights in diffusers' format (a ``pytorch_lora_weights.safetensors`` file, or a
         directory holding one, as ``ldm dreambooth --lora-rank`` writes) to the U-Net and, when the
         file has them, the text encoder; read from safetensors only."""
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         path = Path(path)
         kwargs = {}
@@ -125,12 +125,18 @@ class Pipeline:
             kwargs["weight_name"], path = path.name, path.parent
         elif not path.is_dir():
             raise ModelError(f"LoRA file {str(path)!r} does not exist")
-        try:
-            state, alphas = StableDiffusionPipeline.lora_state_dict(str(path), use_safetensors=True, **kwargs)
-            StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=self.model.unet)
-            if any(k.startswith("text_encoder.") for k in state):
-                StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=self.model.text_encoder,
-                                                                    prefix="text_encoder")
+        m = self.model
+        loader = StableDiffusionXLPipeline if m.is_sdxl else StableDiffusionPipeline
+        try:  # diffusers' reader converts kohya's layout (lora_unet_..., lora_te_...) to its own
+            state, alphas = loader.lora_state_dict(str(path), use_safetensors=True, unet_config=m.unet.config,
+                                                   **kwargs)
+            if not any(k.startswith("unet.") for k in state) and any(k.startswith(("down_blocks", "up_blocks",
+                                                                                     "mid_block")) for k in state):
+                state = {f"unet.{k}": v for k, v in state.items()}
+            loader.load_lora_into_unet(state, alphas, unet=m.unet)
+            for prefix, encoder in (("text_encoder", m.text_encoder), ("text_encoder_2", m.text_encoder_2)):
+                if encoder is not None and any(k.startswith(prefix + ".") for k in state):
+                    loader.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix=prefix)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
 

@@ -220,3 +220,78 @@ def test_v_prediction_is_read_from_the_weights():
     top = m.schedule.num_train_timesteps - 1
     assert not predicts_v(m.unet, width, float(ab[-1]), top)
     assert predicts_v(AsV(m.unet), width, float(ab[-1]), top)
+
+
+def _random_lora(model_dir, out_dir, sdxl: bool):
+    """A LoRA of rank 4 on the U-Net and every text encoder, with non-zero up weights, saved by diffusers."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    m = load_model(model_dir)
+    torch.manual_seed(0)
+    m.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {"unet_lora_layers": m.unet}
+    for name in ("text_encoder", "text_encoder_2"):
+        enc = getattr(m, name)
+        if enc is not None:
+            enc.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+            layers[f"{name}_lora_layers"] = enc
+    for mod in layers.values():
+        for n, p in mod.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.2)
+    layers = {k: convert_state_dict_to_diffusers(get_peft_model_state_dict(v)) for k, v in layers.items()}
+    (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
+        str(out_dir), safe_serialization=True, **layers)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_a_lora_exported_to_kohyas_layout_reads_back_to_the_same_image(tiny, tmp_path, kind):
+    """Ours -> kohya (lora_unet_..., lora_te[12]_..., alpha): read back here through diffusers' kohya
+    reader it gives the image the original file gives, here and in diffusers' load_lora_weights."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from ldm.checkpoints import is_kohya_lora, lora_to_kohya
+
+    d = tiny[kind][0]
+    ours_file = _random_lora(d, tmp_path, sdxl=kind == "sdxl")
+    kohya = lora_to_kohya(load_file(str(ours_file)), dict(load_model(d).unet.config), sdxl=kind == "sdxl")
+    assert is_kohya_lora(kohya) and all(k.startswith(("lora_unet_", "lora_te")) for k in kohya)
+    if kind == "sdxl":
+        assert any(k.startswith("lora_unet_input_blocks_") for k in kohya) and any("lora_te2_" in k for k in kohya)
+    kohya_file = tmp_path / "kohya.safetensors"
+    save_file(kohya, str(kohya_file))
+    images = {}
+    base = Pipeline.from_pretrained(d).text_to_image("a red circle", steps=3, guidance_scale=5.0, seed=1).pixels
+    for name, f in (("ours", ours_file), ("kohya", kohya_file)):
+        p = Pipeline.from_pretrained(d)
+        p.load_lora(f)
+        images[name] = p.text_to_image("a red circle", steps=3, guidance_scale=5.0, seed=1).pixels
+    assert (images["ours"] - base).abs().max() > 1e-2  # the LoRA changes the image
+    assert (images["kohya"] - images["ours"]).abs().max() <= 1e-4
+    ref = (StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline).from_pretrained(d)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
+    expect = ref("a red circle", num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(1)).images
+    assert np.abs(images["kohya"].permute(0, 2, 3, 1).numpy() - expect).max() <= 2 / 255
+
+
+def test_convert_takes_a_lora_both_ways(tiny, tmp_path, capsys):
+    d = tiny["sd1"][0]
+    ours = _random_lora(d, tmp_path, sdxl=False)
+    kohya, back = tmp_path / "k.safetensors", tmp_path / "back.safetensors"
+    assert main(["convert", str(ours), str(kohya), "--model", str(d)]) == 0
+    assert "kohya layout, for sd1" in capsys.readouterr().out
+    assert main(["convert", str(kohya), str(back), "--model", str(d)]) == 0
+    assert "diffusers layout" in capsys.readouterr().out
+    images = []
+    for f in (ours, kohya, back):
+        p = Pipeline.from_pretrained(d)
+        p.load_lora(f)
+        images.append(p.text_to_image("a red circle", steps=3, seed=1).pixels)
+    assert (images[1] - images[0]).abs().max() <= 1e-4 and (images[2] - images[0]).abs().max() <= 1e-4
