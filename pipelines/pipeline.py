@@ -49,6 +49,29 @@ class Result:
         return to_pil(self.pixels)
 
 
+def _check_lora_arch(path: Path, model: Model) -> None:
+    """A LoRA made for SDXL (a second text encoder, or the U-Net's added-condition layers) on an SD 1.x/2.x
+    model, or the reverse, is an error naming both, before any weight is touched."""
+    from safetensors import safe_open
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        return
+    try:
+        with safe_open(str(files[0]), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # unreadable: diffusers' reader says why
+        return
+    second = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
+    xl_unet = any("add_embedding" in k or "lora_unet_input_blocks" in k or "lora_unet_label_emb" in k for k in keys)
+    sd_text = any(k.startswith("lora_te_") for k in keys)
+    made_for_xl = second or xl_unet
+    if made_for_xl and not model.is_sdxl or (model.is_sdxl and sd_text and not second):
+        made = "SDXL" if made_for_xl else "SD 1.x / 2.x (one text encoder)"
+        raise ModelError(f"LoRA {str(files[0])!r} was made for {made}, but this model is {model.arch}; use a LoRA "
+                         "made for this model")
+
+
 class Pipeline:
     """The generation front of a Stable-Diffusion-layout model: :meth:`generate` runs a
     :class:`~pipelines.request.Request`; ``text_to_image``, ``image_to_image`` and ``inpaint`` are
@@ -126,6 +149,7 @@ class Pipeline:
         elif not path.is_dir():
             raise ModelError(f"LoRA file {str(path)!r} does not exist")
         m = self.model
+        _check_lora_arch(path / kwargs["weight_name"] if "weight_name" in kwargs else path, m)
         loader = StableDiffusionXLPipeline if m.is_sdxl else StableDiffusionPipeline
         try:  # diffusers' reader converts kohya's layout (lora_unet_..., lora_te_...) to its own
             state, alphas = loader.lora_state_dict(str(path), use_safetensors=True, unet_config=m.unet.config,

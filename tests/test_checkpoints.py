@@ -295,3 +295,9 @@ def test_convert_takes_a_lora_both_ways(tiny, tmp_path, capsys):
         p.load_lora(f)
         images.append(p.text_to_image("a red circle", steps=3, seed=1).pixels)
     assert (images[1] - images[0]).abs().max() <= 1e-4 and (images[2] - images[0]).abs().max() <= 1e-4
+
+
+def test_a_lora_for_another_architecture_is_refused_naming_both(tiny, tmp_path):
+    xl = _random_lora(tiny["sdxl"][0], tmp_path / "xl", sdxl=True)
+    with pytest.raises(ModelError, match="was made for SDXL, but this model is sd1"):
+        Pipeline.from_pretrained(tiny["sd1"][0]).load_lora(xl)
