@@ -14,7 +14,8 @@ from ldm.text import encode_prompts
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
                    snr_gamma: float = 0.0, reduce: bool = True):
     """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction
-    against the true target of its parameterisation; per-sample losses when ``reduce`` is False."""
+    against the true target of its parameterisation; per-sample losses when ``reduce`` is False.
+    ``hidden``: the text states (B, L, D), or a whole conditioning dict (ldm.text.text_context)."""
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -22,7 +23,13 @@ def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: to
     noise = noise.to(latents.device)
     xt = q_sample(latents, noise, ab)
     target = from_x0(latents, xt, ab, schedule.prediction_type)
-    pred = unet(xt, t.to(latents.device), hidden).sample
+    if isinstance(hidden, dict):  # a full context (ldm.text.text_context): SDXL's added conditions too
+        extra = {}
+        if "text_embeds" in hidden:
+            extra["added_cond_kwargs"] = {k: hidden[k].to(latents.device) for k in ("text_embeds", "time_ids")}
+        pred = unet(xt, t.to(latents.device), hidden["encoder_hidden_states"].to(latents.device), **extra).sample
+    else:
+        pred = unet(xt, t.to(latents.device), hidden).sample
     per = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     if snr_gamma > 0:
         snr = (ab / (1 - ab)).view(b)
@@ -72,16 +79,27 @@ def save_pipeline(directory, unet, vae, text_encoder, tokenizer, schedule: Noise
     """Write a Stable Diffusion directory (model_index.json, unet, vae, text_encoder, tokenizer,
     scheduler) that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads; ``sampling_defaults``, when
     given, becomes its sampling.json (the defaults ``ldm generate`` uses for it)."""
-    import copy
     from pathlib import Path
 
-    from ldm.checkpoints import to_directory
     from ldm.models import Model
 
-    parts = [copy.deepcopy(m) for m in (unet, vae, text_encoder)]
+    save_model(directory, Model(unet, vae, text_encoder, tokenizer, schedule, "", Path(directory)), dtype=dtype,
+               sampling_defaults=sampling_defaults)
+
+
+def save_model(directory, model, dtype=None, sampling_defaults: dict | None = None):
+    """Write ``model`` (an ldm.models.Model: SD 1.x/2.x or SDXL) as a diffusers directory, into
+    ``directory`` as it is (a run's output folder also holds its checkpoints); copies of the networks
+    are saved, so training goes on with its own."""
+    import copy
+    import dataclasses
+
+    from ldm.checkpoints import to_directory
+
+    nets = {n: copy.deepcopy(getattr(model, n)) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
+            if getattr(model, n) is not None}
     if dtype is not None:
-        parts = [m.to(dtype) for m in parts]
-    to_directory(Model(parts[0], parts[1], parts[2], tokenizer, schedule, "", Path(directory)), directory,
-                 atomic=False)
+        nets = {n: m.to(dtype) for n, m in nets.items()}
+    to_directory(dataclasses.replace(model, **nets), directory, atomic=False)
     if sampling_defaults:
         write_sampling_defaults(directory, **sampling_defaults)

@@ -92,6 +92,22 @@ def training_resolution(model, resolution: int | None) -> int:
     return res
 
 
+def crop_ids(data, resolution: int, center_crop: bool, limit: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Per image of ``data``: its original size and the top-left corner of the square cut from it, in
+    the coordinates of the image scaled to ``resolution`` (SDXL's micro-conditioning, as diffusers'
+    SDXL training scripts compute it): (height, width, top, left)."""
+    out = []
+    n = len(data) if limit is None else min(limit, len(data))
+    for i in range(n):
+        w, h = data[i]["image"].size
+        top = left = 0
+        if center_crop:
+            s = min(w, h)
+            top, left = round((h - s) / 2 * resolution / s), round((w - s) / 2 * resolution / s)
+        out.append((h, w, top, left))
+    return out
+
+
 def encode_views(model, data, resolution: int, center_crop: bool, random_flip: bool, limit: int | None = None,
                  progress: bool = False):
     """(N, views, 4, h, w): the scaled posterior-mean latents of each image of ``data`` (a

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.text import encode_prompts, text_states
+from ldm.text import size_ids, text_context
 
-from .common import denoising_loss, sample_grid, save_pipeline
+from .common import denoising_loss, sample_grid, save_model
 from .config import ConfigError, TrainConfig
-from .data import IMAGE_SUFFIXES, encode_views, load_base_model, read_image_folder, training_resolution
+from .data import IMAGE_SUFFIXES, crop_ids, encode_views, load_base_model, read_image_folder, training_resolution
 from .loop import Objective, sample_offset
 
 log = logging.getLogger(__name__)
@@ -133,21 +133,26 @@ class DreamBoothObjective(Objective):
         self.device = accelerator.device
         self.model = m = load_base_model(cfg.model, self.device)
         self.resolution = training_resolution(m, cfg.resolution)
-        self.instance = self._latents(read_image_folder(cfg.instance_data_dir, "instance_data_dir"))
+        data = read_image_folder(cfg.instance_data_dir, "instance_data_dir")
+        self.instance = self._latents(data)
+        self.ids = {"instance": crop_ids(data, self.resolution, cfg.center_crop)}
         self.klass = None
         if cfg.with_prior_preservation:
             class_dir = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images")
             self.ensure_class_images(class_dir, accelerator)  # each process makes its share
             accelerator.wait_for_everyone()
-            self.klass = self._latents(read_image_folder(class_dir, "class_data_dir"), limit=cfg.num_class_images)
+            class_data = read_image_folder(class_dir, "class_data_dir")
+            self.klass = self._latents(class_data, limit=cfg.num_class_images)
+            self.ids["class"] = crop_ids(class_data, self.resolution, cfg.center_crop, limit=cfg.num_class_images)
         self.prompts = {"instance": cfg.instance_prompt, "class": cfg.class_prompt}
         self.cached = None
         if not cfg.train_text_encoder:  # the two prompts' states, once
-            self.cached = {k: encode_prompts(m.tokenizer, m.text_encoder, [p])[0].cpu()
-                           for k, p in self.prompts.items() if p}
+            self.cached = {k: {n: v[0].cpu() for n, v in text_context(m, [p], sizes=[[0.0] * 6]).items()
+                               if n != "time_ids"} for k, p in self.prompts.items() if p}
         trainable = {"unet": m.unet}
         if cfg.train_text_encoder:
-            trainable["text_encoder"] = m.text_encoder
+            trainable.update({name: getattr(m, name) for name in ("text_encoder", "text_encoder_2")
+                              if getattr(m, name) is not None})
         if cfg.lora_rank:
             self._add_lora()
         else:
@@ -168,9 +173,10 @@ class DreamBoothObjective(Objective):
         self.model.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                                target_modules=UNET_LORA_TARGETS))
         if cfg.train_text_encoder:
-            self.model.text_encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha,
-                                                           init_lora_weights="gaussian",
-                                                           target_modules=TEXT_LORA_TARGETS))
+            for encoder in (self.model.text_encoder, self.model.text_encoder_2):
+                if encoder is not None:
+                    encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                   target_modules=TEXT_LORA_TARGETS))
 
     def ensure_class_images(self, class_dir: Path, acc) -> int:
         cfg = self.cfg
@@ -182,27 +188,37 @@ class DreamBoothObjective(Objective):
         return encode_views(self.model, data, self.resolution, self.cfg.center_crop, self.cfg.random_flip, limit)
 
     # --- batches and the loss ------------------------------------------------------------------
-    def _pick(self, latents: torch.Tensor, k: int, salt: int) -> torch.Tensor:
+    def _pick(self, latents: torch.Tensor, k: int, salt: int) -> tuple[torch.Tensor, int]:
         rng = np.random.default_rng([self.cfg.seed, k, salt])
-        return latents[rng.integers(latents.shape[0]), rng.integers(latents.shape[1])]
+        i = rng.integers(latents.shape[0])
+        return latents[i, rng.integers(latents.shape[1])], int(i)
 
     def batch(self, index, generator, rank, world):
         first = sample_offset(index, rank, world, self.cfg.batch_size)
         ks = range(first, first + self.cfg.batch_size)
-        lat = [self._pick(self.instance, k, 41) for k in ks]
-        kinds = ["instance"] * len(lat)
+        picks = [("instance", *self._pick(self.instance, k, 41)) for k in ks]
         if self.klass is not None:
-            lat += [self._pick(self.klass, k, 43) for k in ks]
-            kinds += ["class"] * self.cfg.batch_size
-        return {"latents": torch.stack(lat), "kinds": kinds}
+            picks += [("class", *self._pick(self.klass, k, 43)) for k in ks]
+        sizes = [size_ids(self.model, self.resolution, self.resolution, original=self.ids[kind][i][:2],
+                          crop=self.ids[kind][i][2:]) for kind, _, i in picks]
+        return {"latents": torch.stack([lat for _, lat, _ in picks]), "kinds": [kind for kind, _, _ in picks],
+                "sizes": sizes}
 
-    def hidden(self, kinds: list[str], text_encoder) -> torch.Tensor:
+    def context(self, kinds: list[str], sizes: list[list[float]], modules) -> dict:
+        """The U-Net's conditioning for the batch: the cached prompt states when the text encoders are
+        frozen, else through the (training) encoders, as generation builds it (ldm.text.text_context);
+        SDXL's size ids from each image's own original size and crop."""
         if self.cached is not None:
-            return torch.stack([self.cached[k] for k in kinds]).to(self.device)
-        return text_states(self.model.tokenizer, text_encoder, [self.prompts[k] for k in kinds], self.device)
+            ctx = {n: torch.stack([self.cached[k][n] for k in kinds]).to(self.device) for n in self.cached[kinds[0]]}
+            if self.model.is_sdxl:
+                ctx["time_ids"] = torch.tensor(sizes, dtype=torch.float32)
+            return ctx
+        m = dataclasses.replace(self.model, **{n: modules[n] for n in ("text_encoder", "text_encoder_2")
+                                               if n in modules})
+        return text_context(m, [self.prompts[k] for k in kinds], sizes=sizes, grad=True)
 
     def loss(self, batch, modules, generator):
-        hidden = self.hidden(batch["kinds"], modules.get("text_encoder"))
+        hidden = self.context(batch["kinds"], batch["sizes"], modules)
         per = denoising_loss(modules["unet"], batch["latents"].to(self.device), hidden, self.model.schedule,
                              generator, self.cfg.snr_gamma, reduce=False)
         n = self.cfg.batch_size
@@ -215,7 +231,8 @@ class DreamBoothObjective(Objective):
     # --- results --------------------------------------------------------------------------------
     def _as_model(self, modules):
         return dataclasses.replace(self.model, unet=modules["unet"],
-                                   text_encoder=modules.get("text_encoder", self.model.text_encoder))
+                                   text_encoder=modules.get("text_encoder", self.model.text_encoder),
+                                   text_encoder_2=modules.get("text_encoder_2", self.model.text_encoder_2))
 
     def validate(self, step, modules):
         if not self.cfg.validation_prompts:
@@ -226,17 +243,13 @@ class DreamBoothObjective(Objective):
     def save(self, directory: Path, modules):
         m = self.model
         if self.cfg.lora_rank:
-            from diffusers import StableDiffusionPipeline
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            def layers(mod):
-                return convert_state_dict_to_diffusers(get_peft_model_state_dict(mod))
-            unet_layers = layers(modules["unet"])
-            text_layers = layers(modules["text_encoder"]) if "text_encoder" in modules else None
-            StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=unet_layers,
-                                                      text_encoder_lora_layers=text_layers, weight_name=LORA_FILE,
-                                                      safe_serialization=True)
+            layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(mod))
+                      for name, mod in modules.items()}
+            saver = StableDiffusionXLPipeline if m.is_sdxl else StableDiffusionPipeline
+            saver.save_lora_weights(str(directory), weight_name=LORA_FILE, safe_serialization=True, **layers)
             return
-        save_pipeline(directory, modules["unet"], m.vae, modules.get("text_encoder", m.text_encoder), m.tokenizer,
-                      m.schedule, sampling_defaults=m.sampling_defaults)
+        save_model(directory, self._as_model(modules), sampling_defaults=m.sampling_defaults)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 
 from ldm.embeddings import add_concept, write_a1111, write_embeddings
-from ldm.text import text_states
+from ldm.text import size_ids, text_context
 
 from .common import denoising_loss, sample_grid
 from .config import ConfigError, TrainConfig
-from .data import encode_views, load_base_model, read_image_folder, training_resolution
+from .data import crop_ids, encode_views, load_base_model, read_image_folder, training_resolution
 from .loop import Objective, sample_offset
 
 log = logging.getLogger(__name__)
@@ -105,41 +106,50 @@ class TextualInversionObjective(Objective):
         self.device = accelerator.device
         # fp32 master weights; the frozen U-Net in the mixed-precision dtype (it only runs forward)
         m = load_base_model(cfg.model, self.device)
-        tok, te = m.tokenizer, m.text_encoder
-        init_ids = tok.encode(cfg.initializer_token, add_special_tokens=False)
-        if len(init_ids) == 1:
-            init_ids = init_ids * cfg.num_vectors
-        elif len(init_ids) != cfg.num_vectors:
-            pieces = tok.convert_ids_to_tokens(init_ids)
-            raise ConfigError(f"initializer_token {cfg.initializer_token!r} is {len(init_ids)} tokens "
-                              f"({' + '.join(pieces)}), not one; choose a word the tokenizer keeps whole"
-                              + (f" (or exactly {cfg.num_vectors} tokens, one per vector)" if cfg.num_vectors > 1 else ""))
-        emb0 = te.get_input_embeddings().weight
-        init = emb0[init_ids].detach().clone()  # (num_vectors, dim)
-        self.ids = add_concept(tok, te, cfg.placeholder_token, init)
-        emb = te.get_input_embeddings().weight
-        emb.requires_grad_(True)
-        self.embedding = emb
-        self.frozen = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
-        self.frozen[self.ids] = False
-        self.original = emb.detach().clone()
+        # one table per text encoder (SDXL has two): the new rows learn, the rest is restored after each step
+        self.tables = []
+        for name, (tok, te) in zip(("text_encoder", "text_encoder_2") if m.text_encoder is not None
+                                   else ("text_encoder_2",), m.text_encoders()):
+            init_ids = tok.encode(cfg.initializer_token, add_special_tokens=False)
+            if len(init_ids) == 1:
+                init_ids = init_ids * cfg.num_vectors
+            elif len(init_ids) != cfg.num_vectors:
+                pieces = tok.convert_ids_to_tokens(init_ids)
+                raise ConfigError(
+                    f"initializer_token {cfg.initializer_token!r} is {len(init_ids)} tokens ({' + '.join(pieces)}), "
+                    "not one; choose a word the tokenizer keeps whole"
+                    + (f" (or exactly {cfg.num_vectors} tokens, one per vector)" if cfg.num_vectors > 1 else ""))
+            init = te.get_input_embeddings().weight[init_ids].detach().clone()  # (num_vectors, dim)
+            ids = add_concept(tok, te, cfg.placeholder_token, init)
+            emb = te.get_input_embeddings().weight
+            emb.requires_grad_(True)
+            frozen = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+            frozen[ids] = False
+            self.tables.append(SimpleNamespace(name=name, encoder=te, embedding=emb, ids=ids, frozen=frozen,
+                                               original=emb.detach().clone()))
+        first = self.tables[0]
+        self.embedding, self.ids, self.frozen, self.original = first.embedding, first.ids, first.frozen, first.original
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         if weight_dtype != torch.float32:
             m.unet.to(dtype=weight_dtype)
         if cfg.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
             m.unet.train()  # diffusers checkpoints only in training mode; the U-Net has no dropout
-            te.gradient_checkpointing_enable()
-        te.train()
+        for t in self.tables:
+            if cfg.gradient_checkpointing:
+                t.encoder.gradient_checkpointing_enable()
+            t.encoder.train()
         self.model = m
         self._cache_latents(accelerator)
-        return {"text_encoder": te}
+        return {t.name: t.encoder for t in self.tables}
 
     def _cache_latents(self, accelerator):
         cfg, m = self.cfg, self.model
         data = read_image_folder(cfg.data_dir)
-        self.latents = encode_views(m, data, training_resolution(m, cfg.resolution), cfg.center_crop,
+        self.resolution = training_resolution(m, cfg.resolution)
+        self.latents = encode_views(m, data, self.resolution, cfg.center_crop,
                                     cfg.random_flip, progress=accelerator.is_main_process)  # (N, views, 4, h, w)
+        self.crops = crop_ids(data, self.resolution, cfg.center_crop)  # SDXL's size conditioning
         templates = cfg.templates or TEMPLATES[cfg.learnable_property]
         self.captions = []
         for path, cap in zip(data["path"], data["caption"]):
@@ -154,7 +164,7 @@ class TextualInversionObjective(Objective):
                  self.latents.shape[1], tuple(self.latents.shape[2:]))
 
     def optimized(self, modules):
-        return [self.embedding]  # the embedding matrix only; its frozen rows are restored after each step
+        return [t.embedding for t in self.tables]  # the embedding matrices only; frozen rows restored each step
 
     # --- the data stream: epochs of (images x repeats), shuffled per epoch ------------------------
     def _item(self, k: int) -> int:
@@ -167,17 +177,21 @@ class TextualInversionObjective(Objective):
 
     def batch(self, index, generator, rank, world):
         first = sample_offset(index, rank, world, self.cfg.batch_size)
-        latents, prompts = [], []
+        latents, prompts, sizes = [], [], []
         for k in range(first, first + self.cfg.batch_size):
             i = self._item(k)
             rng = np.random.default_rng([self.cfg.seed, k, 23])
             latents.append(self.latents[i, rng.integers(self.latents.shape[1])])
             options = self.captions[i]
             prompts.append(options[rng.integers(len(options))])
-        return {"latents": torch.stack(latents), "prompts": prompts}
+            h, w, top, left = self.crops[i]
+            sizes.append(size_ids(self.model, self.resolution, self.resolution, original=(h, w), crop=(top, left)))
+        return {"latents": torch.stack(latents), "prompts": prompts, "sizes": sizes}
 
     def loss(self, batch, modules, generator):
-        hidden = text_states(self.model.tokenizer, modules["text_encoder"], batch["prompts"], self.device)
+        # through the training encoders, as generation conditions (ldm.text.text_context)
+        m = dataclasses.replace(self.model, **modules)
+        hidden = text_context(m, batch["prompts"], sizes=batch["sizes"], grad=True)
         loss = denoising_loss(self.model.unet, batch["latents"].to(self.device), hidden, self.model.schedule,
                               generator, self.cfg.snr_gamma)
         return loss, {}
@@ -185,22 +199,33 @@ class TextualInversionObjective(Objective):
     @torch.no_grad()
     def after_step(self, step, modules):
         # only the placeholder rows learn: every other row goes back to its original value
-        self.embedding[self.frozen] = self.original[self.frozen]
+        for t in self.tables:
+            t.embedding[t.frozen] = t.original[t.frozen]
 
     # --- results --------------------------------------------------------------------------------
-    def vectors(self) -> torch.Tensor:
-        return self.embedding.detach()[self.ids].float().cpu().clone()  # (num_vectors, dim)
+    def vectors(self, table: int = 0) -> torch.Tensor:
+        t = self.tables[table]
+        return t.embedding.detach()[t.ids].float().cpu().clone()  # (num_vectors, dim)
 
     def validate(self, step, modules):
         if not self.cfg.validation_prompts:
             return {}
-        te = modules["text_encoder"]
         prompts = [p.replace("{}", self.cfg.placeholder_token) for p in self.cfg.validation_prompts]
-        return sample_grid(dataclasses.replace(self.model, text_encoder=te), prompts, seed=self.cfg.seed,
-                           batch_size=2, trained=[te])
+        return sample_grid(dataclasses.replace(self.model, **modules), prompts, seed=self.cfg.seed,
+                           batch_size=2, trained=list(modules.values()))
 
     def save(self, directory: Path, modules):
         token = self.cfg.placeholder_token
+        if self.model.is_sdxl:  # one file, a set of rows per encoder, named after the token (A1111, ComfyUI)
+            from safetensors.torch import save_file
+
+            name = "".join(c for c in token if c.isalnum() or c in "-_") or "embedding"
+            rows = {{"text_encoder": "clip_l", "text_encoder_2": "clip_g"}[t.name]: self.vectors(i).contiguous()
+                    for i, t in enumerate(self.tables)}
+            tmp = Path(directory) / f".{name}.safetensors.tmp"
+            save_file(rows, str(tmp), metadata={"token": token})
+            tmp.replace(Path(directory) / f"{name}.safetensors")
+            return
         write_embeddings(Path(directory) / "learned_embeds.safetensors", {token: self.vectors()})
         if self.cfg.save_a1111:
             name = "".join(c for c in token if c.isalnum() or c in "-_") or "embedding"

@@ -68,7 +68,7 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[s
         if rows["clip_l"].shape[0] != rows["clip_g"].shape[0]:
             raise ModelError(f"{path}: clip_l has {rows['clip_l'].shape[0]} vectors but clip_g "
                              f"{rows['clip_g'].shape[0]}; an SDXL embedding has as many for each encoder")
-        return {token or path.stem: rows}
+        return {token or _stored_token(path) or path.stem: rows}
     else:
         embeds = dict(data)
     bad = [k for k, v in embeds.items() if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2)]
@@ -81,6 +81,14 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[s
                              "rename only a file of one")
         embeds = {token: next(iter(embeds.values()))}
     return embeds
+
+
+def _stored_token(path: Path) -> str | None:
+    """The token an SDXL embedding file names in its metadata (ldm textual-inversion writes it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("token")
 
 
 def write_embeddings(path: str | os.PathLike, embeds: dict[str, torch.Tensor]) -> Path:

@@ -27,7 +27,7 @@ from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
 from ldm.samplers import get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
-from ldm.text import encode_prompts, encode_sdxl
+from ldm.text import encode_prompts, size_ids, text_context
 
 from .pngmeta import format_parameters
 from .request import Request, Resolved, sampling_defaults
@@ -176,21 +176,9 @@ class Pipeline:
         size conditioning: original size, crop top-left, target size, or for the refiner original
         size, crop and an aesthetic score (6 for the prompt, 2.5 for the negative, diffusers'
         defaults). An empty negative prompt is zeros where the model says force_zeros_for_empty_prompt."""
-        m = self.model
         texts, texts_2 = (r.negatives, r.negatives_2) if negative else (r.prompts, r.prompts_2)
-        if not m.is_sdxl:
-            return {"encoder_hidden_states": self.encode_text(texts)}
-        if negative and m.force_zeros_for_empty_prompt and not any(texts) and not any(texts_2):
-            ctx = {k: torch.zeros_like(like[k]) for k in ("encoder_hidden_states", "text_embeds")}
-        else:
-            hidden, pooled = encode_sdxl(m.text_encoders(), [texts, texts_2], device=m.device)
-            ctx = {"encoder_hidden_states": hidden, "text_embeds": pooled}
-        if m.requires_aesthetics_score:
-            ids = [r.height, r.width, 0, 0, 2.5 if negative else 6.0]
-        else:
-            ids = [r.height, r.width, 0, 0, r.height, r.width]
-        ctx["time_ids"] = torch.tensor([ids] * len(texts), dtype=torch.float32)  # (B, 5 or 6)
-        return ctx
+        sizes = [size_ids(self.model, r.height, r.width, negative=negative)] * len(texts)
+        return text_context(self.model, texts, texts_2, sizes=sizes, negative=negative, like=like)
 
     def _denoiser(self, r: Resolved, concat=None) -> Callable:
         m = self.model

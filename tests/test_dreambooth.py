@@ -253,3 +253,68 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(sd1_dir, tmp_path):
     enc_a, enc_b = base.vae.encoder.state_dict(), adapted.vae.encoder.state_dict()
     assert all(torch.equal(enc_a[k], enc_b[k].to(enc_a[k].dtype)) for k in enc_a)
     assert (out / "report.json").is_file() and (out / "samples.png").is_file()
+
+
+# --- SDXL ---------------------------------------------------------------------------------------
+
+def test_crop_ids_are_the_original_size_and_the_scaled_crop_corner(tmp_path):
+    from finetune.data import crop_ids
+
+    data = [{"image": Image.new("RGB", (96, 64))}, {"image": Image.new("RGB", (64, 128))}]
+    assert crop_ids(data, 64, center_crop=True) == [(64, 96, 0, 16), (128, 64, 32, 0)]
+    assert crop_ids(data, 64, center_crop=False) == [(64, 96, 0, 0), (128, 64, 0, 0)]
+
+
+def test_sdxl_lora_with_both_text_encoders_loads_alike_in_diffusers_and_ours(sdxl_dir, instance_dir, tmp_path):
+    """DreamBooth LoRA on a tiny SDXL with prior preservation, both text encoders adapted: the saved file
+    is in the layout StableDiffusionXLPipeline.load_lora_weights reads, and gives our image there."""
+    from diffusers import StableDiffusionXLPipeline
+
+    obj, _ = _run(_cfg(sdxl_dir, instance_dir, tmp_path / "lora", lora_rank=4, train_text_encoder=True,
+                       with_prior_preservation=True))
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    saved = load_file(str(lora))
+    assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder", "text_encoder_2"}
+    ref = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    theirs = ref("a sks circle", num_inference_steps=3, guidance_scale=5.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(2)).images
+    pipe = Pipeline.from_pretrained(sdxl_dir)
+    before = pipe.text_to_image("a sks circle", steps=3, guidance_scale=5.0, seed=2).pixels
+    pipe.load_lora(lora)
+    ours = pipe.text_to_image("a sks circle", steps=3, guidance_scale=5.0, seed=2).pixels
+    assert (ours - theirs).abs().max() <= 2 / 255
+    assert (before - ours).abs().max() > 1e-3  # training moved it
+
+
+def test_sdxl_full_fine_tune_saves_an_sdxl_directory_every_checkpoint_too(sdxl_dir, instance_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    _run(_cfg(sdxl_dir, instance_dir, tmp_path / "full", with_prior_preservation=False))
+    for d in (tmp_path / "full", tmp_path / "full" / "checkpoint-2", tmp_path / "full" / "checkpoint-4"):
+        ref = StableDiffusionXLPipeline.from_pretrained(str(d))
+        ref.set_progress_bar_config(disable=True)
+        theirs = ref("a sks circle", num_inference_steps=2, guidance_scale=5.0, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+        ours = Pipeline.from_pretrained(d).text_to_image("a sks circle", steps=2, guidance_scale=5.0, seed=0).pixels
+        assert (ours - theirs).abs().max() <= 2 / 255
+    trained = load_model(tmp_path / "full").unet.state_dict()
+    base = load_model(sdxl_dir).unet.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in trained.items())
+
+
+def test_sdxl_training_conditions_on_each_images_size(sdxl_dir, tmp_path):
+    """A 96x64 instance image, centre-cropped to 64: its size row is (64, 96, 0, 16, 64, 64)."""
+    from types import SimpleNamespace
+
+    d = tmp_path / "wide"
+    d.mkdir()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(d / "a.png")
+    obj = DreamBoothObjective(_cfg(sdxl_dir, d, tmp_path / "o", center_crop=True))
+    trainable = obj.setup(SimpleNamespace(device=torch.device("cpu"), is_main_process=True, process_index=0,
+                                          num_processes=1, wait_for_everyone=lambda: None))
+    batch = obj.batch(0, step_generator(0, 0, 0), 0, 1)
+    assert batch["sizes"][0] == [64, 96, 0, 16, 64, 64]
+    ctx = obj.context(batch["kinds"], batch["sizes"], trainable)
+    assert ctx["time_ids"].tolist()[0] == [64.0, 96.0, 0.0, 16.0, 64.0, 64.0] and "text_embeds" in ctx

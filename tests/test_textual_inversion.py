@@ -238,3 +238,37 @@ def test_the_command_takes_its_flags_list_valued_ones_included(sd1_dir, data_dir
     grid = Image.open(tmp_path / "validation" / "step-2" / "samples-0.png")
     assert grid.size == (2 * 2 * 64, 64)  # two prompts, two images each
     assert read_embeddings(tmp_path / "learned_embeds.safetensors")["<concept>"].shape[0] == 2
+
+
+def test_on_sdxl_the_token_learns_in_both_encoders_and_its_file_loads_here_and_in_diffusers(sdxl_dir, data_dir,
+                                                                                             tmp_path):
+    """Textual inversion on a tiny SDXL: the token goes into both tokenizers and both embedding tables,
+    only its rows move, and the saved {clip_l, clip_g} file (named after the token, as A1111 and ComfyUI
+    name SDXL embeddings) gives the same image through ldm generate --embedding and through diffusers'
+    load_textual_inversion once per encoder."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    obj, _ = _run(_cfg(sdxl_dir, data_dir, tmp_path / "ti", placeholder_token="<shiny>", num_vectors=2))
+    fresh = load_model(sdxl_dir)
+    for name in ("text_encoder", "text_encoder_2"):
+        before = getattr(fresh, name).get_input_embeddings().weight
+        after = getattr(obj.model, name).get_input_embeddings().weight
+        assert torch.equal(after[:before.shape[0]], before), name  # every old row as it was
+    f = tmp_path / "ti" / "shiny.safetensors"
+    rows = load_file(str(f))
+    assert set(rows) == {"clip_l", "clip_g"} and rows["clip_l"].shape[0] == rows["clip_g"].shape[0] == 2
+    assert not torch.equal(rows["clip_g"], obj.model.text_encoder_2.get_input_embeddings().weight[:2])
+    out = tmp_path / "x.png"
+    assert main(["generate", "a large <shiny> on a blue background", "--model", str(sdxl_dir), "--embedding", str(f),
+                 "--steps", "3", "--guidance", "5", "--seed", "1", "--sampler", "euler", "--output", str(out),
+                 "--quiet"]) == 0
+    ref = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))
+    ref.scheduler = __import__("diffusers").EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    for key, enc, tok in (("clip_l", ref.text_encoder, ref.tokenizer), ("clip_g", ref.text_encoder_2, ref.tokenizer_2)):
+        ref.load_textual_inversion(rows[key], token=["<shiny>", "<shiny>_1"], text_encoder=enc, tokenizer=tok)
+    expect = ref("a large <shiny> on a blue background", num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(1)).images[0]
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32) / 255
+    assert np.abs(got - expect).max() <= 2 / 255 + 1 / 255  # the PNG's rounding on top
