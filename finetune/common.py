@@ -8,7 +8,7 @@ import torch
 from ldm.models import write_sampling_defaults
 from ldm.process import from_x0, q_sample
 from ldm.schedule import NoiseSchedule
-from ldm.text import encode_prompts
+from ldm.text import text_context
 
 
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
@@ -40,19 +40,25 @@ def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: to
 
 
 class TextCache:
-    """Hidden states of a frozen text encoder, computed once per distinct prompt, through the same
-    code as generation (ldm.text: concept expansion, the attention mask where the encoder uses one)."""
+    """The frozen text encoders' conditioning, computed once per distinct prompt through the code
+    generation uses (ldm.text.text_context: concept expansion, the attention mask where the encoder
+    uses one, SDXL's two encoders and pooled embedding). ``model`` is an ldm.models.Model or anything
+    with its tokenizer / text_encoder / device. Calls return stacked tensors by name, without SDXL's
+    size ids (they depend on the image, not the prompt)."""
 
-    def __init__(self, text_encoder, tokenizer, device):
-        self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
-        self.cache: dict[str, torch.Tensor] = {}
+    def __init__(self, model):
+        self.model = model
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         missing = sorted({p for p in prompts if p not in self.cache})
         for i in range(0, len(missing), 512):
             chunk = missing[i:i + 512]
-            self.cache.update(zip(chunk, encode_prompts(self.tokenizer, self.text_encoder, chunk, self.device).cpu()))
-        return torch.stack([self.cache[p] for p in prompts])
+            ctx = text_context(self.model, chunk, sizes=[[0.0] * 6] * len(chunk))
+            ctx.pop("time_ids", None)
+            for j, p in enumerate(chunk):
+                self.cache[p] = {k: v[j].cpu() for k, v in ctx.items()}
+        return {k: torch.stack([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
 
 
 def sample_grid(model, prompts: list[str], *, seed: int, batch_size: int, trained=(), cols: int | None = None,

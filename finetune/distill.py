@@ -41,9 +41,10 @@ from ldm.guidance import guidance_embedding, guidance_input_dim, guided
 from ldm.models import Model, ModelError, check_model_dir, load_model, read_sampling_defaults
 from ldm.process import ddim_step, ddim_x0_for, q_sample, to_x0, truncated_snr_weight
 from ldm.schedule import NoiseSchedule, spaced_timesteps
+from ldm.text import size_ids
 from shapes import world as shapes
 
-from .common import TextCache, sample_grid, save_pipeline
+from .common import TextCache, sample_grid, save_model
 from .config import ConfigError, TrainConfig
 from .loop import Objective, TrainingError, train
 
@@ -190,8 +191,12 @@ class DistillObjective(Objective):
         self.teacher_w_input = guidance_input_dim(t.unet) is not None
         if self.data is None:
             self.data = DistillData(cfg, t, progress=accelerator.is_main_process)
-        self.text = TextCache(t.text_encoder, t.tokenizer, self.device)
-        self.uncond = self.text([""])  # (1, L, D)
+        self.text = TextCache(t)
+        self.uncond = self.text([""])  # the unconditional branch's context, (1, L, D) ...
+        if t.is_sdxl and t.force_zeros_for_empty_prompt:  # ... zeros for SDXL base, as generation has it
+            self.uncond = {k: torch.zeros_like(v) for k, v in self.uncond.items()}
+        side = self.data.latents.shape[-1] * t.vae_factor
+        self.size_row = size_ids(t, side, side) if t.is_sdxl else None  # square training images
         # the guidance stage keeps the teacher's parameterisation (its student starts as the teacher's
         # conditional branch exactly); the halvings predict v or x
         self.schedule = student_schedule(t.schedule, t.schedule.prediction_type if self.steps is None
@@ -212,6 +217,8 @@ class DistillObjective(Objective):
         idx = torch.randint(0, len(self.data), (b,), generator=generator)
         out = {"latents": self.data.latents[idx], "noise": torch.randn(self.data.latents[idx].shape, generator=generator),
                "hidden": self.text(self.data.prompts(idx.tolist(), rng, cfg.attribute_dropout))}
+        if self.size_row is not None:
+            out["hidden"]["time_ids"] = torch.tensor([self.size_row] * b, dtype=torch.float32)
         lo, hi = cfg.guidance_range
         out["w"] = lo + (hi - lo) * torch.rand(b, generator=generator)
         if self.steps is None:  # the guidance stage: any training timestep
@@ -224,20 +231,24 @@ class DistillObjective(Objective):
         """The teacher's x0 estimate at per-sample timesteps ``t`` and levels ``ab`` (B, 1, 1, 1):
         guided by CFG at w (two passes), or given w as an input when it is itself guidance-distilled."""
         t_ = self.teacher
-        cond = {"encoder_hidden_states": hidden}
+        cond = dict(hidden)  # encoder_hidden_states, and SDXL's text_embeds and time_ids
         if self.teacher_w_input:
             cond["timestep_cond"] = guidance_embedding(w, guidance_input_dim(t_.unet)).to(z.device)
             fn = guided(unet_net(t_.unet), cond, None, 1.0)
         else:
             scale = w if self.guidance_input else torch.full_like(w, self.teacher_scale)
-            uncond = {"encoder_hidden_states": self.uncond.to(z.device).expand_as(hidden)}
+            n = z.shape[0]
+            uncond = {k: v.to(z.device).expand(n, *v.shape[1:]) for k, v in self.uncond.items()}
+            if "time_ids" in hidden:
+                uncond["time_ids"] = hidden["time_ids"]
             fn = guided(unet_net(t_.unet), cond, uncond, scale.view(-1, 1, 1, 1).to(z.device))
         return make_denoiser(fn, t_.schedule.prediction_type)(z, t, ab)
 
     def targets(self, batch: dict):
         """(z_t, t, alpha_bar_t, x-space target) of a batch; the teacher runs without gradients."""
         x0, noise = batch["latents"].to(self.device), batch["noise"].to(self.device)
-        hidden, w = batch["hidden"].to(self.device), batch["w"].to(self.device)
+        hidden = {k: v.to(self.device) for k, v in batch["hidden"].items()}
+        w = batch["w"].to(self.device)
         with torch.no_grad():
             if self.steps is None:
                 t = batch["t"].to(self.device)
@@ -260,7 +271,10 @@ class DistillObjective(Objective):
         kwargs = {}
         if self.w_dim is not None:
             kwargs["timestep_cond"] = guidance_embedding(batch["w"], self.w_dim).to(self.device)
-        pred = modules["unet"](z, t, batch["hidden"].to(self.device), **kwargs).sample
+        ctx = {k: v.to(self.device) for k, v in batch["hidden"].items()}
+        if "text_embeds" in ctx:
+            kwargs["added_cond_kwargs"] = {"text_embeds": ctx["text_embeds"], "time_ids": ctx["time_ids"]}
+        pred = modules["unet"](z, t, ctx["encoder_hidden_states"], **kwargs).sample
         x_hat = to_x0(pred.float(), z, ab, self.schedule.prediction_type)
         per = (x_hat - target).pow(2).mean(dim=(1, 2, 3)) * truncated_snr_weight(ab).view(-1)
         return per.mean(), {}
@@ -272,19 +286,15 @@ class DistillObjective(Objective):
         return {"sampler": "ddim", "steps": self.steps or self.cfg.from_steps, "guidance_scale": w}
 
     def as_model(self, unet) -> Model:
-        t = self.teacher
-        return Model(unet=unet, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
-                     schedule=self.schedule, name=self.name, path=Path(self.cfg.output_dir),
-                     sampling_defaults=self.student_defaults())
+        return dataclasses.replace(self.teacher, unet=unet, schedule=self.schedule, name=self.name,
+                                   path=Path(self.cfg.output_dir), sampling_defaults=self.student_defaults())
 
     def validate(self, step, modules):
         return sample_grid(self.as_model(modules["unet"]), self.cfg.validation_prompts, seed=self.cfg.seed,
                            batch_size=4, trained=[modules["unet"]], cols=4)
 
     def save(self, directory: Path, modules):
-        t = self.teacher
-        save_pipeline(directory, modules["unet"], t.vae, t.text_encoder, t.tokenizer, self.schedule,
-                      sampling_defaults=self.student_defaults())
+        save_model(directory, self.as_model(modules["unet"]), sampling_defaults=self.student_defaults())
         cfg = self.cfg
         info = {"stage": self.name, "teacher": str(self.teacher_dir), "steps": self.student_defaults()["steps"],
                 "prediction_type": self.schedule.prediction_type, "timestep_spacing": "trailing",

@@ -9,6 +9,7 @@ weighted by min-SNR-gamma (Hang et al. 2023), which speeds up convergence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,8 @@ class UNetObjective(Objective):
         self.vae.to(self.device)
         self.text_encoder.to(self.device)
         self.schedule = NoiseSchedule.from_config(dict(SD1_SCHEDULER, prediction_type=cfg.prediction_type))
-        self.text = TextCache(self.text_encoder, self.tokenizer, self.device)
+        self.text = TextCache(SimpleNamespace(tokenizer=self.tokenizer, text_encoder=self.text_encoder,
+                                              device=self.device))
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
         self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
@@ -92,7 +94,7 @@ class UNetObjective(Objective):
                 prompts.append("")
             else:
                 prompts.append(shapes.partial_caption(self.scenes[i], rng, self.cfg.attribute_dropout))
-        return {"latents": self.latents[idx], "hidden": self.text(prompts)}
+        return {"latents": self.latents[idx], "hidden": self.text(prompts)["encoder_hidden_states"]}
 
     def loss(self, batch, modules, generator):
         loss = denoising_loss(modules["unet"], batch["latents"].to(self.device), batch["hidden"].to(self.device),

@@ -81,8 +81,8 @@ def test_two_step_teacher_target_is_the_ddim_composition(sd1_dir, tmp_path):
         x0_data, noise = batch["latents"][row:row + 1], batch["noise"][row:row + 1]
         x = noise if row == 0 else math.sqrt(a0) * x0_data + math.sqrt(1 - a0) * noise
         assert torch.allclose(z[row:row + 1], x, atol=1e-6)
-        hid = batch["hidden"][row:row + 1]
-        unc = obj.uncond
+        hid = batch["hidden"]["encoder_hidden_states"][row:row + 1]
+        unc = obj.uncond["encoder_hidden_states"]
         w = float(batch["w"][row]) if obj.guidance_input else 3.0
 
         def eps(x, tt):
@@ -232,3 +232,20 @@ def test_a_teacher_that_is_not_a_model_is_refused(tmp_path):
     with pytest.raises(ModelError, match="--teacher: .*incomplete"):
         distill(_cfg(tmp_path / "notamodel", tmp_path / "x"), progress=False)
     assert check_steps(64, 4) == 4
+
+
+def test_an_sdxl_teacher_distils_end_to_end_and_diffusers_runs_the_student(sdxl_dir, tmp_path):
+    """Guidance then one halving with a tiny SDXL teacher: the student is an SDXL directory taking w as
+    an input (time_cond_proj_dim), and StableDiffusionXLPipeline runs it to our image in one pass a step."""
+    from diffusers import StableDiffusionXLPipeline
+
+    result = distill(_cfg(sdxl_dir, tmp_path / "c"), progress=False)
+    assert [s["stage"] for s in result["stages"]] == ["guidance", "steps-2"]
+    student = Pipeline.from_pretrained(tmp_path / "c" / "steps-2")
+    assert student.model.arch == "sdxl" and student.model.unet.config.time_cond_proj_dim == 8
+    ours = student.text_to_image("a red circle", seed=4, guidance_scale=3.0).pixels
+    ref = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "c" / "steps-2"))
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(4)).images
+    assert (ours - theirs).abs().max() <= 2 / 255

@@ -291,7 +291,7 @@ def test_sdxl_lora_with_both_text_encoders_loads_alike_in_diffusers_and_ours(sdx
 def test_sdxl_full_fine_tune_saves_an_sdxl_directory_every_checkpoint_too(sdxl_dir, instance_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    _run(_cfg(sdxl_dir, instance_dir, tmp_path / "full", with_prior_preservation=False))
+    _run(_cfg(sdxl_dir, instance_dir, tmp_path / "full", with_prior_preservation=True))
     for d in (tmp_path / "full", tmp_path / "full" / "checkpoint-2", tmp_path / "full" / "checkpoint-4"):
         ref = StableDiffusionXLPipeline.from_pretrained(str(d))
         ref.set_progress_bar_config(disable=True)
