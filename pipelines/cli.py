@@ -74,7 +74,12 @@ def sampling_args(p: argparse.ArgumentParser):
                    help="classifier-free guidance scale; 1 turns guidance off (default: " + model_default % "7.5)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("generate", "img2img", "inpaint", "convert", "serve")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ldm`` parser; for a ``command`` of this module's own the plug-ins (training, the shapes
+    world) are not loaded, so running or asking help for it imports none of them."""
     parser = argparse.ArgumentParser(prog="ldm", description="Latent-diffusion text-to-image toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image")
@@ -131,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
     s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt pickle weights (trusted files only)")
     s.set_defaults(func=_serve)
-    for register in _plugins():
-        register(sub)
+    if command not in CORE_COMMANDS:
+        for register in _plugins():
+            register(sub)
     return parser
 
 
@@ -387,9 +393,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)  # --help ends here, before anything heavy loads
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar; ours shows the work
-    args = build_parser().parse_args(argv)
     if getattr(args, "func", None) is not None:
         return args.func(args)
     try:

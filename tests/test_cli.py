@@ -179,3 +179,20 @@ def test_training_commands_check_their_output_dir_first(tmp_path, capsys, comman
     assert main(command + ["--output-dir", str(a_file / "sub"), "--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err
     assert f"--output-dir {str(a_file / 'sub')!r} cannot be written" in err and err.count("\n") == 1, err
+
+
+def test_generate_and_its_help_import_no_training_server_or_data_code():
+    """Running a core command loads no plug-in: `ldm generate --help` imports neither the training
+    modules, nor the shapes world, nor fastapi, peft, datasets, transformers or diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pipelines.cli import main\ntry:\n    main(['generate', '--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = ('fastapi', 'uvicorn', 'peft', 'datasets', 'finetune', 'shapes', 'transformers', 'diffusers')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in heavy}), file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--negative" in out.stdout  # the help was printed
+    assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr
+    full = subprocess.run([sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "textual-inversion" in full.stdout and "build-shapes-model" in full.stdout  # ldm --help lists them all
