@@ -54,7 +54,7 @@ def main():
                                              batch_size=args.batch_size, output_dir=tmp.name))
     obj = TextualInversionObjective(cfg)
     te, unet = obj.setup(Accelerator(cpu=not torch.cuda.is_available()))["text_encoder"], obj.model.unet
-    opt = torch.optim.AdamW([obj.embedding], lr=cfg.learning_rate)
+    opt = torch.optim.AdamW(obj.optimized({}), lr=cfg.learning_rate)
     parts = defaultdict(float)
 
     def step(i, timed=True):

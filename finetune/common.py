@@ -54,8 +54,7 @@ class TextCache:
         missing = sorted({p for p in prompts if p not in self.cache})
         for i in range(0, len(missing), 512):
             chunk = missing[i:i + 512]
-            ctx = text_context(self.model, chunk, sizes=[[0.0] * 6] * len(chunk))
-            ctx.pop("time_ids", None)
+            ctx = text_context(self.model, chunk)
             for j, p in enumerate(chunk):
                 self.cache[p] = {k: v[j].cpu() for k, v in ctx.items()}
         return {k: torch.stack([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}

@@ -85,7 +85,7 @@ def training_resolution(model, resolution: int | None) -> int:
     from .config import ConfigError
 
     f = model.vae_factor
-    res = resolution or model.unet.config.sample_size * f
+    res = resolution or model.native_size
     if res % f:
         raise ConfigError(f"resolution {res} is not a multiple of {f} (the VAE's factor); "
                           f"try {max(f, round(res / f) * f)}")

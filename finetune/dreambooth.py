@@ -23,7 +23,7 @@ import torch
 
 from ldm.text import size_ids, text_context
 
-from .common import denoising_loss, sample_grid, save_model
+from .common import TextCache, denoising_loss, sample_grid, save_model
 from .config import ConfigError, TrainConfig
 from .data import IMAGE_SUFFIXES, crop_ids, encode_views, load_base_model, read_image_folder, training_resolution
 from .loop import Objective, sample_offset
@@ -146,9 +146,9 @@ class DreamBoothObjective(Objective):
             self.ids["class"] = crop_ids(class_data, self.resolution, cfg.center_crop, limit=cfg.num_class_images)
         self.prompts = {"instance": cfg.instance_prompt, "class": cfg.class_prompt}
         self.cached = None
-        if not cfg.train_text_encoder:  # the two prompts' states, once
-            self.cached = {k: {n: v[0].cpu() for n, v in text_context(m, [p], sizes=[[0.0] * 6]).items()
-                               if n != "time_ids"} for k, p in self.prompts.items() if p}
+        if not cfg.train_text_encoder:  # frozen encoders: each prompt's states once, here (outside autocast)
+            self.cached = TextCache(m)
+            self.cached([p for p in self.prompts.values() if p])
         trainable = {"unet": m.unet}
         if cfg.train_text_encoder:
             trainable.update({name: getattr(m, name) for name in ("text_encoder", "text_encoder_2")
@@ -209,7 +209,7 @@ class DreamBoothObjective(Objective):
         frozen, else through the (training) encoders, as generation builds it (ldm.text.text_context);
         SDXL's size ids from each image's own original size and crop."""
         if self.cached is not None:
-            ctx = {n: torch.stack([self.cached[k][n] for k in kinds]).to(self.device) for n in self.cached[kinds[0]]}
+            ctx = {n: v.to(self.device) for n, v in self.cached([self.prompts[k] for k in kinds]).items()}
             if self.model.is_sdxl:
                 ctx["time_ids"] = torch.tensor(sizes, dtype=torch.float32)
             return ctx

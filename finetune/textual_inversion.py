@@ -127,8 +127,6 @@ class TextualInversionObjective(Objective):
             frozen[ids] = False
             self.tables.append(SimpleNamespace(name=name, encoder=te, embedding=emb, ids=ids, frozen=frozen,
                                                original=emb.detach().clone()))
-        first = self.tables[0]
-        self.embedding, self.ids, self.frozen, self.original = first.embedding, first.ids, first.frozen, first.original
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         if weight_dtype != torch.float32:
             m.unet.to(dtype=weight_dtype)

@@ -15,7 +15,6 @@ checkpoint's own, or one shipped in ``ldm/assets/configs`` for the real architec
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -302,13 +301,6 @@ def _load(module, weights: dict, what: str, path: Path):
                               f"(e.g. {unexpected[:3]})")
 
 
-def index_for(arch: str, cfg_dir: Path) -> dict:
-    try:
-        return json.loads((cfg_dir / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def to_directory(model, path: str | Path, atomic: bool = True) -> Path:
     """Write ``model`` (an ldm.models.Model, e.g. loaded from a single file) as a diffusers directory that
     ``from_pretrained`` loads; written beside and renamed into place (``atomic``), or into ``path`` as
@@ -381,7 +373,7 @@ def vae_file(vae, path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def predicts_v(unet, context_width: int, alpha_bar: float, timestep: int) -> bool:
+def predicts_v(unet, context_width: int, timestep: int) -> bool:
     """Whether a U-Net predicts v rather than epsilon, from one evaluation: at the noisiest level the
     sample is almost all noise, so an epsilon model returns (nearly) its input, while a v model returns
     about -x0, which is unrelated to the noise (v = sqrt(ab) eps - sqrt(1 - ab) x0). SD 2.x single files
@@ -400,6 +392,17 @@ def predicts_v(unet, context_width: int, alpha_bar: float, timestep: int) -> boo
 _LORA_PARTS = {".lora.down.weight": "lora_down", ".lora.up.weight": "lora_up",
                ".lora_linear_layer.down.weight": "lora_down", ".lora_linear_layer.up.weight": "lora_up",
                ".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up"}
+
+
+def file_keys(path: str | Path) -> list[str] | None:
+    """The tensor names of a .safetensors file, read from its header alone; None if it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except Exception:  # not a safetensors file, or truncated: the caller's loader says why
+        return None
 
 
 def is_kohya_lora(keys) -> bool:

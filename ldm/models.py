@@ -121,6 +121,11 @@ class Model:
         return self.unet.config.in_channels == 9
 
     @property
+    def native_size(self) -> int:
+        """The side, in pixels, the U-Net was built for (its sample size times the VAE's factor)."""
+        return self.unet.config.sample_size * self.vae_factor
+
+    @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -257,7 +262,7 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     if arch is not None and arch.startswith("sd2") and config is None:  # 512-base (epsilon) or 768-v: the weights say
         from .checkpoints import predicts_v
 
-        v = predicts_v(unet, text_width, float(schedule.alphas_cumprod[-1]), schedule.num_train_timesteps - 1)
+        v = predicts_v(unet, text_width, schedule.num_train_timesteps - 1)
         schedule = NoiseSchedule(**{**schedule.to_config(), "prediction_type": "v_prediction" if v else "epsilon"})
         log.info("%s: SD 2.x predicting %s", path.name, schedule.prediction_type)
     # the name PNG metadata and the studio show: the directory's (or file's) own name, a hub id as given;

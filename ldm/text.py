@@ -93,7 +93,8 @@ def text_context(model, texts: list[str], texts_2: list[str] | None = None, *, s
                  negative: bool = False, like: dict | None = None, grad: bool = False) -> dict:
     """The U-Net's conditioning for ``texts`` (one per sample), as generation and training both build it:
     ``encoder_hidden_states``, and for SDXL ``text_embeds`` and ``time_ids`` (``sizes``: one size_ids row
-    per sample; ``texts_2`` for the second encoder, default the same). A negative context of empty
+    per sample; None leaves ``time_ids`` out, for a cache of prompts; ``texts_2`` for the second
+    encoder, default the same). A negative context of empty
     prompts is zeros shaped ``like`` the positive one where the model says force_zeros_for_empty_prompt."""
     if not getattr(model, "is_sdxl", False):
         states = text_states(model.tokenizer, model.text_encoder, texts, model.device) if grad else \
@@ -105,5 +106,6 @@ def text_context(model, texts: list[str], texts_2: list[str] | None = None, *, s
     else:
         hidden, pooled = encode_sdxl(model.text_encoders(), [texts, texts_2], device=model.device, grad=grad)
         ctx = {"encoder_hidden_states": hidden, "text_embeds": pooled}
-    ctx["time_ids"] = torch.tensor(sizes, dtype=torch.float32)  # (B, 5 or 6)
+    if sizes is not None:
+        ctx["time_ids"] = torch.tensor(sizes, dtype=torch.float32)  # (B, 5 or 6)
     return ctx

@@ -215,16 +215,10 @@ def _convert(args) -> int:
 
 
 def _is_lora(path: Path) -> bool:
-    from safetensors import safe_open
+    from ldm.checkpoints import file_keys, is_kohya_lora
 
-    from ldm.checkpoints import is_kohya_lora
-
-    if path.suffix != ".safetensors":
-        return False
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-    except Exception:  # not readable: the checkpoint path reports it
+    keys = file_keys(path) if path.suffix == ".safetensors" else None
+    if keys is None:  # not readable: the checkpoint path reports it
         return False
     return is_kohya_lora(keys) or any(k.startswith(("unet.", "text_encoder.")) and "lora" in k for k in keys)
 

@@ -27,7 +27,7 @@ from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
 from ldm.samplers import get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
-from ldm.text import encode_prompts, size_ids, text_context
+from ldm.text import size_ids, text_context
 
 from .pngmeta import format_parameters
 from .request import Request, Resolved, sampling_defaults
@@ -52,15 +52,11 @@ class Result:
 def _check_lora_arch(path: Path, model: Model) -> None:
     """A LoRA made for SDXL (a second text encoder, or the U-Net's added-condition layers) on an SD 1.x/2.x
     model, or the reverse, is an error naming both, before any weight is touched."""
-    from safetensors import safe_open
+    from ldm.checkpoints import file_keys
 
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    if not files:
-        return
-    try:
-        with safe_open(str(files[0]), "pt") as f:
-            keys = list(f.keys())
-    except Exception:  # unreadable: diffusers' reader says why
+    keys = file_keys(files[0]) if files else None
+    if keys is None:  # nothing to read, or unreadable: diffusers' reader says why
         return
     second = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
     xl_unet = any("add_embedding" in k or "lora_unet_input_blocks" in k or "lora_unet_label_emb" in k for k in keys)
@@ -97,8 +93,7 @@ class Pipeline:
         return sampling_defaults(self.model, sampler, steps, guidance_scale)
 
     def default_size(self) -> tuple[int, int]:
-        side = self.model.unet.config.sample_size * self.model.vae_factor
-        return side, side
+        return self.model.native_size, self.model.native_size
 
     def resolve(self, req: Request, limits=None) -> Resolved:
         return req.resolve(self.model, limits)
@@ -163,10 +158,6 @@ class Pipeline:
                     loader.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix=prefix)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
-
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        m = self.model
-        return encode_prompts(m.tokenizer, m.text_encoder, prompts, device=m.device)
 
     def _text_context(self, r: Resolved, negative: bool = False, like: dict | None = None) -> dict:
         """The U-Net's text context for the prompts (or, with ``negative``, the negative prompts).
@@ -310,14 +301,12 @@ class Pipeline:
         """The refiner's part of a base + refiner run (diffusers' denoising_start): the steps of its own
         grid below the base's cutoff, from the base's latents as they are (no noise added)."""
         steps = self._steps(r.sampler, r.steps)
-        m = len(steps) - steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps)
-        mine = steps.tail(len(steps) - m)
+        mine = steps.tail(steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps))
         denoise = self._denoiser(r)
-        step0 = first
 
         def offset(i, xi, x0):  # the progress callback counts on from the base's steps
             if callback is not None:
-                callback(step0 + i, xi, x0)
+                callback(first + i, xi, x0)
 
         res = self._finish(self._sample(denoise, x, mine, r, gens, offset), r)
         res.settings.update(refiner=self.model.name, refiner_start=r.request.refiner_start)

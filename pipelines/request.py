@@ -167,9 +167,9 @@ class Request:
                     add(("mask", f"is {mw}x{mh} but the image is {w}x{h}; they must be the same size"))
             if self.kind == "inpaint" and self.mask is None:
                 add(("mask", "required for inpaint"))
+        files = lora_files(lim.lora_dir) if self.lora and lim.lora_dir is not None else {}
         for entry in self.lora:
             if lim.lora_dir is not None:
-                files = lora_files(lim.lora_dir)
                 if str(entry) not in files:
                     add(("lora", f"no LoRA file {str(entry)!r} in the server's --lora-dir; available: "
                                  f"{', '.join(files) or 'none'}"))
@@ -212,8 +212,7 @@ class Request:
         if self.kind == "inpaint" and run_steps == 0:
             problems.append(("strength", f"{strength} with {steps} steps runs no step; raise either"))
         if self.kind == "txt2img":
-            side = model.unet.config.sample_size * factor
-            width, height = self.width or side, self.height or side
+            width, height = self.width or model.native_size, self.height or model.native_size
         else:
             width, height = _image_size(self.image)
         if not model.is_sdxl:

@@ -3,9 +3,10 @@
 One process loads the model once. Requests go into a bounded queue and one worker runs them one
 batch at a time on the model: under ``ldm serve`` the worker is the process's main thread and the
 HTTP server runs in a second thread, because PyTorch's OpenMP kernels run several times slower when
-started from a thread that is not the main one (docs/serve.md has the figures); a full queue answers 503 with ``Retry-After`` instead of piling
-up memory. Each image is written to the output folder as soon as its batch is made (so a crash loses
-nothing already generated) and comes back as a base64 PNG carrying its A1111 ``parameters`` chunk.
+started from a thread that is not the main one (docs/serve.md has the figures); a full queue answers
+503 with ``Retry-After`` instead of piling up memory. Each image is written to the output folder as
+soon as its batch is made (so a crash loses nothing already generated) and comes back as a base64 PNG
+carrying its A1111 ``parameters`` chunk.
 A client that goes away has its job cancelled: skipped if still queued, stopped at the next sampler
 step if running.
 
@@ -206,9 +207,7 @@ class Studio:
                 except Exception as exc:  # one bad file must not take the server down
                     log.warning("embedding %s skipped: %s", f, exc)
         files = self.lora_files()
-        for name in lora:
-            pipe.load_lora(files[name])
-            pipe._adapters.add(f"lora:{files[name].resolve()}")
+        pipe.apply_adapters(rq.Request(lora=[files[name] for name in lora]))  # loaded and recorded as applied
         self.embeddings, self._lora_loaded = embeddings, lora
         return pipe
 

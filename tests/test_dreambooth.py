@@ -35,6 +35,19 @@ def _cfg(sd1_dir, instance_dir, out, **kw):
     return build(DreamBoothConfig, values)
 
 
+def _with_lora(ref, model_dir, lora, guidance: float):
+    """Images of 'a sks circle' (3 steps, seed 2): ours before and after loading ``lora``, and diffusers'
+    ``ref`` pipeline after its own load_lora_weights."""
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    theirs = ref("a sks circle", num_inference_steps=3, guidance_scale=guidance, output_type="pt",
+                 generator=torch.Generator().manual_seed(2)).images
+    pipe = Pipeline.from_pretrained(model_dir)
+    before = pipe.text_to_image("a sks circle", steps=3, guidance_scale=guidance, seed=2).pixels
+    pipe.load_lora(lora)
+    return before, pipe.text_to_image("a sks circle", steps=3, guidance_scale=guidance, seed=2).pixels, theirs
+
+
 def _run(cfg):
     obj = DreamBoothObjective(cfg)
     return obj, train(obj, cfg, progress=False)
@@ -101,14 +114,7 @@ def test_lora_changes_only_lora_weights_and_loads_alike_in_diffusers_and_ours(sd
     assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("unet.") for k in saved)
     assert (tmp_path / "lora" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     ref = StableDiffusionPipeline.from_pretrained(str(sd1_dir), safety_checker=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    ref.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    theirs = ref("a sks circle", num_inference_steps=3, guidance_scale=7.5, output_type="pt",
-                 generator=torch.Generator().manual_seed(2)).images
-    pipe = Pipeline.from_pretrained(sd1_dir)
-    before = pipe.text_to_image("a sks circle", steps=3, guidance_scale=7.5, seed=2).pixels
-    pipe.load_lora(lora)
-    ours = pipe.text_to_image("a sks circle", steps=3, guidance_scale=7.5, seed=2).pixels
+    before, ours, theirs = _with_lora(ref, sd1_dir, lora, guidance=7.5)
     assert (ours - theirs).abs().max() < 1e-3
     assert (before - theirs).abs().max() > (ours - theirs).abs().max() * 10
 
@@ -275,15 +281,8 @@ def test_sdxl_lora_with_both_text_encoders_loads_alike_in_diffusers_and_ours(sdx
     lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     saved = load_file(str(lora))
     assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder", "text_encoder_2"}
-    ref = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))
-    ref.set_progress_bar_config(disable=True)
-    ref.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    theirs = ref("a sks circle", num_inference_steps=3, guidance_scale=5.0, output_type="pt",
-                 generator=torch.Generator().manual_seed(2)).images
-    pipe = Pipeline.from_pretrained(sdxl_dir)
-    before = pipe.text_to_image("a sks circle", steps=3, guidance_scale=5.0, seed=2).pixels
-    pipe.load_lora(lora)
-    ours = pipe.text_to_image("a sks circle", steps=3, guidance_scale=5.0, seed=2).pixels
+    before, ours, theirs = _with_lora(StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir)), sdxl_dir, lora,
+                                      guidance=5.0)
     assert (ours - theirs).abs().max() <= 2 / 255
     assert (before - ours).abs().max() > 1e-3  # training moved it
 

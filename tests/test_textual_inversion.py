@@ -59,7 +59,7 @@ def test_only_the_placeholder_rows_change_and_every_weight_stays(sd1_dir, data_d
     trained = obj.model
     n_old = fresh.text_encoder.get_input_embeddings().weight.shape[0]
     emb = trained.text_encoder.get_input_embeddings().weight.detach()
-    assert emb.shape[0] == n_old + 2 and obj.ids == [n_old, n_old + 1]
+    assert emb.shape[0] == n_old + 2 and obj.tables[0].ids == [n_old, n_old + 1]
     assert torch.equal(emb[:n_old], fresh.text_encoder.get_input_embeddings().weight)
     init = fresh.text_encoder.get_input_embeddings().weight[fresh.tokenizer.convert_tokens_to_ids("star</w>")]
     assert not torch.allclose(emb[n_old], init)  # the new rows did learn
