@@ -21,6 +21,9 @@ from .process import PREDICTION_TYPES
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
+# noise schedules over sigma (A1111's "Schedule type"); "default" is the spacing of the model's config
+SCHEDULES = ("default", "karras", "exponential", "sgm-uniform")
+LCM_ORIGINAL_STEPS = 50  # the distillation grid of latent consistency models (LCMScheduler's default)
 
 # Stable Diffusion 1.x's training schedule (scheduler_config.json of SD 1.5), the one this project's
 # own models train with
@@ -88,21 +91,34 @@ def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str, ste
 
 class Steps(NamedTuple):
     """What a sampler needs: the network is evaluated at ``timesteps[i]`` on a sample at level
-    ``alpha_bars[i]``, and step i moves it to level ``alpha_bars[i + 1]``."""
+    ``alpha_bars[i]``, and step i moves it to level ``alpha_bars[i + 1]``.
+
+    Samplers that also evaluate the network between or at the end of steps read ``next_t`` (the
+    timestep of the last level, where a step lands on a level that is not noise-free: Heun at the
+    end of a refiner's base run) and ``mids`` (per step, the timestep and level of the geometric
+    mean of its two sigmas: DPM2 and DPM++ SDE)."""
 
     timesteps: list[float]   # n values
     alpha_bars: list[float]  # n + 1 values
+    next_t: float | None = None
+    mids: list[tuple[float, float]] | None = None  # n values (t, alpha_bar); None where a step ends at 0
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # the number of steps (so NamedTuple's _replace does not apply)
         return len(self.timesteps)
+
+    def t_at(self, i: int) -> float:
+        """The timestep of level i (i = n: ``next_t``)."""
+        return self.timesteps[i] if i < len(self.timesteps) else self.next_t
 
     def tail(self, start: int) -> "Steps":
         """The steps from index ``start`` on (image-to-image skips the first ones)."""
-        return Steps(self.timesteps[start:], self.alpha_bars[start:])
+        return Steps(self.timesteps[start:], self.alpha_bars[start:], self.next_t,
+                     None if self.mids is None else self.mids[start:])
 
     def head(self, stop: int) -> "Steps":
         """The first ``stop`` steps, ending at the level the next one would start from."""
-        return Steps(self.timesteps[:stop], self.alpha_bars[:stop + 1])
+        return Steps(self.timesteps[:stop], self.alpha_bars[:stop + 1], self.t_at(stop),
+                     None if self.mids is None else self.mids[:stop])
 
     def split_at(self, fraction: float, num_train_timesteps: int) -> int:
         """How many steps come before ``fraction`` of the way through the training timesteps
@@ -169,8 +185,36 @@ class NoiseSchedule:
         s = float(np.interp(t, np.arange(len(sig)), sig))
         return 1.0 / (1.0 + s * s)
 
+    def sigmas(self) -> np.ndarray:
+        """The training sigmas sqrt((1 - ab) / ab), one per timestep (Karras et al. 2022's sigma)."""
+        return np.sqrt((1 - self._ab) / self._ab)
+
+    def sigma_to_t(self, sigma: float) -> float:
+        """The (fractional) timestep of a sigma, interpolating log-sigma between training timesteps,
+        as k-diffusion and diffusers' ``_sigma_to_t`` do."""
+        log_sigmas = np.log(self.sigmas())
+        ls = math.log(max(sigma, 1e-10))
+        low = int(np.clip(np.searchsorted(log_sigmas, ls, side="right") - 1, 0, len(log_sigmas) - 2))
+        w = float(np.clip((log_sigmas[low] - ls) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1))
+        return (1 - w) * low + w * (low + 1)
+
+    def schedule_sigmas(self, num_steps: int, schedule: str) -> np.ndarray:
+        """``num_steps`` descending sigmas of a noise schedule over the model's whole sigma range
+        (sigma at timestep 0 to sigma at the last), as k-diffusion builds them for A1111:
+        ``karras``: Karras et al. 2022 eq. 5 with rho = 7; ``exponential``: uniform in log sigma."""
+        sig = self.sigmas()
+        lo, hi = float(sig[0]), float(sig[-1])
+        if schedule == "karras":
+            rho = 7.0
+            ramp = np.linspace(0, 1, num_steps)
+            return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        if schedule == "exponential":
+            return np.exp(np.linspace(math.log(hi), math.log(lo), num_steps))
+        raise ValueError(f"unknown sigma schedule {schedule!r}")
+
     def steps(self, num_steps: int, *, integer: bool = True, final: str = "zero",
-              spacing: str | None = None, drop_lowest: bool = False) -> Steps:
+              spacing: str | None = None, drop_lowest: bool = False, schedule: str = "default",
+              midpoints: bool = False, lcm: bool = False) -> Steps:
         """The sampling steps for ``num_steps`` network evaluations.
 
         ``final`` is where the last step lands: ``"zero"`` (noise-free, sigma = 0, as diffusers'
@@ -180,20 +224,55 @@ class NoiseSchedule:
         ``drop_lowest`` spaces ``num_steps + 1`` timesteps and drops the lowest for the leading and
         linspace spacings, as diffusers' multistep DPM-Solver does: a multistep solver becomes
         unstable when its last steps are very uneven in log-SNR, as a step down to t ~ 0 is.
+
+        ``schedule`` (A1111's schedule type): ``default`` spaces timesteps by the config's
+        spacing; ``karras`` and ``exponential`` space sigmas (``schedule_sigmas``), each evaluated
+        at the timestep of its sigma (rounded where ``integer``: diffusers' multistep solvers);
+        ``sgm-uniform`` is the trailing spacing (SGM's uniform timesteps from the last one down).
+        ``midpoints`` adds each step's geometric-mean sigma; ``lcm`` is the latent consistency
+        models' grid: ``num_steps`` of the 50 distillation timesteps (Luo et al. 2023).
         """
-        spacing = spacing or self.timestep_spacing
-        if drop_lowest and spacing != "trailing":
-            ts = spaced_timesteps(num_steps + 1, self.num_train_timesteps, spacing, self.steps_offset, integer)[:-1]
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        spacing = "trailing" if schedule == "sgm-uniform" else (spacing or self.timestep_spacing)
+        if lcm:
+            if num_steps < 1 or num_steps > LCM_ORIGINAL_STEPS:
+                raise ValueError(f"the lcm sampler takes 1 to {LCM_ORIGINAL_STEPS} steps, got {num_steps}")
+            k = self.num_train_timesteps // LCM_ORIGINAL_STEPS
+            origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * k - 1)[::-1]
+            ts = origin[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, num_steps, endpoint=False)).astype(np.int64)]
+            abs_ = [self.alpha_bar(t) for t in ts]
+        elif schedule in ("karras", "exponential"):
+            if num_steps < 1:
+                raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
+            sig = self.schedule_sigmas(num_steps, schedule)
+            ts = np.array([self.sigma_to_t(x) for x in sig])
+            if integer:
+                ts = ts.round()
+            abs_ = [1.0 / (1.0 + float(x) ** 2) for x in sig]
         else:
-            ts = spaced_timesteps(num_steps, self.num_train_timesteps, spacing, self.steps_offset, integer)
-        abs_ = [self.alpha_bar(t) for t in ts]
+            if drop_lowest and spacing != "trailing":
+                ts = spaced_timesteps(num_steps + 1, self.num_train_timesteps, spacing, self.steps_offset,
+                                      integer)[:-1]
+            else:
+                ts = spaced_timesteps(num_steps, self.num_train_timesteps, spacing, self.steps_offset, integer)
+            abs_ = [self.alpha_bar(t) for t in ts]
         if final == "zero" or (final == "config" and self.set_alpha_to_one):
             abs_.append(1.0)
         elif final == "config":
             abs_.append(float(self._ab[0]))
         else:
             raise ValueError(f"final must be 'zero' or 'config', got {final!r}")
-        return Steps([float(t) for t in ts], abs_)
+        mids = None
+        if midpoints:
+            mids = []
+            for a, b in zip(abs_[:-1], abs_[1:]):
+                if b >= 1.0:
+                    mids.append(None)
+                    continue
+                s_mid = math.sqrt(math.sqrt((1 - a) / a * (1 - b) / b))
+                mids.append((self.sigma_to_t(s_mid), 1.0 / (1.0 + s_mid * s_mid)))
+        return Steps([float(t) for t in ts], abs_, None, mids)
 
     def inversion_steps(self, steps: Steps) -> Steps:
         """The steps that carry a clean sample up the levels of ``steps`` (DDIM inversion): the
