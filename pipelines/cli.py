@@ -11,6 +11,7 @@ from pathlib import Path
 from ldm.images import load_image, make_grid
 from ldm.models import ModelError, default_model_path
 from ldm.samplers import SAMPLERS
+from ldm.schedule import SCHEDULES
 
 from .outputs import check_output_dir, check_output_file
 from .pngmeta import save_png
@@ -46,7 +47,7 @@ def _common(p: argparse.ArgumentParser):
     sampling_args(p)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
-    p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim / euler-a (default 0; euler-a uses 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim, euler-a and the SDE samplers (default 0 for ddim; the others use 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights' dtype (default auto: fp16 on CUDA, fp32 on CPU)")
@@ -68,7 +69,12 @@ def _common(p: argparse.ArgumentParser):
 
 def sampling_args(p: argparse.ArgumentParser):
     model_default = "the model's sampling.json, else %s"
-    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: " + model_default % "ddim")
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help=f"{', '.join(SAMPLERS)}, or A1111's names (\"DPM++ 2M Karras\"); "
+                        "default: " + model_default % "ddim")
+    p.add_argument("--schedule", default=None, metavar="NAME",
+                   help=f"noise schedule: {', '.join(SCHEDULES)} (A1111's schedule type; default: the model's "
+                        "timestep spacing)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: " + model_default % "30)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; 1 turns guidance off (default: " + model_default % "7.5)")
@@ -316,7 +322,8 @@ def build_request(args, prompts: list[str]) -> Request:
     seed = args.seed
     if seed is None and args.from_file:
         seed = 0  # a fixed default, so that a rerun names the same files and skips those already written
-    return Request(prompt=prompts[0], kind=kind, negative=args.negative, sampler=args.sampler, steps=args.steps,
+    return Request(prompt=prompts[0], kind=kind, negative=args.negative, sampler=args.sampler,
+                   schedule=getattr(args, "schedule", None), steps=args.steps,
                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, seed=seed,
                    width=getattr(args, "width", None), height=getattr(args, "height", None),
                    batch_size=args.batch_size, strength=getattr(args, "strength", None), image=image, mask=mask,

@@ -195,8 +195,8 @@ class Pipeline:
         model_fn = guided(unet_net(m.unet), cond, uncond, guidance_scale, guidance_rescale)
         return make_denoiser(model_fn, m.schedule.prediction_type)
 
-    def _steps(self, sampler: str, steps: int) -> Steps:
-        return self.model.schedule.steps(steps, **get_sampler(sampler).grid)
+    def _steps(self, sampler: str, steps: int, schedule: str = "default") -> Steps:
+        return self.model.schedule.steps(steps, schedule=schedule, **get_sampler(sampler).grid)
 
     @torch.no_grad()
     def _sample(self, denoise, x, steps: Steps, r: Resolved, generators, callback):
@@ -216,6 +216,7 @@ class Pipeline:
         """The A1111 ``parameters`` text (A1111's "infotext") of each image of ``res``: what its PNG carries."""
         st = res.settings
         return [format_parameters(p, n, steps=st["steps"], sampler=st["sampler"], guidance=st["guidance"], seed=s,
+                                  schedule=st.get("schedule"),
                                   width=st["width"], height=st["height"], model=self.model.name,
                                   strength=st.get("strength"), **{"Refiner": st.get("refiner"),
                                                                   "Refiner switch at": st.get("refiner_start")})
@@ -253,32 +254,35 @@ class Pipeline:
     def text_to_image(self, prompt, *, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
                       guidance_rescale: float = 0.0, seed: int | None = None, seeds=None, batch_size: int = 1,
                       width: int | None = None, height: int | None = None, sampler: str | None = None,
-                      eta: float = 0.0, latents: torch.Tensor | None = None, callback=None) -> Result:
+                      eta: float = 0.0, latents: torch.Tensor | None = None, callback=None, **options) -> Result:
         """Generate images for a prompt (or a list of prompts, ``batch_size`` images each);
-        ``latents`` starts from given noise (e.g. from ``invert``)."""
+        ``latents`` starts from given noise (e.g. from ``invert``). ``options``: any other field of
+        ``Request`` (schedule, clip_skip, subseed, ...)."""
         return self.generate(Request(
             prompt, "txt2img", negative_prompt, sampler, steps, guidance_scale, guidance_rescale, eta, seed, seeds,
-            width, height, batch_size, latents=latents), callback)
+            width, height, batch_size, latents=latents, **options), callback)
 
     def image_to_image(self, prompt, image, *, strength: float = 0.8, negative_prompt=None, steps: int | None = None,
                        guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
-                       batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
+                       batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None,
+                       **options) -> Result:
         """SDEdit (Meng et al. 2022): noise the image's latents to the level ``strength`` of the way up
         the schedule and denoise from there; int(strength x steps) steps run."""
         return self.generate(Request(
             prompt, "img2img", negative_prompt, sampler, steps, guidance_scale, guidance_rescale, eta, seed, seeds,
-            batch_size=batch_size, strength=strength, image=image), callback)
+            batch_size=batch_size, strength=strength, image=image, **options), callback)
 
     def inpaint(self, prompt, image, mask, *, strength: float = 1.0, negative_prompt=None, steps: int | None = None,
                 guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed=None, seeds=None,
-                batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None) -> Result:
+                batch_size: int = 1, sampler: str | None = None, eta: float = 0.0, callback=None,
+                **options) -> Result:
         """Repaint the white part of ``mask`` (an image the size of ``image``; white = repaint).
 
         On a 9-channel inpainting U-Net the mask and the masked image's latents are extra input
         channels; on an ordinary checkpoint the kept region is blended back at every step."""
         return self.generate(Request(
             prompt, "inpaint", negative_prompt, sampler, steps, guidance_scale, guidance_rescale, eta, seed, seeds,
-            batch_size=batch_size, strength=strength, image=image, mask=mask), callback)
+            batch_size=batch_size, strength=strength, image=image, mask=mask, **options), callback)
 
     def _text_to_image(self, r: Resolved, gens, callback) -> Result:
         n = len(r.prompts)
@@ -288,7 +292,7 @@ class Pipeline:
             # (B, 4, H/8, W/8): unit-variance noise is x_T at the first level (alpha_bar ~ 0)
             latents = randn_like(torch.empty(self._latent_shape(n, r.width, r.height)), gens)
         x = latents.to(self.model.device, torch.float32)
-        steps = self._steps(r.sampler, r.steps)
+        steps = self._steps(r.sampler, r.steps, r.schedule)
         if r.request.refiner_start is None:
             return self._finish(self._sample(denoise, x, steps, r, gens, callback), r)
         if self.refiner is None:
@@ -300,7 +304,7 @@ class Pipeline:
     def _refine(self, x, r: Resolved, gens, callback, first: int) -> Result:
         """The refiner's part of a base + refiner run (diffusers' denoising_start): the steps of its own
         grid below the base's cutoff, from the base's latents as they are (no noise added)."""
-        steps = self._steps(r.sampler, r.steps)
+        steps = self._steps(r.sampler, r.steps, r.schedule)
         mine = steps.tail(steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps))
         denoise = self._denoiser(r)
 
@@ -323,7 +327,7 @@ class Pipeline:
 
     def _strength_steps(self, r: Resolved) -> Steps:
         """The last ``run_steps`` of the request's ``steps`` (pipelines.request.strength_steps)."""
-        return self._steps(r.sampler, r.steps).tail(r.steps - r.run_steps)
+        return self._steps(r.sampler, r.steps, r.schedule).tail(r.steps - r.run_steps)
 
     def _image_to_image(self, r: Resolved, gens, callback) -> Result:
         n = len(r.prompts)

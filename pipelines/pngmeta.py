@@ -15,14 +15,18 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-# our sampler names -> the names A1111 shows
-SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "dpmpp-2m": "DPM++ 2M"}
+from ldm.samplers import A1111_SAMPLERS, A1111_SCHEDULES, SAMPLERS
 
 
 def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float, seed: int,
-                      width: int, height: int, model: str, strength: float | None = None, **extra) -> str:
-    fields = [("Steps", steps), ("Sampler", SAMPLER_NAMES.get(sampler, sampler)), ("CFG scale", guidance),
-              ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", model)]
+                      width: int, height: int, model: str, strength: float | None = None,
+                      schedule: str | None = None, **extra) -> str:
+    """A1111's infotext; sampler and schedule in A1111's names ("Sampler: DPM++ 2M, Schedule type:
+    Karras"), so that its PNG Info reads them back as the settings that made the image."""
+    fields = [("Steps", steps), ("Sampler", A1111_SAMPLERS.get(sampler, sampler))]
+    if sampler in SAMPLERS and SAMPLERS[sampler].schedules:
+        fields.append(("Schedule type", A1111_SCHEDULES.get(schedule or "default", schedule)))
+    fields += [("CFG scale", guidance), ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", model)]
     if strength is not None:
         fields.append(("Denoising strength", strength))
     fields += [(k, v) for k, v in extra.items() if v is not None]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ldm.samplers import SAMPLERS, get_sampler
+from ldm.samplers import SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
 KINDS = ("txt2img", "img2img", "inpaint")
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.8, "inpaint": 1.0}
@@ -82,7 +82,7 @@ class Request:
     prompt: str | list[str] = ""
     kind: str = "txt2img"                 # txt2img | img2img | inpaint
     negative: str | list[str] | None = ""
-    sampler: str | None = None
+    sampler: str | None = None            # ours or A1111's name ("DPM++ 2M", "DPM++ 2M Karras")
     steps: int | None = None
     guidance: float | None = None         # classifier-free guidance scale; 1 turns it off
     guidance_rescale: float = 0.0         # phi of Lin et al. 2023, 0 to 1
@@ -100,6 +100,7 @@ class Request:
     lora: list[str | Path] = field(default_factory=list)
     prompt_2: str | list[str] | None = None    # SDXL: the second text encoder's prompt (default: prompt)
     negative_2: str | list[str] | None = None  # SDXL: the second encoder's negative prompt (default: negative)
+    schedule: str | None = None         # noise schedule (ldm.schedule.SCHEDULES or A1111's names); None: default
     refiner_start: float | None = None  # with a refiner (Pipeline.refiner): the fraction of the schedule the
                                         # base denoises before the refiner takes over (SDXL's 0.8)
 
@@ -119,8 +120,7 @@ class Request:
             add(("prompt", "no prompt given"))
         if self.negative is not None and not isinstance(self.negative, str) and len(self.negative) != len(prompts):
             add(("negative", f"got {len(self.negative)} negative prompts for {len(prompts)} prompts"))
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            add(("sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"))
+        sampler, schedule = self.sampler_schedule(problems)
         if self.steps is not None:
             if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
                 add(("steps", f"must be an integer >= 1, got {self.steps!r}"))
@@ -132,8 +132,10 @@ class Request:
             add(("guidance_rescale", f"must be between 0 and 1, got {self.guidance_rescale}"))
         if not 0 <= self.eta <= 1:
             add(("eta", f"must be between 0 and 1, got {self.eta}"))
-        elif self.eta and self.sampler in SAMPLERS and not SAMPLERS[self.sampler].takes_eta:
-            add(("eta", f"applies to the {_eta_samplers()} samplers, not {self.sampler}"))
+        elif self.eta and sampler in SAMPLERS and not SAMPLERS[sampler].takes_eta:
+            add(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
+        if schedule not in (None, "default") and sampler in SAMPLERS and not SAMPLERS[sampler].schedules:
+            add(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, not {sampler}"))
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
             add(("seed", f"must be an integer from 0 to 2**63 - 1, got {self.seed!r}"))
         if not isinstance(self.batch_size, int) or self.batch_size < 1 or (
@@ -180,6 +182,21 @@ class Request:
                 add(("embedding", f"embedding file {str(file)!r} does not exist"))
         return problems
 
+    def sampler_schedule(self, problems: list | None = None) -> tuple[str | None, str | None]:
+        """The sampler and schedule in our names (A1111's accepted, "DPM++ 2M Karras" split); a name
+        that is neither is added to ``problems`` and comes back as None."""
+        sampler, schedule = self.sampler, None
+        try:
+            if sampler is not None:
+                sampler, schedule = parse_sampler(sampler, self.schedule)
+            else:
+                schedule = parse_schedule(self.schedule)
+        except ValueError as exc:
+            if problems is not None:
+                problems.append(("schedule" if str(exc).startswith("unknown schedule") else "sampler", str(exc)))
+            return None, None
+        return sampler, schedule
+
     def check(self, limits: Limits | None = None, factor: int = 8) -> "Request":
         problems = self.validate(limits, factor)
         if problems:
@@ -199,12 +216,17 @@ class Request:
         problems = self.validate(limits, factor)
         if problems:
             raise RequestError(problems)
-        sampler, steps, guidance = sampling_defaults(model, self.sampler, self.steps, self.guidance)
+        sampler, schedule = self.sampler_schedule()
+        sampler, steps, guidance = sampling_defaults(model, sampler, self.steps, self.guidance)
         spec = get_sampler(sampler)
+        schedule = schedule or "default"
         if self.eta and not spec.takes_eta:
             problems.append(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
+        if schedule != "default" and not spec.schedules:
+            problems.append(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, "
+                                         f"not {sampler}"))
         try:  # the schedule's own bound (the model's training timesteps)
-            model.schedule.steps(steps, **spec.grid)
+            model.schedule.steps(steps, schedule=schedule, **spec.grid)
         except ValueError as exc:
             problems.append(("steps", str(exc)))
         strength = self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.kind)
@@ -234,7 +256,8 @@ class Request:
             seeds = [seed + i for i in range(len(prompts))]
         return Resolved(request=self, kind=self.kind, prompts=prompts, negatives=negatives, seeds=seeds,
                         prompts_2=prompts_2, negatives_2=negatives_2,
-                        sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=self.guidance_rescale,
+                        sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
+                        guidance_rescale=self.guidance_rescale,
                         eta=self.eta, width=width, height=height, strength=strength, run_steps=run_steps)
 
 
@@ -247,6 +270,7 @@ class Resolved:
     negatives: list[str]
     seeds: list[int]
     sampler: str
+    schedule: str           # "default" or a sigma schedule (ldm.schedule.SCHEDULES)
     steps: int
     guidance: float
     guidance_rescale: float
@@ -261,7 +285,7 @@ class Resolved:
     def settings(self) -> dict:
         """What the PNG metadata records."""
         s = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, width=self.width,
-                 height=self.height)
+                 height=self.height, schedule=self.schedule)
         if self.strength is not None:
             s["strength"] = self.strength
         return s
@@ -281,8 +305,12 @@ def lora_files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors"}
 
 
+def _schedule_samplers() -> str:
+    return ", ".join(n for n, s in SAMPLERS.items() if s.schedules)
+
+
 def _eta_samplers() -> str:
-    return " and ".join(n for n, s in SAMPLERS.items() if s.takes_eta)
+    return ", ".join(n for n, s in SAMPLERS.items() if s.takes_eta)
 
 
 def _image_size(image) -> tuple[int, int]:

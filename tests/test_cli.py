@@ -19,7 +19,7 @@ def test_generate_writes_a_png_with_a1111_parameters(sd1_dir, tmp_path, capsys):
     lines = text.split("\n")
     assert lines[0] == "a large red circle on a blue background"
     assert lines[1] == "Negative prompt: blurry"
-    assert lines[2] == f"Steps: 3, Sampler: Euler, CFG scale: 5.0, Seed: 7, Size: 64x64, Model: {sd1_dir.name}"
+    assert lines[2] == f"Steps: 3, Sampler: Euler, Schedule type: Uniform, CFG scale: 5.0, Seed: 7, Size: 64x64, Model: {sd1_dir.name}"
     p = parse_parameters(text)
     assert p["prompt"] == lines[0] and p["negative_prompt"] == "blurry" and p["Seed"] == "7"
 
@@ -82,7 +82,7 @@ def test_img2img_and_inpaint_commands(sd1_dir, tmp_path):
     (["--batch-size", "2", "--output", "x.png"], "use --output-dir"),
     (["--guidance-rescale", "2"], "--guidance-rescale must be between 0 and 1, got 2.0"),
     (["--eta", "-1"], "--eta must be between 0 and 1, got -1.0"),
-    (["--sampler", "euler", "--eta", "0.5"], "--eta applies to the ddim and euler-a samplers, not euler"),
+    (["--sampler", "euler", "--eta", "0.5"], "--eta applies to the ddim, euler-a, dpmpp-2m-sde, dpmpp-sde samplers, not euler"),
     (["--output", "x.jpg"], "give a name ending in .png"),
 ])
 def test_bad_arguments_exit_2_with_a_message(sd1_dir, capsys, extra, message):

@@ -119,8 +119,10 @@ def test_inpaint_on_a_nine_channel_unet_sees_the_masked_image(inpaint_dir):
     (dict(steps=0), "steps: must be an integer >= 1"),
     (dict(guidance_scale=-1.0), "guidance: must be >= 0"),
     (dict(batch_size=0), "batch_size: must be >= 1"),
-    (dict(sampler="heun"), "unknown sampler 'heun'"),
-    (dict(sampler="euler", eta=0.5), "eta: applies to the ddim and euler-a"),
+    (dict(sampler="plms"), "unknown sampler 'plms'"),
+    (dict(sampler="ddim", schedule="karras"), "the karras schedule applies to"),
+    (dict(sampler="euler", schedule="cosine"), "unknown schedule 'cosine'"),
+    (dict(sampler="euler", eta=0.5), "eta: applies to the ddim, euler-a"),
 ])
 def test_text_to_image_rejects_bad_values(sd1_pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
