@@ -109,3 +109,105 @@ def text_context(model, texts: list[str], texts_2: list[str] | None = None, *, s
     if sizes is not None:
         ctx["time_ids"] = torch.tensor(sizes, dtype=torch.float32)  # (B, 5 or 6)
     return ctx
+
+
+# --- A1111's prompt syntax: emphasis, chunks, clip skip ---------------------------------------------
+
+def _hidden(out, encoder, layer: str, clip_skip: int) -> torch.Tensor:
+    """The states a model conditions on, counted as A1111 counts ``clip_skip`` (1 = the usual layer):
+    ``last`` (SD 1.x, 2.x): the final states, or with clip_skip N > 1 the states N layers from the end
+    through the final layer norm (diffusers' clip_skip = N - 1); ``penultimate`` (SDXL): the states N
+    layers before the last, without the final norm."""
+    if layer == "penultimate":
+        return out.hidden_states[-(clip_skip + 1)]
+    if clip_skip <= 1:
+        return out.last_hidden_state
+    inner = getattr(encoder, "text_model", encoder)
+    return inner.final_layer_norm(out.hidden_states[-clip_skip])
+
+
+def encode_weighted(tokenizer, encoder, prompts: list[str], *, layer: str = "last", clip_skip: int = 1,
+                    device=None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Each prompt read as A1111 reads it (ldm.prompts): emphasis weights and BREAKs parsed, the
+    tokens split into chunks of the context length less the start and end tokens, each chunk encoded
+    on its own, its states scaled by the token weights and rescaled to the chunk's original mean
+    (A1111's default emphasis), the chunks concatenated. Returns one (1, chunks x L, D) tensor per prompt
+    and, for a projection encoder, the pooled (B, P) output of each prompt's first chunk. A prompt of
+    one chunk without weights gives exactly the plain tokenisation's states."""
+    from .prompts import chunk_tokens, parse_attention
+
+    L = tokenizer.model_max_length
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    comma = tokenizer(",", add_special_tokens=False).input_ids
+    comma = comma[0] if len(comma) == 1 else None
+    ids, weights, owner = [], [], []
+    for i, prompt in enumerate(prompts):
+        parsed = parse_attention(expand_concepts(tokenizer, prompt))
+        pieces = [([], -1.0) if w == -1 else (tokenizer(t, add_special_tokens=False).input_ids if t else [], w)
+                  for t, w in parsed]
+        for toks, ws in chunk_tokens(pieces, L - 2, comma):
+            ids.append([bos] + toks + [eos] + [pad] * (L - 2 - len(toks)))
+            weights.append([1.0] + ws + [1.0] * (L - 1 - len(toks)))
+            owner.append(i)
+    dev = device or next(encoder.parameters()).device
+    ids_t = torch.tensor(ids, device=dev)
+    config = getattr(encoder, "module", encoder).config
+    mask = (ids_t != pad).long() if getattr(config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        out = encoder(ids_t, attention_mask=mask, output_hidden_states=True)
+        z = _hidden(out, encoder, layer, clip_skip).float()  # (chunks, L, D)
+        w = torch.tensor(weights, dtype=torch.float32, device=z.device)
+        weighted = (w != 1).any(dim=1)
+        if weighted.any():
+            zw = z * w[..., None]
+            scale = z.mean(dim=(1, 2), keepdim=True) / zw.mean(dim=(1, 2), keepdim=True)
+            z = torch.where(weighted[:, None, None], zw * scale, z)
+    pooled = None
+    if getattr(out, "text_embeds", None) is not None:
+        first = [owner.index(i) for i in range(len(prompts))]
+        pooled = out.text_embeds[first].float()
+    states = [torch.cat([z[k] for k in range(len(owner)) if owner[k] == i])[None] for i in range(len(prompts))]
+    return states, pooled
+
+
+def prompt_context(model, texts: list[str], texts_2: list[str] | None = None, *, clip_skip: int = 1) -> list[dict]:
+    """One context per text (A1111's prompt syntax, ``encode_weighted``): ``encoder_hidden_states``
+    (1, chunks x L, D) and for SDXL ``text_embeds`` (1, P); sequences of different chunk counts are
+    made equal by ``pad_contexts``."""
+    if not getattr(model, "is_sdxl", False):
+        states, _ = encode_weighted(model.tokenizer, model.text_encoder, texts, clip_skip=clip_skip,
+                                    device=model.device)
+        return [{"encoder_hidden_states": s} for s in states]
+    texts_2 = texts if texts_2 is None else texts_2
+    per_encoder, pooled = [], None
+    for (tokenizer, encoder), tx in zip(model.text_encoders(), [texts, texts_2]):
+        states, p = encode_weighted(tokenizer, encoder, tx, layer="penultimate", clip_skip=clip_skip,
+                                    device=model.device)
+        per_encoder.append(states)
+        pooled = p if p is not None else pooled
+    if pooled is None:
+        raise ValueError("SDXL conditioning needs a CLIPTextModelWithProjection as its last text encoder")
+    out = []
+    for i in range(len(texts)):
+        parts = [enc[i] for enc in per_encoder]
+        n = max(p.shape[1] for p in parts)
+        parts = [p if p.shape[1] == n else torch.cat([p, p.new_zeros(1, n - p.shape[1], p.shape[2])], 1)
+                 for p in parts]
+        out.append({"encoder_hidden_states": torch.cat(parts, dim=-1), "text_embeds": pooled[i:i + 1]})
+    return out
+
+
+def pad_contexts(contexts: list[dict], empty: dict) -> list[dict]:
+    """Make every context's sequence as long as the longest by appending the empty prompt's chunk
+    (``empty``: a one-chunk context), as A1111 pads a prompt and its negative to the same chunk count."""
+    n = max(c["encoder_hidden_states"].shape[1] for c in contexts)
+    chunk = empty["encoder_hidden_states"]
+    out = []
+    for c in contexts:
+        h = c["encoder_hidden_states"]
+        if h.shape[1] < n:
+            reps = (n - h.shape[1]) // chunk.shape[1]
+            c = {**c, "encoder_hidden_states": torch.cat([h] + [chunk.to(h)] * reps, dim=1)}
+        out.append(c)
+    return out

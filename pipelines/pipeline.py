@@ -27,7 +27,8 @@ from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
 from ldm.samplers import get_sampler, invert_ddim, randn_like
 from ldm.schedule import Steps
-from ldm.text import size_ids, text_context
+from ldm.prompts import prompt_schedule, text_at
+from ldm.text import pad_contexts, prompt_context, size_ids
 
 from .pngmeta import format_parameters
 from .request import Request, Resolved, sampling_defaults
@@ -159,24 +160,66 @@ class Pipeline:
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
 
-    def _text_context(self, r: Resolved, negative: bool = False, like: dict | None = None) -> dict:
-        """The U-Net's text context for the prompts (or, with ``negative``, the negative prompts).
+    def _contexts(self, r: Resolved, n_steps: int, negative: bool = True):
+        """The U-Net's text conditioning for a request: ``cond_at(step) -> context`` (the batch's context
+        at sampler step ``step``, which changes with prompt editing and alternation) and the negative
+        prompts' context (None without ``negative``).
 
-        SDXL (Podell et al. 2023): both encoders' penultimate states and the pooled embedding
-        (ldm.text.encode_sdxl; the second prompt goes to the second encoder), plus ``time_ids``, the
-        size conditioning: original size, crop top-left, target size, or for the refiner original
-        size, crop and an aesthetic score (6 for the prompt, 2.5 for the negative, diffusers'
-        defaults). An empty negative prompt is zeros where the model says force_zeros_for_empty_prompt."""
-        texts, texts_2 = (r.negatives, r.negatives_2) if negative else (r.prompts, r.prompts_2)
-        sizes = [size_ids(self.model, r.height, r.width, negative=negative)] * len(texts)
-        return text_context(self.model, texts, texts_2, sizes=sizes, negative=negative, like=like)
+        Prompts are read as A1111 reads them (ldm.prompts, ldm.text.prompt_context: emphasis, chunks
+        of 75 tokens, BREAK, ``[from:to:when]``, ``[a|b]``), each distinct text encoded once, every
+        context padded to the same number of chunks. SDXL (Podell et al. 2023): both encoders'
+        penultimate states and the pooled embedding (the second prompt goes to the second encoder),
+        plus ``time_ids``, the size conditioning: original size, crop top-left, target size, or for
+        the refiner original size, crop and an aesthetic score (6 for the prompt, 2.5 for the
+        negative, diffusers' defaults). An empty negative prompt is zeros where the model says
+        force_zeros_for_empty_prompt."""
+        m = self.model
+        plans = []  # per image: [(end_at_step, (text, text_2))]
+        for p1, p2 in zip(r.prompts, r.prompts_2):
+            s1, s2 = prompt_schedule(p1, n_steps), prompt_schedule(p2, n_steps)
+            bounds = sorted({e for e, _ in s1} | {e for e, _ in s2})
+            plans.append([(b, (s1[text_at(s1, b)][1], s2[text_at(s2, b)][1])) for b in bounds])
+        keys = list(dict.fromkeys(k for plan in plans for _, k in plan))
+        zero_negative = m.is_sdxl and m.force_zeros_for_empty_prompt and not any(r.negatives + r.negatives_2)
+        neg_keys = list(dict.fromkeys(zip(r.negatives, r.negatives_2))) if negative and not zero_negative else []
+        all_keys = keys + neg_keys
+        encoded = prompt_context(m, [k[0] for k in all_keys], [k[1] for k in all_keys], clip_skip=r.clip_skip)
+        if len({c["encoder_hidden_states"].shape[1] for c in encoded}) > 1:
+            encoded = pad_contexts(encoded, prompt_context(m, [""], [""], clip_skip=r.clip_skip)[0])
+        by_key = dict(zip(all_keys, encoded))
 
-    def _denoiser(self, r: Resolved, concat=None) -> Callable:
+        def batch(contexts: list[dict], neg: bool) -> dict:
+            ctx = {k: torch.cat([c[k] for c in contexts]) for k in contexts[0]}
+            if m.is_sdxl:
+                ctx["time_ids"] = torch.tensor([size_ids(m, r.height, r.width, negative=neg)] * len(contexts),
+                                               dtype=torch.float32)  # (B, 5 or 6)
+            return ctx
+
+        cache: dict = {}
+
+        def cond_at(step: int) -> dict:
+            picks = tuple(text_at(plan, step) for plan in plans)
+            if picks not in cache:
+                cache[picks] = batch([by_key[plan[i][1]] for plan, i in zip(plans, picks)], neg=False)
+            return cache[picks]
+
+        uncond = None
+        if negative:
+            if zero_negative:
+                like = cond_at(0)
+                uncond = {k: torch.zeros_like(like[k]) for k in ("encoder_hidden_states", "text_embeds")}
+                uncond["time_ids"] = batch([by_key[keys[0]]] * len(plans), neg=True)["time_ids"]
+            else:
+                uncond = batch([by_key[k] for k in zip(r.negatives, r.negatives_2)], neg=True)
+        return cond_at, uncond
+
+    def _denoiser(self, r: Resolved, concat=None, clock: dict | None = None, n_steps: int | None = None) -> Callable:
+        """The guided denoiser of a request; with a ``clock`` ({"step": i}, advanced by ``_sample``) the
+        conditioning follows the prompts' editing schedule over ``n_steps`` steps."""
         m = self.model
         prompts, negs, guidance_scale, guidance_rescale = r.prompts, r.negatives, r.guidance, r.guidance_rescale
-        cond = self._text_context(r)
-        uncond = None
         w_dim = guidance_input_dim(m.unet)
+        extra = {}
         if w_dim is not None:
             # a guidance-distilled U-Net (Meng et al. 2023) takes w as an input: one pass, no unconditional branch
             if any(negs):
@@ -184,23 +227,38 @@ class Pipeline:
                             "the negative prompt is ignored")
             if guidance_rescale:
                 log.warning("guidance rescale needs the unconditional branch, which this model does not run; ignored")
-            cond["timestep_cond"] = guidance_embedding(guidance_scale, w_dim, len(prompts))
+            extra["timestep_cond"] = guidance_embedding(guidance_scale, w_dim, len(prompts))
             guidance_scale, guidance_rescale = 1.0, 0.0
-        elif guidance_scale != 1.0:
-            uncond = self._text_context(r, negative=True, like=cond)
         if concat is not None:
-            cond["concat"] = concat
-            if uncond is not None:
-                uncond["concat"] = concat
-        model_fn = guided(unet_net(m.unet), cond, uncond, guidance_scale, guidance_rescale)
+            extra["concat"] = concat
+        cond_at, uncond = self._contexts(r, n_steps or r.steps, negative=guidance_scale != 1.0)
+        if uncond is not None and concat is not None:
+            uncond = {**uncond, "concat": concat}
+        net = unet_net(m.unet)
+
+        def model_fn(x, t):
+            cond = {**cond_at(clock["step"] if clock else 0), **extra}
+            return guided(net, cond, uncond, guidance_scale, guidance_rescale)(x, t)
+
         return make_denoiser(model_fn, m.schedule.prediction_type)
 
     def _steps(self, sampler: str, steps: int, schedule: str = "default") -> Steps:
         return self.model.schedule.steps(steps, schedule=schedule, **get_sampler(sampler).grid)
 
     @torch.no_grad()
-    def _sample(self, denoise, x, steps: Steps, r: Resolved, generators, callback):
+    def _sample(self, denoise, x, steps: Steps, r: Resolved, generators, callback, clock: dict | None = None,
+                first: int = 0):
+        """Run the request's sampler; ``clock["step"]`` follows the steps (from ``first``), for prompt
+        editing."""
         spec = get_sampler(r.sampler)
+        if clock is not None:
+            clock["step"] = first
+            user = callback
+
+            def callback(i, xi, x0):
+                clock["step"] = first + i + 1
+                if user is not None:
+                    user(i, xi, x0)
         kwargs = {}
         if spec.needs_generator(r.eta):
             kwargs["generator"] = generators
@@ -218,7 +276,8 @@ class Pipeline:
         return [format_parameters(p, n, steps=st["steps"], sampler=st["sampler"], guidance=st["guidance"], seed=s,
                                   schedule=st.get("schedule"),
                                   width=st["width"], height=st["height"], model=self.model.name,
-                                  strength=st.get("strength"), **{"Refiner": st.get("refiner"),
+                                  strength=st.get("strength"), **{"Clip skip": st.get("clip_skip"),
+                                                                  "Refiner": st.get("refiner"),
                                                                   "Refiner switch at": st.get("refiner_start")})
                 for p, n, s in zip(res.prompts, res.negative_prompts, res.seeds)]
 
@@ -286,7 +345,8 @@ class Pipeline:
 
     def _text_to_image(self, r: Resolved, gens, callback) -> Result:
         n = len(r.prompts)
-        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height))
+        clock = {"step": 0}
+        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height), clock)
         latents = r.request.latents
         if latents is None:
             # (B, 4, H/8, W/8): unit-variance noise is x_T at the first level (alpha_bar ~ 0)
@@ -294,11 +354,11 @@ class Pipeline:
         x = latents.to(self.model.device, torch.float32)
         steps = self._steps(r.sampler, r.steps, r.schedule)
         if r.request.refiner_start is None:
-            return self._finish(self._sample(denoise, x, steps, r, gens, callback), r)
+            return self._finish(self._sample(denoise, x, steps, r, gens, callback, clock), r)
         if self.refiner is None:
             raise ValueError("refiner_start: no refiner is loaded (Pipeline.refiner; --refiner on the command line)")
         k = steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps)
-        x = self._sample(denoise, x, steps.head(k), r, gens, callback)
+        x = self._sample(denoise, x, steps.head(k), r, gens, callback, clock)
         return self.refiner._refine(x, r, gens, callback, first=k)
 
     def _refine(self, x, r: Resolved, gens, callback, first: int) -> Result:
@@ -306,13 +366,14 @@ class Pipeline:
         grid below the base's cutoff, from the base's latents as they are (no noise added)."""
         steps = self._steps(r.sampler, r.steps, r.schedule)
         mine = steps.tail(steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps))
-        denoise = self._denoiser(r)
+        clock = {"step": first}
+        denoise = self._denoiser(r, clock=clock)
 
         def offset(i, xi, x0):  # the progress callback counts on from the base's steps
             if callback is not None:
                 callback(first + i, xi, x0)
 
-        res = self._finish(self._sample(denoise, x, mine, r, gens, offset), r)
+        res = self._finish(self._sample(denoise, x, mine, r, gens, offset, clock, first), r)
         res.settings.update(refiner=self.model.name, refiner_start=r.request.refiner_start)
         return res
 
@@ -335,9 +396,10 @@ class Pipeline:
         z0 = self.encode_image(r.request.image).expand(n, -1, -1, -1)
         if len(sched_steps) == 0:
             return self._finish(z0.clone(), r)
-        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height))
+        clock = {"step": 0}
+        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height), clock, r.run_steps)
         x = q_sample(z0, randn_like(z0, gens), sched_steps.alpha_bars[0])
-        x = self._sample(denoise, x, sched_steps, r, gens, callback)
+        x = self._sample(denoise, x, sched_steps, r, gens, callback, clock)
         return self._finish(x, r)
 
     def _inpaint(self, r: Resolved, gens, callback) -> Result:
@@ -355,14 +417,15 @@ class Pipeline:
             masked = autoencoder.encode(self.model.vae, (img_t * (1 - binary)).to(self.model.device))
             m_lat = F.interpolate(binary, size=lat_hw)  # nearest, as the inpainting models were trained
             concat = torch.cat([m_lat.to(masked), masked], dim=1).expand(n, -1, -1, -1)
-        denoise = self._denoiser(r, concat)
+        clock = {"step": 0}
+        denoise = self._denoiser(r, concat, clock, r.run_steps)
         # at full strength the start is pure noise, as in text-to-image (and diffusers' inpainting);
         # below it the image noised to the first level
         x = noise.clone() if r.run_steps == r.steps else q_sample(z0, noise, sched_steps.alpha_bars[0])
         if not self.model.is_inpainting:
             keep = 1 - F.interpolate(mask_t, size=lat_hw, mode="area").to(z0)  # (1, 1, h, w), 1 = keep
             denoise = blend_known(denoise, z0, keep, noise)
-        x = self._sample(denoise, x, sched_steps, r, gens, callback)
+        x = self._sample(denoise, x, sched_steps, r, gens, callback, clock)
         if not self.model.is_inpainting:
             x = keep * z0 + (1 - keep) * x  # the kept region is the image's own latents, clean
         return self._finish(x, r)

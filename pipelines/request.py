@@ -100,6 +100,7 @@ class Request:
     lora: list[str | Path] = field(default_factory=list)
     prompt_2: str | list[str] | None = None    # SDXL: the second text encoder's prompt (default: prompt)
     negative_2: str | list[str] | None = None  # SDXL: the second encoder's negative prompt (default: negative)
+    clip_skip: int = 1                  # A1111's numbering: 1 = the model's usual text layer, 2 = one before, ...
     schedule: str | None = None         # noise schedule (ldm.schedule.SCHEDULES or A1111's names); None: default
     refiner_start: float | None = None  # with a refiner (Pipeline.refiner): the fraction of the schedule the
                                         # base denoises before the refiner takes over (SDXL's 0.8)
@@ -136,6 +137,8 @@ class Request:
             add(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
         if schedule not in (None, "default") and sampler in SAMPLERS and not SAMPLERS[sampler].schedules:
             add(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, not {sampler}"))
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
+            add(("clip_skip", f"must be an integer from 1 (the usual layer) to 12, got {self.clip_skip!r}"))
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
             add(("seed", f"must be an integer from 0 to 2**63 - 1, got {self.seed!r}"))
         if not isinstance(self.batch_size, int) or self.batch_size < 1 or (
@@ -257,7 +260,7 @@ class Request:
         return Resolved(request=self, kind=self.kind, prompts=prompts, negatives=negatives, seeds=seeds,
                         prompts_2=prompts_2, negatives_2=negatives_2,
                         sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
-                        guidance_rescale=self.guidance_rescale,
+                        guidance_rescale=self.guidance_rescale, clip_skip=self.clip_skip,
                         eta=self.eta, width=width, height=height, strength=strength, run_steps=run_steps)
 
 
@@ -271,6 +274,7 @@ class Resolved:
     seeds: list[int]
     sampler: str
     schedule: str           # "default" or a sigma schedule (ldm.schedule.SCHEDULES)
+    clip_skip: int
     steps: int
     guidance: float
     guidance_rescale: float
@@ -286,6 +290,8 @@ class Resolved:
         """What the PNG metadata records."""
         s = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, width=self.width,
                  height=self.height, schedule=self.schedule)
+        if self.clip_skip != 1:
+            s["clip_skip"] = self.clip_skip
         if self.strength is not None:
             s["strength"] = self.strength
         return s
