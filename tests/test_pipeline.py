@@ -1,7 +1,6 @@
 """Pipelines: seeds, image-to-image, inpainting, inversion, and bad input."""
 
 import dataclasses
-import logging
 import math
 from types import SimpleNamespace
 
