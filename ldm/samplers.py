@@ -44,6 +44,20 @@ def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
                         for g in generator]).to(x.device, x.dtype)
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation from a to b by fraction t, per batch item (Shoemake 1985): the angle
+    between the flattened tensors is walked at constant speed; nearly parallel ones interpolate
+    linearly."""
+    fa, fb = a.flatten(1).double(), b.flatten(1).double()
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
+    omega = torch.arccos(cos.clamp(-1, 1))[:, None]
+    so = torch.sin(omega)
+    near = so.abs() < 1e-6
+    wa = torch.where(near, 1 - t, torch.sin((1 - t) * omega) / torch.where(near, 1.0, so))
+    wb = torch.where(near, t, torch.sin(t * omega) / torch.where(near, 1.0, so))
+    return (wa * fa + wb * fb).reshape(a.shape).to(a.dtype)
+
+
 def first_order_step(x, x0, ab_t: float, ab_s: float, eta: float = 0.0, generator: Generators = None):
     """One DDIM step (Song et al. 2021, eq. 12) from level ab_t to ab_s with stochasticity eta.
 

@@ -43,7 +43,14 @@ def _common(p: argparse.ArgumentParser):
                                                   "written, and under `accelerate launch` the prompts are spread over "
                                                   "the processes")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt, made in one batch (default 1)")
+    p.add_argument("--n-iter", type=int, default=1, metavar="N",
+                   help="batches per prompt, one after another (A1111's batch count; default 1)")
     p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed+i (default: random; 0 with --from-file)")
+    p.add_argument("--subseed", type=int, default=None, help="variation seed (A1111): image i gets subseed+i")
+    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="F",
+                   help="how far each image's noise moves towards its variation seed's, 0 to 1 (default 0)")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="text-encoder layer, A1111's numbering: 1 = the model's usual one, 2 = one before, ...")
     sampling_args(p)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
@@ -92,6 +99,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(g)
     g.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
     g.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                   help="hires fix: generate, upscale by S (e.g. 2), then image-to-image at the larger size")
+    g.add_argument("--hires-strength", type=float, default=0.7, metavar="F",
+                   help="the hires pass's denoising strength (default 0.7, A1111's)")
+    g.add_argument("--hires-steps", type=int, default=None, metavar="N", help="the hires pass's steps (default: --steps)")
+    g.add_argument("--hires-upscaler", default="latent", choices=["latent", "lanczos"],
+                   help="upscale the latents (bilinear) or the decoded image (Lanczos); default latent")
     g.add_argument("--refiner", default=None, metavar="DIR",
                    help="SDXL: a refiner model that finishes the schedule from --refiner-start on")
     g.add_argument("--refiner-start", type=float, default=None, metavar="F",
@@ -327,6 +341,10 @@ def build_request(args, prompts: list[str]) -> Request:
                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, seed=seed,
                    width=getattr(args, "width", None), height=getattr(args, "height", None),
                    batch_size=args.batch_size, strength=getattr(args, "strength", None), image=image, mask=mask,
+                   n_iter=args.n_iter, subseed=args.subseed, subseed_strength=args.subseed_strength,
+                   clip_skip=args.clip_skip, hires_scale=getattr(args, "hires_scale", None),
+                   hires_strength=getattr(args, "hires_strength", 0.7), hires_steps=getattr(args, "hires_steps", None),
+                   hires_upscaler=getattr(args, "hires_upscaler", "latent"),
                    embeddings=list(zip(args.embedding, tokens)), lora=list(args.lora), prompt_2=args.prompt_2,
                    negative_2=args.negative_2, refiner_start=refiner_start(args))
 
@@ -342,7 +360,7 @@ def run(args) -> list[Path]:
 
     # everything that can be checked without the model, before it loads
     prompts = _prompts(args)
-    n_images = len(prompts) * args.batch_size
+    n_images = len(prompts) * args.batch_size * max(args.n_iter, 1)
     if args.output and n_images > 1:
         raise ValueError(f"--output names one file but this run makes {n_images} images; use --output-dir")
     if args.output:
@@ -366,11 +384,13 @@ def run(args) -> list[Path]:
         log.info("seed %d", resolved.seeds[0])
     tasks = []
     for k, prompt in enumerate(prompts):
-        seeds = [resolved.seeds[0] + k * args.batch_size + i for i in range(args.batch_size)]
-        paths = [args.output] if args.output else [out_dir / f"{k:05d}-{s}.png" for s in seeds]
-        tasks.append(Task(prompt, seeds, paths))
+        for j in range(args.n_iter):  # A1111's batch count: batches of the same prompt in sequence
+            first = resolved.seeds[0] + (k * args.n_iter + j) * args.batch_size
+            seeds = [first + i for i in range(args.batch_size)]
+            paths = [args.output] if args.output else [out_dir / f"{k:05d}-{s}.png" for s in seeds]
+            tasks.append(Task(prompt, seeds, paths))
     mine = len(my_share(tasks, rank, world))
-    bar = tqdm(total=mine * resolved.run_steps,
+    bar = tqdm(total=mine * resolved.progress_steps(),
                desc=args.command if world == 1 else f"{args.command} [{rank}/{world}]",
                unit="step", disable=args.quiet, position=rank)
 
@@ -378,7 +398,7 @@ def run(args) -> list[Path]:
         return pipe.generate(resolved.with_task(task.prompt, task.seeds), callback)
 
     written = write_tasks(pipe, tasks, make, rank=rank, world=world, skip_done=bool(args.from_file),
-                          on_step=lambda i, x, x0: bar.update(1), on_skip=lambda t: bar.update(resolved.run_steps))
+                          on_step=lambda i, x, x0: bar.update(1), on_skip=lambda t: bar.update(resolved.progress_steps()))
     bar.close()
     if world > 1:
         state.wait_for_everyone()  # the grid below needs every process's images

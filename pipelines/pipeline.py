@@ -8,6 +8,7 @@ checked and resolved there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +26,13 @@ from ldm.guidance import guidance_embedding, guidance_input_dim, guided
 from ldm.images import to_pil, to_tensor
 from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
-from ldm.samplers import get_sampler, invert_ddim, randn_like
+from ldm.samplers import get_sampler, invert_ddim, randn_like, slerp
 from ldm.schedule import Steps
 from ldm.prompts import prompt_schedule, text_at
 from ldm.text import pad_contexts, prompt_context, size_ids
 
 from .pngmeta import format_parameters
-from .request import Request, Resolved, sampling_defaults
+from .request import Request, Resolved, hires_size, sampling_defaults, strength_steps
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +274,18 @@ class Pipeline:
     def infotexts(self, res: Result) -> list[str]:
         """The A1111 ``parameters`` text (A1111's "infotext") of each image of ``res``: what its PNG carries."""
         st = res.settings
+        sub = st.get("subseed")
+        upscaler = {"latent": "Latent", "lanczos": "Lanczos"}.get(st.get("hires_upscaler"))
         return [format_parameters(p, n, steps=st["steps"], sampler=st["sampler"], guidance=st["guidance"], seed=s,
                                   schedule=st.get("schedule"),
                                   width=st["width"], height=st["height"], model=self.model.name,
-                                  strength=st.get("strength"), **{"Clip skip": st.get("clip_skip"),
-                                                                  "Refiner": st.get("refiner"),
-                                                                  "Refiner switch at": st.get("refiner_start")})
-                for p, n, s in zip(res.prompts, res.negative_prompts, res.seeds)]
+                                  strength=st.get("strength"), **{
+                                      "Variation seed": None if sub is None else sub + k,
+                                      "Variation seed strength": st.get("subseed_strength"),
+                                      "Clip skip": st.get("clip_skip"), "Hires upscale": st.get("hires_scale"),
+                                      "Hires steps": st.get("hires_steps"), "Hires upscaler": upscaler,
+                                      "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start")})
+                for k, (p, n, s) in enumerate(zip(res.prompts, res.negative_prompts, res.seeds))]
 
     def _slice(self, batch: int) -> int | None:
         if self.vae_slice_size:
@@ -306,9 +312,27 @@ class Pipeline:
         a lone image made with that seed."""
         r = req if isinstance(req, Resolved) else req.resolve(self.model)
         self.apply_adapters(r.request)
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in r.seeds]
         run = {"txt2img": self._text_to_image, "img2img": self._image_to_image, "inpaint": self._inpaint}[r.kind]
-        return run(r, gens, callback)
+        results = []
+        for part in r.iterations():  # n_iter batches one after another
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in part.seeds]
+            results.append(run(part, gens, callback))
+        if len(results) == 1:
+            return results[0]
+        first = results[0]
+        return Result(torch.cat([x.pixels for x in results]), torch.cat([x.latents for x in results]),
+                      [s for x in results for s in x.seeds], [p for x in results for p in x.prompts],
+                      [n for x in results for n in x.negative_prompts], first.settings)
+
+    def _noise(self, like: torch.Tensor, r: Resolved, gens) -> torch.Tensor:
+        """The starting noise of each image from its seed; with variation seeds (A1111's subseed) the
+        spherical interpolation (Shoemake 1985) of that noise towards the subseed's by subseed_strength,
+        which keeps a Gaussian's norm where the two are near-orthogonal, as independent noises are."""
+        noise = randn_like(like, gens)
+        if not r.subseeds:
+            return noise
+        sub = randn_like(like, [torch.Generator("cpu").manual_seed(int(s)) for s in r.subseeds])
+        return slerp(noise, sub, r.request.subseed_strength)
 
     def text_to_image(self, prompt, *, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
                       guidance_rescale: float = 0.0, seed: int | None = None, seeds=None, batch_size: int = 1,
@@ -350,9 +374,11 @@ class Pipeline:
         latents = r.request.latents
         if latents is None:
             # (B, 4, H/8, W/8): unit-variance noise is x_T at the first level (alpha_bar ~ 0)
-            latents = randn_like(torch.empty(self._latent_shape(n, r.width, r.height)), gens)
+            latents = self._noise(torch.empty(self._latent_shape(n, r.width, r.height)), r, gens)
         x = latents.to(self.model.device, torch.float32)
         steps = self._steps(r.sampler, r.steps, r.schedule)
+        if r.request.hires_scale is not None:
+            return self._hires(self._sample(denoise, x, steps, r, gens, callback, clock), r, callback)
         if r.request.refiner_start is None:
             return self._finish(self._sample(denoise, x, steps, r, gens, callback, clock), r)
         if self.refiner is None:
@@ -391,16 +417,44 @@ class Pipeline:
         return self._steps(r.sampler, r.steps, r.schedule).tail(r.steps - r.run_steps)
 
     def _image_to_image(self, r: Resolved, gens, callback) -> Result:
-        n = len(r.prompts)
+        z0 = self.encode_image(r.request.image).expand(len(r.prompts), -1, -1, -1)
+        return self._finish(self._sdedit(z0, r, gens, callback), r)
+
+    def _sdedit(self, z0: torch.Tensor, r: Resolved, gens, callback) -> torch.Tensor:
+        """SDEdit from latents z0 (B, 4, h, w): noised to the first of the last ``run_steps`` levels,
+        then denoised."""
         sched_steps = self._strength_steps(r)
-        z0 = self.encode_image(r.request.image).expand(n, -1, -1, -1)
         if len(sched_steps) == 0:
-            return self._finish(z0.clone(), r)
+            return z0.clone()
         clock = {"step": 0}
-        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height), clock, r.run_steps)
-        x = q_sample(z0, randn_like(z0, gens), sched_steps.alpha_bars[0])
-        x = self._sample(denoise, x, sched_steps, r, gens, callback, clock)
-        return self._finish(x, r)
+        denoise = self._denoiser(r, self._empty_concat(len(r.prompts), r.width, r.height), clock, r.run_steps)
+        x = q_sample(z0, self._noise(z0, r, gens), sched_steps.alpha_bars[0])
+        return self._sample(denoise, x, sched_steps, r, gens, callback, clock)
+
+    def _hires(self, z: torch.Tensor, r: Resolved, callback) -> Result:
+        """A1111's hires fix: the first pass's latents upscaled (bilinear on the latents, or Lanczos on
+        the decoded image, encoded again), then image-to-image at the larger size with hires_strength
+        over hires_steps, noise drawn again from each image's seed. The progress callback counts on."""
+        q, f = r.request, self.model.vae_factor
+        width, height = hires_size(r.width, q.hires_scale, f), hires_size(r.height, q.hires_scale, f)
+        if q.hires_upscaler == "latent":
+            z = F.interpolate(z, size=(height // f, width // f), mode="bilinear", align_corners=False)
+        else:
+            pixels = autoencoder.decode(self.model.vae, z, self._slice(z.shape[0]))
+            big = [im.resize((width, height), Image.LANCZOS) for im in to_pil(pixels)]
+            z = torch.cat([self.encode_image(im) for im in big])
+        steps = q.hires_steps or r.steps
+        second = dataclasses.replace(r, width=width, height=height, steps=steps, strength=q.hires_strength,
+                                     run_steps=strength_steps(steps, q.hires_strength), subseeds=None)
+
+        def later(i, xi, x0):
+            if callback is not None:
+                callback(r.steps + i, xi, x0)
+
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in r.seeds]
+        res = self._finish(self._sdedit(z, second, gens, later), second)
+        res.settings.update(r.settings(), width=r.width, height=r.height)
+        return res
 
     def _inpaint(self, r: Resolved, gens, callback) -> Result:
         n = len(r.prompts)
@@ -410,7 +464,7 @@ class Pipeline:
         mask_t = self._mask_tensor(r.request.mask)
         z0 = self.encode_image(img_t).expand(n, -1, -1, -1)
         lat_hw = z0.shape[-2:]
-        noise = randn_like(z0, gens)
+        noise = self._noise(z0, r, gens)
         concat = None
         if self.model.is_inpainting:
             binary = (mask_t >= 0.5).float()

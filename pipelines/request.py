@@ -22,6 +22,7 @@ import torch
 from ldm.samplers import SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
 KINDS = ("txt2img", "img2img", "inpaint")
+HIRES_UPSCALERS = ("latent", "lanczos")
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.8, "inpaint": 1.0}
 MAX_SEED = 2**63
 
@@ -100,6 +101,13 @@ class Request:
     lora: list[str | Path] = field(default_factory=list)
     prompt_2: str | list[str] | None = None    # SDXL: the second text encoder's prompt (default: prompt)
     negative_2: str | list[str] | None = None  # SDXL: the second encoder's negative prompt (default: negative)
+    n_iter: int = 1                     # batches run one after another (A1111's batch count)
+    subseed: int | None = None          # variation seed (A1111): the noise is slerped towards this seed's
+    subseed_strength: float = 0.0       # ... by this fraction, 0 to 1
+    hires_scale: float | None = None    # hires fix: generate, upscale by this factor, then image-to-image
+    hires_strength: float = 0.7         # ... at this strength (A1111's default denoising strength)
+    hires_steps: int | None = None      # ... with this many steps (default: steps)
+    hires_upscaler: str = "latent"      # latent (bilinear on the latents) | lanczos (on the decoded image)
     clip_skip: int = 1                  # A1111's numbering: 1 = the model's usual text layer, 2 = one before, ...
     schedule: str | None = None         # noise schedule (ldm.schedule.SCHEDULES or A1111's names); None: default
     refiner_start: float | None = None  # with a refiner (Pipeline.refiner): the fraction of the schedule the
@@ -137,6 +145,27 @@ class Request:
             add(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
         if schedule not in (None, "default") and sampler in SAMPLERS and not SAMPLERS[sampler].schedules:
             add(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, not {sampler}"))
+        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
+            add(("n_iter", f"must be an integer >= 1, got {self.n_iter!r}"))
+        if not 0 <= self.subseed_strength <= 1:
+            add(("subseed_strength", f"must be between 0 and 1, got {self.subseed_strength}"))
+        if self.subseed is not None and not (isinstance(self.subseed, int) and 0 <= self.subseed < MAX_SEED):
+            add(("subseed", f"must be an integer from 0 to 2**63 - 1, got {self.subseed!r}"))
+        if self.hires_scale is not None:
+            if self.kind != "txt2img":
+                add(("hires_scale", "applies to text-to-image"))
+            elif not 1 <= self.hires_scale <= 8:
+                add(("hires_scale", f"must be between 1 and 8, got {self.hires_scale}"))
+            if not 0 < self.hires_strength <= 1:
+                add(("hires_strength", f"must be in (0, 1], got {self.hires_strength}"))
+            if self.hires_steps is not None and (not isinstance(self.hires_steps, int) or self.hires_steps < 1 or (
+                    lim.max_steps is not None and self.hires_steps > lim.max_steps)):
+                add(("hires_steps", f"must be an integer from 1 to {lim.max_steps or 'the schedule length'}, "
+                                    f"got {self.hires_steps!r}"))
+            if self.hires_upscaler not in HIRES_UPSCALERS:
+                add(("hires_upscaler", f"must be one of {', '.join(HIRES_UPSCALERS)}, got {self.hires_upscaler!r}"))
+            if self.refiner_start is not None:
+                add(("hires_scale", "does not combine with a refiner"))
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             add(("clip_skip", f"must be an integer from 1 (the usual layer) to 12, got {self.clip_skip!r}"))
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
@@ -145,8 +174,9 @@ class Request:
                 lim.max_batch is not None and self.batch_size > lim.max_batch):
             top = f"between 1 and {lim.max_batch}" if lim.max_batch is not None else ">= 1"
             add(("batch_size", f"must be {top}, got {self.batch_size}"))
-        if self.seeds is not None and len(self.seeds) != len(prompts) * self.batch_size:
-            add(("seeds", f"got {len(self.seeds)} seeds for {len(prompts) * self.batch_size} images"))
+        n_images = len(prompts) * self.batch_size * (self.n_iter if isinstance(self.n_iter, int) else 1)
+        if self.seeds is not None and len(self.seeds) != n_images:
+            add(("seeds", f"got {len(self.seeds)} seeds for {n_images} images"))
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (msg := _size_problem(name, v, factor, lim.max_side)):
@@ -238,6 +268,11 @@ class Request:
             problems.append(("strength", f"{strength} with {steps} steps runs no step; raise either"))
         if self.kind == "txt2img":
             width, height = self.width or model.native_size, self.height or model.native_size
+            if self.hires_scale is not None:
+                hw, hh = hires_size(width, self.hires_scale, factor), hires_size(height, self.hires_scale, factor)
+                if max(hw, hh) > (limits or Limits()).max_side:
+                    problems.append(("hires_scale", f"makes {hw}x{hh}, past the {(limits or Limits()).max_side} "
+                                                    "pixel limit"))
         else:
             width, height = _image_size(self.image)
         if not model.is_sdxl:
@@ -254,14 +289,19 @@ class Request:
         negatives_2 = self._each(self.negative_2, per_prompt) if self.negative_2 is not None else negatives
         if self.seeds is not None:
             seeds = [int(s) for s in self.seeds]
-        else:
+        else:  # image i of iteration k: seed + k x batch + i, as A1111 numbers them
             seed = random_seed() if self.seed is None else self.seed
-            seeds = [seed + i for i in range(len(prompts))]
+            seeds = [seed + i for i in range(len(prompts) * self.n_iter)]
+        subseeds = None
+        if self.subseed_strength > 0:
+            sub = random_seed() if self.subseed is None else self.subseed
+            subseeds = [sub + i for i in range(len(seeds))]
         return Resolved(request=self, kind=self.kind, prompts=prompts, negatives=negatives, seeds=seeds,
                         prompts_2=prompts_2, negatives_2=negatives_2,
                         sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                         guidance_rescale=self.guidance_rescale, clip_skip=self.clip_skip,
-                        eta=self.eta, width=width, height=height, strength=strength, run_steps=run_steps)
+                        eta=self.eta, width=width, height=height, strength=strength, run_steps=run_steps,
+                        subseeds=subseeds)
 
 
 @dataclass(frozen=True)
@@ -283,6 +323,7 @@ class Resolved:
     height: int
     strength: float | None
     run_steps: int          # sampler steps that run (fewer than ``steps`` at a strength below 1)
+    subseeds: list[int] | None = None  # variation seeds, one per image (with subseed_strength > 0)
     prompts_2: list[str] = field(default_factory=list)    # SDXL's second encoder (the prompts by default)
     negatives_2: list[str] = field(default_factory=list)
 
@@ -292,6 +333,12 @@ class Resolved:
                  height=self.height, schedule=self.schedule)
         if self.clip_skip != 1:
             s["clip_skip"] = self.clip_skip
+        q = self.request
+        if self.subseeds:
+            s.update(subseed=self.subseeds[0], subseed_strength=q.subseed_strength)
+        if q.hires_scale is not None:
+            s.update(hires_scale=q.hires_scale, hires_strength=q.hires_strength, hires_upscaler=q.hires_upscaler,
+                     hires_steps=q.hires_steps)
         if self.strength is not None:
             s["strength"] = self.strength
         return s
@@ -302,8 +349,30 @@ class Resolved:
         neg = self.negatives[0] if self.negatives else ""
         neg_2 = self.negatives_2[0] if self.negatives_2 else neg
         prompt_2 = prompt if self.request.prompt_2 is None else self.prompts_2[0]
+        subseeds = None if self.subseeds is None else [self.subseeds[0] + s - self.seeds[0] for s in seeds]
         return dataclasses.replace(self, prompts=[prompt] * n, negatives=[neg] * n, seeds=list(seeds),
-                                   prompts_2=[prompt_2] * n, negatives_2=[neg_2] * n)
+                                   prompts_2=[prompt_2] * n, negatives_2=[neg_2] * n, subseeds=subseeds)
+
+    def progress_steps(self) -> int:
+        """Sampler steps one batch runs: the run's, plus the hires pass's."""
+        q = self.request
+        if q.hires_scale is None:
+            return self.run_steps
+        return self.run_steps + strength_steps(q.hires_steps or self.steps, q.hires_strength)
+
+    def iterations(self) -> list["Resolved"]:
+        """One request per batch of an n_iter run (A1111's batch count), each with its own seeds."""
+        n = len(self.prompts)
+        if len(self.seeds) == n:
+            return [self]
+        return [dataclasses.replace(self, seeds=self.seeds[k:k + n],
+                                    subseeds=None if self.subseeds is None else self.subseeds[k:k + n])
+                for k in range(0, len(self.seeds), n)]
+
+
+def hires_size(side: int, scale: float, factor: int = 8) -> int:
+    """A side after the hires fix's upscale, down to a multiple of the VAE factor (as A1111 rounds)."""
+    return int(side * scale) // factor * factor
 
 
 def lora_files(folder: Path) -> dict[str, Path]:
