@@ -144,6 +144,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     s.add_argument("--output-dir", type=Path, default=Path("outputs/serve"),
                    help="every image made is written here (default outputs/serve)")
+    s.add_argument("--models-dir", type=Path, default=None,
+                   help="folder of models (diffusers directories, .safetensors files) that A1111 clients may switch "
+                        "among (/sdapi/v1/options sd_model_checkpoint)")
     s.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion embeddings, all loaded at start")
     s.add_argument("--lora-dir", type=Path, help="folder of LoRA .safetensors files a request may pick by name")
     s.add_argument("--max-side", type=int, default=1024, help="largest width or height a request may ask (default 1024)")
@@ -190,7 +193,7 @@ def _serve(args) -> int:
         check_output_dir(args.output_dir)
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
-                        embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir,
+                        embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, models_dir=args.models_dir,
                         load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle,
                                          config=args.model_config, vae=args.vae),
                         worker_thread=False)  # serve() runs the jobs in this (main) thread

@@ -17,6 +17,7 @@ step if running.
     GET  /api/progress     the running job's step and the queue length (the page's progress bar)
     POST /api/txt2img      JSON with the command line's parameters -> {"images": [base64 PNG], ...}
     POST /api/img2img      the same plus "image" (base64) and "strength"
+    /sdapi/v1/...          AUTOMATIC1111's API (pipelines/a1111.py), for its existing clients
 
 Embeddings (``--embeddings-dir``) are all loaded at start, as A1111 does: a prompt uses one by its
 token. LoRA files (``--lora-dir``) are chosen per request by name; a request with another set of LoRA
@@ -50,6 +51,7 @@ from ldm.images import decode_image
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
+from .a1111 import add_routes
 from .outputs import check_output_dir
 from .pngmeta import png_bytes, save_png
 
@@ -89,6 +91,15 @@ class Txt2Img(BaseModel):
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
+    n_iter: int = 1
+    schedule: str | None = None
+    clip_skip: int = 1
+    subseed: int | None = Field(None, ge=0, lt=2**63)
+    subseed_strength: float = Field(0.0, ge=0, le=1)
+    hires_scale: float | None = None
+    hires_strength: float = 0.7
+    hires_steps: int | None = None
+    hires_upscaler: str = "latent"
     lora: list[str] = Field(default_factory=list)
 
 
@@ -143,13 +154,19 @@ def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
                       guidance=body.guidance, guidance_rescale=body.guidance_rescale, eta=body.eta, seed=body.seed,
                       width=body.width, height=body.height, batch_size=body.batch_size,
                       strength=getattr(body, "strength", None), image=image, lora=list(body.lora),
-                      prompt_2=body.prompt_2, negative_2=body.negative_2)
+                      prompt_2=body.prompt_2, negative_2=body.negative_2, n_iter=body.n_iter, schedule=body.schedule,
+                      clip_skip=body.clip_skip, subseed=body.subseed, subseed_strength=body.subseed_strength,
+                      **({} if kind != "txt2img" else dict(
+                          hires_scale=body.hires_scale, hires_strength=body.hires_strength,
+                          hires_steps=body.hires_steps, hires_upscaler=body.hires_upscaler)))
 
 
 class Job:
-    def __init__(self, resolved: rq.Resolved):
+    def __init__(self, resolved: rq.Resolved | None, action=None):
         self.id = uuid.uuid4().hex[:12]
         self.resolved = resolved
+        self.action = action  # instead of a request: a function the worker runs between jobs
+        self.interrupted = False  # stopped by /sdapi/v1/interrupt rather than by its client leaving
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.cancel = threading.Event()
         self.step, self.steps = 0, 0
@@ -161,8 +178,12 @@ class Studio:
     main thread)."""
 
     def __init__(self, model_path, *, output_dir, limits: Limits | None = None, device: str = "cpu",
-                 embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None, worker_thread: bool = True):
-        self.model_path = str(model_path)
+                 embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None, worker_thread: bool = True,
+                 models_dir=None):
+        self.model_path = self._start_model = str(model_path)
+        self.models_dir = Path(models_dir) if models_dir else None
+        if self.models_dir is not None and not self.models_dir.is_dir():
+            raise ValueError(f"--models-dir {str(self.models_dir)!r} is not a folder")
         self.output_dir = check_output_dir(output_dir)
         self.limits = limits or Limits()
         self.device = device
@@ -210,6 +231,37 @@ class Studio:
         pipe.apply_adapters(rq.Request(lora=[files[name] for name in lora]))  # loaded and recorded as applied
         self.embeddings, self._lora_loaded = embeddings, lora
         return pipe
+
+    def models(self) -> dict[str, str]:
+        """The models a client may switch among, by name: the one given at start and those of
+        ``--models-dir`` (diffusers directories and single .safetensors files)."""
+        out = {Path(self._start_model).name: self._start_model}
+        if self.models_dir is not None:
+            for p in sorted(self.models_dir.iterdir()):
+                if (p / "model_index.json").is_file() or p.suffix == ".safetensors":
+                    out[p.name] = str(p)
+        return out
+
+    def current_model(self) -> str:
+        """The name (``models()``) of the model loaded now."""
+        return next((n for n, p in self.models().items() if p == self.model_path), Path(self.model_path).name)
+
+    def switch_model(self, name: str) -> str:
+        """Load the model called ``name`` (``models()``) in place of the current one, keeping the LoRA
+        set; run on the worker (``call_on_worker``). Raises BadRequest for an unknown name."""
+        models = self.models()
+        if name not in models:
+            raise BadRequest("sd_model_checkpoint", f"no model {name!r}; available: {', '.join(models)}")
+        if models[name] != self.model_path:
+            log.info("switching to model %s", name)
+            previous = self.model_path
+            self.model_path = models[name]
+            try:
+                self.pipe = self._load(self._lora_loaded or ())
+            except Exception:
+                self.model_path = previous
+                raise
+        return name
 
     def _pipeline(self, lora: tuple[str, ...]):
         if lora != self._lora_loaded:
@@ -309,6 +361,12 @@ class Studio:
                 self.counts["cancelled"] += 1
                 job.future.set_exception(Cancelled())
                 continue
+            if job.action is not None:
+                try:
+                    job.future.set_result(job.action())
+                except Exception as exc:
+                    job.future.set_exception(exc)
+                continue
             self.current = job
             t0 = self._started = time.perf_counter()
             try:
@@ -336,10 +394,10 @@ class Studio:
 
         r = job.resolved
         pipe = self._pipeline(tuple(str(x) for x in r.request.lora))
-        job.steps = r.run_steps
+        job.steps = r.progress_steps() * len(r.iterations())
 
         def step(i, x, x0):
-            job.step = i + 1
+            job.step += 1  # counted over the whole job (its batches and hires passes)
             if job.cancel.is_set():
                 raise Cancelled()
 
@@ -366,6 +424,50 @@ async def _client_gone(request: Request):
     the disconnect); no polling."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def execute(studio: "Studio", req: rq.Request, request: Request, *, interrupted=None):
+    """Resolve, queue and await one request: the job's result dict, or an error response (422 naming
+    the field, 503 with Retry-After when the queue is full, 499 when the client went away). A job
+    stopped by ``/sdapi/v1/interrupt`` answers ``interrupted()`` when given (A1111's clients expect a
+    normal answer), else 499."""
+    try:
+        job = Job(studio.resolve(req))
+    except rq.RequestError as exc:
+        return _error(422, exc.problems)
+    try:
+        studio.submit(job)
+    except queue.Full:
+        return _error(503, [("", f"the queue is full ({studio.limits.queue_size} requests waiting); "
+                                 "retry later")], headers={"Retry-After": str(studio.retry_after())})
+    fut = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not fut.done():
+        job.cancel.set()  # the client went away: skipped if still queued, stopped at its next step if running
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # the outcome nobody waits for
+        return Response(status_code=499)
+    gone.cancel()
+    try:
+        return fut.result()
+    except Cancelled:
+        return interrupted() if interrupted is not None and job.interrupted else Response(status_code=499)
+    except ValueError as exc:
+        field = exc.field if isinstance(exc, BadRequest) else ""
+        return _error(422, [(field, getattr(exc, "message", str(exc)))])
+    except Exception as exc:
+        return _error(500, [("", f"generation failed: {type(exc).__name__}: {exc}")])
+
+
+async def call_on_worker(studio: "Studio", fn):
+    """Run ``fn()`` on the worker, between jobs (loading another model), and await its result."""
+    job = Job(None, action=fn)
+    try:
+        studio.submit(job)
+    except queue.Full:
+        return _error(503, [("", "the queue is full; retry later")],
+                      headers={"Retry-After": str(studio.retry_after())})
+    return await asyncio.wrap_future(job.future)
 
 
 # --- the app ---------------------------------------------------------------------------------------
@@ -399,32 +501,9 @@ def create_app(studio: Studio) -> FastAPI:
         return studio.progress()
 
     async def run(req: rq.Request, request: Request):
-        try:
-            job = Job(studio.resolve(req))
-        except rq.RequestError as exc:
-            return _error(422, exc.problems)
-        try:
-            studio.submit(job)
-        except queue.Full:
-            return _error(503, [("", f"the queue is full ({studio.limits.queue_size} requests waiting); "
-                                     "retry later")], headers={"Retry-After": str(studio.retry_after())})
-        fut = asyncio.wrap_future(job.future)
-        gone = asyncio.ensure_future(_client_gone(request))
-        await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not fut.done():
-            job.cancel.set()  # the client went away: skipped if still queued, stopped at its next step if running
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # the outcome nobody waits for
-            return Response(status_code=499)
-        gone.cancel()
-        try:
-            return fut.result()
-        except Cancelled:
-            return Response(status_code=499)
-        except ValueError as exc:
-            field = exc.field if isinstance(exc, BadRequest) else ""
-            return _error(422, [(field, getattr(exc, "message", str(exc)))])
-        except Exception as exc:
-            return _error(500, [("", f"generation failed: {type(exc).__name__}: {exc}")])
+        return await execute(studio, req, request)
+
+    add_routes(app, studio, execute=execute, call_on_worker=call_on_worker, error=_error, bad_request=BadRequest)
 
     @app.post("/api/txt2img")
     async def txt2img(req: Txt2Img, request: Request):

@@ -1,0 +1,344 @@
+"""AUTOMATIC1111's HTTP API on ``ldm serve``, so that its clients (editor plug-ins, bots, ``webuiapi``)
+work unchanged: the same routes under ``/sdapi/v1``, payload names and answers.
+
+    POST /sdapi/v1/txt2img     A1111's payload -> {"images": [base64 PNG], "parameters": {...}, "info": "<json>"}
+    POST /sdapi/v1/img2img     the same plus init_images, denoising_strength and (inpainting) mask
+    GET  /sdapi/v1/samplers    [{"name", "aliases", "options"}] in A1111's names
+    GET  /sdapi/v1/schedulers  [{"name", "label", "aliases", ...}]
+    GET  /sdapi/v1/sd-models   the models of --models-dir (and the one given at start)
+    GET  /sdapi/v1/options     the settings; POST sets them (sd_model_checkpoint switches the model)
+    GET  /sdapi/v1/progress    the running job's progress
+    POST /sdapi/v1/png-info    the parameters an image carries
+    POST /sdapi/v1/interrupt   stop the running job (its request answers with what it had: no images)
+    GET  /sdapi/v1/scripts     no scripts (clients ask before they send)
+
+Requests go through the same :class:`pipelines.request.Request`, limits and queue as ``/api``. Fields
+A1111 accepts that do not apply here (styles, restore_faces, scripts, ...) are ignored with a warning
+in the log; bad values get a 422 that names the field as A1111 names it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, ImageFilter, ImageOps
+from pydantic import BaseModel, ConfigDict
+
+from ldm.samplers import _ALIASES, A1111_SAMPLERS, A1111_SCHEDULES, SAMPLERS
+
+from . import request as rq
+from .pngmeta import parse_parameters
+
+log = logging.getLogger("ldm.serve.a1111")
+
+# our Request's field -> A1111's payload name (for error messages)
+FIELD_NAMES = {"prompt": "prompt", "negative": "negative_prompt", "sampler": "sampler_name", "schedule": "scheduler",
+               "guidance": "cfg_scale", "strength": "denoising_strength", "image": "init_images",
+               "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
+               "hires_strength": "denoising_strength", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+               "eta": "eta"}
+
+# A1111's payload fields that have no effect here, with the value that means "off"; another value is
+# ignored with a warning
+INERT = {"styles": [], "restore_faces": False, "tiling": False, "do_not_save_samples": False,
+         "do_not_save_grid": False, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "script_name": None,
+         "script_args": [], "send_images": True, "save_images": False, "alwayson_scripts": {},
+         "seed_resize_from_h": 0, "seed_resize_from_w": 0, "firstphase_width": 0, "firstphase_height": 0,
+         "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+         "hr_negative_prompt": "", "sampler_index": None, "refiner_checkpoint": None, "refiner_switch_at": None,
+         "image_cfg_scale": None, "inpainting_fill": None, "inpaint_full_res": None, "inpaint_full_res_padding": None,
+         "initial_noise_multiplier": 1, "resize_mode": 0, "include_init_images": False, "infotext": None,
+         "disable_extra_networks": False, "comments": None, "force_task_id": None, "latent_mask": None,
+         "override_settings_restore_afterwards": True}
+SETTINGS_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+
+
+class Txt2ImgPayload(BaseModel):
+    """A1111's StableDiffusionProcessingTxt2Img fields that this project runs; any other is accepted
+    and ignored with a warning (A1111's clients send many)."""
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 50
+    cfg_scale: float = 7.0
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float | None = None
+    denoising_strength: float | None = None
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    override_settings: dict = {}
+
+
+class Img2ImgPayload(Txt2ImgPayload):
+    init_images: list[str] = []
+    mask: str | None = None
+    mask_blur: int = 4
+    inpainting_mask_invert: int = 0
+
+
+def _warn_ignored(payload: BaseModel):
+    fields = dict(payload.model_extra or {})
+    ignored = [k for k, v in fields.items() if k not in INERT or v != INERT[k] and v not in (None, [], {}, "")]
+    for k, v in (payload.override_settings or {}).items():
+        if k not in SETTINGS_USED:
+            ignored.append(f"override_settings.{k}")
+    if ignored:
+        log.warning("A1111 fields ignored (no effect here): %s", ", ".join(sorted(ignored)))
+
+
+def _image(data: str, field: str, studio, mode: str = "RGB") -> Image.Image:
+    """A base64 image of the payload; the server's BadRequest renamed to A1111's field."""
+    try:
+        img = studio.read_image(data)
+    except ValueError as exc:
+        raise type(exc)(field, exc.message) from exc
+    return img.convert(mode)
+
+
+def _upscaler(name: str | None) -> str:
+    if name is None or name.lower().startswith("latent"):
+        if name not in (None, "Latent"):
+            log.warning("hr_upscaler %r: upscaling the latents bilinearly (Latent)", name)
+        return "latent"
+    if name != "Lanczos":
+        log.warning("hr_upscaler %r is not available here: using Lanczos", name)
+    return "lanczos"
+
+
+def to_request(p: Txt2ImgPayload, studio, kind: str = "txt2img", image=None, mask=None) -> rq.Request:
+    """A1111's payload as this project's request."""
+    _warn_ignored(p)
+    o = p.override_settings or {}
+    hires = {}
+    if kind == "txt2img" and p.enable_hr:
+        scale = p.hr_scale
+        if p.hr_resize_x or p.hr_resize_y:  # a target size instead of a scale
+            scale = max(p.hr_resize_x / p.width, p.hr_resize_y / p.height)
+        hires = dict(hires_scale=scale, hires_upscaler=_upscaler(p.hr_upscaler),
+                     hires_strength=0.7 if p.denoising_strength is None else p.denoising_strength,
+                     hires_steps=p.hr_second_pass_steps or None)
+    strength = None
+    if kind != "txt2img":
+        strength = 0.75 if p.denoising_strength is None else p.denoising_strength
+    return rq.Request(prompt=p.prompt, kind=kind, negative=p.negative_prompt, sampler=p.sampler_name,
+                      schedule=p.scheduler, steps=p.steps, guidance=p.cfg_scale, seed=None if p.seed == -1 else p.seed,
+                      width=p.width if kind == "txt2img" else None, height=p.height if kind == "txt2img" else None,
+                      batch_size=p.batch_size, n_iter=p.n_iter, subseed=None if p.subseed == -1 else p.subseed,
+                      subseed_strength=p.subseed_strength, eta=0.0 if p.eta is None else p.eta,
+                      clip_skip=int(o.get("CLIP_stop_at_last_layers", 1)), strength=strength, image=image, mask=mask,
+                      **hires)
+
+
+def _eta_for(sampler: str | None, eta: float | None) -> float:
+    """A1111 sends eta with every request (webuiapi: 1.0); it only means something to the samplers
+    that take it, so it is dropped for the others instead of refused."""
+    if eta is None or sampler is None:
+        return 0.0
+    try:
+        from ldm.samplers import parse_sampler
+        return eta if SAMPLERS[parse_sampler(sampler)[0]].takes_eta else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _problems_as_a1111(response):
+    """Our field names in a 422 rewritten as A1111's payload names."""
+    if not isinstance(response, JSONResponse) or response.status_code != 422:
+        return response
+    body = json.loads(response.body)
+    for d in body.get("detail", []):
+        d["field"] = FIELD_NAMES.get(d["field"], d["field"])
+    body["error"] = "; ".join(f"{d['field']}: {d['message']}" if d["field"] else d["message"]
+                              for d in body.get("detail", []))
+    return JSONResponse(body, status_code=422)
+
+
+def answer(result: dict, payload: BaseModel, req: rq.Request, studio) -> dict:
+    """A1111's answer: images, the payload echoed, and ``info`` as a JSON string."""
+    seeds, params = result["seeds"], result["parameters"]
+    settings = parse_parameters(params[0]) if params else {}
+    info = {"prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds), "negative_prompt": req.negative or "",
+            "all_negative_prompts": [req.negative or ""] * len(seeds), "seed": seeds[0] if seeds else -1,
+            "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+            "subseed_strength": req.subseed_strength, "width": int(settings.get("Size", "0x0").split("x")[0]),
+            "height": int(settings.get("Size", "0x0").split("x")[1]), "sampler_name": settings.get("Sampler"),
+            "scheduler": settings.get("Schedule type"), "cfg_scale": float(settings.get("CFG scale", 0)),
+            "steps": int(settings.get("Steps", 0)), "batch_size": req.batch_size, "restore_faces": False,
+            "sd_model_name": studio.current_model(), "sd_model_hash": None, "denoising_strength":
+                float(settings["Denoising strength"]) if "Denoising strength" in settings else 0,
+            "clip_skip": req.clip_skip, "extra_generation_params": {}, "index_of_first_image": 0,
+            "infotexts": params, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "is_using_inpainting_conditioning": req.kind == "inpaint" and studio.pipe.model.is_inpainting}
+    if "Variation seed" in settings:
+        subs = [int(parse_parameters(t)["Variation seed"]) for t in params]
+        info.update(subseed=subs[0], all_subseeds=subs)
+    return {"images": result["images"], "parameters": payload.model_dump(), "info": json.dumps(info)}
+
+
+def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_request):
+    """The routes on ``app``, over the studio's queue: ``execute``, ``call_on_worker``, ``error`` and the
+    ``bad_request`` exception are pipelines.serve's (handed in, so that this module imports none of it)."""
+    _error, BadRequest = error, bad_request
+
+    async def generate(payload: Txt2ImgPayload, request: Request, kind: str, image=None, mask=None):
+        payload = payload.model_copy(update={"eta": _eta_for(payload.sampler_name, payload.eta)})
+        o = payload.override_settings or {}
+        previous = None
+        if "sd_model_checkpoint" in o and o["sd_model_checkpoint"] != studio.current_model():
+            previous = studio.current_model()
+            switched = await _switch(o["sd_model_checkpoint"])
+            if not isinstance(switched, str):
+                return switched
+        try:
+            req = to_request(payload, studio, kind, image, mask)
+            result = await execute(studio, req, request, interrupted=lambda: {"images": [], "parameters": [],
+                                                                                "seeds": [], "model": None})
+            if not isinstance(result, dict):
+                return _problems_as_a1111(result)
+            return answer(result, payload, req, studio)
+        finally:
+            if previous is not None and (payload.model_extra or {}).get("override_settings_restore_afterwards", True):
+                await _switch(previous)
+
+    async def _switch(name: str):
+        try:
+            return await call_on_worker(studio, lambda: studio.switch_model(name))
+        except BadRequest as exc:
+            return _error(422, [(exc.field, exc.message)])
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(payload: Txt2ImgPayload, request: Request):
+        return await generate(payload, request, "txt2img")
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(payload: Img2ImgPayload, request: Request):
+        if not payload.init_images:
+            return _error(422, [("init_images", "required: a list with one base64 image")])
+        if len(payload.init_images) > 1:
+            log.warning("init_images: %d images sent; the first is used", len(payload.init_images))
+        try:
+            image = _image(payload.init_images[0], "init_images", studio)
+            mask = None
+            if payload.mask:
+                mask = _image(payload.mask, "mask", studio, "L")
+                if payload.inpainting_mask_invert:
+                    mask = ImageOps.invert(mask)
+                if payload.mask_blur > 0:
+                    mask = mask.filter(ImageFilter.GaussianBlur(payload.mask_blur))
+        except BadRequest as exc:
+            return _error(422, [(exc.field, exc.message)])
+        # A1111 resizes the init image to the payload's size (resize_mode 0, "just resize")
+        size = (payload.width, payload.height)
+        if "width" in payload.model_fields_set or "height" in payload.model_fields_set:
+            if image.size != size:
+                image = image.resize(size, Image.LANCZOS)
+            if mask is not None and mask.size != size:
+                mask = mask.resize(size, Image.LANCZOS)
+        return await generate(payload, request, "inpaint" if mask is not None else "img2img", image, mask)
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        aliases = {}
+        for alias, ours in _ALIASES.items():
+            if ours in SAMPLERS:
+                aliases.setdefault(ours, []).append(alias)
+        return [{"name": A1111_SAMPLERS[n], "aliases": [n] + aliases.get(n, []),
+                 "options": {"scheduler": "automatic"} if SAMPLERS[n].schedules else {}} for n in SAMPLERS]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        api = {"default": "uniform", "sgm-uniform": "sgm_uniform"}
+        out = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                "need_inner_model": False}]
+        out += [{"name": api.get(k, k), "label": label, "aliases": [k], "default_rho": 7.0 if k == "karras" else -1,
+                 "need_inner_model": False} for k, label in A1111_SCHEDULES.items()]
+        return out
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        return [{"title": name, "model_name": name.rsplit(".", 1)[0] if name.endswith(".safetensors") else name,
+                 "hash": None, "sha256": None, "filename": path, "config": None}
+                for name, path in studio.models().items()]
+
+    def options_now() -> dict:
+        pipe = studio.pipe
+        sampler, steps, guidance = rq.sampling_defaults(pipe.model)
+        return {"sd_model_checkpoint": studio.current_model(), "CLIP_stop_at_last_layers": 1,
+                "samples_format": "png", "outdir_samples": str(studio.output_dir), "eta_ddim": 0.0,
+                "eta_ancestral": 1.0, "sd_checkpoint_hash": None,
+                "ldm_defaults": {"sampler": A1111_SAMPLERS.get(sampler, sampler), "steps": steps,
+                                 "cfg_scale": guidance}}
+
+    @app.get("/sdapi/v1/options")
+    async def get_options():
+        return options_now()
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(options: dict):
+        for k in options:
+            if k != "sd_model_checkpoint":
+                log.warning("option %s ignored (no effect here)", k)
+        if "sd_model_checkpoint" in options:
+            switched = await _switch(str(options["sd_model_checkpoint"]))
+            if not isinstance(switched, str):
+                return switched
+        return None
+
+    @app.get("/sdapi/v1/progress")
+    async def progress():
+        job = studio.current
+        steps = job.steps if job else 0
+        done = job.step if job else 0
+        frac = done / steps if steps else 0.0
+        elapsed = time.perf_counter() - studio._started if job else 0.0
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        return {"progress": round(frac, 4), "eta_relative": round(eta, 3),
+                "state": {"skipped": False, "interrupted": bool(job and job.interrupted), "stopping_generation": False,
+                          "job": job.id if job else "", "job_count": studio.queue.qsize() + (1 if job else 0),
+                          "job_timestamp": "0", "job_no": 0, "sampling_step": done, "sampling_steps": steps},
+                "current_image": None, "textinfo": None}
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        job = studio.current
+        if job is not None:
+            job.interrupted = True
+            job.cancel.set()
+        return None
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(body: dict):
+        data = body.get("image")
+        if not isinstance(data, str) or not data:
+            return _error(422, [("image", "required: a base64 PNG")])
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        import io
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+                text = im.info.get("parameters") or ""
+        except Exception as exc:
+            return _error(422, [("image", f"not a readable image: {exc}")])
+        return {"info": text, "items": {"parameters": text} if text else {},
+                "parameters": parse_parameters(text) if text else {}}
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}

@@ -1,0 +1,145 @@
+"""AUTOMATIC1111's HTTP API on a running ``ldm serve``, driven by a real A1111 client: the ``webuiapi``
+package, as editor plug-ins and bots use it. The images must be the pipeline's own for the same
+settings, and the answers shaped as A1111's (base64 images, info as a JSON string with seeds and
+infotexts)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+webuiapi = pytest.importorskip("webuiapi")
+
+PROMPT = "a large red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, sd1_dir):
+    models = tmp_path_factory.mktemp("models")
+    (models / "tiny-sd1").symlink_to(sd1_dir)
+    out = tmp_path_factory.mktemp("out")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--models-dir",
+                             str(models), "--output-dir", str(out), "--max-steps", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=8)
+    client.proc = proc
+    yield client
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from pipelines.pipeline import Pipeline
+    return Pipeline.from_pretrained("ldm/assets/shapes-model")
+
+
+def test_samplers_and_schedulers_in_a1111_names(api):
+    names = [s["name"] for s in api.get_samplers()]
+    assert {"Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "LMS", "Heun", "DPM2", "LCM", "DDIM"} <= set(names)
+    assert {s["label"] for s in api.get_schedulers()} >= {"Automatic", "Karras", "Exponential", "SGM Uniform"}
+
+
+def test_txt2img_is_the_pipelines_image_with_a1111s_answer(api, pipe):
+    r = api.txt2img(prompt=PROMPT, negative_prompt="blurry", seed=5, steps=8, cfg_scale=5.0, width=64, height=64,
+                    sampler_name="DPM++ 2M", scheduler="Karras", batch_size=2)
+    assert len(r.images) == 2 and r.image.size == (64, 64)
+    assert r.info["all_seeds"] == [5, 6] and r.info["seed"] == 5
+    assert r.info["sampler_name"] == "DPM++ 2M" and r.info["scheduler"] == "Karras"
+    assert "Schedule type: Karras" in r.info["infotexts"][0] and r.parameters["prompt"] == PROMPT
+    ours = pipe.text_to_image(PROMPT, negative_prompt="blurry", seed=5, steps=8, guidance_scale=5.0,
+                              sampler="dpmpp-2m", schedule="karras", batch_size=2)
+    for got, want in zip(r.images, ours.images):
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+    # png-info reads the parameters back, as A1111's PNG Info tab would
+    info = api.png_info(r.image)
+    assert info.info == r.info["infotexts"][0]
+    assert info.parameters["Sampler"] == "DPM++ 2M" and info.parameters["Seed"] == "5"
+
+
+def test_random_seed_hires_fix_and_variation_seed(api):
+    r = api.txt2img(prompt=PROMPT, seed=-1, steps=6, width=64, height=64, enable_hr=True, hr_scale=2,
+                    denoising_strength=0.5, hr_upscaler=webuiapi.HiResUpscaler.Latent)
+    assert r.image.size == (128, 128) and r.info["seed"] >= 0
+    assert "Hires upscale: 2" in r.info["infotexts"][0]
+    v = api.txt2img(prompt=PROMPT, seed=3, subseed=9, subseed_strength=0.25, steps=6, width=64, height=64)
+    assert v.info["subseed"] == 9 and "Variation seed strength: 0.25" in v.info["infotexts"][0]
+
+
+def test_img2img_and_inpainting(api, pipe):
+    base = pipe.text_to_image(PROMPT, seed=1, steps=6).images[0]
+    r = api.img2img(images=[base], prompt="a blue square", denoising_strength=0.5, seed=2, steps=8, width=64,
+                    height=64, sampler_name="Euler")
+    ours = pipe.image_to_image("a blue square", base, strength=0.5, seed=2, steps=8, sampler="euler",
+                               guidance_scale=7.0)
+    assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(ours.images[0]))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    m = api.img2img(images=[base], mask_image=mask, mask_blur=0, prompt="a green star", denoising_strength=1.0, seed=2,
+                    steps=8, width=64, height=64, sampler_name="Euler")
+    corner = np.asarray(m.image.convert("RGB"))[:8, :8].astype(int) - np.asarray(base)[:8, :8].astype(int)
+    assert np.abs(corner).max() <= 40  # outside the mask the image stays (through the VAE round trip)
+
+
+def test_bad_values_are_422_naming_a1111s_field(api):
+    with pytest.raises(RuntimeError) as e:
+        api.txt2img(prompt=PROMPT, width=60, height=64, steps=4)
+    assert e.value.args[0] == 422 and "width" in e.value.args[1]
+    with pytest.raises(RuntimeError) as e:
+        api.txt2img(prompt=PROMPT, sampler_name="Nope", width=64, height=64, steps=4)
+    assert e.value.args[0] == 422 and "sampler_name" in e.value.args[1]
+
+
+def test_options_switch_models_and_override_settings(api):
+    assert api.get_options()["sd_model_checkpoint"] == "shapes-model"
+    titles = [m["title"] for m in api.get_sd_models()]
+    assert titles == ["shapes-model", "tiny-sd1"]
+    api.util_set_model("tiny-sd1")
+    assert api.util_get_current_model() == "tiny-sd1"
+    r = api.txt2img(prompt=PROMPT, seed=1, steps=3, width=64, height=64)
+    assert r.info["sd_model_name"] == "tiny-sd1"
+    api.set_options({"sd_model_checkpoint": "shapes-model"})
+    r = api.txt2img(prompt=PROMPT, seed=1, steps=3, width=64, height=64,
+                    override_settings={"sd_model_checkpoint": "tiny-sd1", "CLIP_stop_at_last_layers": 2})
+    assert r.info["sd_model_name"] == "tiny-sd1" and r.info["clip_skip"] == 2
+    assert api.get_options()["sd_model_checkpoint"] == "shapes-model"  # restored afterwards, as A1111 does
+
+
+def test_progress_and_interrupt(api):
+    done = {}
+
+    def long_job():
+        done["r"] = api.txt2img(prompt=PROMPT, seed=1, steps=60, batch_size=4, n_iter=3, width=64, height=64)
+
+    t = threading.Thread(target=long_job)
+    t.start()
+    deadline = time.time() + 60
+    while True:
+        p = api.get_progress()
+        if p["state"]["sampling_step"] > 0:
+            break
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert p["state"]["sampling_steps"] == 180 and 0 < p["progress"] < 1
+    api.interrupt()
+    t.join(60)
+    assert not t.is_alive() and done["r"].images == []
