@@ -412,6 +412,41 @@ SAMPLERS = {
 }
 
 
+# the diffusers scheduler each sampler matches (and the config it needs); dpmpp-sde's,
+# DPMSolverSDEScheduler, draws its noise from torchsde's Brownian tree, which this project does not use
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}), "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp-sde": ("DPMSolverSDEScheduler", {}), "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def diffusers_scheduler(name: str, schedule: str, config: dict):
+    """The diffusers scheduler that gives ``name`` x ``schedule``'s images from a model's scheduler
+    ``config``. Our sigma schedules span the model's whole sigma range, which diffusers' Euler-type
+    schedulers do at linspace spacing (its DPM-Solver and UniPC at any); sgm-uniform is diffusers'
+    trailing spacing."""
+    import inspect
+
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    extra = dict(extra)
+    if schedule in ("karras", "exponential"):
+        flag = f"use_{schedule}_sigmas"
+        if flag not in inspect.signature(cls.__init__).parameters:
+            raise ValueError(f"diffusers' {cls_name} has no {flag}")
+        extra.update({flag: True, "timestep_spacing": "linspace"})
+    elif schedule == "sgm-uniform":
+        extra["timestep_spacing"] = "trailing"
+    return cls.from_config(config, **extra)
+
+
 # A1111's names ("label" in its /sdapi/v1/samplers and schedulers), ours -> theirs
 A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun",
                   "dpm2": "DPM2", "lms": "LMS", "dpmpp-2m": "DPM++ 2M", "dpmpp-2m-sde": "DPM++ 2M SDE",

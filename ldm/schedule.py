@@ -186,14 +186,16 @@ class NoiseSchedule:
         return 1.0 / (1.0 + s * s)
 
     def sigmas(self) -> np.ndarray:
-        """The training sigmas sqrt((1 - ab) / ab), one per timestep (Karras et al. 2022's sigma)."""
-        return np.sqrt((1 - self._ab) / self._ab)
+        """The training sigmas sqrt((1 - ab) / ab), one per timestep (Karras et al. 2022's sigma), in
+        float32 as diffusers computes them (so that the timesteps derived from them agree to the bit)."""
+        ab = self.alphas_cumprod
+        return (((1 - ab) / ab) ** 0.5).numpy()
 
     def sigma_to_t(self, sigma: float) -> float:
         """The (fractional) timestep of a sigma, interpolating log-sigma between training timesteps,
         as k-diffusion and diffusers' ``_sigma_to_t`` do."""
         log_sigmas = np.log(self.sigmas())
-        ls = math.log(max(sigma, 1e-10))
+        ls = np.log(np.float64(max(sigma, 1e-10)))  # a float64 array scalar: float32 - it stays float64
         low = int(np.clip(np.searchsorted(log_sigmas, ls, side="right") - 1, 0, len(log_sigmas) - 2))
         w = float(np.clip((log_sigmas[low] - ls) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1))
         return (1 - w) * low + w * (low + 1)
@@ -203,7 +205,7 @@ class NoiseSchedule:
         (sigma at timestep 0 to sigma at the last), as k-diffusion builds them for A1111:
         ``karras``: Karras et al. 2022 eq. 5 with rho = 7; ``exponential``: uniform in log sigma."""
         sig = self.sigmas()
-        lo, hi = float(sig[0]), float(sig[-1])
+        lo, hi = sig[0].item(), sig[-1].item()
         if schedule == "karras":
             rho = 7.0
             ramp = np.linspace(0, 1, num_steps)
@@ -227,7 +229,7 @@ class NoiseSchedule:
 
         ``schedule`` (A1111's schedule type): ``default`` spaces timesteps by the config's
         spacing; ``karras`` and ``exponential`` space sigmas (``schedule_sigmas``), each evaluated
-        at the timestep of its sigma (rounded where ``integer``: diffusers' multistep solvers);
+        at the timestep of its sigma (made an integer where ``integer``: diffusers' multistep solvers);
         ``sgm-uniform`` is the trailing spacing (SGM's uniform timesteps from the last one down).
         ``midpoints`` adds each step's geometric-mean sigma; ``lcm`` is the latent consistency
         models' grid: ``num_steps`` of the 50 distillation timesteps (Luo et al. 2023).
@@ -247,8 +249,8 @@ class NoiseSchedule:
                 raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
             sig = self.schedule_sigmas(num_steps, schedule)
             ts = np.array([self.sigma_to_t(x) for x in sig])
-            if integer:
-                ts = ts.round()
+            if integer:  # diffusers' multistep solvers round these under karras but truncate under exponential
+                ts = np.floor(ts) if schedule == "exponential" else ts.round()
             abs_ = [1.0 / (1.0 + float(x) ** 2) for x in sig]
         else:
             if drop_lowest and spacing != "trailing":

@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
+from ldm.samplers import diffusers_scheduler
 from pipelines.pipeline import Pipeline
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
@@ -65,22 +66,6 @@ def test_inpainting_matches_diffusers(sd1_dir, inpaint_dir, kind, strength, monk
     assert np.abs(got - expect).max() <= 2 / 255
 
 
-def _diffusers_scheduler(name, schedule, config):
-    """The diffusers scheduler that ``name`` x ``schedule`` matches (ldm.samplers; our sigma schedules span
-    the whole sigma range, as diffusers' do at linspace spacing; sgm-uniform is its trailing spacing)."""
-    import diffusers as d
-    cls = {"euler": d.EulerDiscreteScheduler, "euler-a": d.EulerAncestralDiscreteScheduler,
-           "heun": d.HeunDiscreteScheduler, "dpm2": d.KDPM2DiscreteScheduler, "lms": d.LMSDiscreteScheduler,
-           "dpmpp-2m": d.DPMSolverMultistepScheduler, "dpmpp-2m-sde": d.DPMSolverMultistepScheduler,
-           "unipc": d.UniPCMultistepScheduler, "lcm": d.LCMScheduler, "ddim": d.DDIMScheduler}[name]
-    extra = {"algorithm_type": "sde-dpmsolver++"} if name == "dpmpp-2m-sde" else {}
-    if schedule in ("karras", "exponential"):
-        extra.update({f"use_{schedule}_sigmas": True, "timestep_spacing": "linspace"})
-    elif schedule == "sgm-uniform":
-        extra["timestep_spacing"] = "trailing"
-    return cls.from_config(config, **extra)
-
-
 @pytest.mark.parametrize("kind,sampler,schedule", [
     ("sd1", "heun", "default"), ("sd1", "dpm2", "default"), ("sd1", "lms", "default"), ("sd1", "unipc", "default"),
     ("sd1", "dpmpp-2m-sde", "default"), ("sd1", "lcm", "default"), ("sd2", "heun", "default"),
@@ -94,7 +79,7 @@ def test_samplers_and_schedules_match_diffusers(pipes, kind, sampler, schedule):
     ref, ours = pipes[kind]
     config = ref.scheduler.config
     try:
-        ref.scheduler = _diffusers_scheduler(sampler, schedule, config)
+        ref.scheduler = diffusers_scheduler(sampler, schedule, config)
         gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
         expect = ref("a red circle", negative_prompt="a square", num_inference_steps=6, guidance_scale=5.0,
                      generator=gens, num_images_per_prompt=2, output_type="np").images
