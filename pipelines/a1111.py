@@ -95,6 +95,8 @@ class Img2ImgPayload(Txt2ImgPayload):
 
 def _warn_ignored(payload: BaseModel):
     fields = dict(payload.model_extra or {})
+    if fields.get("sampler_index") in (None, payload.sampler_name):  # the old name of sampler_name
+        fields.pop("sampler_index", None)
     ignored = [k for k, v in fields.items() if k not in INERT or v != INERT[k] and v not in (None, [], {}, "")]
     for k, v in (payload.override_settings or {}).items():
         if k not in SETTINGS_USED:
@@ -137,7 +139,8 @@ def to_request(p: Txt2ImgPayload, studio, kind: str = "txt2img", image=None, mas
     strength = None
     if kind != "txt2img":
         strength = 0.75 if p.denoising_strength is None else p.denoising_strength
-    return rq.Request(prompt=p.prompt, kind=kind, negative=p.negative_prompt, sampler=p.sampler_name,
+    sampler = p.sampler_name or (p.model_extra or {}).get("sampler_index")  # A1111's older name for it
+    return rq.Request(prompt=p.prompt, kind=kind, negative=p.negative_prompt, sampler=sampler,
                       schedule=p.scheduler, steps=p.steps, guidance=p.cfg_scale, seed=None if p.seed == -1 else p.seed,
                       width=p.width if kind == "txt2img" else None, height=p.height if kind == "txt2img" else None,
                       batch_size=p.batch_size, n_iter=p.n_iter, subseed=None if p.subseed == -1 else p.subseed,

@@ -200,3 +200,24 @@ def test_prompt_editing_matches_diffusers_with_the_prompt_switched_by_its_step_c
         plain = shapes.text_to_image(alone, negative_prompt="a triangle", steps=8, guidance_scale=5.0, seed=4,
                                        sampler="euler").pixels.permute(0, 2, 3, 1).numpy()
         assert np.abs(plain - expect).max() > 4 / 255
+
+
+def test_sdxl_reads_the_same_syntax_through_both_encoders(sdxl_dir):
+    """On SDXL both encoders read the weights and chunks; the pooled embedding is the first chunk's; a
+    unit weight is the plain prompt, and the plain prompt is diffusers' own encoding."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.text import prompt_context
+    from pipelines.pipeline import Pipeline
+    m = Pipeline.from_pretrained(sdxl_dir).model
+    plain, unit, weighted = prompt_context(m, ["a red circle", "a (red:1.0) circle", "a (red:1.4) circle"])
+    ref = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    embeds, _, pooled, _ = ref.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(plain["encoder_hidden_states"], embeds)
+    torch.testing.assert_close(plain["text_embeds"], pooled)
+    assert torch.equal(unit["encoder_hidden_states"], plain["encoder_hidden_states"])
+    assert not torch.allclose(weighted["encoder_hidden_states"], plain["encoder_hidden_states"])
+    torch.testing.assert_close(weighted["text_embeds"], plain["text_embeds"])  # pooled: tokens, not weights
+    L = m.tokenizer.model_max_length
+    (long,) = prompt_context(m, [" ".join(["red"] * (L - 2) + ["blue"])])
+    assert long["encoder_hidden_states"].shape[1] == 2 * L
