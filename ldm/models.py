@@ -60,10 +60,13 @@ def read_sampling_defaults(path: str | os.PathLike) -> dict:
 
 
 def _sampling_value_problem(key: str, value) -> str | None:
-    from .samplers import SAMPLERS
+    from .samplers import SAMPLERS, parse_sampler
 
-    if key == "sampler" and value not in SAMPLERS:
-        return f"must be one of {', '.join(SAMPLERS)}"
+    if key == "sampler":
+        try:
+            parse_sampler(value)
+        except (ValueError, AttributeError):  # an unknown name, or not a string
+            return f"must be one of {', '.join(SAMPLERS)} (or A1111's name for one)"
     if key == "steps" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         return "must be a whole number >= 1"
     if key == "guidance_scale" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):

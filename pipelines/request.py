@@ -251,8 +251,9 @@ class Request:
             raise RequestError(problems)
         sampler, schedule = self.sampler_schedule()
         sampler, steps, guidance = sampling_defaults(model, sampler, self.steps, self.guidance)
+        sampler, implied = parse_sampler(sampler)  # sampling.json may name it as A1111 does ("DPM++ 2M Karras")
         spec = get_sampler(sampler)
-        schedule = schedule or "default"
+        schedule = schedule or implied or "default"
         if self.eta and not spec.takes_eta:
             problems.append(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
         if schedule != "default" and not spec.schedules:

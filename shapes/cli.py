@@ -43,7 +43,7 @@ def _eval(args) -> int:
         check_output_dir(args.output_dir)
         pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args))
         report = evaluate(pipe, seen=args.seen, heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,
-                          steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                          steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, schedule=args.schedule,
                           output_dir=args.output_dir, progress=not args.quiet)
     except (ValueError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -74,7 +74,7 @@ def clip_scores(images, prompts, clip_dir, text_dir) -> list[float]:
 
 def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int = 0, batch_size: int = 16,
              steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None, clip_dir=None, clip_text_dir=None,
-             output_dir=None, progress: bool = True) -> dict:
+             output_dir=None, progress: bool = True, schedule: str | None = None) -> dict:
     """Generate and judge; returns the report (and writes report.json and grid.png into ``output_dir``).
     Sampling settings left None are the model's defaults (``Pipeline.sampling_settings``)."""
     from ldm.images import make_grid
@@ -85,7 +85,7 @@ def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int
     sampler, steps, guidance_scale = pipe.sampling_settings(sampler, steps, guidance_scale)
     cases = eval_prompts("seen", seen, seed) + eval_prompts("heldout", heldout, seed)
     images = generate(pipe, cases, seed=seed, batch_size=batch_size, progress=progress, steps=steps,
-                      guidance_scale=guidance_scale, sampler=sampler)
+                      guidance_scale=guidance_scale, sampler=sampler, schedule=schedule)
     rows = judge(images, cases)
     clip_dir = Path(clip_dir) if clip_dir else EMBEDDED_CLIP
     clip_text_dir = Path(clip_text_dir) if clip_text_dir else default_model_path()
@@ -93,7 +93,7 @@ def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int
         for r, s in zip(rows, clip_scores(images, [c["prompt"] for c in cases], clip_dir, clip_text_dir)):
             r["clip_score"] = s
     report = {
-        "model": str(pipe.model.path), "sampler": sampler, "steps": steps, "guidance": guidance_scale, "seed": seed,
+        "model": str(pipe.model.path), "sampler": sampler, "schedule": schedule or "default", "steps": steps, "guidance": guidance_scale, "seed": seed,
         "seen": summarize([r for r in rows if r["split"] == "seen"]),
         "heldout": summarize([r for r in rows if r["split"] == "heldout"]),
         "images": rows,
