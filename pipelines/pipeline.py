@@ -236,10 +236,13 @@ class Pipeline:
         if uncond is not None and concat is not None:
             uncond = {**uncond, "concat": concat}
         net = unet_net(m.unet)
+        fns = {}  # one guided function (its batched context built once) per distinct conditioning
 
         def model_fn(x, t):
-            cond = {**cond_at(clock["step"] if clock else 0), **extra}
-            return guided(net, cond, uncond, guidance_scale, guidance_rescale)(x, t)
+            cond = cond_at(clock["step"] if clock else 0)
+            if id(cond) not in fns:
+                fns[id(cond)] = guided(net, {**cond, **extra}, uncond, guidance_scale, guidance_rescale)
+            return fns[id(cond)](x, t)
 
         return make_denoiser(model_fn, m.schedule.prediction_type)
 
