@@ -49,6 +49,10 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--subseed", type=int, default=None, help="variation seed (A1111): image i gets subseed+i")
     p.add_argument("--subseed-strength", type=float, default=0.0, metavar="F",
                    help="how far each image's noise moves towards its variation seed's, 0 to 1 (default 0)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="DeepCache: the whole U-Net every N-th step, only its shallow blocks between (default 1: off)")
+    p.add_argument("--cache-depth", type=int, default=1, metavar="K",
+                   help="DeepCache: the resolution levels recomputed between full steps (default 1: the outermost)")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="text-encoder layer, A1111's numbering: 1 = the model's usual one, 2 = one before, ...")
     sampling_args(p)
@@ -345,7 +349,8 @@ def build_request(args, prompts: list[str]) -> Request:
                    width=getattr(args, "width", None), height=getattr(args, "height", None),
                    batch_size=args.batch_size, strength=getattr(args, "strength", None), image=image, mask=mask,
                    n_iter=args.n_iter, subseed=args.subseed, subseed_strength=args.subseed_strength,
-                   clip_skip=args.clip_skip, hires_scale=getattr(args, "hires_scale", None),
+                   clip_skip=args.clip_skip, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
+                   hires_scale=getattr(args, "hires_scale", None),
                    hires_strength=getattr(args, "hires_strength", 0.7), hires_steps=getattr(args, "hires_steps", None),
                    hires_upscaler=getattr(args, "hires_upscaler", "latent"),
                    embeddings=list(zip(args.embedding, tokens)), lora=list(args.lora), prompt_2=args.prompt_2,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm import autoencoder
+from ldm.deepcache import DeepCache
 from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.embeddings import add_concept, read_embeddings
 from ldm.guidance import guidance_embedding, guidance_input_dim, guided
@@ -236,6 +237,9 @@ class Pipeline:
         if uncond is not None and concat is not None:
             uncond = {**uncond, "concat": concat}
         net = unet_net(m.unet)
+        q = r.request
+        if q.cache_interval > 1:  # DeepCache (ldm.deepcache): the deep blocks every cache_interval-th evaluation
+            net = DeepCache(m.unet, q.cache_interval, q.cache_depth).wrap(net)
         fns = {}  # one guided function (its batched context built once) per distinct conditioning
 
         def model_fn(x, t):
@@ -286,6 +290,7 @@ class Pipeline:
                                       "Variation seed": None if sub is None else sub + k,
                                       "Variation seed strength": st.get("subseed_strength"),
                                       "Clip skip": st.get("clip_skip"), "Hires upscale": st.get("hires_scale"),
+                                      "Cache interval": st.get("cache_interval"), "Cache depth": st.get("cache_depth"),
                                       "Hires steps": st.get("hires_steps"), "Hires upscaler": upscaler,
                                       "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start")})
                 for k, (p, n, s) in enumerate(zip(res.prompts, res.negative_prompts, res.seeds))]

@@ -108,6 +108,8 @@ class Request:
     hires_strength: float = 0.7         # ... at this strength (A1111's default denoising strength)
     hires_steps: int | None = None      # ... with this many steps (default: steps)
     hires_upscaler: str = "latent"      # latent (bilinear on the latents) | lanczos (on the decoded image)
+    cache_interval: int = 1             # DeepCache: the whole U-Net every N-th evaluation, the shallow branch between
+    cache_depth: int = 1                # ... the resolution levels recomputed in between (1: the outermost)
     clip_skip: int = 1                  # A1111's numbering: 1 = the model's usual text layer, 2 = one before, ...
     schedule: str | None = None         # noise schedule (ldm.schedule.SCHEDULES or A1111's names); None: default
     refiner_start: float | None = None  # with a refiner (Pipeline.refiner): the fraction of the schedule the
@@ -166,6 +168,10 @@ class Request:
                 add(("hires_upscaler", f"must be one of {', '.join(HIRES_UPSCALERS)}, got {self.hires_upscaler!r}"))
             if self.refiner_start is not None:
                 add(("hires_scale", "does not combine with a refiner"))
+        for name in ("cache_interval", "cache_depth"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                add((name, f"must be an integer >= 1, got {v!r}"))
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             add(("clip_skip", f"must be an integer from 1 (the usual layer) to 12, got {self.clip_skip!r}"))
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
@@ -276,6 +282,10 @@ class Request:
                                                     "pixel limit"))
         else:
             width, height = _image_size(self.image)
+        levels = len(model.unet.config.block_out_channels)
+        if self.cache_interval > 1 and not 1 <= self.cache_depth < levels:
+            problems.append(("cache_depth", f"must be between 1 and {levels - 1} for this U-Net ({levels} "
+                                            f"resolution levels), got {self.cache_depth}"))
         if not model.is_sdxl:
             for name in ("prompt_2", "negative_2"):
                 if getattr(self, name) is not None:
@@ -334,6 +344,8 @@ class Resolved:
                  height=self.height, schedule=self.schedule)
         if self.clip_skip != 1:
             s["clip_skip"] = self.clip_skip
+        if self.request.cache_interval > 1:
+            s.update(cache_interval=self.request.cache_interval, cache_depth=self.request.cache_depth)
         q = self.request
         if self.subseeds:
             s.update(subseed=self.subseeds[0], subseed_strength=q.subseed_strength)

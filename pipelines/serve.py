@@ -94,6 +94,8 @@ class Txt2Img(BaseModel):
     n_iter: int = 1
     schedule: str | None = None
     clip_skip: int = 1
+    cache_interval: int = 1
+    cache_depth: int = 1
     subseed: int | None = Field(None, ge=0, lt=2**63)
     subseed_strength: float = Field(0.0, ge=0, le=1)
     hires_scale: float | None = None
@@ -155,7 +157,8 @@ def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
                       width=body.width, height=body.height, batch_size=body.batch_size,
                       strength=getattr(body, "strength", None), image=image, lora=list(body.lora),
                       prompt_2=body.prompt_2, negative_2=body.negative_2, n_iter=body.n_iter, schedule=body.schedule,
-                      clip_skip=body.clip_skip, subseed=body.subseed, subseed_strength=body.subseed_strength,
+                      clip_skip=body.clip_skip, subseed=body.subseed, cache_interval=body.cache_interval,
+                      cache_depth=body.cache_depth, subseed_strength=body.subseed_strength,
                       **({} if kind != "txt2img" else dict(
                           hires_scale=body.hires_scale, hires_strength=body.hires_strength,
                           hires_steps=body.hires_steps, hires_upscaler=body.hires_upscaler)))

@@ -74,9 +74,10 @@ def clip_scores(images, prompts, clip_dir, text_dir) -> list[float]:
 
 def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int = 0, batch_size: int = 16,
              steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None, clip_dir=None, clip_text_dir=None,
-             output_dir=None, progress: bool = True, schedule: str | None = None) -> dict:
+             output_dir=None, progress: bool = True, schedule: str | None = None, **options) -> dict:
     """Generate and judge; returns the report (and writes report.json and grid.png into ``output_dir``).
-    Sampling settings left None are the model's defaults (``Pipeline.sampling_settings``)."""
+    Sampling settings left None are the model's defaults (``Pipeline.sampling_settings``); ``options``
+    are further Request fields (cache_interval, clip_skip, ...)."""
     from ldm.images import make_grid
     from ldm.models import default_model_path
 
@@ -85,7 +86,7 @@ def evaluate(pipe, *, seen: int | None = 64, heldout: int | None = 48, seed: int
     sampler, steps, guidance_scale = pipe.sampling_settings(sampler, steps, guidance_scale)
     cases = eval_prompts("seen", seen, seed) + eval_prompts("heldout", heldout, seed)
     images = generate(pipe, cases, seed=seed, batch_size=batch_size, progress=progress, steps=steps,
-                      guidance_scale=guidance_scale, sampler=sampler, schedule=schedule)
+                      guidance_scale=guidance_scale, sampler=sampler, schedule=schedule, **options)
     rows = judge(images, cases)
     clip_dir = Path(clip_dir) if clip_dir else EMBEDDED_CLIP
     clip_text_dir = Path(clip_text_dir) if clip_text_dir else default_model_path()

@@ -1,0 +1,68 @@
+"""DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free"): the deep blocks of a
+U-Net change slowly from one sampling step to the next, so they are computed on every ``interval``-th
+network evaluation only; in between, only the shallow branch (the first ``depth`` down blocks and the
+last ``depth`` up blocks, with the input and output layers) runs, on the deep features cached at the
+last full evaluation. The caching is at block granularity of a diffusers ``UNet2DConditionModel``:
+the deep blocks' forward is replaced by their cached output for the partial evaluations, so the
+U-Net's own forward (SDXL's added conditions, inpainting channels, guidance inputs) runs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class DeepCache:
+    """Wraps a network function ``net(x, t, context)`` of ``unet`` so that every ``interval``-th call
+    computes the whole U-Net (caching its deep blocks' outputs) and the calls between reuse them.
+    ``interval`` 1 is the plain network. One instance serves one sampling run (its cache is that
+    run's); the U-Net is left as it was after every call."""
+
+    def __init__(self, unet, interval: int, depth: int = 1):
+        n_up = len(unet.up_blocks)
+        if interval < 1:
+            raise ValueError(f"the cache interval must be >= 1, got {interval}")
+        if not 1 <= depth < n_up:
+            raise ValueError(f"the cache depth must be between 1 and {n_up - 1} for this U-Net "
+                             f"({n_up} resolution levels), got {depth}")
+        self.interval, self.depth = interval, depth
+        # in the order the forward calls them: deeper down blocks, the middle, the deeper up blocks
+        self.deep = [*unet.down_blocks[depth:], unet.mid_block, *unet.up_blocks[:n_up - depth]]
+        self.calls = 0
+        self.full_calls = 0
+        self._cache: list | None = None
+
+    def _full(self, run):
+        outputs = [None] * len(self.deep)
+        hooks = [m.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
+                 for i, m in enumerate(self.deep)]
+        try:
+            result = run()
+        finally:
+            for h in hooks:
+                h.remove()
+        self._cache = outputs
+        self.full_calls += 1
+        return result
+
+    def _partial(self, run):
+        for m, out in zip(self.deep, self._cache):
+            m.forward = lambda *args, _out=out, **kwargs: _out
+        try:
+            return run()
+        finally:
+            for m in self.deep:
+                del m.forward  # back to the class's forward
+
+    def wrap(self, net: Callable) -> Callable:
+        def cached_net(x, t, context):
+            i = self.calls
+            self.calls += 1
+            if self.interval == 1:
+                return net(x, t, context)
+            shape_changed = self._cache is not None and self._batch != x.shape[0]
+            if i % self.interval == 0 or self._cache is None or shape_changed:
+                self._batch = x.shape[0]
+                return self._full(lambda: net(x, t, context))
+            return self._partial(lambda: net(x, t, context))
+        return cached_net

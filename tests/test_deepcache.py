@@ -1,0 +1,76 @@
+"""DeepCache (ldm/deepcache.py): the cache is exact where it must be, the U-Net is left untouched, and
+every generation path runs with it."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.deepcache import DeepCache
+from ldm.denoiser import unet_net
+
+
+def _context(model, n):
+    from ldm.text import size_ids, text_context
+    ctx = text_context(model, ["a red circle"] * n, sizes=[size_ids(model, 64, 64)] * n)
+    if "time_ids" not in ctx:
+        ctx.pop("time_ids", None)
+    return ctx
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_a_partial_evaluation_on_the_full_ones_inputs_is_the_full_output(kind, sd1_dir, sdxl_dir):
+    """Between full evaluations only the shallow branch runs on the cached deep features: on the same
+    input as the last full evaluation it must give exactly the full output; on another input it must
+    differ from the full U-Net there (the shallow branch does run) but only in what the deep features
+    would have changed. Afterwards the U-Net is the class's own again."""
+    from pipelines.pipeline import Pipeline
+    m = Pipeline.from_pretrained(sd1_dir if kind == "sd1" else sdxl_dir).model
+    net = unet_net(m.unet)
+    ctx = _context(m, 2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    cache = DeepCache(m.unet, interval=3)
+    cached = cache.wrap(net)
+    with torch.no_grad():
+        full = cached(x, 500.0, ctx)            # call 0: full
+        again = cached(x, 500.0, ctx)           # call 1: partial, same input
+        other = cached(y, 400.0, ctx)           # call 2: partial, new input
+        plain_other = net(y, 400.0, ctx)
+        third = cached(y, 400.0, ctx)           # call 3: full again
+    assert torch.equal(full, again)
+    assert not torch.equal(other, full) and not torch.equal(other, plain_other)
+    assert torch.equal(third, plain_other)
+    assert (cache.calls, cache.full_calls) == (4, 2)
+    assert all("forward" not in vars(b) for b in cache.deep)
+
+
+def test_bad_depth_is_refused_with_the_levels_named(sd1_pipe):
+    levels = len(sd1_pipe.model.unet.config.block_out_channels)
+    with pytest.raises(ValueError, match=f"cache_depth: must be between 1 and {levels - 1}"):
+        sd1_pipe.text_to_image("x", steps=2, cache_interval=2, cache_depth=levels)
+    with pytest.raises(ValueError, match="cache_interval: must be an integer >= 1"):
+        sd1_pipe.text_to_image("x", steps=2, cache_interval=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun", "dpmpp-2m-sde", "unipc"])
+def test_every_sampler_runs_with_the_cache(sd1_pipe, sampler):
+    kw = dict(steps=6, seed=1, sampler=sampler, negative_prompt="a square")
+    plain = sd1_pipe.text_to_image("a red circle", **kw)
+    cached = sd1_pipe.text_to_image("a red circle", cache_interval=2, **kw)
+    assert torch.isfinite(cached.pixels).all()
+    assert 0 < float((cached.pixels - plain.pixels).abs().max()) < 0.5
+    assert "Cache interval: 2" in sd1_pipe.infotexts(cached)[0]
+
+
+def test_image_to_image_inpainting_and_sdxl_run_with_the_cache(sd1_pipe, inpaint_dir, sdxl_dir):
+    from pipelines.pipeline import Pipeline
+    img = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    assert sd1_pipe.image_to_image("a star", img, steps=6, seed=1, cache_interval=3).pixels.shape == (1, 3, 64, 64)
+    inp = Pipeline.from_pretrained(inpaint_dir)
+    out = inp.inpaint("a star", img, mask, steps=6, seed=1, cache_interval=2)
+    assert torch.isfinite(out.pixels).all()
+    xl = Pipeline.from_pretrained(sdxl_dir)
+    assert torch.isfinite(xl.text_to_image("a star", steps=4, seed=1, cache_interval=2).pixels).all()
