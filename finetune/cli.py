@@ -34,21 +34,19 @@ def _run_method(command: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    """Add the training commands to ``ldm``'s subparsers."""
+def register(sub, command: str | None = None) -> None:
+    """Add the training commands to ``ldm``'s subparsers: every command by name, and the flags of
+    ``command`` alone (the one being run or asked for help), since a command's flags are typed from
+    its config class, whose module imports PyTorch: ``ldm --help`` lists the commands without it."""
     from .config import add_common_flags
 
-    for command, method in METHODS.items():
-        p = sub.add_parser(command, help=method.help)
-        add_common_flags(p)
-        add_recipe_flags(p, method)
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.set_defaults(func=lambda a, c=command: _run_method(c, a))
-    d = sub.add_parser("distill", help=DISTILL.help)
-    add_common_flags(d)
-    add_recipe_flags(d, DISTILL)
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=_distill)
+    for name, method in [*METHODS.items(), ("distill", DISTILL)]:
+        p = sub.add_parser(name, help=method.help)
+        if name == command:
+            add_common_flags(p)
+            add_recipe_flags(p, method)
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=_distill if name == "distill" else lambda a, c=name: _run_method(c, a))
 
 
 def add_recipe_flags(p: argparse.ArgumentParser, method: Method) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .locate import EMBEDDED_MODEL, ModelError, default_model_path  # noqa: F401 (their home is ldm.locate)
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-
-class ModelError(ValueError):
-    """A model path that cannot be used, with what is wrong and how to fix it."""
 
 
 # A model directory may say how it is best sampled (a distilled student its step count, a small model
@@ -369,10 +367,4 @@ def set_attention(unet, vae, attention: str, device: torch.device) -> str:
     return "sdpa"
 
 
-EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-model"
-
-
-def default_model_path() -> Path | None:
-    """The embedded default model shipped inside the package, when it is installed."""
-    return EMBEDDED_MODEL if (EMBEDDED_MODEL / "model_index.json").is_file() else None
 

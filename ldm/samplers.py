@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .names import SAMPLER_NAMES, SCHEDULE_SAMPLERS, parse_sampler, parse_schedule  # noqa: F401 (names live there)
 from .process import ddim_step, eps_from_x0, posterior
 from .schedule import Steps
 
@@ -445,57 +446,6 @@ def diffusers_scheduler(name: str, schedule: str, config: dict):
     elif schedule == "sgm-uniform":
         extra["timestep_spacing"] = "trailing"
     return cls.from_config(config, **extra)
-
-
-# A1111's names ("label" in its /sdapi/v1/samplers and schedulers), ours -> theirs
-A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun",
-                  "dpm2": "DPM2", "lms": "LMS", "dpmpp-2m": "DPM++ 2M", "dpmpp-2m-sde": "DPM++ 2M SDE",
-                  "dpmpp-sde": "DPM++ SDE", "unipc": "UniPC", "lcm": "LCM"}
-A1111_SCHEDULES = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential",
-                   "sgm-uniform": "SGM Uniform"}
-# A1111's aliases (its samplers' ``aliases``: the k-diffusion function names) and API scheduler names
-_ALIASES = {"k_euler": "euler", "k_euler_a": "euler-a", "k_heun": "heun", "k_dpm_2": "dpm2", "k_lms": "lms",
-            "k_dpmpp_2m": "dpmpp-2m", "k_dpmpp_2m_sde": "dpmpp-2m-sde", "k_dpmpp_sde": "dpmpp-sde",
-            "automatic": None, "uniform": "default", "sgm_uniform": "sgm-uniform"}
-
-
-def _key(name: str) -> str:
-    return " ".join(name.strip().lower().replace("_", " ").split())
-
-
-_SAMPLER_KEYS = {**{_key(k): k for k in SAMPLERS}, **{_key(v): k for k, v in A1111_SAMPLERS.items()},
-                 **{_key(k): v for k, v in _ALIASES.items() if v in SAMPLERS}}
-_SCHEDULE_KEYS = {**{_key(k): k for k in A1111_SCHEDULES}, **{_key(v): k for k, v in A1111_SCHEDULES.items()},
-                  **{_key(k): v for k, v in _ALIASES.items() if v is None or v in A1111_SCHEDULES}}
-
-
-def parse_schedule(name: str | None) -> str | None:
-    """Our schedule name for ours or A1111's ("Karras", "sgm_uniform", ...); None for A1111's
-    "Automatic" (the sampler's default). Raises ValueError naming the choices."""
-    if name is None:
-        return None
-    key = _key(name)
-    if key not in _SCHEDULE_KEYS:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(A1111_SCHEDULES)} "
-                         f"(or A1111's {', '.join(A1111_SCHEDULES.values())}, Automatic)")
-    return _SCHEDULE_KEYS[key]
-
-
-def parse_sampler(name: str, schedule: str | None = None) -> tuple[str, str | None]:
-    """(sampler, schedule) for a sampler named as we name it or as A1111 does, the schedule given
-    apart or, in A1111's older style, as a suffix ("DPM++ 2M Karras"). Raises ValueError naming the
-    choices; a schedule given both ways must agree."""
-    key = _key(name)
-    if key in _SAMPLER_KEYS:
-        return _SAMPLER_KEYS[key], parse_schedule(schedule)
-    for label, ours in sorted(_SCHEDULE_KEYS.items(), key=lambda kv: -len(kv[0])):
-        if ours and key.endswith(" " + label) and key[:-len(label) - 1] in _SAMPLER_KEYS:
-            given = parse_schedule(schedule)
-            if given not in (None, ours):
-                raise ValueError(f"sampler {name!r} names the {ours} schedule but the schedule {schedule!r} was given")
-            return _SAMPLER_KEYS[key[:-len(label) - 1]], ours
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)} "
-                     f"(or A1111's {', '.join(A1111_SAMPLERS.values())}, with a schedule suffix such as Karras)")
 
 
 def get_sampler(name: str) -> Sampler:

@@ -17,12 +17,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .names import SCHEDULES
 from .process import PREDICTION_TYPES
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
-# noise schedules over sigma (A1111's "Schedule type"); "default" is the spacing of the model's config
-SCHEDULES = ("default", "karras", "exponential", "sgm-uniform")
 LCM_ORIGINAL_STEPS = 50  # the distillation grid of latent consistency models (LCMScheduler's default)
 
 # Stable Diffusion 1.x's training schedule (scheduler_config.json of SD 1.5), the one this project's

@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict
 
-from ldm.samplers import _ALIASES, A1111_SAMPLERS, A1111_SCHEDULES, SAMPLERS
+from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, parse_sampler
+from ldm.samplers import SAMPLERS
 
 from . import request as rq
 from .pngmeta import parse_parameters
@@ -155,7 +156,6 @@ def _eta_for(sampler: str | None, eta: float | None) -> float:
     if eta is None or sampler is None:
         return 0.0
     try:
-        from ldm.samplers import parse_sampler
         return eta if SAMPLERS[parse_sampler(sampler)[0]].takes_eta else 0.0
     except ValueError:
         return 0.0
@@ -259,7 +259,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     @app.get("/sdapi/v1/samplers")
     async def samplers():
         aliases = {}
-        for alias, ours in _ALIASES.items():
+        for alias, ours in ALIASES.items():
             if ours in SAMPLERS:
                 aliases.setdefault(ours, []).append(alias)
         return [{"name": A1111_SAMPLERS[n], "aliases": [n] + aliases.get(n, []),

@@ -8,14 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.images import load_image, make_grid
-from ldm.models import ModelError, default_model_path
-from ldm.samplers import SAMPLERS
-from ldm.schedule import SCHEDULES
+from ldm.locate import ModelError, default_model_path
+from ldm.names import SAMPLER_NAMES, SCHEDULES
 
 from .outputs import check_output_dir, check_output_file
-from .pngmeta import save_png
-from .request import Request, RequestError
+
+# nothing here imports torch at module level: `ldm --help` and every core command's --help answer
+# before PyTorch (about 1.3 s) loads; the commands import what they need when they run
 
 log = logging.getLogger("ldm")
 
@@ -81,7 +80,7 @@ def _common(p: argparse.ArgumentParser):
 def sampling_args(p: argparse.ArgumentParser):
     model_default = "the model's sampling.json, else %s"
     p.add_argument("--sampler", default=None, metavar="NAME",
-                   help=f"{', '.join(SAMPLERS)}, or A1111's names (\"DPM++ 2M Karras\"); "
+                   help=f"{', '.join(SAMPLER_NAMES)}, or A1111's names (\"DPM++ 2M Karras\"); "
                         "default: " + model_default % "ddim")
     p.add_argument("--schedule", default=None, metavar="NAME",
                    help=f"noise schedule: {', '.join(SCHEDULES)} (A1111's schedule type; default: the model's "
@@ -165,7 +164,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
     if command not in CORE_COMMANDS:
         for register in _plugins():
-            register(sub)
+            register(sub, command)
     return parser
 
 
@@ -285,8 +284,9 @@ def _convert_lora(args) -> int:
 
 def _plugins():
     """Commands other packages add to ``ldm`` (the training commands of ``finetune``) through the
-    ``ldm.commands`` entry-point group: each is a function that adds its subparsers and sets
-    ``func`` on them. pipelines never imports finetune; finetune plugs in."""
+    ``ldm.commands`` entry-point group: each is a function ``register(sub, command)`` that adds its
+    subparsers and sets ``func`` on them (the flags of ``command``, the one being run, at least).
+    pipelines never imports finetune; finetune plugs in."""
     from importlib.metadata import entry_points
 
     return [ep.load() for ep in sorted(entry_points(group="ldm.commands"), key=lambda e: e.name)]
@@ -328,11 +328,15 @@ def refiner_start(args) -> float | None:
     return start if start is not None or not getattr(args, "refiner", None) else 0.8
 
 
-def build_request(args, prompts: list[str]) -> Request:
+def build_request(args, prompts: list[str]):
     """The command line's request (for the first prompt; each prompt of a file reuses its settings)."""
     if args.token and len(args.token) != len(args.embedding):
         raise ValueError(f"got {len(args.token)} --token for {len(args.embedding)} --embedding; give one per "
                          "embedding, or none to use the names stored in the files")
+    from ldm.images import load_image
+
+    from .request import Request
+
     image = mask = None
     if args.command in ("img2img", "inpaint"):
         image = load_image(args.image)
@@ -411,6 +415,9 @@ def run(args) -> list[Path]:
     if world > 1:
         state.wait_for_everyone()  # the grid below needs every process's images
     if args.grid and out_dir and n_images > 1 and rank == 0:
+        from ldm.images import load_image, make_grid
+
+        from .pngmeta import save_png
         images = [load_image(p) for t in tasks for p in t.paths]
         written.append(save_png(make_grid(images), out_dir / "grid.png", f"grid of {len(images)} images"))
     for p in written:
@@ -426,6 +433,8 @@ def main(argv=None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)  # --help ends here, before anything heavy loads
     from transformers.utils import logging as hf_logging
+
+    from .request import RequestError
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar; ours shows the work
     if getattr(args, "func", None) is not None:
         return args.func(args)

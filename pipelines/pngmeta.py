@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ldm.samplers import A1111_SAMPLERS, A1111_SCHEDULES, SAMPLERS
+from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, SCHEDULE_SAMPLERS
 
 
 def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float, seed: int,
@@ -24,7 +24,7 @@ def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler:
     """A1111's infotext; sampler and schedule in A1111's names ("Sampler: DPM++ 2M, Schedule type:
     Karras"), so that its PNG Info reads them back as the settings that made the image."""
     fields = [("Steps", steps), ("Sampler", A1111_SAMPLERS.get(sampler, sampler))]
-    if sampler in SAMPLERS and SAMPLERS[sampler].schedules:
+    if sampler in SCHEDULE_SAMPLERS:
         fields.append(("Schedule type", A1111_SCHEDULES.get(schedule or "default", schedule)))
     fields += [("CFG scale", guidance), ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", model)]
     if strength is not None:

@@ -282,7 +282,7 @@ class Request:
                                                     "pixel limit"))
         else:
             width, height = _image_size(self.image)
-        levels = len(model.unet.config.block_out_channels)
+        levels = len(model.unet.config.block_out_channels) if self.cache_interval > 1 else 0
         if self.cache_interval > 1 and not 1 <= self.cache_depth < levels:
             problems.append(("cache_depth", f"must be between 1 and {levels - 1} for this U-Net ({levels} "
                                             f"resolution levels), got {self.cache_depth}"))

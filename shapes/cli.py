@@ -6,12 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ldm.models import ModelError
+from ldm.locate import ModelError
 from pipelines.cli import device_for, model_path, sampling_args
 from pipelines.outputs import check_output_dir
 
 
-def register(sub) -> None:
+def register(sub, command: str | None = None) -> None:
     """Add the shapes-world commands to ``ldm``'s subparsers."""
     e = sub.add_parser("eval", help="judge a model on the shapes world (JSON report and grid)")
     e.add_argument("--model", default=None, help="model directory (default: the embedded shapes model)")
