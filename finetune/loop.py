@@ -315,11 +315,33 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (main and progress),
                desc=objective.name, dynamic_ncols=True)
-    t0, last_logs, losses = time.perf_counter(), {}, []
+    t0, last_logs, last_loss = time.perf_counter(), {}, None
+    # No CPU-GPU synchronisation per micro-step: the losses and the finite-loss check stay on the device
+    # and are read when logging, before a checkpoint or validation, and at the end, so a NaN still stops
+    # the run before a bad checkpoint is written (with the step it first appeared at).
+    bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite loss
+    bad_loss = torch.zeros((), device=accelerator.device)
+
+    def check_finite():
+        bad = accelerator.reduce((bad_step >= 0).float().reshape(1), reduction="sum").item()
+        if bad:
+            last = checkpoints(output_dir)
+            where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+            first = int(bad_step.item())
+            value = float(bad_loss.item()) if first >= 0 else float("nan")
+            bar.close()
+            accelerator.end_training()
+            raise TrainingError(
+                f"{objective.name}: the loss became {value} at step {first if first >= 0 else '?'}; training "
+                f"stopped and {where}. Lower learning_rate, or use mixed_precision=no/bf16, then --resume.")
+
+    def as_floats(logs: dict) -> dict:
+        return {k: float(v) for k, v in logs.items()}  # the one read of the device values
+
     for m in modules.values():
         m.train()
     for step in range(start_step, cfg.max_steps):
-        logs_acc: dict[str, float] = {}
+        logs_acc: dict = {}
         for micro in range(accum):
             index = step * accum + micro
             gen = step_generator(cfg.seed, index, rank)
@@ -327,42 +349,41 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
             with accelerator.accumulate(*modules.values()):
                 with accelerator.autocast():
                     loss, logs = objective.loss(batch, modules, gen)
-                finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1).to(accelerator.device),
-                                            reduction="sum").item() == world
-                if not finite:
-                    last = checkpoints(output_dir)
-                    where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-                    bar.close()
-                    accelerator.end_training()
-                    raise TrainingError(
-                        f"{objective.name}: the loss became {loss.item()} at step {step}; training stopped and "
-                        f"{where}. Lower learning_rate, or use mixed_precision=no/bf16, then --resume.")
+                detached = loss.detach().float().reshape(())
+                first_bad = (bad_step < 0) & ~torch.isfinite(detached)
+                bad_step = torch.where(first_bad, step, bad_step)
+                bad_loss = torch.where(first_bad, detached, bad_loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in {"loss": loss.item(), **logs}.items():
-                logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / accum
+            for k, v in {"loss": detached, **logs}.items():
+                v = v.detach() if isinstance(v, torch.Tensor) else v
+                logs_acc[k] = logs_acc.get(k, 0.0) + v / accum
         if ema is not None:
             ema.update()
         objective.after_step(step + 1, modules)
-        losses.append(logs_acc["loss"])
+        last_loss = logs_acc["loss"]
         done = step + 1
         bar.update(1)
         if done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps:
-            last_logs = {**logs_acc, "lr": scheduler.get_last_lr()[0]}
+            check_finite()
+            last_logs = {**as_floats(logs_acc), "lr": scheduler.get_last_lr()[0]}
             bar.set_postfix({k: f"{v:.4g}" for k, v in last_logs.items()})
             accelerator.log(last_logs, step=done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            check_finite()
             save_checkpoint(done)
         if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.max_steps:
+            check_finite()
             run_validation(done)
     bar.close()
     elapsed = time.perf_counter() - t0
     steps_run = cfg.max_steps - start_step
 
+    check_finite()
     save_checkpoint(cfg.max_steps)
     accelerator.wait_for_everyone()
     if main:
@@ -373,7 +394,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     accelerator.wait_for_everyone()
     accelerator.end_training()
     summary = {"steps": steps_run, "seconds": elapsed, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
-               "last_loss": losses[-1] if losses else None, "processes": world, **{k: v for k, v in last_logs.items()}}
+               "last_loss": float(last_loss) if last_loss is not None else None, "processes": world, **{k: v for k, v in last_logs.items()}}
     if main:
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
