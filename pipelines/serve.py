@@ -182,7 +182,7 @@ class Studio:
 
     def __init__(self, model_path, *, output_dir, limits: Limits | None = None, device: str = "cpu",
                  embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None, worker_thread: bool = True,
-                 models_dir=None):
+                 models_dir=None, compile: str | None = None):
         self.model_path = self._start_model = str(model_path)
         self.models_dir = Path(models_dir) if models_dir else None
         if self.models_dir is not None and not self.models_dir.is_dir():
@@ -206,6 +206,7 @@ class Studio:
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
         self.embeddings: dict[str, list[str]] = {}   # file name -> tokens
         self._lora_loaded: tuple[str, ...] | None = None
+        self.compile_mode = compile  # full | blocks | None: torch.compile each loaded model once
         self.pipe = self._load(())
         self._thread, self.worker = None, None
         if worker_thread:
@@ -232,6 +233,11 @@ class Studio:
                     log.warning("embedding %s skipped: %s", f, exc)
         files = self.lora_files()
         pipe.apply_adapters(rq.Request(lora=[files[name] for name in lora]))  # loaded and recorded as applied
+        if self.compile_mode:  # compiled once here and warmed up, so no request pays the compile time
+            t0 = time.perf_counter()
+            pipe.compile(regional=self.compile_mode == "blocks")
+            pipe.text_to_image("warm-up", steps=2, seed=0)
+            log.info("compiled (%s) in %.1f s", self.compile_mode, time.perf_counter() - t0)
         self.embeddings, self._lora_loaded = embeddings, lora
         return pipe
 
