@@ -2,7 +2,8 @@
 
     python bench/threads.py [--rounds 3] [--steps 30] [--batch-size 1]
 
-For each setting (torch's default threads; OMP_WAIT_POLICY=PASSIVE; OMP_NUM_THREADS=1) a fresh
+For each setting (torch's default threads; OMP_WAIT_POLICY=PASSIVE; OMP_NUM_THREADS=1; the command line's
+default, --threads auto: pipelines.processes.choose_threads) a fresh
 process loads the embedded model and times the sampling of one batch, once on an idle machine and
 once while busy-looping processes (one per core) compete for the CPU; settings and conditions are
 interleaved over the rounds. Prints the median seconds of each cell and each setting's ratio to
@@ -18,7 +19,10 @@ import subprocess
 import sys
 
 CHILD = r"""
-import time, sys
+import os, time, sys
+if os.environ.get("LDM_THREADS"):
+    from pipelines.processes import apply_threads
+    apply_threads(os.environ["LDM_THREADS"])
 from pipelines.pipeline import Pipeline
 from ldm.models import default_model_path
 p = Pipeline.from_pretrained(default_model_path())
@@ -28,12 +32,12 @@ p.text_to_image("a red circle", steps=int(sys.argv[1]), seed=1, batch_size=int(s
 print(time.perf_counter() - t)
 """
 SETTINGS = {"default": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"}}
+            "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"}, "--threads auto": {"LDM_THREADS": "auto"}}
 BUSY = "import time\nt = time.time()\nwhile time.time() - t < 600: pass\n"
 
 
 def run(env_extra: dict, steps: int, batch: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "LDM_THREADS")}
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", CHILD, str(steps), str(batch)], env=env, capture_output=True,
                          text=True, check=True)

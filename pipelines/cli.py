@@ -59,6 +59,9 @@ def _common(p: argparse.ArgumentParser):
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim, euler-a and the SDE samplers (default 0 for ddim; the others use 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--threads", default="auto", metavar="N|auto|default",
+                   help="CPU threads (default auto: a core each, less one per other process ready to run, so a "
+                        "busy machine does not slow this one down several-fold; default: PyTorch's own)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights' dtype (default auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"],
@@ -166,6 +169,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt pickle weights (trusted files only)")
     s.add_argument("--compile", nargs="?", const="full", default=None, choices=["full", "blocks"],
                    help="torch.compile the model once at start (and warm it up), kept for every request")
+    s.add_argument("--threads", default="auto", metavar="N|auto|default",
+                   help="CPU threads, chosen at start (default auto: a core each, less one per other busy process)")
     s.set_defaults(func=_serve)
     if command not in CORE_COMMANDS:
         for register in _plugins():
@@ -199,6 +204,9 @@ def _serve(args) -> int:
                     "into %s", args.host, args.output_dir)
     try:
         check_output_dir(args.output_dir)
+        if not (args.device or "").startswith("cuda"):
+            from .processes import apply_threads
+            apply_threads(args.threads)
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, models_dir=args.models_dir,
@@ -373,7 +381,7 @@ def run(args) -> list[Path]:
 
     from .batch import Task, write_tasks
     from .pipeline import Pipeline
-    from .processes import my_share, process_state
+    from .processes import apply_threads, my_share, process_state
 
     # everything that can be checked without the model, before it loads
     prompts = _prompts(args)
@@ -389,6 +397,8 @@ def run(args) -> list[Path]:
 
     rank, world, state = process_state()
     device = args.device or (str(state.device) if world > 1 else device_for(args))
+    if not device.startswith("cuda") and world == 1:
+        log.debug("%s CPU threads", apply_threads(args.threads))
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle, config=args.model_config, vae=args.vae,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)

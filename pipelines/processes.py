@@ -45,3 +45,48 @@ def process_state():
 def my_share(tasks: list, rank: int, world: int) -> list:
     """The tasks process ``rank`` of ``world`` makes: every world-th one from its rank."""
     return tasks[rank::world]
+
+
+def runnable_others(samples: int = 5, gap_s: float = 0.005) -> int | None:
+    """Processes other than this one ready to run (the run queue of /proc/loadavg, less this process):
+    the least of a few samples 5 ms apart (25 ms in all), so that a process passing through does not
+    count and a lasting load does. None where that is not known (not Linux)."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return max(min(counts) - 1, 0)
+
+
+def choose_threads(requested: str | int | None = "auto") -> int | None:
+    """PyTorch's intra-op threads for this process. ``auto``: PyTorch's own setting (None: a thread per
+    core) when no other process is ready to run, else one core fewer per such process, at least one;
+    PyTorch's default (a thread per core,
+    spin-waiting in OpenMP) collapsed to 3-5x slower beside a load on every core here (docs/generate.md
+    has the table). An explicit number is used as given; None leaves PyTorch's default."""
+    if requested is None or requested == "default":
+        return None
+    cores = os.cpu_count() or 1
+    if requested != "auto":
+        n = int(requested)
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1 or auto, got {requested}")
+        return n
+    others = runnable_others()
+    return None if not others else max(1, cores - others)
+
+
+def apply_threads(requested: str | int | None = "auto") -> int | None:
+    """Set torch's intra-op threads by ``choose_threads``; returns the number set (None: untouched)."""
+    n = choose_threads(requested)
+    if n is not None:
+        import torch
+        torch.set_num_threads(n)
+    return n

@@ -206,3 +206,23 @@ def test_help_imports_no_torch_training_server_or_data_code(argv, shown, allowed
     assert set(loaded) <= set(allowed), out.stderr
     if argv == ["--help"]:
         assert "build-shapes-model" in out.stdout and "dreambooth" in out.stdout  # it lists them all
+
+
+def test_threads_auto_takes_a_core_per_idle_one(monkeypatch):
+    """--threads auto: PyTorch's own (a thread per core) on an idle machine, one core fewer per other
+    process ready to run, at least one; a number as given; 0 refused."""
+    import os
+
+    from pipelines import processes
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(processes, "runnable_others", lambda: 0)
+    assert processes.choose_threads("auto") is None
+    monkeypatch.setattr(processes, "runnable_others", lambda: cores + 3)
+    assert processes.choose_threads("auto") == 1
+    monkeypatch.setattr(processes, "runnable_others", lambda: None)  # not Linux: PyTorch's own
+    assert processes.choose_threads("auto") is None
+    monkeypatch.setattr(processes, "runnable_others", lambda: 1)
+    assert processes.choose_threads("auto") == max(1, cores - 1)
+    assert processes.choose_threads("3") == 3 and processes.choose_threads("default") is None
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        processes.choose_threads("0")
