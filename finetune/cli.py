@@ -55,6 +55,8 @@ def add_recipe_flags(p: argparse.ArgumentParser, method: Method) -> None:
     import dataclasses
     import typing
 
+    if not method.flags:  # nothing to type: the config's module (and torch) need not load
+        return
     cls = method.config_class()
     hints = typing.get_type_hints(cls)
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()

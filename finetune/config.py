@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -155,3 +155,78 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = ["TrainConfig", "ConfigError", "build", "read_yaml", "add_common_flags", "from_args", "to_dict"]
+
+
+# --- the recipes of the commands that take flags, here so that their --help needs no torch -------------
+
+@dataclass
+class TextualInversionConfig(TrainConfig):
+    data_dir: str = ""
+    placeholder_token: str = "<concept>"
+    initializer_token: str = ""         # a one-token word whose embedding starts every vector, or
+    #                                     num_vectors tokens, one per vector (as kohya's sd-scripts allow)
+    num_vectors: int = 1                # vectors of the placeholder (T, T_1, ..., expanded in prompts)
+    learnable_property: str = "object"  # object | style: which prompt templates
+    templates: list[str] = field(default_factory=list)  # own templates ({} = the placeholder) instead
+    repeats: int = 100                  # an epoch is every image this many times, shuffled
+    resolution: int | None = None       # default: the model's native size
+    center_crop: bool = False           # centre square crop before resizing (else the whole image is scaled)
+    random_flip: bool = False           # horizontal flips (both orientations are encoded once)
+    gradient_checkpointing: bool = False
+    snr_gamma: float = 0.0              # min-SNR weighting (0: plain MSE, as the paper)
+    validation_prompts: list[str] = field(default_factory=list)  # {} or the placeholder names the concept
+    save_a1111: bool = True             # also write <name>.pt in AUTOMATIC1111's layout
+    # the loop's defaults for this method
+    max_steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 5.0e-4
+    checkpoint_every: int = 250
+
+
+@dataclass
+class DreamBoothConfig(TrainConfig):
+    instance_data_dir: str = ""
+    instance_prompt: str = ""           # e.g. "a sks circle"
+    class_prompt: str = ""              # e.g. "a circle"
+    class_data_dir: str = ""            # default: <output_dir>/class_images
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100         # missing ones are generated with the base model and kept
+    sample_batch_size: int = 16         # class images generated per batch
+    train_text_encoder: bool = False
+    lora_rank: int = 0                  # 0: full fine-tuning; > 0: LoRA adapters of this rank (peft)
+    lora_alpha: float | None = None     # default: lora_rank
+    resolution: int | None = None       # default: the model's native size
+    center_crop: bool = False
+    random_flip: bool = False
+    gradient_checkpointing: bool = False
+    snr_gamma: float = 0.0
+    validation_prompts: list[str] = field(default_factory=list)
+    max_steps: int = 400
+    batch_size: int = 4                 # instance images per step (as many class images again with prior)
+    learning_rate: float = 5.0e-6
+    checkpoint_every: int = 100
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    teacher: str | None = None                 # the teacher's model directory (None: the embedded model)
+    from_steps: int = 64                       # the teacher's DDIM step count the chain starts from
+    to_steps: int = 4                          # the final student's step count (from_steps / 2^k)
+    guidance_distillation: bool | None = None  # None: when the teacher is guided (its guidance scale != 1)
+    guidance_scale: float | None = None        # the teacher's w (None: its sampling.json); the students' default
+    guidance_range: list[float] = field(default_factory=lambda: [2.0, 8.0])  # w drawn uniformly from this
+    guidance_embedding_dim: int = 256          # width of the student's w input (time_cond_proj_dim)
+    guidance_steps: int = 600                  # optimiser steps of the guidance stage
+    stage_steps: list[int] = field(default_factory=lambda: [300])  # steps of each halving (the last repeats)
+    prediction_type: str = "v_prediction"      # what the students predict: v_prediction | sample
+    data_dir: str | None = None                # training images with NAME.txt captions (None: the shapes world)
+    num_images: int = 8000                     # shapes-world scenes rendered and encoded once
+    attribute_dropout: float = 0.15            # shapes world: size/colour/background each left out of a caption
+    resolution: int | None = None              # data_dir images are made this square (default: native)
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "a large red circle on a blue background", "a small yellow star on a black background",
+        "a large green square on a white background", "a small purple triangle on a gray background"])
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    checkpoint_every: int = 200

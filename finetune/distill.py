@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from ldm.text import size_ids
 from shapes import world as shapes
 
 from .common import TextCache, sample_grid, save_model
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, DistillConfig
 from .loop import Objective, TrainingError, train
 
 log = logging.getLogger(__name__)
@@ -54,30 +53,6 @@ GUIDANCE_STAGE = "guidance"
 STUDENT_PREDICTIONS = ("v_prediction", "sample")
 STAGE_FILE = "distillation.json"
 CHAIN_FILE = "chain.json"
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    teacher: str | None = None                 # the teacher's model directory (None: the embedded model)
-    from_steps: int = 64                       # the teacher's DDIM step count the chain starts from
-    to_steps: int = 4                          # the final student's step count (from_steps / 2^k)
-    guidance_distillation: bool | None = None  # None: when the teacher is guided (its guidance scale != 1)
-    guidance_scale: float | None = None        # the teacher's w (None: its sampling.json); the students' default
-    guidance_range: list[float] = field(default_factory=lambda: [2.0, 8.0])  # w drawn uniformly from this
-    guidance_embedding_dim: int = 256          # width of the student's w input (time_cond_proj_dim)
-    guidance_steps: int = 600                  # optimiser steps of the guidance stage
-    stage_steps: list[int] = field(default_factory=lambda: [300])  # steps of each halving (the last repeats)
-    prediction_type: str = "v_prediction"      # what the students predict: v_prediction | sample
-    data_dir: str | None = None                # training images with NAME.txt captions (None: the shapes world)
-    num_images: int = 8000                     # shapes-world scenes rendered and encoded once
-    attribute_dropout: float = 0.15            # shapes world: size/colour/background each left out of a caption
-    resolution: int | None = None              # data_dir images are made this square (default: native)
-    validation_prompts: list[str] = field(default_factory=lambda: [
-        "a large red circle on a blue background", "a small yellow star on a black background",
-        "a large green square on a white background", "a small purple triangle on a gray background"])
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    checkpoint_every: int = 200
 
 
 def check_steps(from_steps: int, to_steps: int) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from ldm.text import size_ids, text_context
 
 from .common import TextCache, denoising_loss, sample_grid, save_model
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, DreamBoothConfig
 from .data import IMAGE_SUFFIXES, crop_ids, encode_views, load_base_model, read_image_folder, training_resolution
 from .loop import Objective, sample_offset
 
@@ -33,31 +32,6 @@ log = logging.getLogger(__name__)
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-@dataclass
-class DreamBoothConfig(TrainConfig):
-    instance_data_dir: str = ""
-    instance_prompt: str = ""           # e.g. "a sks circle"
-    class_prompt: str = ""              # e.g. "a circle"
-    class_data_dir: str = ""            # default: <output_dir>/class_images
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100         # missing ones are generated with the base model and kept
-    sample_batch_size: int = 16         # class images generated per batch
-    train_text_encoder: bool = False
-    lora_rank: int = 0                  # 0: full fine-tuning; > 0: LoRA adapters of this rank (peft)
-    lora_alpha: float | None = None     # default: lora_rank
-    resolution: int | None = None       # default: the model's native size
-    center_crop: bool = False
-    random_flip: bool = False
-    gradient_checkpointing: bool = False
-    snr_gamma: float = 0.0
-    validation_prompts: list[str] = field(default_factory=list)
-    max_steps: int = 400
-    batch_size: int = 4                 # instance images per step (as many class images again with prior)
-    learning_rate: float = 5.0e-6
-    checkpoint_every: int = 100
 
 
 def generate_class_images(model, prompt: str, class_dir: Path, count: int, batch_size: int = 16,

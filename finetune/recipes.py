@@ -24,7 +24,10 @@ class Method:
     flags: tuple[str, ...] = ()  # recipe keys the command also takes as --flags
 
     def config_class(self):
-        return getattr(import_module(self.module), self.config)
+        """The recipe's dataclass: in finetune.config where it lives there (no torch: the command's
+        --help), else in the method's module."""
+        from . import config
+        return getattr(config, self.config, None) or getattr(import_module(self.module), self.config)
 
     def objective_class(self):
         return getattr(import_module(self.module), self.objective)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from types import SimpleNamespace
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from ldm.embeddings import add_concept, write_a1111, write_embeddings
 from ldm.text import size_ids, text_context
 
 from .common import denoising_loss, sample_grid
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TextualInversionConfig
 from .data import crop_ids, encode_views, load_base_model, read_image_folder, training_resolution
 from .loop import Objective, sample_offset
 
@@ -49,30 +48,6 @@ STYLE_TEMPLATES = [
     "a large painting in the style of {}",
 ]
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
-
-
-@dataclass
-class TextualInversionConfig(TrainConfig):
-    data_dir: str = ""
-    placeholder_token: str = "<concept>"
-    initializer_token: str = ""         # a one-token word whose embedding starts every vector, or
-    #                                     num_vectors tokens, one per vector (as kohya's sd-scripts allow)
-    num_vectors: int = 1                # vectors of the placeholder (T, T_1, ..., expanded in prompts)
-    learnable_property: str = "object"  # object | style: which prompt templates
-    templates: list[str] = field(default_factory=list)  # own templates ({} = the placeholder) instead
-    repeats: int = 100                  # an epoch is every image this many times, shuffled
-    resolution: int | None = None       # default: the model's native size
-    center_crop: bool = False           # centre square crop before resizing (else the whole image is scaled)
-    random_flip: bool = False           # horizontal flips (both orientations are encoded once)
-    gradient_checkpointing: bool = False
-    snr_gamma: float = 0.0              # min-SNR weighting (0: plain MSE, as the paper)
-    validation_prompts: list[str] = field(default_factory=list)  # {} or the placeholder names the concept
-    save_a1111: bool = True             # also write <name>.pt in AUTOMATIC1111's layout
-    # the loop's defaults for this method
-    max_steps: int = 1000
-    batch_size: int = 4
-    learning_rate: float = 5.0e-4
-    checkpoint_every: int = 250
 
 
 class TextualInversionObjective(Objective):

@@ -187,11 +187,13 @@ def test_training_commands_check_their_output_dir_first(tmp_path, capsys, comman
     (["generate", "--help"], "--negative", ()),
     (["serve", "--help"], "--models-dir", ()),
     (["--help"], "textual-inversion", ("finetune", "shapes")),  # the plug-ins name their commands
+    (["dreambooth", "--help"], "--instance-data-dir", ("finetune", "shapes")),  # flags typed from the recipe
+    (["distill", "--help"], "--guidance-scale", ("finetune", "shapes")),
 ])
 def test_help_imports_no_torch_training_server_or_data_code(argv, shown, allowed):
-    """`ldm --help` and a core command's --help answer without PyTorch (about 1.3 s to import here),
+    """`ldm --help` and every command's --help answer without PyTorch (about 1.3 s to import here),
     and a core command loads no plug-in: no training modules, shapes world, fastapi, peft, datasets,
-    transformers or diffusers."""
+    transformers or diffusers (a training command's help reads its recipe class from finetune.config)."""
     import subprocess
     import sys
 
