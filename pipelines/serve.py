@@ -48,6 +48,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldm.images import decode_image
+from ldm.names import SCHEDULES
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
@@ -287,6 +288,7 @@ class Studio:
                                          "width": width, "height": height},
                             "guidance_input": pipe.model.unet.config.get("time_cond_proj_dim") is not None}],
                 "samplers": list(SAMPLERS),
+                "schedules": list(SCHEDULES),
                 "embeddings": [{"file": f, "tokens": t} for f, t in self.embeddings.items()],
                 "lora": list(self.lora_files()),
                 "limits": asdict(self.limits)}

@@ -299,12 +299,15 @@ def test_the_page_in_a_headless_browser(server):
             page.fill("#prompt", PROMPT)
             page.fill("#steps", "5")
             page.fill("#seed", "11")
+            page.select_option("#sampler", "euler")
+            page.select_option("#schedule", "karras")
             page.click("#generate")
             page.wait_for_selector(".card img", timeout=60000)
             assert page.locator(".card").count() == 1
             width = page.eval_on_selector(".card img", "img => img.complete && img.naturalWidth")
             assert width == 64
             assert "Seed: 11" in page.inner_text(".card pre")
+            assert "Sampler: Euler, Schedule type: Karras" in page.inner_text(".card pre")
             assert page.get_attribute(".card a.download", "href").startswith("data:image/png;base64,")
             # the generated image goes to image to image, and that makes a second card
             page.click(".card .to-img2img")
