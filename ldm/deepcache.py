@@ -25,12 +25,13 @@ class DeepCache:
         if not 1 <= depth < n_up:
             raise ValueError(f"the cache depth must be between 1 and {n_up - 1} for this U-Net "
                              f"({n_up} resolution levels), got {depth}")
-        self.interval, self.depth = interval, depth
+        self.interval = interval
         # in the order the forward calls them: deeper down blocks, the middle, the deeper up blocks
         self.deep = [*unet.down_blocks[depth:], unet.mid_block, *unet.up_blocks[:n_up - depth]]
         self.calls = 0
         self.full_calls = 0
         self._cache: list | None = None
+        self._batch = 0  # the batch size the cache was made at
 
     def _full(self, run):
         outputs = [None] * len(self.deep)
@@ -60,8 +61,7 @@ class DeepCache:
             self.calls += 1
             if self.interval == 1:
                 return net(x, t, context)
-            shape_changed = self._cache is not None and self._batch != x.shape[0]
-            if i % self.interval == 0 or self._cache is None or shape_changed:
+            if i % self.interval == 0 or self._cache is None or self._batch != x.shape[0]:
                 self._batch = x.shape[0]
                 return self._full(lambda: net(x, t, context))
             return self._partial(lambda: net(x, t, context))

@@ -387,18 +387,17 @@ class Sampler:
     grid: dict              # NoiseSchedule.steps options: the grid of the diffusers scheduler of the same name
     takes_eta: bool = False  # accepts eta (stochasticity)
     stochastic: bool = False  # draws noise at eta = 0 too (needs the generators)
-    schedules: bool = True    # takes a sigma schedule (karras, exponential, sgm-uniform)
 
     def needs_generator(self, eta: float) -> bool:
         return self.stochastic or (self.takes_eta and eta > 0)
 
 
 # name -> Sampler; the same name, grid and final level as diffusers' scheduler, so that the same
-# settings give the same images. ``schedules``: takes a noise schedule (karras, exponential, ...).
+# settings give the same images. Which take a noise schedule (karras, ...): ldm.names.SCHEDULE_SAMPLERS.
 _K = dict(integer=False, final="zero")
 SAMPLERS = {
-    "ddim": Sampler(sample_ddim, dict(integer=True, final="config"), takes_eta=True, schedules=False),
-    "ddpm": Sampler(sample_ddpm, dict(integer=True, final="zero"), stochastic=True, schedules=False),
+    "ddim": Sampler(sample_ddim, dict(integer=True, final="config"), takes_eta=True),
+    "ddpm": Sampler(sample_ddpm, dict(integer=True, final="zero"), stochastic=True),
     "euler": Sampler(sample_euler, _K),
     "euler-a": Sampler(sample_euler_ancestral, _K, takes_eta=True, stochastic=True),
     "heun": Sampler(sample_heun, _K),
@@ -409,7 +408,7 @@ SAMPLERS = {
                             takes_eta=True, stochastic=True),
     "dpmpp-sde": Sampler(sample_dpmpp_sde, dict(_K, midpoints=True), takes_eta=True, stochastic=True),
     "unipc": Sampler(sample_unipc, dict(integer=True, final="zero", drop_lowest=True)),
-    "lcm": Sampler(sample_lcm, dict(lcm=True, final="zero"), stochastic=True, schedules=False),
+    "lcm": Sampler(sample_lcm, dict(lcm=True, final="zero"), stochastic=True),
 }
 
 

@@ -152,6 +152,9 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self._ab = self.alphas_cumprod.double().numpy()
+        # float32, as diffusers computes them (so that the timesteps derived from them agree to the bit)
+        self._sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        self._log_sigmas = np.log(self._sigmas)
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
@@ -187,13 +190,12 @@ class NoiseSchedule:
     def sigmas(self) -> np.ndarray:
         """The training sigmas sqrt((1 - ab) / ab), one per timestep (Karras et al. 2022's sigma), in
         float32 as diffusers computes them (so that the timesteps derived from them agree to the bit)."""
-        ab = self.alphas_cumprod
-        return (((1 - ab) / ab) ** 0.5).numpy()
+        return self._sigmas
 
     def sigma_to_t(self, sigma: float) -> float:
         """The (fractional) timestep of a sigma, interpolating log-sigma between training timesteps,
         as k-diffusion and diffusers' ``_sigma_to_t`` do."""
-        log_sigmas = np.log(self.sigmas())
+        log_sigmas = self._log_sigmas
         ls = np.log(np.float64(max(sigma, 1e-10)))  # a float64 array scalar: float32 - it stays float64
         low = int(np.clip(np.searchsorted(log_sigmas, ls, side="right") - 1, 0, len(log_sigmas) - 2))
         w = float(np.clip((log_sigmas[low] - ls) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1))

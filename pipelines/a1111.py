@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict
 
-from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, parse_sampler
+from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS, parse_sampler
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
@@ -125,7 +125,7 @@ def _upscaler(name: str | None) -> str:
     return "lanczos"
 
 
-def to_request(p: Txt2ImgPayload, studio, kind: str = "txt2img", image=None, mask=None) -> rq.Request:
+def to_request(p: Txt2ImgPayload, kind: str = "txt2img", image=None, mask=None) -> rq.Request:
     """A1111's payload as this project's request."""
     _warn_ignored(p)
     o = p.override_settings or {}
@@ -210,7 +210,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             if not isinstance(switched, str):
                 return switched
         try:
-            req = to_request(payload, studio, kind, image, mask)
+            req = to_request(payload, kind, image, mask)
             result = await execute(studio, req, request, interrupted=lambda: {"images": [], "parameters": [],
                                                                                 "seeds": [], "model": None})
             if not isinstance(result, dict):
@@ -263,7 +263,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             if ours in SAMPLERS:
                 aliases.setdefault(ours, []).append(alias)
         return [{"name": A1111_SAMPLERS[n], "aliases": [n] + aliases.get(n, []),
-                 "options": {"scheduler": "automatic"} if SAMPLERS[n].schedules else {}} for n in SAMPLERS]
+                 "options": {"scheduler": "automatic"} if n in SCHEDULE_SAMPLERS else {}} for n in SAMPLERS]
 
     @app.get("/sdapi/v1/schedulers")
     async def schedulers():

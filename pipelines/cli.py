@@ -59,16 +59,11 @@ def _common(p: argparse.ArgumentParser):
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim, euler-a and the SDE samplers (default 0 for ddim; the others use 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--threads", default="auto", metavar="N|auto|default",
-                   help="CPU threads (default auto: a core each, less one per other process ready to run, so a "
-                        "busy machine does not slow this one down several-fold; default: PyTorch's own)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights' dtype (default auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"],
                    help="attention kernel (default auto: xformers when installed on CUDA, else SDPA)")
-    p.add_argument("--compile", nargs="?", const="full", default=None, choices=["full", "blocks"],
-                   help="torch.compile the U-Net and VAE decoder first (full), or only the U-Net's repeated "
-                        "blocks (blocks: shorter compile); pays off over many images")
+    speed_args(p)
     p.add_argument("--vae-slicing", type=int, default=None, metavar="N",
                    help="decode N images at a time (default: 1 at a time for batches over 4)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -81,6 +76,15 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--lora", action="append", default=[], type=Path, metavar="FILE",
                    help="LoRA weights in diffusers' format (ldm dreambooth --lora-rank writes them); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def speed_args(p: argparse.ArgumentParser, compile_note: str = "; pays off over many images"):
+    p.add_argument("--compile", nargs="?", const="full", default=None, choices=["full", "blocks"],
+                   help="torch.compile the U-Net and VAE decoder (full), or only the U-Net's repeated blocks "
+                        "(blocks: shorter compile)" + compile_note)
+    p.add_argument("--threads", default="auto", metavar="N|auto|default",
+                   help="CPU threads (default auto: PyTorch's own when the machine is idle, a core fewer per other "
+                        "process ready to run, so a busy machine does not slow this one down several-fold)")
 
 
 def sampling_args(p: argparse.ArgumentParser):
@@ -167,10 +171,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     s.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
     s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt pickle weights (trusted files only)")
-    s.add_argument("--compile", nargs="?", const="full", default=None, choices=["full", "blocks"],
-                   help="torch.compile the model once at start (and warm it up), kept for every request")
-    s.add_argument("--threads", default="auto", metavar="N|auto|default",
-                   help="CPU threads, chosen at start (default auto: a core each, less one per other busy process)")
+    speed_args(s, "; the server compiles once at start, warms up, and keeps it")
     s.set_defaults(func=_serve)
     if command not in CORE_COMMANDS:
         for register in _plugins():
@@ -204,9 +205,8 @@ def _serve(args) -> int:
                     "into %s", args.host, args.output_dir)
     try:
         check_output_dir(args.output_dir)
-        if not (args.device or "").startswith("cuda"):
-            from .processes import apply_threads
-            apply_threads(args.threads)
+        from .processes import apply_threads
+        apply_threads(args.threads, args.device or "cpu")
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, models_dir=args.models_dir,
@@ -397,8 +397,8 @@ def run(args) -> list[Path]:
 
     rank, world, state = process_state()
     device = args.device or (str(state.device) if world > 1 else device_for(args))
-    if not device.startswith("cuda") and world == 1:
-        log.debug("%s CPU threads", apply_threads(args.threads))
+    if world == 1:  # under accelerate launch each process keeps the threads it was given
+        log.debug("%s CPU threads", apply_threads(args.threads, device))
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle, config=args.model_config, vae=args.vae,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)

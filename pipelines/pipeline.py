@@ -52,6 +52,11 @@ class Result:
         return to_pil(self.pixels)
 
 
+def _generators(seeds) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed alone (so image i of a batch is the lone image)."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
 def _check_lora_arch(path: Path, model: Model) -> None:
     """A LoRA made for SDXL (a second text encoder, or the U-Net's added-condition layers) on an SD 1.x/2.x
     model, or the reverse, is an error naming both, before any weight is touched."""
@@ -205,11 +210,13 @@ class Pipeline:
             encoded = pad_contexts(encoded, prompt_context(m, [""], [""], clip_skip=r.clip_skip)[0])
         by_key = dict(zip(all_keys, encoded))
 
+        def time_ids(neg: bool) -> torch.Tensor:  # SDXL's size conditioning, (B, 5 or 6)
+            return torch.tensor([size_ids(m, r.height, r.width, negative=neg)] * len(plans), dtype=torch.float32)
+
         def batch(contexts: list[dict], neg: bool) -> dict:
             ctx = {k: torch.cat([c[k] for c in contexts]) for k in contexts[0]}
             if m.is_sdxl:
-                ctx["time_ids"] = torch.tensor([size_ids(m, r.height, r.width, negative=neg)] * len(contexts),
-                                               dtype=torch.float32)  # (B, 5 or 6)
+                ctx["time_ids"] = time_ids(neg)
             return ctx
 
         cache: dict = {}
@@ -225,7 +232,7 @@ class Pipeline:
             if zero_negative:
                 like = cond_at(0)
                 uncond = {k: torch.zeros_like(like[k]) for k in ("encoder_hidden_states", "text_embeds")}
-                uncond["time_ids"] = batch([by_key[keys[0]]] * len(plans), neg=True)["time_ids"]
+                uncond["time_ids"] = time_ids(neg=True)
             else:
                 uncond = batch([by_key[k] for k in zip(r.negatives, r.negatives_2)], neg=True)
         return cond_at, uncond
@@ -338,8 +345,7 @@ class Pipeline:
         run = {"txt2img": self._text_to_image, "img2img": self._image_to_image, "inpaint": self._inpaint}[r.kind]
         results = []
         for part in r.iterations():  # n_iter batches one after another
-            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in part.seeds]
-            results.append(run(part, gens, callback))
+            results.append(run(part, _generators(part.seeds), callback))
         if len(results) == 1:
             return results[0]
         first = results[0]
@@ -354,7 +360,7 @@ class Pipeline:
         noise = randn_like(like, gens)
         if not r.subseeds:
             return noise
-        sub = randn_like(like, [torch.Generator("cpu").manual_seed(int(s)) for s in r.subseeds])
+        sub = randn_like(like, _generators(r.subseeds))
         return slerp(noise, sub, r.request.subseed_strength)
 
     def text_to_image(self, prompt, *, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
@@ -474,8 +480,7 @@ class Pipeline:
             if callback is not None:
                 callback(r.steps + i, xi, x0)
 
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in r.seeds]
-        res = self._finish(self._sdedit(z, second, gens, later), second)
+        res = self._finish(self._sdedit(z, second, _generators(r.seeds), later), second)
         res.settings.update(r.settings(), width=r.width, height=r.height)
         return res
 

@@ -83,8 +83,11 @@ def choose_threads(requested: str | int | None = "auto") -> int | None:
     return None if not others else max(1, cores - others)
 
 
-def apply_threads(requested: str | int | None = "auto") -> int | None:
-    """Set torch's intra-op threads by ``choose_threads``; returns the number set (None: untouched)."""
+def apply_threads(requested: str | int | None = "auto", device: str = "cpu") -> int | None:
+    """Set torch's intra-op threads by ``choose_threads`` for a run on ``device`` (a GPU run is left as
+    it is); returns the number set (None: untouched)."""
+    if str(device).startswith("cuda"):
+        return None
     n = choose_threads(requested)
     if n is not None:
         import torch

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ldm.samplers import SAMPLERS, get_sampler, parse_sampler, parse_schedule
+from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
 KINDS = ("txt2img", "img2img", "inpaint")
 HIRES_UPSCALERS = ("latent", "lanczos")
@@ -145,7 +145,7 @@ class Request:
             add(("eta", f"must be between 0 and 1, got {self.eta}"))
         elif self.eta and sampler in SAMPLERS and not SAMPLERS[sampler].takes_eta:
             add(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
-        if schedule not in (None, "default") and sampler in SAMPLERS and not SAMPLERS[sampler].schedules:
+        if schedule not in (None, "default") and sampler in SAMPLERS and sampler not in SCHEDULE_SAMPLERS:
             add(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, not {sampler}"))
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
             add(("n_iter", f"must be an integer >= 1, got {self.n_iter!r}"))
@@ -262,7 +262,7 @@ class Request:
         schedule = schedule or implied or "default"
         if self.eta and not spec.takes_eta:
             problems.append(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
-        if schedule != "default" and not spec.schedules:
+        if schedule != "default" and sampler not in SCHEDULE_SAMPLERS:
             problems.append(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, "
                                          f"not {sampler}"))
         try:  # the schedule's own bound (the model's training timesteps)
@@ -342,11 +342,11 @@ class Resolved:
         """What the PNG metadata records."""
         s = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, width=self.width,
                  height=self.height, schedule=self.schedule)
+        q = self.request
         if self.clip_skip != 1:
             s["clip_skip"] = self.clip_skip
-        if self.request.cache_interval > 1:
-            s.update(cache_interval=self.request.cache_interval, cache_depth=self.request.cache_depth)
-        q = self.request
+        if q.cache_interval > 1:
+            s.update(cache_interval=q.cache_interval, cache_depth=q.cache_depth)
         if self.subseeds:
             s.update(subseed=self.subseeds[0], subseed_strength=q.subseed_strength)
         if q.hires_scale is not None:
@@ -394,7 +394,7 @@ def lora_files(folder: Path) -> dict[str, Path]:
 
 
 def _schedule_samplers() -> str:
-    return ", ".join(n for n, s in SAMPLERS.items() if s.schedules)
+    return ", ".join(SCHEDULE_SAMPLERS)
 
 
 def _eta_samplers() -> str:

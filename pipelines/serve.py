@@ -151,18 +151,14 @@ def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple
 
 
 # --- the worker ----------------------------------------------------------------------------------
+HIRES_FIELDS = {"hires_scale", "hires_strength", "hires_steps", "hires_upscaler"}
+
+
 def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
-    """The API's JSON body as the one generation request every front end builds."""
-    return rq.Request(prompt=body.prompt, kind=kind, negative=body.negative, sampler=body.sampler, steps=body.steps,
-                      guidance=body.guidance, guidance_rescale=body.guidance_rescale, eta=body.eta, seed=body.seed,
-                      width=body.width, height=body.height, batch_size=body.batch_size,
-                      strength=getattr(body, "strength", None), image=image, lora=list(body.lora),
-                      prompt_2=body.prompt_2, negative_2=body.negative_2, n_iter=body.n_iter, schedule=body.schedule,
-                      clip_skip=body.clip_skip, subseed=body.subseed, cache_interval=body.cache_interval,
-                      cache_depth=body.cache_depth, subseed_strength=body.subseed_strength,
-                      **({} if kind != "txt2img" else dict(
-                          hires_scale=body.hires_scale, hires_strength=body.hires_strength,
-                          hires_steps=body.hires_steps, hires_upscaler=body.hires_upscaler)))
+    """The API's JSON body as the one generation request every front end builds: its fields are the
+    request's, under the same names (the hires fields apply to text-to-image only)."""
+    fields = body.model_dump(exclude={"image"} | (set() if kind == "txt2img" else HIRES_FIELDS))
+    return rq.Request(kind=kind, image=image, **fields)
 
 
 class Job:
@@ -253,8 +249,8 @@ class Studio:
         return out
 
     def current_model(self) -> str:
-        """The name (``models()``) of the model loaded now."""
-        return next((n for n, p in self.models().items() if p == self.model_path), Path(self.model_path).name)
+        """The name (``models()``) of the model loaded now: every model is named by its path's last part."""
+        return Path(self.model_path).name
 
     def switch_model(self, name: str) -> str:
         """Load the model called ``name`` (``models()``) in place of the current one, keeping the LoRA
@@ -511,14 +507,11 @@ def create_app(studio: Studio) -> FastAPI:
     async def progress():
         return studio.progress()
 
-    async def run(req: rq.Request, request: Request):
-        return await execute(studio, req, request)
-
     add_routes(app, studio, execute=execute, call_on_worker=call_on_worker, error=_error, bad_request=BadRequest)
 
     @app.post("/api/txt2img")
     async def txt2img(req: Txt2Img, request: Request):
-        return await run(to_request("txt2img", req), request)
+        return await execute(studio, to_request("txt2img", req), request)
 
     @app.post("/api/img2img")
     async def img2img(req: Img2Img, request: Request):
@@ -526,7 +519,7 @@ def create_app(studio: Studio) -> FastAPI:
             image = studio.read_image(req.image)
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        return await run(to_request("img2img", req, image), request)
+        return await execute(studio, to_request("img2img", req, image), request)
 
     return app
 

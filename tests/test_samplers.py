@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from ldm.samplers import (SAMPLERS, invert_ddim, sample_ddim, sample_ddpm, sample_dpm2, sample_dpmpp_2m,
+from ldm.samplers import (SAMPLERS, SCHEDULE_SAMPLERS, invert_ddim, sample_ddim, sample_ddpm, sample_dpm2, sample_dpmpp_2m,
                           sample_dpmpp_2m_sde, sample_dpmpp_sde, sample_euler, sample_euler_ancestral, sample_heun,
                           sample_lcm, sample_lms, sample_unipc)
 from ldm.schedule import NoiseSchedule, Steps
@@ -169,7 +169,7 @@ def diffusers_cases():
             yield name, cls, "default", spacing, extra
         # the sigma schedules span the model's whole sigma range, as diffusers' spaced range does at
         # linspace spacing; sgm-uniform is diffusers' trailing spacing
-        if SAMPLERS[name].schedules:
+        if name in SCHEDULE_SAMPLERS:
             for sched, flag in flags.items():
                 if set(flag) <= set(inspect.signature(cls.__init__).parameters):  # not euler-a's
                     yield name, cls, sched, "linspace", {**extra, **flag}
@@ -262,3 +262,10 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver(spacing):
     for t in ref.timesteps:
         y = ref.step(exact_denoiser(y, float(t), float(ref.alphas_cumprod[int(t)])), t, y).prev_sample
     torch.testing.assert_close(sample_dpmpp_2m(exact_denoiser, x, steps), y, rtol=0, atol=1e-5)
+
+
+def test_the_sampler_table_and_the_names_agree():
+    """ldm.names (torch-free, for the command line) lists exactly the samplers ldm.samplers runs."""
+    from ldm.names import A1111_SAMPLERS, SAMPLER_NAMES
+    assert tuple(SAMPLERS) == SAMPLER_NAMES == tuple(A1111_SAMPLERS)
+    assert set(SCHEDULE_SAMPLERS) == set(SAMPLERS) - {"ddim", "ddpm", "lcm"}
