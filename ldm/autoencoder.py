@@ -52,6 +52,11 @@ def decode(vae, latents: torch.Tensor, slice_size: int | None = None) -> torch.T
     return torch.cat(out)
 
 
+def decode_with_grad(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1], with autograd (CLIP guidance differentiates through it)."""
+    return vae.decode((latents / latent_scale(vae)).to(vae.dtype)).sample.float()
+
+
 def _chunks(x: torch.Tensor, size: int | None):
     if not size or size >= x.shape[0]:
         return [x]

@@ -60,3 +60,7 @@ def parse_sampler(name: str, schedule: str | None = None) -> tuple[str, str | No
             return _SAMPLER_KEYS[key[:-len(label) - 1]], ours
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)} "
                      f"(or A1111's {', '.join(A1111_SAMPLERS.values())}, with a schedule suffix such as Karras)")
+
+# how ``ldm edit`` inverts a real image (pipelines.edit): null-text inversion (Mokady et al. 2022),
+# negative-prompt inversion (Miyake et al. 2023), or plain DDIM inversion
+INVERSIONS = ("null-text", "npi", "ddim")

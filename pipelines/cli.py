@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ldm.locate import ModelError, default_model_path
-from ldm.names import SAMPLER_NAMES, SCHEDULES
+from ldm.names import INVERSIONS, SAMPLER_NAMES, SCHEDULES
 
 from .outputs import check_output_dir, check_output_file
 
@@ -21,17 +21,8 @@ log = logging.getLogger("ldm")
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
-    p.add_argument("--model", help="a diffusers-format model directory, a single-file checkpoint (.safetensors in "
-                                   "the A1111 / ComfyUI layout) or a hub id (default: the embedded model)")
-    p.add_argument("--model-config", type=Path, default=None, metavar="DIR",
-                   help="for a single file of a layout other than SD 1.x / 2.x / SDXL: a diffusers directory of "
-                        "its layout (default: the one shipped for the detected architecture)")
-    p.add_argument("--vae", type=Path, default=None, metavar="DIR_OR_FILE",
-                   help="replace the model's VAE: a diffusers VAE or model directory, or a VAE .safetensors file "
-                        "(e.g. SDXL's fp16-fix VAE)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--output", type=Path, help="write the one image to this PNG file")
-    out.add_argument("--output-dir", type=Path, help="write each image into this folder (default: outputs/)")
+    model_args(p)
+    output_args(p)
     p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
     p.add_argument("--negative", default="", help="negative prompt (what the unconditional branch is given)")
     p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
@@ -48,24 +39,31 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--subseed", type=int, default=None, help="variation seed (A1111): image i gets subseed+i")
     p.add_argument("--subseed-strength", type=float, default=0.0, metavar="F",
                    help="how far each image's noise moves towards its variation seed's, 0 to 1 (default 0)")
-    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
-                   help="DeepCache: the whole U-Net every N-th step, only its shallow blocks between (default 1: off)")
-    p.add_argument("--cache-depth", type=int, default=1, metavar="K",
-                   help="DeepCache: the resolution levels recomputed between full steps (default 1: the outermost)")
-    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
-                   help="text-encoder layer, A1111's numbering: 1 = the model's usual one, 2 = one before, ...")
     sampling_args(p)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim, euler-a and the SDE samplers (default 0 for ddim; the others use 1)")
+    control_args(p)
+    speed_args(p)
+    p.add_argument("--vae-slicing", type=int, default=None, metavar="N",
+                   help="decode N images at a time (default: 1 at a time for batches over 4)")
+
+
+def model_args(p: argparse.ArgumentParser):
+    """The model to load and how (every generating command)."""
+    p.add_argument("--model", help="a diffusers-format model directory, a single-file checkpoint (.safetensors in "
+                                   "the A1111 / ComfyUI layout) or a hub id (default: the embedded model)")
+    p.add_argument("--model-config", type=Path, default=None, metavar="DIR",
+                   help="for a single file of a layout other than SD 1.x / 2.x / SDXL: a diffusers directory of "
+                        "its layout (default: the one shipped for the detected architecture)")
+    p.add_argument("--vae", type=Path, default=None, metavar="DIR_OR_FILE",
+                   help="replace the model's VAE: a diffusers VAE or model directory, or a VAE .safetensors file "
+                        "(e.g. SDXL's fp16-fix VAE)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights' dtype (default auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"],
                    help="attention kernel (default auto: xformers when installed on CUDA, else SDPA)")
-    speed_args(p)
-    p.add_argument("--vae-slicing", type=int, default=None, metavar="N",
-                   help="decode N images at a time (default: 1 at a time for batches over 4)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading .bin/.ckpt pickle weights (can run arbitrary code; only for trusted files)")
     p.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
@@ -78,10 +76,37 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def output_args(p: argparse.ArgumentParser):
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--output", type=Path, help="write the one image to this PNG file")
+    out.add_argument("--output-dir", type=Path, help="write each image into this folder (default: outputs/)")
+
+
+def control_args(p: argparse.ArgumentParser):
+    """Step caching, CLIP layer, CLIP guidance (generation and editing alike)."""
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="DeepCache: the whole U-Net every N-th step, only its shallow blocks between (default 1: off)")
+    p.add_argument("--cache-depth", type=int, default=1, metavar="K",
+                   help="DeepCache: the resolution levels recomputed between full steps (default 1: the outermost)")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="text-encoder layer, A1111's numbering: 1 = the model's usual one, 2 = one before, ...")
+    p.add_argument("--clip-guidance-scale", type=float, default=0.0, metavar="S",
+                   help="CLIP guidance: follow the gradient of a CLIP loss of the decoded image against the prompt, "
+                        "at scale S (default 0: off; try 50-200)")
+    p.add_argument("--clip-model", type=Path, default=None, metavar="DIR",
+                   help="the open_clip model for CLIP guidance (default: the embedded model's own CLIP)")
+    p.add_argument("--clip-cutouts", type=int, default=4, metavar="N",
+                   help="CLIP guidance: random crops per image per step (default 4)")
+
+
 def speed_args(p: argparse.ArgumentParser, compile_note: str = "; pays off over many images"):
     p.add_argument("--compile", nargs="?", const="full", default=None, choices=["full", "blocks"],
                    help="torch.compile the U-Net and VAE decoder (full), or only the U-Net's repeated blocks "
                         "(blocks: shorter compile)" + compile_note)
+    threads_arg(p)
+
+
+def threads_arg(p: argparse.ArgumentParser):
     p.add_argument("--threads", default="auto", metavar="N|auto|default",
                    help="CPU threads (default auto: PyTorch's own when the machine is idle, a core fewer per other "
                         "process ready to run, so a busy machine does not slow this one down several-fold)")
@@ -100,7 +125,7 @@ def sampling_args(p: argparse.ArgumentParser):
                    help="classifier-free guidance scale; 1 turns guidance off (default: " + model_default % "7.5)")
 
 
-CORE_COMMANDS = ("generate", "img2img", "inpaint", "convert", "serve")
+CORE_COMMANDS = ("generate", "img2img", "inpaint", "edit", "convert", "serve")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -133,6 +158,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     n.add_argument("--image", type=Path, required=True, help="the input image")
     n.add_argument("--mask", type=Path, required=True, help="a mask the image's size: white = repaint, black = keep")
     n.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1)")
+    e = sub.add_parser("edit", help="edit by prompt-to-prompt: a source and a target prompt sampled together, or "
+                                    "a real image (--image) inverted first")
+    _edit_args(e)
+    e.set_defaults(func=_edit)
     c = sub.add_parser("convert", help="a single-file checkpoint (A1111 / ComfyUI layout) to a diffusers directory, "
                                        "a diffusers directory to a single file, or a LoRA between diffusers' "
                                        "and kohya's layouts")
@@ -177,6 +206,116 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         for register in _plugins():
             register(sub, command)
     return parser
+
+
+def _edit_args(e: argparse.ArgumentParser):
+    e.add_argument("--source-prompt", required=True, metavar="TEXT",
+                   help="what the image shows (with --image: the real image's description)")
+    e.add_argument("--target-prompt", default=None, metavar="TEXT",
+                   help="what it should show: a word swapped (a red circle -> a red square) or words added; default: "
+                        "the source prompt (for --reweight alone)")
+    e.add_argument("--image", type=Path, default=None, help="a real image to edit (sides multiples of 8)")
+    e.add_argument("--inversion", default="null-text", choices=INVERSIONS,
+                   help="with --image: null-text inversion (Mokady et al. 2022; default), npi (negative-prompt "
+                        "inversion, Miyake et al. 2023: no optimisation) or ddim (plain inversion at guidance 1)")
+    e.add_argument("--inner-steps", type=int, default=10, metavar="N",
+                   help="null-text inversion: optimisation steps per sampling step (default 10)")
+    e.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the inversion cache (inversion-*.safetensors beside the output)")
+    e.add_argument("--cross-replace", type=float, default=0.8, metavar="F",
+                   help="fraction of the steps whose cross-attention maps come from the source (default 0.8)")
+    e.add_argument("--self-replace", type=float, default=0.4, metavar="F",
+                   help="fraction of the steps with the source's self-attention in the low-resolution layers "
+                        "(default 0.4)")
+    e.add_argument("--reweight", nargs="+", default=[], metavar="WORD=F",
+                   help="scale the target's attention to WORD by F (e.g. square=2.0, red=-1)")
+    e.add_argument("--blend-words", nargs="+", default=[], metavar="WORD",
+                   help="local blending: outside the region these words (of either prompt) attend to, the target "
+                        "keeps the source's latent")
+    e.add_argument("--save-source", type=Path, default=None, metavar="FILE",
+                   help="also write the source image (with --image: its reconstruction)")
+    model_args(e)
+    output_args(e)
+    e.add_argument("--negative", default="", help="negative prompt")
+    e.add_argument("--seed", type=int, help="seed of the shared noise (without --image; default: random)")
+    e.add_argument("--width", type=int, help="without --image: multiple of 8 (default: the model's native size)")
+    e.add_argument("--height", type=int, help="without --image: multiple of 8 (default: the model's native size)")
+    sampling_args(e)
+    control_args(e)
+    threads_arg(e)
+
+
+def _edit(args) -> int:
+    from .request import RequestError
+
+    try:
+        _run_edit(args)
+    except RequestError as exc:
+        print(f"error: {exc.for_cli()}", file=sys.stderr)
+        return 2
+    except (ValueError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_edit(args) -> list[Path]:
+    """``ldm edit``: the edited (target) image to --output, or into --output-dir."""
+    from tqdm import tqdm
+
+    from ldm.attention_control import parse_reweight
+    from ldm.images import load_image
+
+    from .edit import Edit, check_edit, edit, infotexts
+    from .pipeline import Pipeline
+    from .pngmeta import save_png
+    from .processes import apply_threads
+    from .request import Request
+
+    if args.output:
+        check_output_file(args.output)
+        out_dir = args.output.parent
+    else:
+        out_dir = check_output_dir(args.output_dir or Path("outputs"), "--output-dir" if args.output_dir else
+                                   "the default --output-dir")
+    if args.save_source:
+        check_output_file(args.save_source, "--save-source")
+    if args.image is not None and (args.width or args.height):
+        raise ValueError("--width/--height apply without --image (a real image keeps its size)")
+    if args.token and len(args.token) != len(args.embedding):
+        raise ValueError(f"got {len(args.token)} --token for {len(args.embedding)} --embedding")
+    image = load_image(args.image) if args.image is not None else None
+    req = Request(prompt=args.source_prompt, negative=args.negative, sampler=args.sampler, schedule=args.schedule,
+                  steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
+                  clip_skip=args.clip_skip, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
+                  clip_guidance_scale=args.clip_guidance_scale, clip_model=args.clip_model,
+                  clip_cutouts=args.clip_cutouts, embeddings=list(zip(args.embedding, args.token or [None] *
+                                                                       len(args.embedding))),
+                  lora=list(args.lora)).check()
+    ed = Edit(args.source_prompt, args.target_prompt, cross_replace=args.cross_replace,
+              self_replace=args.self_replace, reweight=parse_reweight(args.reweight), blend_words=args.blend_words,
+              images=None if image is None else [image], inversion=args.inversion, inner_steps=args.inner_steps,
+              cache_dir=None if args.no_cache else out_dir)
+    device = device_for(args)
+    apply_threads(args.threads, device)
+    pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                    config=args.model_config, vae=args.vae, attention=args.attention)
+    check_edit(pipe, ed)  # words, prompt lengths, image size: before any sampling
+    steps = pipe.resolve(req).steps
+    bar = tqdm(total=steps, desc="edit", unit="step", disable=args.quiet)
+    res = edit(pipe, ed, req, callback=lambda i, x, x0: bar.update(1))
+    bar.close()
+    if image is not None:
+        how = "from the cache" if res.cached else f"in {res.seconds.get('inversion_s', 0):.1f} s"
+        log.info("%s inversion %s", args.inversion, how)
+    seed = res.target.seeds[0]
+    path = args.output or out_dir / f"edit-{seed}.png"
+    written = [save_png(res.target.images[0], path, infotexts(pipe, res)[0])]
+    if args.save_source:
+        written.append(save_png(res.source.images[0], args.save_source, pipe.infotexts(res.source)[0]))
+    for p in written:
+        print(p)
+    return written
 
 
 def model_path(args):
@@ -367,7 +506,8 @@ def build_request(args, prompts: list[str]):
                    batch_size=args.batch_size, strength=getattr(args, "strength", None), image=image, mask=mask,
                    n_iter=args.n_iter, subseed=args.subseed, subseed_strength=args.subseed_strength,
                    clip_skip=args.clip_skip, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
-                   hires_scale=getattr(args, "hires_scale", None),
+                   clip_guidance_scale=args.clip_guidance_scale, clip_model=args.clip_model,
+                   clip_cutouts=args.clip_cutouts, hires_scale=getattr(args, "hires_scale", None),
                    hires_strength=getattr(args, "hires_strength", 0.7), hires_steps=getattr(args, "hires_steps", None),
                    hires_upscaler=getattr(args, "hires_upscaler", "latent"),
                    embeddings=list(zip(args.embedding, tokens)), lora=list(args.lora), prompt_2=args.prompt_2,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm import autoencoder
+from ldm.clip_guidance import clip_guided
 from ldm.deepcache import DeepCache
 from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.embeddings import add_concept, read_embeddings
@@ -86,6 +87,7 @@ class Pipeline:
         self.vae_slice_size = vae_slice_size
         self.refiner: Pipeline | None = None  # SDXL: a refiner that takes over at a request's refiner_start
         self._adapters: set[str] = set()  # embedding and LoRA files applied, by resolved path
+        self._clip: tuple = (None, None)  # (resolved directory, ldm.clip_guidance.ClipTower) for CLIP guidance
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "Pipeline":
@@ -237,9 +239,12 @@ class Pipeline:
                 uncond = batch([by_key[k] for k in zip(r.negatives, r.negatives_2)], neg=True)
         return cond_at, uncond
 
-    def _denoiser(self, r: Resolved, concat=None, clock: dict | None = None, n_steps: int | None = None) -> Callable:
+    def _denoiser(self, r: Resolved, concat=None, clock: dict | None = None, n_steps: int | None = None,
+                  uncond_at: Callable[[int], dict] | None = None) -> Callable:
         """The guided denoiser of a request; with a ``clock`` ({"step": i}, advanced by ``_sample``) the
-        conditioning follows the prompts' editing schedule over ``n_steps`` steps."""
+        conditioning follows the prompts' editing schedule over ``n_steps`` steps. ``uncond_at(step)``
+        replaces the unconditional context step by step (null-text inversion's embeddings). With the
+        request's clip_guidance_scale the clean estimate follows a CLIP loss (ldm.clip_guidance)."""
         m = self.model
         prompts, negs, guidance_scale, guidance_rescale = r.prompts, r.negatives, r.guidance, r.guidance_rescale
         w_dim = guidance_input_dim(m.unet)
@@ -253,11 +258,13 @@ class Pipeline:
                 log.warning("guidance rescale needs the unconditional branch, which this model does not run; ignored")
             extra["timestep_cond"] = guidance_embedding(guidance_scale, w_dim, len(prompts))
             guidance_scale, guidance_rescale = 1.0, 0.0
+            uncond_at = None
         if concat is not None:
             extra["concat"] = concat
         cond_at, uncond = self._contexts(r, n_steps or r.steps, negative=guidance_scale != 1.0)
-        if uncond is not None and concat is not None:
-            uncond = {**uncond, "concat": concat}
+        with_concat = (lambda u: u) if concat is None else (lambda u: {**u, "concat": concat})
+        if uncond is not None:
+            uncond = with_concat(uncond)
         net = unet_net(m.unet)
         q = r.request
         if q.cache_interval > 1:  # DeepCache (ldm.deepcache): the deep blocks every cache_interval-th evaluation
@@ -265,12 +272,31 @@ class Pipeline:
         fns = {}  # one guided function (its batched context built once) per distinct conditioning
 
         def model_fn(x, t):
-            cond = cond_at(clock["step"] if clock else 0)
+            step = clock["step"] if clock else 0
+            cond = cond_at(step)
+            if uncond_at is not None and guidance_scale != 1.0:  # a new unconditional context every step
+                return guided(net, {**cond, **extra}, with_concat(uncond_at(step)), guidance_scale,
+                              guidance_rescale)(x, t)
             if id(cond) not in fns:
                 fns[id(cond)] = guided(net, {**cond, **extra}, uncond, guidance_scale, guidance_rescale)
             return fns[id(cond)](x, t)
 
-        return make_denoiser(model_fn, m.schedule.prediction_type)
+        denoise = make_denoiser(model_fn, m.schedule.prediction_type)
+        if q.clip_guidance_scale > 0:
+            guide = self.clip_tower(q.clip_model).guide(r.prompts, q.clip_cutouts)
+            denoise = clip_guided(denoise, lambda z: autoencoder.decode_with_grad(m.vae, z), guide,
+                                  q.clip_guidance_scale, _generators(r.seeds))
+        return denoise
+
+    def clip_tower(self, clip_dir=None):
+        """The CLIP used for CLIP guidance (``clip_dir``, default the embedded model's own), loaded once."""
+        from ldm.clip_guidance import default_clip_dir, load_clip
+
+        path = Path(clip_dir) if clip_dir else default_clip_dir(self.model)
+        key = str(path.resolve())
+        if self._clip[0] != key:
+            self._clip = (key, load_clip(path, self.model))
+        return self._clip[1]
 
     def _steps(self, sampler: str, steps: int, schedule: str = "default") -> Steps:
         return self.model.schedule.steps(steps, schedule=schedule, **get_sampler(sampler).grid)
@@ -312,6 +338,7 @@ class Pipeline:
                                       "Variation seed": None if sub is None else sub + k,
                                       "Variation seed strength": st.get("subseed_strength"),
                                       "Clip skip": st.get("clip_skip"), "Hires upscale": st.get("hires_scale"),
+                                      "CLIP guidance scale": st.get("clip_guidance_scale"),
                                       "Cache interval": st.get("cache_interval"), "Cache depth": st.get("cache_depth"),
                                       "Hires steps": st.get("hires_steps"), "Hires upscaler": upscaler,
                                       "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start")})

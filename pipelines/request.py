@@ -112,6 +112,9 @@ class Request:
     cache_depth: int = 1                # ... the resolution levels recomputed in between (1: the outermost)
     clip_skip: int = 1                  # A1111's numbering: 1 = the model's usual text layer, 2 = one before, ...
     schedule: str | None = None         # noise schedule (ldm.schedule.SCHEDULES or A1111's names); None: default
+    clip_guidance_scale: float = 0.0    # CLIP guidance (ldm.clip_guidance): the loss's scale; 0 turns it off
+    clip_model: str | Path | None = None  # ... an open_clip directory (default: the embedded model's own CLIP)
+    clip_cutouts: int = 4               # ... random crops per image per step
     refiner_start: float | None = None  # with a refiner (Pipeline.refiner): the fraction of the schedule the
                                         # base denoises before the refiner takes over (SDXL's 0.8)
 
@@ -174,6 +177,12 @@ class Request:
                 add((name, f"must be an integer >= 1, got {v!r}"))
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             add(("clip_skip", f"must be an integer from 1 (the usual layer) to 12, got {self.clip_skip!r}"))
+        if not (isinstance(self.clip_guidance_scale, (int, float)) and self.clip_guidance_scale >= 0):
+            add(("clip_guidance_scale", f"must be >= 0 (0 turns it off), got {self.clip_guidance_scale!r}"))
+        if isinstance(self.clip_cutouts, bool) or not isinstance(self.clip_cutouts, int) or self.clip_cutouts < 1:
+            add(("clip_cutouts", f"must be an integer >= 1, got {self.clip_cutouts!r}"))
+        if self.clip_model is not None and not Path(self.clip_model).is_dir():
+            add(("clip_model", f"{str(self.clip_model)!r} is not a directory (an open_clip model directory)"))
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
             add(("seed", f"must be an integer from 0 to 2**63 - 1, got {self.seed!r}"))
         if not isinstance(self.batch_size, int) or self.batch_size < 1 or (
@@ -347,6 +356,8 @@ class Resolved:
             s["clip_skip"] = self.clip_skip
         if q.cache_interval > 1:
             s.update(cache_interval=q.cache_interval, cache_depth=q.cache_depth)
+        if q.clip_guidance_scale:
+            s.update(clip_guidance_scale=q.clip_guidance_scale)
         if self.subseeds:
             s.update(subseed=self.subseeds[0], subseed_strength=q.subseed_strength)
         if q.hires_scale is not None:

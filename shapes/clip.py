@@ -13,21 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ldm.models import EMBEDDED_MODEL
+# the CLIP's file names and loader, and the embedded model's CLIP image tower (for CLIP score and
+# CLIP guidance), shipped beside the model: their home is ldm.clip_guidance
+from ldm.clip_guidance import CONFIG_FILE, EMBEDDED_CLIP, VISUAL_FILE, build_open_clip  # noqa: F401
 
-VISUAL_FILE = "visual.safetensors"
-# the embedded model's CLIP image tower (for CLIP score), shipped beside the model
-EMBEDDED_CLIP = EMBEDDED_MODEL.parent / "shapes-clip"
-CONFIG_FILE = "open_clip_config.json"
 BOS, EOS = 49406, 49407
-
-
-def build_open_clip(cfg: dict):
-    """An open_clip ``CLIP`` from ``{"embed_dim", "vision_cfg", "text_cfg"}``."""
-    import open_clip
-
-    return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**cfg["vision_cfg"]),
-                          text_cfg=open_clip.CLIPTextCfg(**cfg["text_cfg"]))
 
 
 def hf_text_config(cfg: dict):
