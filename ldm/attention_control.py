@@ -10,8 +10,8 @@ attention maps are taken from the source's where the edit keeps the image.
 - Self-attention injection: over the first ``self_replace`` fraction of the steps, in the layers of at
   most ``self_max_positions`` query positions (the paper's 16 x 16), the target's self-attention
   probabilities are the source's: the layout is kept.
-- Local blending: the cross-attention maps of chosen words, summed over layers and steps, dilated and
-  thresholded, give a mask per prompt; outside the union of the source's and the target's masks the
+- Local blending: the cross-attention maps of chosen words, summed over layers and steps, dilated,
+  scaled to [0, 1] over the image and thresholded, give a mask per prompt; outside the union of the source's and the target's masks the
   target's latent is the source's (``local_blend``, a denoiser wrapper).
 
 The control is an attention processor (``control_attention``) that computes explicit probabilities
@@ -221,8 +221,12 @@ class AttentionEdit:
         blending starts or without blend words)."""
         if self.blend is None or self.maps is None or self.step < self.blend_steps:
             return None
-        m = F.max_pool2d(self.maps, 3, stride=1, padding=1)  # dilate by one latent pixel (the paper's k=1)
-        m = m / m.flatten(1).amax(1).clamp(min=1e-12)[:, None, None, None]
+        # dilated as the paper does (k=1 at a quarter of SD's 64-latent side): by h/16 latent pixels
+        r = self.latent_size[0] // 16
+        m = F.max_pool2d(self.maps, 2 * r + 1, stride=1, padding=r) if r else self.maps
+        lo, hi = m.flatten(1).amin(1)[:, None, None, None], m.flatten(1).amax(1)[:, None, None, None]
+        m = (m - lo) / (hi - lo).clamp(min=1e-12)  # the paper divides by the max, for maps near 0 away from
+        # the word; a small model's maps sit on a floor (about 2/3 of the peak on the embedded model)
         mask = (m > BLEND_THRESHOLD).float()
         return torch.maximum(mask[:self.n], mask[self.n:])
 

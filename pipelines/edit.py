@@ -46,11 +46,21 @@ class Edit:
     cross_replace: float = 0.8             # fraction of the steps whose cross-attention maps come from the source
     self_replace: float = 0.4              # fraction of the steps with the source's self-attention (low-res layers)
     reweight: dict[str, float] = field(default_factory=dict)  # target word -> factor on its attention
-    blend_words: list[str] = field(default_factory=list)      # local blending: words of the source or target
+    blend_words: list = field(default_factory=list)  # local blending: words of the source or target (or a list per pair)
     images: list[Any] | None = None        # real sources (PIL or (1, 3, H, W) in [-1, 1]), one per source prompt
     inversion: str = "null-text"           # real sources: null-text | npi (negative-prompt inversion) | ddim
     inner_steps: int = 10                  # null-text inversion: optimisation steps per sampling step
     cache_dir: Path | None = None          # where inversions are cached (None: not cached)
+
+    def pair_blend_words(self) -> list[list[str]]:
+        """The blend words of each pair (one list for all, or one list per pair)."""
+        n = len(self.pairs())
+        words = list(self.blend_words)
+        if words and all(isinstance(w, (list, tuple)) for w in words):
+            if len(words) != n:
+                raise EditError(f"got {len(words)} lists of blend words for {n} pairs")
+            return [list(w) for w in words]
+        return [words] * n
 
     def pairs(self) -> list[tuple[str, str]]:
         src = [self.source] if isinstance(self.source, str) else list(self.source)
@@ -80,10 +90,11 @@ def check_edit(pipe: Pipeline, ed: Edit) -> list[tuple]:
     m = pipe.model
     tokenizer = m.tokenizer if m.tokenizer is not None else m.tokenizer_2
     layouts = []
+    blend_words = ed.pair_blend_words()
     for s, t in ed.pairs():
         ts, tt = prompt_tokens(tokenizer, s), prompt_tokens(tokenizer, t)
         word_weights(tt, ed.reweight, t)
-        for w in ed.blend_words:
+        for w in blend_words[len(layouts)]:
             if not ts.positions(w) and not tt.positions(w):
                 raise EditError(f"--blend-words: {w!r} is in neither the source prompt {s!r} nor the target {t!r}")
         layouts.append((ts, tt))
@@ -129,13 +140,15 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
     reweight = torch.stack([word_weights(tt, ed.reweight, t) for (_, tt), (_, t) in zip(layouts, pairs)]) \
         if ed.reweight else None
     blend = None
-    if ed.blend_words:
-        def marks(layout):
+    if any(ed.pair_blend_words()):
+        def marks(layout, words):
             w = torch.zeros(len(layout.ids))
-            for word in ed.blend_words:
+            for word in words:
                 w[layout.positions(word)] = 1.0
             return w
-        blend = (torch.stack([marks(ts) for ts, _ in layouts]), torch.stack([marks(tt) for _, tt in layouts]))
+        per_pair = ed.pair_blend_words()
+        blend = (torch.stack([marks(ts, w) for (ts, _), w in zip(layouts, per_pair)]),
+                 torch.stack([marks(tt, w) for (_, tt), w in zip(layouts, per_pair)]))
     f = m.vae_factor
     latent_size = (r.height // f, r.width // f)
     steps = pipe._steps(r.sampler, r.steps, r.schedule)

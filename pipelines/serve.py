@@ -17,6 +17,8 @@ step if running.
     GET  /api/progress     the running job's step and the queue length (the page's progress bar)
     POST /api/txt2img      JSON with the command line's parameters -> {"images": [base64 PNG], ...}
     POST /api/img2img      the same plus "image" (base64) and "strength"
+    POST /api/edit         ``ldm edit``'s parameters (source_prompt, target_prompt, image, cross_replace, ...)
+                           -> the edited image under "images", the source under "source"
     /sdapi/v1/...          AUTOMATIC1111's API (pipelines/a1111.py), for its existing clients
 
 Embeddings (``--embeddings-dir``) are all loaded at start, as A1111 does: a prompt uses one by its
@@ -112,6 +114,32 @@ class Img2Img(Txt2Img):
     strength: float = Field(0.8, gt=0, le=1)
 
 
+class EditBody(BaseModel):
+    """``ldm edit``'s parameters under the same names: a source and a target prompt sampled together,
+    or with ``image`` (base64) a real image inverted then edited."""
+    model_config = ConfigDict(extra="forbid")
+    source_prompt: str
+    target_prompt: str | None = None
+    image: str | None = None
+    inversion: str = "null-text"
+    inner_steps: int = Field(10, ge=1, le=100)
+    cross_replace: float = Field(0.8, ge=0, le=1)
+    self_replace: float = Field(0.4, ge=0, le=1)
+    reweight: dict[str, float] = Field(default_factory=dict)
+    blend_words: list[str] = Field(default_factory=list)
+    negative: str = ""
+    sampler: str | None = None
+    schedule: str | None = None
+    steps: int | None = None
+    guidance: float | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    width: int | None = None
+    height: int | None = None
+    clip_skip: int = 1
+    clip_guidance_scale: float = Field(0.0, ge=0)
+    lora: list[str] = Field(default_factory=list)
+
+
 class BadRequest(ValueError):
     """A request's field has a value the server will not run; ``field`` names it."""
 
@@ -162,10 +190,11 @@ def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
 
 
 class Job:
-    def __init__(self, resolved: rq.Resolved | None, action=None):
+    def __init__(self, resolved: rq.Resolved | None, action=None, edit=None):
         self.id = uuid.uuid4().hex[:12]
         self.resolved = resolved
         self.action = action  # instead of a request: a function the worker runs between jobs
+        self.edit = edit  # a pipelines.edit.Edit: the request's settings run as that edit
         self.interrupted = False  # stopped by /sdapi/v1/interrupt rather than by its client leaving
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.cancel = threading.Event()
@@ -402,6 +431,8 @@ class Studio:
         r = job.resolved
         pipe = self._pipeline(tuple(str(x) for x in r.request.lora))
         job.steps = r.progress_steps() * len(r.iterations())
+        if job.edit is not None:
+            job.steps = r.steps
 
         def step(i, x, x0):
             job.step += 1  # counted over the whole job (its batches and hires passes)
@@ -412,10 +443,23 @@ class Studio:
         runnable = dataclasses.replace(r, request=dataclasses.replace(r.request, lora=[
             files_by_name[str(name)] for name in r.request.lora]))
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            res = pipe.generate(runnable, step)
+        extra = {}
+        if job.edit is not None:  # autograd is needed by null-text inversion and CLIP guidance
+            from .edit import edit, infotexts
+
+            with torch.no_grad():
+                out = edit(pipe, job.edit, runnable.request, step)
+            res, parameters = out.target, infotexts(pipe, out)
+            source_parameters = pipe.infotexts(out.source)[0]
+            extra = {"source": base64.b64encode(png_bytes(out.source.images[0], source_parameters)).decode("ascii"),
+                     "source_parameters": source_parameters,
+                     "inversion": {"inverted": out.inverted, "cached": out.cached}}
+        else:
+            with torch.inference_mode():
+                res = pipe.generate(runnable, step)
+            parameters = pipe.infotexts(res)
         seconds = time.perf_counter() - t0
-        images, files, parameters = [], [], pipe.infotexts(res)
+        images, files = [], []
         for img, params, s in zip(res.images, parameters, res.seeds):
             data = png_bytes(img, params)
             path = self.output_dir / f"{self._stamp}-{next(self._seq):05d}-{s}.png"
@@ -423,7 +467,7 @@ class Studio:
             images.append(base64.b64encode(data).decode("ascii"))
         self.counts["images"] += len(images)
         return {"images": images, "parameters": parameters, "seeds": res.seeds, "files": files,
-                "model": pipe.model.name, "job": job.id, "seconds": round(seconds, 3)}
+                "model": pipe.model.name, "job": job.id, "seconds": round(seconds, 3), **extra}
 
 
 async def _client_gone(request: Request):
@@ -433,13 +477,13 @@ async def _client_gone(request: Request):
         pass
 
 
-async def execute(studio: "Studio", req: rq.Request, request: Request, *, interrupted=None):
+async def execute(studio: "Studio", req: rq.Request, request: Request, *, interrupted=None, edit=None):
     """Resolve, queue and await one request: the job's result dict, or an error response (422 naming
     the field, 503 with Retry-After when the queue is full, 499 when the client went away). A job
     stopped by ``/sdapi/v1/interrupt`` answers ``interrupted()`` when given (A1111's clients expect a
     normal answer), else 499."""
     try:
-        job = Job(studio.resolve(req))
+        job = Job(studio.resolve(req), edit=edit)
     except rq.RequestError as exc:
         return _error(422, exc.problems)
     try:
@@ -486,7 +530,8 @@ def create_app(studio: Studio) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        known = list((Img2Img if request.url.path.endswith("img2img") else Txt2Img).model_fields)
+        body = {"img2img": Img2Img, "edit": EditBody}.get(request.url.path.rsplit("/", 1)[-1], Txt2Img)
+        known = list(body.model_fields)
         status, problems = _validation_problems(exc, known)
         return _error(status, problems)
 
@@ -512,6 +557,30 @@ def create_app(studio: Studio) -> FastAPI:
     @app.post("/api/txt2img")
     async def txt2img(req: Txt2Img, request: Request):
         return await execute(studio, to_request("txt2img", req), request)
+
+    @app.post("/api/edit")
+    async def edit(body: EditBody, request: Request):
+        from ldm.attention_control import EditError
+
+        from .edit import Edit, check_edit
+
+        try:
+            image = studio.read_image(body.image) if body.image else None
+        except BadRequest as exc:
+            return _error(422, [(exc.field, exc.message)])
+        if image is not None and (body.width or body.height):
+            return _error(422, [("width", "applies without an image (a real image keeps its size)")])
+        ed = Edit(body.source_prompt, body.target_prompt, cross_replace=body.cross_replace,
+                  self_replace=body.self_replace, reweight=body.reweight, blend_words=body.blend_words,
+                  images=None if image is None else [image], inversion=body.inversion, inner_steps=body.inner_steps,
+                  cache_dir=studio.output_dir / "inversions")
+        try:
+            check_edit(studio.pipe, ed)  # words, prompt lengths, image size: before the queue
+        except EditError as exc:
+            return _error(422, [("", str(exc))])
+        fields = body.model_dump(exclude={"source_prompt", "target_prompt", "image", "inversion", "inner_steps",
+                                          "cross_replace", "self_replace", "reweight", "blend_words"})
+        return await execute(studio, rq.Request(prompt=body.source_prompt, **fields), request, edit=ed)
 
     @app.post("/api/img2img")
     async def img2img(req: Img2Img, request: Request):

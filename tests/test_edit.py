@@ -148,15 +148,15 @@ def test_local_blend_keeps_the_source_outside_the_mask(sd1_pipe, monkeypatch):
 
 
 def test_blend_mask_from_word_maps():
-    """The mask: the summed maps dilated by one latent pixel, normalised, over 0.3, source OR target."""
+    """The mask: the summed maps dilated by one latent pixel, scaled to [0, 1], over 0.3, source OR target."""
     from ldm.attention_control import AttentionEdit
 
     ctl = AttentionEdit(clock={"step": 5}, n_steps=10, mappers=torch.eye(4)[None], has_source=torch.ones(1, 4,
                         dtype=bool), blend_source=torch.ones(1, 4), blend_target=torch.ones(1, 4))
-    maps = torch.zeros(2, 1, 8, 8)
-    maps[0, 0, 1, 1] = 1.0   # the source's word at (1, 1)
-    maps[1, 0, 6, 6] = 2.0   # the target's word at (6, 6)
-    maps[1, 0, 0, 7] = 0.5   # a weak response (0.25 of the target's peak): under the threshold
+    maps = torch.full((2, 1, 8, 8), 0.5)  # a floor, as a small model's maps have
+    maps[0, 0, 1, 1] = 1.5   # the source's word at (1, 1)
+    maps[1, 0, 6, 6] = 2.5   # the target's word at (6, 6)
+    maps[1, 0, 0, 7] = 0.9   # a weak response (0.2 of the target's range): under the threshold
     ctl.maps = maps
     want = torch.zeros(8, 8)
     want[0:3, 0:3] = 1

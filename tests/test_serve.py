@@ -322,6 +322,22 @@ def test_the_page_in_a_headless_browser(server):
             page.click("#generate")
             page.wait_for_function("document.getElementById('status').className == 'error'", timeout=30000)
             assert "width" in page.inner_text("#status")
+            # a result goes to the Edit tab: a word swapped, the edited image and its source come back
+            page.fill("#width", "64")
+            page.click(".card .to-edit >> nth=0")
+            assert page.is_visible("#edit-fields") and page.input_value("#prompt") == PROMPT
+            page.fill("#target", "a large red square on a blue background")
+            page.select_option("#sampler", "euler")  # a real image needs ddim: the server says so
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').className == 'error'", timeout=30000)
+            assert "use ddim" in page.inner_text("#status")
+            page.select_option("#sampler", "ddim")
+            page.select_option("#schedule", "default")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('.card').length == 4 || "
+                                   "document.getElementById('status').className == 'error'", timeout=120000)
+            assert page.locator(".card").count() == 4, page.inner_text("#status")
+            assert "Edit source: " + PROMPT in page.inner_text(".card pre >> nth=0")
         finally:
             browser.close()
 
@@ -411,3 +427,27 @@ def test_deepcache_and_the_new_controls_through_the_api(server):
     assert (params["Cache interval"], params["Schedule type"], params["Clip skip"]) == ("2", "Karras", "2")
     bad = post(server, "/api/txt2img", {"prompt": PROMPT, "cache_depth": 5, "cache_interval": 2})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "cache_depth"
+
+
+def test_edit_through_the_api(server):
+    """POST /api/edit: the same images as pipelines.edit in this process; a real image's inversion is
+    cached in the output folder, so a second edit of it reads the cache; bad words are a 422."""
+    from pipelines.edit import Edit, edit
+    from pipelines.request import Request
+
+    target = "a large red square on a blue background"
+    r = post(server, "/api/edit", {"source_prompt": PROMPT, "target_prompt": target, "seed": 4, "steps": 6})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ref = edit(server.studio.pipe, Edit(PROMPT, target), Request(seed=4, steps=6))
+    assert np.abs(pixels(decode(out["images"][0])) - pixels(ref.target.images[0])).max() <= 1
+    assert np.abs(pixels(decode(out["source"])) - pixels(ref.source.images[0])).max() <= 1
+    assert "Edit source: " + PROMPT in out["parameters"][0] and Path(out["files"][0]).is_file()
+    real = {"source_prompt": PROMPT, "target_prompt": target, "steps": 6, "inner_steps": 2, "image": out["source"]}
+    first, second = post(server, "/api/edit", real).json(), post(server, "/api/edit", real).json()
+    assert first["inversion"] == {"inverted": 1, "cached": 0} and second["inversion"] == {"inverted": 0, "cached": 1}
+    assert "Inversion: null-text" in first["parameters"][0]
+    bad = post(server, "/api/edit", {"source_prompt": PROMPT, "reweight": {"dog": 2.0}})
+    assert bad.status_code == 422 and "'dog' is not a word" in bad.json()["error"]
+    bad = post(server, "/api/edit", {"source_prompt": PROMPT, "cross_replace": 2})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "cross_replace"
