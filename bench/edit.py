@@ -99,11 +99,11 @@ def run_methods(pipe, sources, pairs, kind, real: bool, g: float, args, batch: i
         seeds = [start + i for i in range(len(chunk))]
         src_p = [world.caption(*s) for s, _ in chunk]
         tgt_p = [world.caption(*t) for _, t in chunk]
-        out["regenerate"] += pipe.text_to_image(tgt_p, seeds=seeds).images
+        out["regenerate"] += pipe.text_to_image(tgt_p, seeds=seeds, guidance_scale=g).images
         ddim = edit(pipe, Edit(src_p, tgt_p, images=imgs, inversion="ddim", cross_replace=0.0, self_replace=0.0,
-                               cache_dir=args.out / "inversions"), Request(seeds=seeds))
+                               cache_dir=args.out / "inversions"), Request(seeds=seeds, guidance=g))
         out["ddim-inversion"] += ddim.target.images
-        out["img2img-0.6"] += [pipe.image_to_image(p, im, strength=0.6, seed=s).images[0]
+        out["img2img-0.6"] += [pipe.image_to_image(p, im, strength=0.6, seed=s, guidance_scale=g).images[0]
                                for p, im, s in zip(tgt_p, imgs, seeds)]
         ctl = dict(cross_replace=args.cross_replace, self_replace=args.self_replace)
         for method, inv in (("p2p", None), ("null-text+p2p", "null-text"), ("npi+p2p", "npi")):
@@ -111,7 +111,8 @@ def run_methods(pipe, sources, pairs, kind, real: bool, g: float, args, batch: i
                 continue
             words = [blend_words(s, t, kind) for s, t in chunk] if args.blend else []
             ed = edit(pipe, Edit(src_p, tgt_p, images=None if inv is None else imgs, inversion=inv or "null-text",
-                                 blend_words=words, cache_dir=args.out / "inversions", **ctl), Request(seeds=seeds))
+                                 blend_words=words, cache_dir=args.out / "inversions", **ctl),
+                      Request(seeds=seeds, guidance=g))
             out[method] += ed.target.images
         print(f"  {kind} {'real' if real else 'generated'} {start + len(chunk)}/{len(pairs)}", flush=True)
     return out
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cross-replace", type=float, default=0.8)
     ap.add_argument("--self-replace", type=float, default=0.4)
     ap.add_argument("--blend", action="store_true", help="local blending on the edited words")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance of every method (default: the model's)")
     ap.add_argument("--clip-scales", type=float, nargs="+", default=[2.0, 5.0, 10.0],
                     help="CLIP guidance scales measured beside scale 0 (default 2 5 10)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["generated", "real", "reconstruction", "clip"])
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
     pipe = Pipeline.from_pretrained(EMBEDDED_MODEL)
-    g = pipe.model.sampling_defaults["guidance_scale"]
+    g = args.guidance or pipe.model.sampling_defaults["guidance_scale"]
     report = {"n": args.n, "controls": dict(cross_replace=args.cross_replace, self_replace=args.self_replace,
                                             blend=args.blend), "guidance": g}
     all_cases = cases(args.n)
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
                 src_images = []
                 for start in range(0, len(pairs), 16):
                     chunk = pairs[start:start + 16]
-                    src_images += pipe.text_to_image([world.caption(*s) for s, _ in chunk],
+                    src_images += pipe.text_to_image([world.caption(*s) for s, _ in chunk], guidance_scale=g,
                                                      seeds=[start + i for i in range(len(chunk))]).images
             else:
                 src_images = real_images
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
             pix = []
             for start in range(0, len(src_p), 16):
                 e = edit(pipe, Edit(src_p[start:start + 16], images=real_images[start:start + 16], inversion=inv,
-                                    cache_dir=args.out / "inversions"), Request())
+                                    cache_dir=args.out / "inversions"), Request(guidance=g))
                 pix.append(e.source.pixels)
             rec[f"{inv}_inversion_g{g:g}"] = psnr(torch.cat(pix), (x + 1) / 2)
         report["reconstruction_psnr_db"] = rec

@@ -148,19 +148,25 @@ def test_local_blend_keeps_the_source_outside_the_mask(sd1_pipe, monkeypatch):
 
 
 def test_blend_mask_from_word_maps():
-    """The mask: the summed maps dilated by one latent pixel, scaled to [0, 1], over 0.3, source OR target."""
+    """The mask: the summed maps dilated by h/16 latent pixels, scaled to [0, 1], over 0.3, source OR target."""
     from ldm.attention_control import AttentionEdit
 
     ctl = AttentionEdit(clock={"step": 5}, n_steps=10, mappers=torch.eye(4)[None], has_source=torch.ones(1, 4,
-                        dtype=bool), blend_source=torch.ones(1, 4), blend_target=torch.ones(1, 4))
-    maps = torch.full((2, 1, 8, 8), 0.5)  # a floor, as a small model's maps have
+                        dtype=bool), blend_source=torch.ones(1, 4), blend_target=torch.ones(1, 4), latent_size=(16, 16))
+    maps = torch.full((2, 1, 16, 16), 0.5)  # a floor, as a small model's maps have
     maps[0, 0, 1, 1] = 1.5   # the source's word at (1, 1)
-    maps[1, 0, 6, 6] = 2.5   # the target's word at (6, 6)
-    maps[1, 0, 0, 7] = 0.9   # a weak response (0.2 of the target's range): under the threshold
+    maps[1, 0, 14, 14] = 2.5  # the target's word at (14, 14)
+    maps[1, 0, 0, 15] = 0.9  # a weak response (0.2 of the target's range): under the threshold
     ctl.maps = maps
-    want = torch.zeros(8, 8)
+    want = torch.zeros(16, 16)  # dilated by 16 / 16 = 1 latent pixel
     want[0:3, 0:3] = 1
-    want[5:8, 5:8] = 1
+    want[13:16, 13:16] = 1
+    assert torch.equal(ctl.blend_mask()[0, 0], want)
+    ctl.latent_size = (8, 8)  # 8 / 16 rounds to no dilation
+    ctl.maps = maps[:, :, :8, :8].clone()
+    ctl.maps[1, 0, 6, 6] = 2.5
+    want = torch.zeros(8, 8)
+    want[1, 1] = want[6, 6] = 1
     assert torch.equal(ctl.blend_mask()[0, 0], want)
     ctl.clock["step"] = 1  # before the paper's start (0.2 of the steps): no blending yet
     assert ctl.blend_mask() is None
@@ -193,12 +199,13 @@ def test_null_text_inversion_reconstructs_better_than_plain_inversion(sd1_pipe, 
                               inner_steps=50), req)
     npi = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inversion="npi"), req)
     e_plain, e_nti, e_npi = (_mse(r.source.latents, z) for r in (plain, nti, npi))
-    assert e_nti < 0.5 * e_plain and e_npi < e_plain
+    assert e_nti < 0.5 * e_plain and e_npi < e_plain, (e_plain, e_nti, e_npi)
     # a second edit of the same image reads the cache: the same noise and embeddings, no inversion
     again = edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inversion="null-text", cache_dir=tmp_path,
                                 inner_steps=50), req)
     assert (again.inverted, again.cached) == (0, 1) and nti.inverted == 1
-    assert torch.allclose(again.source.latents, nti.source.latents, atol=1e-4)
+    gap = float((again.source.latents - nti.source.latents).abs().max())
+    assert gap < 1e-3, gap  # the same inversion; only the batch beside the source differs
     assert len(list(tmp_path.glob("inversion-*.safetensors"))) == 1
 
 
