@@ -209,6 +209,18 @@ def test_null_text_inversion_reconstructs_better_than_plain_inversion(sd1_pipe, 
     assert len(list(tmp_path.glob("inversion-*.safetensors"))) == 1
 
 
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_null_text_inversion_on_v_prediction_and_sdxl(arch, sd2_dir, sdxl_pipe):
+    """The same ordering on SD 2.x (v-prediction) and SDXL (two encoders, pooled text, sizes)."""
+    pipe = sdxl_pipe if arch == "sdxl" else Pipeline.from_pretrained(sd2_dir)
+    image = pipe.text_to_image(SRC, steps=10, guidance_scale=4.0, seed=1).images[0]
+    z = pipe.encode_image(image)
+    req = Request(steps=10, guidance=4.0)
+    e = {inv: _mse(edit(pipe, Edit(SRC, SRC, images=[image], inversion=inv, inner_steps=50), req).source.latents, z)
+         for inv in ("ddim", "null-text", "npi")}
+    assert e["null-text"] < 0.5 * e["ddim"] and e["npi"] < e["ddim"], e
+
+
 def test_real_image_errors(sd1_pipe, real_image):
     with pytest.raises(EditError, match="60x64; both sides must be multiples of 8"):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image.crop((0, 0, 60, 64))]))
