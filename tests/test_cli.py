@@ -186,6 +186,7 @@ def test_training_commands_check_their_output_dir_first(tmp_path, capsys, comman
 @pytest.mark.parametrize("argv,shown,allowed", [
     (["generate", "--help"], "--negative", ()),
     (["serve", "--help"], "--models-dir", ()),
+    (["edit", "--help"], "--cross-replace", ()),
     (["--help"], "textual-inversion", ("finetune", "shapes")),  # the plug-ins name their commands
     (["dreambooth", "--help"], "--instance-data-dir", ("finetune", "shapes")),  # flags typed from the recipe
     (["distill", "--help"], "--guidance-scale", ("finetune", "shapes")),
