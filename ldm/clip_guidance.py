@@ -35,11 +35,12 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_open_clip(cfg: dict):
-    """An open_clip ``CLIP`` from ``{"embed_dim", "vision_cfg", "text_cfg"}``."""
+    """An open_clip ``CLIP`` from ``{"embed_dim", "vision_cfg", "text_cfg"}`` (and ``quick_gelu``, which
+    OpenAI's models' configs set)."""
     import open_clip
 
     return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**cfg["vision_cfg"]),
-                          text_cfg=open_clip.CLIPTextCfg(**cfg["text_cfg"]))
+                          text_cfg=open_clip.CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=cfg.get("quick_gelu", False))
 
 
 def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
