@@ -161,7 +161,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     e = sub.add_parser("edit", help="edit by prompt-to-prompt: a source and a target prompt sampled together, or "
                                     "a real image (--image) inverted first")
     _edit_args(e)
-    e.set_defaults(func=_edit)
+    e.set_defaults(job=_run_edit)
     c = sub.add_parser("convert", help="a single-file checkpoint (A1111 / ComfyUI layout) to a diffusers directory, "
                                        "a diffusers directory to a single file, or a LoRA between diffusers' "
                                        "and kohya's layouts")
@@ -245,20 +245,6 @@ def _edit_args(e: argparse.ArgumentParser):
     threads_arg(e)
 
 
-def _edit(args) -> int:
-    from .request import RequestError
-
-    try:
-        _run_edit(args)
-    except RequestError as exc:
-        print(f"error: {exc.for_cli()}", file=sys.stderr)
-        return 2
-    except (ValueError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def _run_edit(args) -> list[Path]:
     """``ldm edit``: the edited (target) image to --output, or into --output-dir."""
     from tqdm import tqdm
@@ -266,7 +252,7 @@ def _run_edit(args) -> list[Path]:
     from ldm.attention_control import parse_reweight
     from ldm.images import load_image
 
-    from .edit import Edit, check_edit, edit, infotexts
+    from .edit import Edit, check_edit, check_sizes, edit, infotexts
     from .pipeline import Pipeline
     from .pngmeta import save_png
     from .processes import apply_threads
@@ -280,8 +266,6 @@ def _run_edit(args) -> list[Path]:
                                    "the default --output-dir")
     if args.save_source:
         check_output_file(args.save_source, "--save-source")
-    if args.image is not None and (args.width or args.height):
-        raise ValueError("--width/--height apply without --image (a real image keeps its size)")
     if args.token and len(args.token) != len(args.embedding):
         raise ValueError(f"got {len(args.token)} --token for {len(args.embedding)} --embedding")
     image = load_image(args.image) if args.image is not None else None
@@ -296,11 +280,12 @@ def _run_edit(args) -> list[Path]:
               self_replace=args.self_replace, reweight=parse_reweight(args.reweight), blend_words=args.blend_words,
               images=None if image is None else [image], inversion=args.inversion, inner_steps=args.inner_steps,
               cache_dir=None if args.no_cache else out_dir)
+    check_sizes(ed, req)  # before the model loads
     device = device_for(args)
     apply_threads(args.threads, device)
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype, allow_pickle=args.allow_pickle,
                                     config=args.model_config, vae=args.vae, attention=args.attention)
-    check_edit(pipe, ed)  # words, prompt lengths, image size: before any sampling
+    check_edit(pipe, ed, req)  # words, prompt lengths, image size: before any sampling
     steps = pipe.resolve(req).steps
     bar = tqdm(total=steps, desc="edit", unit="step", disable=args.quiet)
     res = edit(pipe, ed, req, callback=lambda i, x, x0: bar.update(1))
@@ -596,7 +581,7 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is not None:
         return args.func(args)
     try:
-        run(args)
+        getattr(args, "job", run)(args)  # run: generate / img2img / inpaint; _run_edit: edit
     except RequestError as exc:
         print(f"error: {exc.for_cli()}", file=sys.stderr)
         return 2

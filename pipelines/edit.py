@@ -31,7 +31,7 @@ from ldm.inversion import ddim_trajectory, inversion_key, load_inversion, null_t
 
 from .pipeline import Pipeline, Result, _generators
 from .pngmeta import _value
-from .request import Request, RequestError, Resolved
+from .request import Request, RequestError, Resolved, _image_size
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,19 @@ class EditResult:
     seconds: dict = field(default_factory=dict)  # inversion / sampling wall time
 
 
-def check_edit(pipe: Pipeline, ed: Edit) -> list[tuple]:
-    """Every problem an edit can be checked for before any sampling (EditError naming the value);
-    returns the token layouts of its pairs."""
+def check_sizes(ed: Edit, req: Request | None) -> None:
+    """A real image keeps its size: a request's width or height beside one is a RequestError naming it
+    (needs no model, so the command line asks before loading one)."""
+    if ed.images is not None and req is not None:
+        given = [name for name in ("width", "height") if getattr(req, name)]
+        if given:
+            raise RequestError([(given[0], "applies without an image (a real image keeps its size)")])
+
+
+def check_edit(pipe: Pipeline, ed: Edit, req: Request | None = None) -> list[tuple]:
+    """Every problem an edit can be checked for before any sampling (EditError naming the value, or
+    RequestError for the request's sizes); returns the token layouts of its pairs."""
+    check_sizes(ed, req)
     if ed.inversion not in INVERSIONS:
         raise EditError(f"--inversion must be one of {', '.join(INVERSIONS)}, got {ed.inversion!r}")
     if not isinstance(ed.inner_steps, int) or ed.inner_steps < 1:
@@ -103,7 +113,7 @@ def check_edit(pipe: Pipeline, ed: Edit) -> list[tuple]:
             raise EditError(f"got {len(ed.images)} images for {len(layouts)} source prompts")
         f = m.vae_factor
         for im in ed.images:
-            w, h = (im.shape[-1], im.shape[-2]) if isinstance(im, torch.Tensor) else im.size
+            w, h = _image_size(im)
             if w % f or h % f:
                 raise EditError(f"--image is {w}x{h}; both sides must be multiples of {f} (the VAE's factor): "
                                 f"crop or resize it, e.g. to {w // f * f}x{h // f * f}")
@@ -114,17 +124,13 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
     """Run an edit (see the module's note). Real images need the ddim sampler at eta 0 (the inversion
     retraces it)."""
     m = pipe.model
-    layouts = check_edit(pipe, ed)
+    req = req or Request()
+    layouts = check_edit(pipe, ed, req)
     n = len(layouts)
     pairs = ed.pairs()
-    req = req or Request()
     pipe.apply_adapters(req)
     real = ed.images is not None
-    size = {}
-    if real:
-        im = ed.images[0]
-        size = dict(width=int(im.shape[-1]), height=int(im.shape[-2])) if isinstance(im, torch.Tensor) \
-            else dict(width=im.size[0], height=im.size[1])
+    size = dict(zip(("width", "height"), _image_size(ed.images[0]))) if real else {}
     seed_req = dataclasses.replace(req, prompt=[s for s, _ in pairs], kind="txt2img", batch_size=1, n_iter=1,
                                    image=None, mask=None, latents=None, **size)
     seeds = seed_req.resolve(m).seeds
@@ -140,13 +146,13 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
     reweight = torch.stack([word_weights(tt, ed.reweight, t) for (_, tt), (_, t) in zip(layouts, pairs)]) \
         if ed.reweight else None
     blend = None
-    if any(ed.pair_blend_words()):
+    per_pair = ed.pair_blend_words()
+    if any(per_pair):
         def marks(layout, words):
             w = torch.zeros(len(layout.ids))
             for word in words:
                 w[layout.positions(word)] = 1.0
             return w
-        per_pair = ed.pair_blend_words()
         blend = (torch.stack([marks(ts, w) for (ts, _), w in zip(layouts, per_pair)]),
                  torch.stack([marks(tt, w) for (_, tt), w in zip(layouts, per_pair)]))
     f = m.vae_factor

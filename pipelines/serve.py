@@ -430,9 +430,7 @@ class Studio:
 
         r = job.resolved
         pipe = self._pipeline(tuple(str(x) for x in r.request.lora))
-        job.steps = r.progress_steps() * len(r.iterations())
-        if job.edit is not None:
-            job.steps = r.steps
+        job.steps = r.steps if job.edit is not None else r.progress_steps() * len(r.iterations())
 
         def step(i, x, x0):
             job.step += 1  # counted over the whole job (its batches and hires passes)
@@ -568,19 +566,20 @@ def create_app(studio: Studio) -> FastAPI:
             image = studio.read_image(body.image) if body.image else None
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        if image is not None and (body.width or body.height):
-            return _error(422, [("width", "applies without an image (a real image keeps its size)")])
         ed = Edit(body.source_prompt, body.target_prompt, cross_replace=body.cross_replace,
                   self_replace=body.self_replace, reweight=body.reweight, blend_words=body.blend_words,
                   images=None if image is None else [image], inversion=body.inversion, inner_steps=body.inner_steps,
                   cache_dir=studio.output_dir / "inversions")
-        try:
-            check_edit(studio.pipe, ed)  # words, prompt lengths, image size: before the queue
-        except EditError as exc:
-            return _error(422, [("", str(exc))])
         fields = body.model_dump(exclude={"source_prompt", "target_prompt", "image", "inversion", "inner_steps",
                                           "cross_replace", "self_replace", "reweight", "blend_words"})
-        return await execute(studio, rq.Request(prompt=body.source_prompt, **fields), request, edit=ed)
+        req = rq.Request(prompt=body.source_prompt, **fields)
+        try:
+            check_edit(studio.pipe, ed, req)  # words, prompt lengths, sizes: before the queue
+        except rq.RequestError as exc:
+            return _error(422, exc.problems)
+        except EditError as exc:
+            return _error(422, [("", str(exc))])
+        return await execute(studio, req, request, edit=ed)
 
     @app.post("/api/img2img")
     async def img2img(req: Img2Img, request: Request):

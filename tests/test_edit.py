@@ -226,6 +226,8 @@ def test_real_image_errors(sd1_pipe, real_image):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image.crop((0, 0, 60, 64))]))
     with pytest.raises(RequestError, match="ddim"):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image]), Request(sampler="euler", steps=4))
+    with pytest.raises(RequestError, match="width: applies without an image"):
+        edit(sd1_pipe, Edit(SRC, TGT, images=[real_image]), Request(width=64))
     with pytest.raises(EditError, match="--inversion"):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inversion="nti"))
 
