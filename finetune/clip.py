@@ -114,7 +114,7 @@ class CLIPObjective(Objective):
         cfg = self.cfg.open_clip_cfg()
         directory = Path(directory)
         text_tower_to_hf(model, cfg).save_pretrained(str(directory / "text_encoder"), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        write_clip_tokenizer(directory / "tokenizer", model_max_length=self.cfg.context_length)
         save_visual(model, cfg, directory / "clip")
         metrics = {split: self.zero_shot(model, split) for split in ("seen", "heldout")}
         (directory / "clip" / "zero_shot.json").write_text(json.dumps(metrics, indent=2))

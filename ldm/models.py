@@ -332,7 +332,8 @@ def load_tokenizer(directory: Path):
 
     s = json.loads(spec.read_text())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-toolkit" / "tokenizers"
-    target = cache / f"clip-{s['model_max_length']}-{'bang' if s['pad_token'] == '!' else 'eot'}"
+    # "-bpe": vocab.json and merges.txt only (see write_clip_tokenizer); caches of older versions kept one
+    target = cache / f"clip-{s['model_max_length']}-{'bang' if s['pad_token'] == '!' else 'eot'}-bpe"
     if not (target / "tokenizer_config.json").is_file():  # written aside, then renamed: whole or not at all
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         write_clip_tokenizer(tmp, model_max_length=s["model_max_length"], pad_token=s["pad_token"])

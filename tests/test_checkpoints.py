@@ -172,6 +172,34 @@ def test_every_shipped_config_is_complete_and_its_tokenizer_is_clips(tmp_path, m
     assert tok.pad_token == "!" and tok.model_max_length == 77
 
 
+def test_cached_tokenizer_without_tokenizer_json_tokenizes_as_clip_does(tmp_path, monkeypatch):
+    """The cache keeps vocab.json and merges.txt only (a fast load); what it tokenizes equals the full
+    save_pretrained directory's and open_clip's own CLIP tokenizer, padded and truncated alike."""
+    import random
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from ldm.checkpoints import CONFIGS
+    from ldm.models import load_tokenizer
+    from ldm.tokenizer import write_clip_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = load_tokenizer(CONFIGS / "sd1" / "tokenizer")
+    (cache_dir,) = (tmp_path / "cache" / "ldm-toolkit" / "tokenizers").iterdir()
+    assert not (cache_dir / "tokenizer.json").exists() and (cache_dir / "merges.txt").is_file()
+    full = write_clip_tokenizer(tmp_path / "full")
+    reference = SimpleTokenizer()
+    words = ["a", "red", "circle", "Teal", "ring!!", "naïve", "café", "don't", "(word:1.2)", "x" * 30, "1234", "a,b.c"]
+    rng = random.Random(0)
+    for _ in range(200):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
+        ids = cached(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ids == full(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        want = reference.encode(prompt)[:75]
+        assert ids[:len(want) + 2] == [49406, *want, 49407], prompt
+    assert (cached.pad_token_id, cached.model_max_length) == (full.pad_token_id, 77)
+
+
 def test_vae_replaces_the_models_vae_from_a_directory_or_a_single_file(tiny, tmp_path):
     """Another model's VAE, as its directory and as an A1111-style VAE file, gives the image of the
     model with that VAE swapped in by hand."""
