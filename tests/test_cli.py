@@ -229,3 +229,30 @@ def test_threads_auto_takes_a_core_per_idle_one(monkeypatch):
     assert processes.choose_threads("3") == 3 and processes.choose_threads("default") is None
     with pytest.raises(ValueError, match="--threads must be >= 1"):
         processes.choose_threads("0")
+
+
+def test_console_script_leaves_one_shot_commands_at_once_with_their_exit_status(sd1_dir, tmp_path):
+    """`ldm generate` through the console script: the image is whole and equals the one main() writes in
+    this process, the exit status is main's (0, or 2 with the message printed), and a command that is
+    not one-shot (here `ldm serve --help`) still exits through sys.exit."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from ldm.images import load_image
+
+    def console(*argv):
+        code = f"import sys\nsys.argv = ['ldm', *{list(argv)!r}]\nfrom pipelines.cli import entry\nentry()\n"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+
+    common = ["a red circle", "--model", str(sd1_dir), "--steps", "2", "--seed", "5", "--width", "64", "--height", "64"]
+    out = console("generate", *common, "--output", str(tmp_path / "console.png"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "console.png")
+    assert main(["generate", *common, "--output", str(tmp_path / "inproc.png")]) == 0
+    assert np.array_equal(np.asarray(load_image(tmp_path / "console.png")), np.asarray(load_image(tmp_path / "inproc.png")))
+    bad = console("generate", *common[:-4], "--width", "60", "--output", str(tmp_path / "bad.png"))
+    assert bad.returncode == 2 and "multiple of 8" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad.png").exists()
+    assert console("serve", "--help").returncode == 0
