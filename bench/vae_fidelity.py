@@ -2,6 +2,9 @@
 reconstructions with the world's detector (the ceiling for any U-Net trained on its latents).
 
     python bench/vae_fidelity.py runs/shapes/vae [--n 200]
+
+Groups: seen and held-out pairs, all scenes (every colour and shape, teal and rings included: the
+codec split), small orange stars (textual inversion's concept) and teal rings (DreamBooth's subject).
 """
 
 import argparse
@@ -32,6 +35,9 @@ def main():
         vae = AutoencoderKL.from_pretrained(a.vae_dir).eval()
     groups = {"seen": [shapes.sample_scene(123, i, "seen") for i in range(a.n)],
               "heldout": [shapes.sample_scene(123, i, "heldout") for i in range(a.n)],
+              "all scenes": [shapes.sample_scene(321, i, "codec") for i in range(a.n)],
+              "small orange star": [shapes.sample_scene(7, i, color="orange", shape="star", sizes=["small"])
+                                    for i in range(a.n)],
               "teal ring": [shapes.sample_scene(5, i, color="teal", shape="ring") for i in range(a.n)]}
     for name, scenes in groups.items():
         imgs, l1 = roundtrip(vae, scenes)
@@ -42,7 +48,7 @@ def main():
               + " ".join(f"{k} {np.mean([getattr(r, k) == getattr(s, k) for s, r in zip(scenes, reads)]):.3f}"
                          for k in ("size", "color", "shape", "background"))
               + f", L1 {l1:.4f}")
-        if name != "teal ring":  # where the misses are: all-correct per (size, shape) class
+        if name in ("seen", "heldout", "all scenes"):  # where the misses are: all-correct per (size, shape) class
             classes = sorted({(s.size, s.shape) for s in scenes})
             print("  per class: " + ", ".join(
                 f"{sz} {sh} {sum(o for s, o in zip(scenes, ok) if (s.size, s.shape) == (sz, sh))}"

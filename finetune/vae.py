@@ -37,7 +37,9 @@ class VAEConfig(TrainConfig):
     layers_per_block: int = 1
     norm_num_groups: int = 8
     kl_weight: float = 1e-6
-    random_color_fraction: float = 0.1   # images drawn in random RGB colours (not the palette)
+    split: str = "train"                 # the scenes drawn: train (the U-Net's), or codec (every colour and
+                                         # shape: teal, rings and the held-out pairs too; ../shared/SHAPES.md)
+    random_color_fraction: float = 0.1   # images drawn in random RGB colours (train: off the palette)
     crop_size: int = 32                  # train on random crops of this side (convolutions do not care) ...
     full_size_steps: int = 200           # ... except for the last N steps, on whole 64x64 images
     scale_images: int = 2048             # images used to measure scaling_factor
@@ -65,13 +67,14 @@ def edge_mask(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     return (spread.amax(1, keepdim=True) > threshold).to(x.dtype)
 
 
-def random_color_scene_pixels(rng: np.random.Generator, scene: shapes.Scene) -> np.ndarray:
-    """``scene`` drawn with a random background and a random off-palette shape colour (a generic-image
-    prior for the VAE). The shape colour keeps clear of the palette, so no such image is a held-out
-    pair (an orange-ish star) or a reserved colour (teal)."""
+def random_color_scene_pixels(rng: np.random.Generator, scene: shapes.Scene, any_color: bool = False) -> np.ndarray:
+    """``scene`` drawn with a random background and a random shape colour (a generic-image prior for the
+    VAE). Unless ``any_color``, the shape colour keeps clear of the palette, so no such image is a
+    held-out pair (an orange-ish star) or a reserved colour (teal)."""
     from PIL import Image, ImageDraw
 
-    fg, bg = shapes.off_palette_color(rng), tuple(int(v) for v in rng.integers(0, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 256, 3)) if any_color else shapes.off_palette_color(rng)
+    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
     img = Image.new("RGB", (shapes.CANVAS, shapes.CANVAS), bg)
     shapes.draw_shape(ImageDraw.Draw(img), scene.shape, scene.x0, scene.y0, scene.s, scene.s, fg, bg)
     return np.asarray(img)
@@ -93,12 +96,15 @@ class VAEObjective(Objective):
     def __init__(self, cfg: VAEConfig):
         self.cfg = cfg
         self.folders: list[torch.Tensor] = []  # the data_dirs' images, read in setup
-        # training-split combinations only: oversampling never draws a held-out pair
-        self.hard_combos = shapes.combinations("train", shapes=cfg.oversample_shape and [cfg.oversample_shape],
+        if cfg.split not in ("train", "codec"):
+            raise ValueError(f"split={cfg.split!r}: a VAE trains on 'train' (the U-Net's scenes) or 'codec' "
+                             "(every colour and shape)")
+        # combinations of the split only: with split train, oversampling never draws a held-out pair
+        self.hard_combos = shapes.combinations(cfg.split, shapes=cfg.oversample_shape and [cfg.oversample_shape],
                                                sizes=cfg.oversample_size and [cfg.oversample_size])
         if cfg.oversample_fraction and not self.hard_combos:
             raise ValueError(f"oversample_shape={cfg.oversample_shape!r} / oversample_size={cfg.oversample_size!r} "
-                             f"match no training scene; use one of {shapes.SHAPES} / {shapes.SIZES}")
+                             f"match no scene of split {cfg.split!r}; use one of {shapes.ALL_SHAPES} / {shapes.SIZES}")
 
     def setup(self, accelerator):
         self.device = accelerator.device
@@ -149,13 +155,13 @@ class VAEObjective(Objective):
             return {"pixels": self._folder_batch(rng)}
         base = sample_offset(index, rank, world, self.cfg.batch_size)
         n_hard = int(round(self.cfg.oversample_fraction * self.cfg.batch_size))
-        scenes = [shapes.sample_scene(self.cfg.seed, base + j) for j in range(n_hard, self.cfg.batch_size)]
+        scenes = [shapes.sample_scene(self.cfg.seed, base + j, self.cfg.split) for j in range(n_hard, self.cfg.batch_size)]
         scenes += [shapes.place(rng, *self.hard_combos[int(rng.integers(len(self.hard_combos)))])
                    for _ in range(n_hard)]
         pix = []
         for sc in scenes:
             if rng.random() < self.cfg.random_color_fraction:
-                pix.append(random_color_scene_pixels(rng, sc))
+                pix.append(random_color_scene_pixels(rng, sc, any_color=self.cfg.split == "codec"))
             else:
                 pix.append(np.asarray(shapes.render(sc)))
         x = pixels_to_tensor(np.stack(pix))  # (B, 3, 64, 64)

@@ -142,14 +142,16 @@ def combinations(split: str = "train", *, sizes=None, colors=None, shapes=None,
                  backgrounds=None) -> list[tuple[str, str, str, str]]:
     """All (size, colour, shape, background) of a split:
     ``train`` (base training: no held-out pair, nothing reserved), ``heldout`` (only the held-out
-    pairs), ``seen`` (= train), ``all`` (train + heldout); each keyword, when given, keeps only the
-    combinations whose attribute is among its values."""
-    if split not in ("train", "seen", "heldout", "all"):
-        raise ValueError(f"unknown split {split!r}; expected train, seen, heldout or all")
+    pairs), ``seen`` (= train), ``all`` (train + heldout), ``codec`` (all, and the reserved teal and
+    ring too: what the VAE, the model's general image codec, may see); each keyword, when given, keeps
+    only the combinations whose attribute is among its values."""
+    if split not in ("train", "seen", "heldout", "all", "codec"):
+        raise ValueError(f"unknown split {split!r}; expected train, seen, heldout, all or codec")
+    codec = split == "codec"
     out = []
     for size in SIZES:
-        for color in SHAPE_COLORS:
-            for shape in SHAPES:
+        for color in SHAPE_COLORS + (RESERVED_COLORS if codec else ()):
+            for shape in ALL_SHAPES if codec else SHAPES:
                 held = (color, shape) in HELD_OUT
                 if split in ("train", "seen") and held or split == "heldout" and not held:
                     continue

@@ -67,6 +67,9 @@ def test_training_split_excludes_held_out_and_reserved():
     held = S.combinations("heldout")
     assert len(held) == 2 * 3 * 8 and all((c, s) in S.HELD_OUT for _, c, s, _ in held)
     assert len(S.combinations("train")) + len(held) == len(S.combinations("all")) == 2 * 6 * 4 * 8
+    codec = S.combinations("codec")  # all, and teal (a shape colour only, so on any of 9 backgrounds) and rings
+    assert set(S.combinations("all")) < set(codec) and len(codec) == 2 * (6 * 5 * 8 + 1 * 5 * 9)
+    assert {c for _, c, _, _ in codec} == set(S.SHAPE_COLORS) | {"teal"} and {s for _, _, s, _ in codec} == set(S.ALL_SHAPES)
 
 
 def test_dataset_is_seeded_and_prefix_stable():

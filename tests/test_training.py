@@ -44,8 +44,25 @@ def test_oversampling_draws_the_asked_scenes_and_no_held_out_pair():
         assert not any((r.color, r.shape) in shapes.HELD_OUT for r in reads)
         seen_hard += sum(r.shape == "star" for r in reads[-10:])
     assert seen_hard == 100  # the last half of every batch is stars
-    with pytest.raises(ValueError, match="match no training scene"):
+    with pytest.raises(ValueError, match="match no scene of split 'train'"):
         VAEObjective(VAEConfig(output_dir="unused", oversample_fraction=0.5, oversample_shape="ring"))
+
+
+def test_codec_split_lets_the_vae_see_teal_rings_and_held_out_pairs():
+    """split codec (the VAE as a general codec, ../shared/SHAPES.md): the whole world, reserved teal and
+    ring and the held-out pairs included, read back by the detector from the batches themselves."""
+    cfg = VAEConfig(output_dir="unused", batch_size=32, split="codec", oversample_fraction=0.5, oversample_shape="ring",
+                    random_color_fraction=0.0, crop_size=0)
+    obj = VAEObjective(cfg)
+    reads = []
+    for index in range(12):
+        x = obj.batch(index, None, 0, 1)["pixels"]
+        reads += [shapes.detect(im) for im in ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+    pairs = {(r.color, r.shape) for r in reads}
+    assert ("teal", "ring") in pairs and pairs & set(shapes.HELD_OUT)
+    assert sum(r.shape == "ring" for r in reads) >= 12 * 16  # the oversampled half, at least
+    with pytest.raises(ValueError, match="split='heldout'"):
+        VAEObjective(VAEConfig(output_dir="unused", split="heldout"))
 
 
 def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
