@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -567,13 +568,17 @@ def run(args) -> list[Path]:
     return written
 
 
+def _command(argv: list[str]) -> str | None:
+    """The sub-command a command line names (its first word that is not a flag)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)  # --help ends here, before anything heavy loads
+    args = build_parser(_command(argv)).parse_args(argv)  # --help ends here, before anything heavy loads
     from transformers.utils import logging as hf_logging
 
     from .request import RequestError
@@ -603,12 +608,8 @@ ONE_SHOT = frozenset({"generate", "img2img", "inpaint", "edit"})
 
 def entry() -> None:
     """The console script ``ldm``."""
-    argv = sys.argv[1:]
-    rc = main(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    import os
-
-    if command in ONE_SHOT and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    rc = main(sys.argv[1:])
+    if _command(sys.argv[1:]) in ONE_SHOT and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
