@@ -140,6 +140,10 @@ class EditBody(BaseModel):
     lora: list[str] = Field(default_factory=list)
 
 
+# EditBody's fields that configure the edit itself (pipelines.edit.Edit); the rest are the Request's
+EDIT_FIELDS = frozenset({"inversion", "inner_steps", "cross_replace", "self_replace", "reweight", "blend_words"})
+
+
 class BadRequest(ValueError):
     """A request's field has a value the server will not run; ``field`` names it."""
 
@@ -566,13 +570,10 @@ def create_app(studio: Studio) -> FastAPI:
             image = studio.read_image(body.image) if body.image else None
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        ed = Edit(body.source_prompt, body.target_prompt, cross_replace=body.cross_replace,
-                  self_replace=body.self_replace, reweight=body.reweight, blend_words=body.blend_words,
-                  images=None if image is None else [image], inversion=body.inversion, inner_steps=body.inner_steps,
-                  cache_dir=studio.output_dir / "inversions")
-        fields = body.model_dump(exclude={"source_prompt", "target_prompt", "image", "inversion", "inner_steps",
-                                          "cross_replace", "self_replace", "reweight", "blend_words"})
-        req = rq.Request(prompt=body.source_prompt, **fields)
+        ed = Edit(body.source_prompt, body.target_prompt, images=None if image is None else [image],
+                  cache_dir=studio.output_dir / "inversions", **body.model_dump(include=EDIT_FIELDS))
+        req = rq.Request(prompt=body.source_prompt,
+                         **body.model_dump(exclude={"source_prompt", "target_prompt", "image", *EDIT_FIELDS}))
         try:
             check_edit(studio.pipe, ed, req)  # words, prompt lengths, sizes: before the queue
         except rq.RequestError as exc:
