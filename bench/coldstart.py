@@ -58,23 +58,23 @@ STAGE_NAMES = ["import torch", "import transformers' CLIP", "import diffusers' U
                "load the model", "sample 30 steps and decode", "write the PNG"]
 
 
-def wall(cmd: list[str], env: dict) -> float:
+def wall(cmd: list[str]) -> float:
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tempfile.gettempdir())
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     return time.perf_counter() - t
 
 
-def import_table(repo: Path, out: str, env: dict, top: int = 8) -> list[tuple[str, float]]:
+def import_table(repo: Path, out: str, top: int = 8) -> list[tuple[str, float]]:
     code = RUN.format(repo=str(repo), argv=["generate", "a red circle", "--output", out, "--quiet"])
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, capture_output=True,
-                         text=True, env=env, cwd=tempfile.gettempdir()).stderr
+                         text=True, cwd=tempfile.gettempdir()).stderr
     by_package: dict[str, float] = {}
     for line in err.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
             continue
-        _, self_us, _, name = _parse(line)
-        pkg = name.split(".")[0]
-        by_package[pkg] = by_package.get(pkg, 0.0) + self_us / 1e6
+        self_us, _, name = line[len("import time:"):].split("|")  # own time, cumulative, module
+        pkg = name.strip().split(".")[0]
+        by_package[pkg] = by_package.get(pkg, 0.0) + int(self_us) / 1e6
     rows = sorted(by_package.items(), key=lambda kv: -kv[1])
     shown = rows[:top]
     shown.append(("everything else", sum(v for _, v in rows[top:])))
@@ -82,17 +82,11 @@ def import_table(repo: Path, out: str, env: dict, top: int = 8) -> list[tuple[st
     return shown
 
 
-def _parse(line: str):
-    self_us, cumulative, name = line[len("import time:"):].split("|")
-    return None, int(self_us), int(cumulative), name.strip()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repo", type=Path, action="append", default=[], help="another checkout to time beside this one")
     args = ap.parse_args(argv)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "0"}
     out = str(Path(tempfile.mkdtemp()) / "x.png")
     repos = [HERE] + [r.resolve() for r in args.repo]
     cases = {
@@ -103,14 +97,14 @@ def main(argv=None):
             repo=str(repo), argv=["generate", "a red circle", "--output", out, "--quiet"])],
     }
     for repo in repos:  # once each first: caches (tokenizer files, .pyc) written, not timed
-        wall(cases['ldm generate "a red circle"'](repo), env)
+        wall(cases['ldm generate "a red circle"'](repo))
     times = {(r, c): [] for r in repos for c in cases}
     for _ in range(args.rounds):
         for c, make in cases.items():
             for r in repos:
                 if c.startswith("python") and r != HERE:
                     continue
-                times[(r, c)].append(wall(make(r), env))
+                times[(r, c)].append(wall(make(r)))
     print(f"## cold start, {os.cpu_count()} cores, median of {args.rounds} fresh processes (min-max)\n")
     print("| command | " + " | ".join(str(r) for r in repos) + " |")
     print("|---|" + "---|" * len(repos))
@@ -123,14 +117,14 @@ def main(argv=None):
 
     print(f"\n## python -X importtime of `ldm generate` ({HERE}): own import time by top-level package\n")
     print("| package | s |\n|---|---|")
-    for pkg, s in import_table(HERE, out, env):
+    for pkg, s in import_table(HERE, out):
         print(f"| {pkg} | {s:.2f} |")
 
     print("\n## the stages of one generate, in one fresh process (median of the rounds)\n")
     runs = []
     for _ in range(args.rounds):
         res = subprocess.run([sys.executable, "-c", STAGES.format(repo=str(HERE), out=out)], check=True,
-                             capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+                             capture_output=True, text=True, cwd=tempfile.gettempdir())
         runs.append([float(x) for x in res.stdout.split()])
     print("| stage | s |\n|---|---|")
     for i, name in enumerate(STAGE_NAMES):

@@ -32,6 +32,11 @@ def test_edge_mask_marks_pixels_next_to_a_colour_change():
     assert want.sum() == (4 * 30 - 4) + (4 * 32 - 4)  # the outline inside and (with corners) outside
 
 
+def _reads(x: torch.Tensor) -> list:
+    """The detector's reading of each image of a (B, 3, H, W) batch in [-1, 1]."""
+    return [shapes.detect(im) for im in ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+
+
 def test_oversampling_draws_the_asked_scenes_and_no_held_out_pair():
     cfg = VAEConfig(output_dir="unused", batch_size=20, oversample_fraction=0.5, oversample_shape="star",
                     random_color_fraction=0.0, crop_size=0)
@@ -40,7 +45,7 @@ def test_oversampling_draws_the_asked_scenes_and_no_held_out_pair():
     seen_hard = 0
     for index in range(10):
         x = obj.batch(index, None, 0, 1)["pixels"]
-        reads = [shapes.detect(im) for im in ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+        reads = _reads(x)
         assert not any((r.color, r.shape) in shapes.HELD_OUT for r in reads)
         seen_hard += sum(r.shape == "star" for r in reads[-10:])
     assert seen_hard == 100  # the last half of every batch is stars
@@ -57,7 +62,7 @@ def test_codec_split_lets_the_vae_see_teal_rings_and_held_out_pairs():
     reads = []
     for index in range(12):
         x = obj.batch(index, None, 0, 1)["pixels"]
-        reads += [shapes.detect(im) for im in ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+        reads += _reads(x)
     pairs = {(r.color, r.shape) for r in reads}
     assert ("teal", "ring") in pairs and pairs & set(shapes.HELD_OUT)
     assert sum(r.shape == "ring" for r in reads) >= 12 * 16  # the oversampled half, at least
