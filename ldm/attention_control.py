@@ -11,8 +11,9 @@ attention maps are taken from the source's where the edit keeps the image.
   most ``self_max_positions`` query positions (the paper's 16 x 16), the target's self-attention
   probabilities are the source's: the layout is kept.
 - Local blending: the cross-attention maps of chosen words, summed over layers and steps, dilated,
-  scaled to [0, 1] over the image and thresholded, give a mask per prompt; outside the union of the source's and the target's masks the
-  target's latent is the source's (``local_blend``, a denoiser wrapper).
+  scaled to [0, 1] over the image and thresholded, give a mask per prompt; outside the union of the
+  source's and the target's masks the target's latent is the source's (``local_blend``, a denoiser
+  wrapper).
 
 The control is an attention processor (``control_attention``) that computes explicit probabilities
 only in the layers and steps it edits; every other call goes to the processor the model had (PyTorch's
