@@ -36,6 +36,9 @@ class CLIPConfig(TrainConfig):
     text_heads: int = 4
     context_length: int = 20
     attribute_dropout: float = 0.2  # each of size/colour/background left out of a caption with this probability
+    # Transformer layers kept in the saved text_encoder/ (what the U-Net conditions on); None: all.
+    # The CLIP's whole text tower stays in clip/ for CLIP score and guidance either way.
+    text_encoder_layers: int | None = None
 
     def vision_cfg(self) -> dict:
         if self.vision_resnet_layers:
@@ -113,7 +116,8 @@ class CLIPObjective(Objective):
         model = modules["clip"].eval()
         cfg = self.cfg.open_clip_cfg()
         directory = Path(directory)
-        text_tower_to_hf(model, cfg).save_pretrained(str(directory / "text_encoder"), safe_serialization=True)
+        text_tower_to_hf(model, cfg, self.cfg.text_encoder_layers).save_pretrained(
+            str(directory / "text_encoder"), safe_serialization=True)
         write_clip_tokenizer(directory / "tokenizer", model_max_length=self.cfg.context_length)
         save_visual(model, cfg, directory / "clip")
         metrics = {split: self.zero_shot(model, split) for split in ("seen", "heldout")}

@@ -9,7 +9,8 @@ estimate the samplers take is x0' = x0 - (1 - alpha_bar) / sqrt(alpha_bar) * dLo
 
 A CLIP directory is either the embedded model's ``shapes-clip`` layout (``open_clip_config.json`` of
 the form {embed_dim, vision_cfg, text_cfg} and ``visual.safetensors``: the image tower and the text
-projection, whose text tower is the model's own text encoder), or a whole open_clip model as the hub
+projection, whose text tower is the model's own text encoder, completed by the CLIP's text layers
+when the model conditions on fewer of them: see :func:`clip_text_tower`), or a whole open_clip model as the hub
 stores it (``open_clip_config.json`` with ``model_cfg`` and ``preprocess_cfg``, weights in
 ``open_clip_model.safetensors``), which brings its own text tower.
 """
@@ -30,6 +31,7 @@ CONFIG_FILE = "open_clip_config.json"
 VISUAL_FILE = "visual.safetensors"
 FULL_FILE = "open_clip_model.safetensors"
 EMBEDDED_CLIP = EMBEDDED_MODEL.parent / "shapes-clip"
+TEXT_LAYERS = "text_layers."  # the CLIP's text transformer layers in visual.safetensors (transformers' names)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -133,6 +135,36 @@ class ClipTower:
         return ClipGuide(self.visual, text, self.image_size, self.mean, self.std, cutouts=cutouts)
 
 
+def clip_text_tower(text_encoder, clip_weights: dict):
+    """The CLIP's whole text tower from a model's text encoder and the CLIP's ``visual.safetensors``.
+
+    A model may condition its U-Net on fewer text layers than its CLIP was trained with (the embedded
+    model's text encoder keeps none: token and position embeddings through the final layer norm, so
+    that a held-out pair's words give the states the U-Net saw). The CLIP's own layers then live in
+    the CLIP directory under ``text_layers.``; with the text encoder's embeddings and final norm they
+    make the tower that CLIP score and CLIP guidance need. Without such layers the text encoder is the
+    tower and comes back as it is."""
+    layers = {k[len(TEXT_LAYERS):]: v for k, v in clip_weights.items() if k.startswith(TEXT_LAYERS)}
+    if not layers:
+        return text_encoder
+    from transformers import CLIPTextModel
+
+    count = len({k.split("encoder.layers.")[1].split(".")[0] for k in layers})
+    config = text_encoder.config.__class__.from_dict({**text_encoder.config.to_dict(), "num_hidden_layers": count})
+    tower = CLIPTextModel(config)
+    own = {k: v for k, v in text_encoder.state_dict().items() if ".layers." not in k}
+    prefix = "text_model." if any(k.startswith("text_model.") for k in tower.state_dict()) else ""
+    own = {prefix + k.removeprefix("text_model."): v for k, v in own.items()}
+    ref = next(iter(own.values()))
+    weights = {**own, **{prefix + k: v.to(ref.dtype) for k, v in layers.items()}}
+    missing, unexpected = tower.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not m.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelError(f"the CLIP's text layers do not fit this text encoder: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return tower.to(device=ref.device, dtype=ref.dtype).eval().requires_grad_(False)
+
+
 def load_clip(clip_dir: str | Path, model, device=None) -> ClipTower:
     """The CLIP in ``clip_dir`` for guiding ``model`` (see the module's note for the two layouts); a
     shapes-clip layout whose text projection does not take the width of the model's text encoder is
@@ -170,14 +202,15 @@ def load_clip(clip_dir: str | Path, model, device=None) -> ClipTower:
                          "use the CLIP this model's text encoder came from, or a whole open_clip model "
                          f"({FULL_FILE}) that brings its own text tower")
     net = build_open_clip(cfg)
-    net.load_state_dict({**net.state_dict(), **{k: v.float() for k, v in sd.items()}})
+    net.load_state_dict({**net.state_dict(), **{k: v.float() for k, v in sd.items() if not k.startswith(TEXT_LAYERS)}})
     visual = net.visual.eval().to(device).requires_grad_(False)
     proj = proj.float().to(device)
+    tower = clip_text_tower(model.text_encoder, sd)
 
     def text_features(prompts):
         from .text import tokenize
 
         ids = tokenize(model.tokenizer, prompts).to(model.device)
-        return model.text_encoder(ids).pooler_output.float().to(device) @ proj
+        return tower(ids).pooler_output.float().to(device) @ proj
 
     return ClipTower(visual, text_features, cfg["vision_cfg"]["image_size"])

@@ -118,10 +118,17 @@ def _hidden(out, encoder, layer: str, clip_skip: int) -> torch.Tensor:
     ``last`` (SD 1.x, 2.x): the final states, or with clip_skip N > 1 the states N layers from the end
     through the final layer norm (diffusers' clip_skip = N - 1); ``penultimate`` (SDXL): the states N
     layers before the last, without the final norm."""
+    if layer != "penultimate" and clip_skip <= 1:
+        return out.last_hidden_state
+    layers = getattr(encoder, "module", encoder).config.num_hidden_layers
+    most = layers if layer == "penultimate" else layers + 1
+    if clip_skip > most:
+        from .locate import ModelError
+
+        raise ModelError(f"clip_skip {clip_skip}: this text encoder has {layers} layer(s), so clip_skip can be "
+                         f"at most {most}")
     if layer == "penultimate":
         return out.hidden_states[-(clip_skip + 1)]
-    if clip_skip <= 1:
-        return out.last_hidden_state
     inner = getattr(encoder, "text_model", encoder)
     return inner.final_layer_norm(out.hidden_states[-clip_skip])
 

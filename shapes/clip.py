@@ -15,15 +15,16 @@ import torch
 
 # the CLIP's file names and loader, and the embedded model's CLIP image tower (for CLIP score and
 # CLIP guidance), shipped beside the model: their home is ldm.clip_guidance
-from ldm.clip_guidance import CONFIG_FILE, EMBEDDED_CLIP, VISUAL_FILE, build_open_clip  # noqa: F401
+from ldm.clip_guidance import CONFIG_FILE, EMBEDDED_CLIP, TEXT_LAYERS, VISUAL_FILE, build_open_clip  # noqa: F401
+from ldm.clip_guidance import clip_text_tower
 
 BOS, EOS = 49406, 49407
 
 
-def hf_text_config(cfg: dict):
+def hf_text_config(cfg: dict, layers: int | None = None):
     from transformers import CLIPTextConfig
 
-    t = cfg["text_cfg"]
+    t = {**cfg["text_cfg"], **({} if layers is None else {"layers": layers})}
     return CLIPTextConfig(vocab_size=t.get("vocab_size", 49408), hidden_size=t["width"],
                           intermediate_size=int(t["width"] * t.get("mlp_ratio", 4.0)),
                           num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
@@ -31,19 +32,24 @@ def hf_text_config(cfg: dict):
                           projection_dim=cfg["embed_dim"], bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
 
 
-def text_tower_to_hf(model, cfg: dict):
-    """The text tower of open_clip ``model`` as a transformers ``CLIPTextModel`` (same hidden states)."""
+def text_tower_to_hf(model, cfg: dict, layers: int | None = None):
+    """The text tower of open_clip ``model`` as a transformers ``CLIPTextModel`` (same hidden states);
+    with ``layers``, only its first ``layers`` transformer layers (0: the embeddings through the final
+    layer norm), as a text encoder for a U-Net to condition on."""
     from transformers import CLIPTextModel
 
     sd = model.state_dict()
-    hf = CLIPTextModel(hf_text_config(cfg))
+    layers = cfg["text_cfg"]["layers"] if layers is None else layers
+    if not 0 <= layers <= cfg["text_cfg"]["layers"]:
+        raise ValueError(f"text encoder layers: {layers} is not between 0 and the tower's {cfg['text_cfg']['layers']}")
+    hf = CLIPTextModel(hf_text_config(cfg, layers))
     out = {
         "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
         "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
         "text_model.final_layer_norm.weight": sd["ln_final.weight"],
         "text_model.final_layer_norm.bias": sd["ln_final.bias"],
     }
-    for i in range(cfg["text_cfg"]["layers"]):
+    for i in range(layers):
         src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
         for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
                      ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
@@ -62,14 +68,17 @@ def text_tower_to_hf(model, cfg: dict):
 
 
 def save_visual(model, cfg: dict, directory: str | Path):
-    """Write the parts of the CLIP that the text encoder does not hold: the visual tower, the text
-    projection and the logit scale."""
+    """Write the parts of the CLIP that a text encoder of no layers lacks: the visual tower, the text
+    projection, the logit scale and the text tower's transformer layers (``text_layers.``, in
+    transformers' names; :func:`ldm.clip_guidance.clip_text_tower` puts the tower back together)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
           if k.startswith("visual.") or k in ("text_projection", "logit_scale")}
+    sd.update({TEXT_LAYERS + k.removeprefix("text_model."): v.detach().contiguous().cpu()
+               for k, v in text_tower_to_hf(model, cfg).state_dict().items() if ".layers." in k})
     save_file(sd, str(directory / VISUAL_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
 
@@ -88,10 +97,12 @@ class ShapesCLIP:
         self.cfg = json.loads((clip_dir / CONFIG_FILE).read_text())
         sd = load_file(str(clip_dir / VISUAL_FILE))
         model = build_open_clip(self.cfg)
-        model.load_state_dict({**model.state_dict(), **{k: v.float() for k, v in sd.items()}})
+        model.load_state_dict({**model.state_dict(), **{k: v.float() for k, v in sd.items()
+                                                     if not k.startswith(TEXT_LAYERS)}})
         self.visual = model.visual.eval().to(device)
         self.projection = sd["text_projection"].float().to(device)
-        self.text = CLIPTextModel.from_pretrained(str(text_dir / "text_encoder"), dtype=torch.float32).eval().to(device)
+        text = CLIPTextModel.from_pretrained(str(text_dir / "text_encoder"), dtype=torch.float32).eval()
+        self.text = clip_text_tower(text, sd).to(device)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(text_dir / "tokenizer"))
         self.device = device
 

@@ -221,3 +221,16 @@ def test_sdxl_reads_the_same_syntax_through_both_encoders(sdxl_dir):
     L = m.tokenizer.model_max_length
     (long,) = prompt_context(m, [" ".join(["red"] * (L - 2) + ["blue"])])
     assert long["encoder_hidden_states"].shape[1] == 2 * L
+
+
+def test_clip_skip_past_the_text_encoders_layers_is_a_clear_error(sd1_dir):
+    """The tiny SD 1.x text encoder has 2 layers: A1111's clip skip 3 reads its embeddings, 4 does not exist."""
+    from ldm.locate import ModelError
+    from ldm.text import encode_weighted
+    from pipelines.pipeline import Pipeline
+
+    m = Pipeline.from_pretrained(sd1_dir).model
+    layers = m.text_encoder.config.num_hidden_layers
+    encode_weighted(m.tokenizer, m.text_encoder, ["a red circle"], clip_skip=layers + 1)
+    with pytest.raises(ModelError, match=f"clip_skip {layers + 2}: this text encoder has {layers} layer"):
+        encode_weighted(m.tokenizer, m.text_encoder, ["a red circle"], clip_skip=layers + 2)
