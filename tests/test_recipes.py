@@ -29,15 +29,25 @@ def test_the_wheel_lists_the_recipes_as_package_data():
     assert project["package-data"]["configs"] == ["*.yaml"]
 
 
-def test_vae_codec_experiment_recipes_are_valid_vae_recipes():
-    """configs/vae-codec (issue 27's measured chain, docs/shapes-model.md): every key known, the codec
-    split, each stage starting from the one before."""
+def test_the_build_chains_its_vae_stages_on_the_codec_split():
+    """The build's VAE (issue 27, docs/shapes-model.md): every stage draws the whole world (teal,
+    rings, held-out pairs), each starts from the one before, the decoder-only stages keep the
+    encoder; the CLIP's saved text encoder keeps no layers and the U-Net reads the last VAE stage."""
     from pathlib import Path
 
+    from finetune.clip import CLIPConfig
+    from finetune.unet import UNetConfig
     from finetune.vae import VAEConfig
+    from shapes.build import STAGES, build_stage_config
 
-    root = Path(__file__).resolve().parents[1]
-    cfgs = {p.stem: build(VAEConfig, read_yaml(p), str(p)) for p in sorted((root / "configs" / "vae-codec").glob("*.yaml"))}
-    assert sorted(cfgs) == ["b", "c", "e"] and all(c.split == "codec" for c in cfgs.values())
-    assert cfgs["c"].init_vae == cfgs["b"].output_dir and cfgs["e"].init_vae == cfgs["c"].output_dir
-    assert cfgs["e"].decoder_only and not cfgs["c"].decoder_only
+    out = Path("/build")
+    cfgs = {stage: build_stage_config({"VAEConfig": VAEConfig, "CLIPConfig": CLIPConfig, "UNetConfig": UNetConfig}[cls],
+                                      recipe, out, stage, resume=False)
+            for stage, _, cls, _, recipe in STAGES}
+    vae = [s for s in cfgs if s.startswith("vae")]
+    assert vae == ["vae", "vae-refine", "vae-stars", "vae-decoder", "vae-stars-2", "vae-decoder-2"]
+    assert all(cfgs[s].split == "codec" for s in vae)
+    assert all(cfgs[b].init_vae == str(out / a) for a, b in zip(vae, vae[1:]))
+    assert [cfgs[s].decoder_only for s in vae] == [False, False, False, True, False, True]
+    assert cfgs["clip"].text_encoder_layers == 0
+    assert cfgs["model"].vae_dir == str(out / "vae-decoder-2") and cfgs["model"].clip_dir == str(out / "clip")

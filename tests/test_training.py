@@ -106,6 +106,8 @@ TINY = {
     "vae-refine": dict(max_steps=2, batch_size=4, scale_images=64, checkpoint_every=2, validation_every=0),
     "vae-stars": dict(max_steps=2, batch_size=4, scale_images=64, checkpoint_every=2, validation_every=0),
     "vae-decoder": dict(max_steps=2, batch_size=4, checkpoint_every=2, validation_every=0),
+    "vae-stars-2": dict(max_steps=1, batch_size=4, scale_images=64, checkpoint_every=1, validation_every=0),
+    "vae-decoder-2": dict(max_steps=1, batch_size=4, checkpoint_every=1, validation_every=0),
     "clip": dict(max_steps=3, batch_size=8, checkpoint_every=3, embed_dim=16, vision_width=8,
                  text_width=32, text_layers=1, text_heads=2),
     "model": dict(max_steps=3, batch_size=4, num_images=40, block_out_channels=[32, 32], norm_num_groups=8,
@@ -126,14 +128,15 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     out, summary = tiny_build
-    assert list(summary) == ["vae", "vae-refine", "vae-stars", "vae-decoder", "clip", "model"]
-    assert [summary[s]["steps"] for s in summary] == [3, 2, 2, 2, 3, 3]
+    assert list(summary) == ["vae", "vae-refine", "vae-stars", "vae-decoder", "vae-stars-2", "vae-decoder-2",
+                             "clip", "model"]
+    assert [summary[s]["steps"] for s in summary] == [3, 2, 2, 2, 1, 1, 3, 3]
     # each VAE stage starts from the one before (its tiny shape, not the recipe's full one)
     first = AutoencoderKL.from_pretrained(str(out / "vae" / "vae"))
-    refined = AutoencoderKL.from_pretrained(str(out / "vae-decoder" / "vae"))
+    refined = AutoencoderKL.from_pretrained(str(out / "vae-decoder-2" / "vae"))
     assert refined.config.block_out_channels == first.config.block_out_channels == [8, 8, 8, 8]
-    # the decoder stage keeps the third stage's encoder (so the U-Net's latents are its latents)
-    stars = AutoencoderKL.from_pretrained(str(out / "vae-stars" / "vae")).state_dict()
+    # the last decoder stage keeps the encoder of the stage before (so the U-Net's latents are its latents)
+    stars = AutoencoderKL.from_pretrained(str(out / "vae-stars-2" / "vae")).state_dict()
     dec = refined.state_dict()
     assert all(torch.equal(stars[k], dec[k]) for k in stars if k.startswith(("encoder.", "quant_conv.")))
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"), safety_checker=None,
