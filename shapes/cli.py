@@ -74,12 +74,11 @@ def _build(args) -> int:
 def _print_db(report: dict, output_dir: Path):
     print(f"DreamBooth of a {report['subject']} from {report['instance_images']} images "
           f"('{report['instance_prompt']}', class '{report['class_prompt']}', {report['class_images']} class images): "
-          f"decoder adapted in {report['decoder_steps']} steps ({report['decoder_seconds']:.0f} s); "
           f"{report['steps']} steps each, with prior {report['train_seconds']['with_prior']:.0f} s, "
           f"without {report['train_seconds']['without_prior']:.0f} s")
     print(f"{'model':>28} {'subject fidelity':>17} {'prior preserved':>16} {'prior reads teal':>17} "
           f"{'prior reads ring':>17}")
-    for name, label in (("base", "base"), ("base_adapted_decoder", "base, adapted decoder"),
+    for name, label in (("base", "base"),
                         ("with_prior", "DreamBooth with prior"), ("without_prior", "DreamBooth without prior")):
         m = report[name]
         print(f"{label:>28} {m['subject']['all_correct']:>17.3f} {m['prior']['all_correct']:>16.3f} "
@@ -87,7 +86,7 @@ def _print_db(report: dict, output_dir: Path):
     print(f"subject: {report['subject_images']} images of 'a sks circle on a {{background}} background' judged a "
           f"teal ring on that background; prior: {report['prior_images']} images of 'a {{color}} circle on a "
           f"{{background}} background' judged exactly that")
-    print(f"report: {output_dir / 'report.json'}; samples.png (rows: base, adapted decoder, with prior, without)")
+    print(f"report: {output_dir / 'report.json'}; samples.png (rows: base, with prior, without)")
 
 
 def _print_ti(report: dict, output_dir: Path):
@@ -130,8 +129,6 @@ def _register_demos(sub) -> None:
                    help="class images judged per (colour, background) (default 2)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
-    b.add_argument("--decoder-steps", type=int, default=None,
-                   help="override the decoder adaptation's steps (configs/vae-decoder-adapt-shapes.yaml)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of configs/dreambooth-shapes.yaml (repeatable)")
     b.add_argument("--quiet", action="store_true")
@@ -168,5 +165,4 @@ def _run_ti(args) -> int:
 def _run_db(args) -> int:
     from .demos import dreambooth_demo
 
-    return _run_demo(args, dreambooth_demo, _print_db, prior_per_case=args.prior_per_case,
-                     decoder_steps=args.decoder_steps)
+    return _run_demo(args, dreambooth_demo, _print_db, prior_per_case=args.prior_per_case)

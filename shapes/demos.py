@@ -7,9 +7,8 @@ then judge images of ``a {size} <concept> on a {background} background`` against
 prompted with the words ``orange star``, same seeds, every size and every background.
 
 ``ldm demo dreambooth``: render 5 images of a teal ring (a colour and a shape the base model never
-saw), adapt the VAE decoder to them (the embedded VAE cannot draw teal), then DreamBooth with and
-without prior preservation (configs/dreambooth-shapes.yaml), and judge, before and after training,
-subject fidelity (``a sks circle on a {background} background``: a teal ring on that background)
+saw; the VAE, the model's general codec, draws them), then DreamBooth with and without prior
+preservation (configs/dreambooth-shapes.yaml), and judge, before and after training, subject fidelity (``a sks circle on a {background} background``: a teal ring on that background)
 and prior preservation (``a {color} circle on a {background} background``: still a correct plain
 circle, no ring, no teal).
 """
@@ -17,7 +16,6 @@ circle, no ring, no teal).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -137,20 +135,6 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     return report
 
 
-def with_vae(base: Path, vae_dir: Path, out: Path) -> Path:
-    """A model directory ``out``: ``base``'s files with ``vae_dir`` as its vae/ (written whole, then
-    renamed into place)."""
-    import shutil
-
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=lambda d, names: ["vae"] if Path(d) == Path(base) else [])
-    shutil.copytree(vae_dir, tmp / "vae")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
-
-
 def dreambooth_cases(per_case: int, prior_per_case: int):
     """(subject cases and prompts, prior cases and prompts): ``per_case`` images of ``a sks circle
     on a {background} background`` per background; ``prior_per_case`` of ``a {color} circle on a
@@ -177,13 +161,12 @@ def _measure_dreambooth(model_dir: Path, per_case: int, prior_per_case: int) -> 
 
 
 def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int = 6, prior_per_case: int = 2,
-                    seed: int = 0, max_steps: int | None = None, decoder_steps: int | None = None,
+                    seed: int = 0, max_steps: int | None = None,
                     overrides: dict | None = None, progress: bool = True) -> dict:
     from finetune.config import build, read_yaml
     from finetune.data import base_model_path, load_base_model
     from finetune.dreambooth import DreamBoothConfig, DreamBoothObjective, generate_class_images
     from finetune.loop import train
-    from finetune.vae import VAEConfig, VAEObjective
     from ldm.images import make_grid
 
     output_dir = Path(output_dir)
@@ -200,28 +183,19 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
     generate_class_images(load_base_model(str(base), torch_device()), probe.class_prompt, class_dir,
                           probe.num_class_images, probe.sample_batch_size)
 
-    # 1. the decoder learns to draw the subject (the encoder, latents and U-Net are untouched)
-    vae_values = {**read_yaml(recipe_path("vae-decoder-adapt-shapes.yaml")), "init_vae": str(base),
-                  "data_dirs": [str(instance), str(class_dir)], "output_dir": str(output_dir / "decoder"),
-                  "seed": seed, "overwrite": True, "report_to": "none"}
-    if decoder_steps is not None:
-        vae_values["max_steps"] = decoder_steps
-    vae_cfg = build(VAEConfig, vae_values, "vae-decoder-adapt-shapes.yaml")
-    vae_summary = train(VAEObjective(vae_cfg), vae_cfg, progress=progress)
-    adapted = with_vae(base, output_dir / "decoder" / "vae", output_dir / "base-adapted")
-
-    # 2. DreamBooth from the adapted model, with and without prior preservation
+    # 1. DreamBooth from the base model as it is (its VAE draws teal rings), with and without prior
+    # preservation
     runs = {}
     for arm, prior in (("with_prior", True), ("without_prior", False)):
-        v = {**values, "model": str(adapted), "instance_data_dir": str(instance), "class_data_dir": str(class_dir),
+        v = {**values, "model": str(base), "instance_data_dir": str(instance), "class_data_dir": str(class_dir),
              "with_prior_preservation": prior, "output_dir": str(output_dir / arm), "seed": seed,
              "overwrite": True, "report_to": "none"}
         cfg = build(DreamBoothConfig, v, "dreambooth-shapes.yaml")
         runs[arm] = {"summary": train(DreamBoothObjective(cfg), cfg, progress=progress), "cfg": cfg}
 
-    # 3. the judge, same seeds everywhere
+    # 2. the judge, same seeds everywhere
     measured, grids = {}, []
-    for name, d in (("base", base), ("base_adapted_decoder", adapted), ("with_prior", output_dir / "with_prior"),
+    for name, d in (("base", base), ("with_prior", output_dir / "with_prior"),
                     ("without_prior", output_dir / "without_prior")):
         measured[name], images = _measure_dreambooth(d, per_case, prior_per_case)
         grids.append(make_grid(images, cols=len(images)))
@@ -230,7 +204,6 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
         "subject": f"{DB_COLOR} {DB_SHAPE}", "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
         "instance_images": len(DB_TRAIN), "class_images": cfg.num_class_images, "steps": cfg.max_steps,
         "learning_rate": cfg.learning_rate, "train_text_encoder": cfg.train_text_encoder,
-        "decoder_steps": vae_cfg.max_steps, "decoder_seconds": vae_summary["seconds"],
         "train_seconds": {k: r["summary"]["seconds"] for k, r in runs.items()},
         "steps_per_s": {k: r["summary"]["steps_per_s"] for k, r in runs.items()},
         "subject_images": len(measured["base"]["rows"]["subject"]),
