@@ -10,8 +10,8 @@ estimate the samplers take is x0' = x0 - (1 - alpha_bar) / sqrt(alpha_bar) * dLo
 A CLIP directory is either the embedded model's ``shapes-clip`` layout (``open_clip_config.json`` of
 the form {embed_dim, vision_cfg, text_cfg} and ``visual.safetensors``: the image tower and the text
 projection, whose text tower is the model's own text encoder, completed by the CLIP's text layers
-when the model conditions on fewer of them: see :func:`clip_text_tower`), or a whole open_clip model as the hub
-stores it (``open_clip_config.json`` with ``model_cfg`` and ``preprocess_cfg``, weights in
+when the model conditions on fewer of them: see :func:`clip_text_tower`), or a whole open_clip model
+as the hub stores it (``open_clip_config.json`` with ``model_cfg`` and ``preprocess_cfg``, weights in
 ``open_clip_model.safetensors``), which brings its own text tower.
 """
 
@@ -43,6 +43,16 @@ def build_open_clip(cfg: dict):
 
     return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**cfg["vision_cfg"]),
                           text_cfg=open_clip.CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=cfg.get("quick_gelu", False))
+
+
+def shapes_clip_net(cfg: dict, clip_weights: dict):
+    """The open_clip model of a shapes-clip directory: built from its config, with the weights of its
+    ``visual.safetensors`` (image tower, text projection, logit scale) in fp32; the text layers stored
+    there (``text_layers.``) are :func:`clip_text_tower`'s, not open_clip's."""
+    net = build_open_clip(cfg)
+    net.load_state_dict({**net.state_dict(), **{k: v.float() for k, v in clip_weights.items()
+                                                if not k.startswith(TEXT_LAYERS)}})
+    return net
 
 
 def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -201,8 +211,7 @@ def load_clip(clip_dir: str | Path, model, device=None) -> ClipTower:
                          f"{None if proj is None else proj.shape[0]}, but this model's text encoder gives {width}; "
                          "use the CLIP this model's text encoder came from, or a whole open_clip model "
                          f"({FULL_FILE}) that brings its own text tower")
-    net = build_open_clip(cfg)
-    net.load_state_dict({**net.state_dict(), **{k: v.float() for k, v in sd.items() if not k.startswith(TEXT_LAYERS)}})
+    net = shapes_clip_net(cfg, sd)
     visual = net.visual.eval().to(device).requires_grad_(False)
     proj = proj.float().to(device)
     tower = clip_text_tower(model.text_encoder, sd)

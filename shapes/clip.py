@@ -16,7 +16,7 @@ import torch
 # the CLIP's file names and loader, and the embedded model's CLIP image tower (for CLIP score and
 # CLIP guidance), shipped beside the model: their home is ldm.clip_guidance
 from ldm.clip_guidance import CONFIG_FILE, EMBEDDED_CLIP, TEXT_LAYERS, VISUAL_FILE, build_open_clip  # noqa: F401
-from ldm.clip_guidance import clip_text_tower
+from ldm.clip_guidance import clip_text_tower, shapes_clip_net
 
 BOS, EOS = 49406, 49407
 
@@ -96,10 +96,7 @@ class ShapesCLIP:
                 raise FileNotFoundError(f"{f} is missing: {clip_dir} is not a shapes CLIP directory")
         self.cfg = json.loads((clip_dir / CONFIG_FILE).read_text())
         sd = load_file(str(clip_dir / VISUAL_FILE))
-        model = build_open_clip(self.cfg)
-        model.load_state_dict({**model.state_dict(), **{k: v.float() for k, v in sd.items()
-                                                     if not k.startswith(TEXT_LAYERS)}})
-        self.visual = model.visual.eval().to(device)
+        self.visual = shapes_clip_net(self.cfg, sd).visual.eval().to(device)
         self.projection = sd["text_projection"].float().to(device)
         text = CLIPTextModel.from_pretrained(str(text_dir / "text_encoder"), dtype=torch.float32).eval()
         self.text = clip_text_tower(text, sd).to(device)
