@@ -1,6 +1,6 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
-the VAE (six stages, each from the one before: two recipes, then the last two again), then the CLIP, then the U-Net on their latents and
-text states; ``--install`` copies the result (fp16 weights) into the package as the default model."""
+the VAE (six stages, each from the one before: two recipes, then the last two again), then the
+CLIP, then the U-Net on their latents and text states; ``--install`` copies the result (fp16 weights) into the package as the default model."""
 
 from __future__ import annotations
 
@@ -89,9 +89,15 @@ def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, c
     pipe.to(torch.float32).save_pretrained(str(tmp), safe_serialization=True)
     shutil.rmtree(tmp / "tokenizer")  # the same BPE as vocab.json + merges.txt, read 5x faster than tokenizer.json
     write_clip_tokenizer(tmp / "tokenizer", model_max_length=pipe.tokenizer.model_max_length)
+    # the model's own name, not the build folder it was loaded from (the parts' configs say it too)
     index = json.loads((tmp / "model_index.json").read_text())
-    index["_name_or_path"] = target.name  # not the build folder it was loaded from
+    index["_name_or_path"] = target.name
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for config in tmp.glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if "_name_or_path" in values:  # diffusers' parts, written with sorted keys
+            values["_name_or_path"] = f"{target.name}/{config.parent.name}"
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     if (model_dir / SAMPLING_FILE).is_file():
         shutil.copy(model_dir / SAMPLING_FILE, tmp / SAMPLING_FILE)
     if target.exists():

@@ -166,6 +166,8 @@ def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_buil
     assert all(v.dtype == torch.float32 for v in weights.values())  # what diffusers' plain call needs
     assert (tmp_path / "clip" / "visual.safetensors").is_file()
     assert json.loads((tmp_path / "model" / "model_index.json").read_text())["_name_or_path"] == "model"
+    for part in ("unet", "vae"):  # no build folder named in the installed parts either
+        assert json.loads((tmp_path / "model" / part / "config.json").read_text())["_name_or_path"] == f"model/{part}"
     pipe = Pipeline.from_pretrained(tmp_path / "model")
     assert pipe.sampling_settings() == ("ddim", 30, guidance)
 
