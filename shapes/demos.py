@@ -8,8 +8,9 @@ prompted with the words ``orange star``, same seeds, every size and every backgr
 
 ``ldm demo dreambooth``: render 5 images of a teal ring (a colour and a shape the base model never
 saw; the VAE, the model's general codec, draws them), then DreamBooth with and without prior
-preservation (configs/dreambooth-shapes.yaml), and judge, before and after training, subject fidelity (``a sks circle on a {background} background``: a teal ring on that background)
-and prior preservation (``a {color} circle on a {background} background``: still a correct plain
+preservation (configs/dreambooth-shapes.yaml), and judge, before and after training, subject
+fidelity (``a sks circle on a {background} background``: a teal ring on that background) and prior
+preservation (``a {color} circle on a {background} background``: still a correct plain
 circle, no ring, no teal).
 """
 

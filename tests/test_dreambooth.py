@@ -256,7 +256,8 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(sd1_dir, tmp_path):
         assert load_model(out / d).unet is not None
     # DreamBooth trains the U-Net and the text encoder, never the VAE
     base, tuned = load_model(sd1_dir), load_model(out / "with_prior")
-    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(base.vae.state_dict().values(), tuned.vae.state_dict().values()))
+    assert all(torch.equal(a, b.to(a.dtype))
+               for a, b in zip(base.vae.state_dict().values(), tuned.vae.state_dict().values()))
     assert (out / "report.json").is_file() and (out / "samples.png").is_file()
 
 
