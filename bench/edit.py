@@ -105,7 +105,7 @@ def run_methods(pipe, sources, pairs, kind, real: bool, g: float, args, batch: i
         out["ddim-inversion"] += ddim.target.images
         out["img2img-0.6"] += [pipe.image_to_image(p, im, strength=0.6, seed=s, guidance_scale=g).images[0]
                                for p, im, s in zip(tgt_p, imgs, seeds)]
-        ctl = dict(cross_replace=args.cross_replace, self_replace=args.self_replace)
+        ctl = dict(cross_replace=args.cross_replace, self_replace=args.self_replace, inner_lr=args.inner_lr)
         for method, inv in (("p2p", None), ("null-text+p2p", "null-text"), ("npi+p2p", "npi")):
             if method not in out:
                 continue
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("outputs/bench-edit"))
     ap.add_argument("--cross-replace", type=float, default=0.8)
     ap.add_argument("--self-replace", type=float, default=0.4)
+    ap.add_argument("--inner-lr", type=float, default=1e-2, help="null-text inversion's learning rate (default 0.01)")
     ap.add_argument("--blend", action="store_true", help="local blending on the edited words")
     ap.add_argument("--guidance", type=float, default=None, help="guidance of every method (default: the model's)")
     ap.add_argument("--clip-scales", type=float, nargs="+", default=[2.0, 5.0, 10.0],
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     pipe = Pipeline.from_pretrained(EMBEDDED_MODEL)
     g = args.guidance or pipe.model.sampling_defaults["guidance_scale"]
     report = {"n": args.n, "controls": dict(cross_replace=args.cross_replace, self_replace=args.self_replace,
-                                            blend=args.blend), "guidance": g}
+                                            blend=args.blend, inner_lr=args.inner_lr), "guidance": g}
     all_cases = cases(args.n)
     rng = np.random.default_rng(1)
     scenes = [world.place(rng, *s) for s, _ in all_cases["shape"]]
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
             pix = []
             for start in range(0, len(src_p), 16):
                 e = edit(pipe, Edit(src_p[start:start + 16], images=real_images[start:start + 16], inversion=inv,
+                                    inner_lr=args.inner_lr,
                                     cache_dir=args.out / "inversions"), Request(guidance=g))
                 pix.append(e.source.pixels)
             rec[f"{inv}_inversion_g{g:g}"] = psnr(torch.cat(pix), (x + 1) / 2)

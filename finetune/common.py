@@ -11,6 +11,21 @@ from ldm.schedule import NoiseSchedule
 from ldm.text import text_context
 
 
+def hard_combos(split: str, fraction: float, shape: str | None, size: str | None) -> list[tuple[str, str, str, str]]:
+    """The shapes world's combinations of ``split`` that a recipe's ``oversample_*`` keys name (the
+    given shape and/or size class), checked: an error names the keys when a fraction is asked of no
+    scene. Combinations of the split only, so oversampling never draws a held-out pair in ``train``."""
+    from shapes import world as shapes
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"oversample_fraction={fraction!r}: a fraction of each batch, between 0 and 1")
+    combos = shapes.combinations(split, shapes=shape and [shape], sizes=size and [size])
+    if fraction and not combos:
+        raise ValueError(f"oversample_shape={shape!r} / oversample_size={size!r} match no scene of split "
+                         f"{split!r}; use one of {shapes.ALL_SHAPES} / {shapes.SIZES}")
+    return combos
+
+
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
                    snr_gamma: float = 0.0, reduce: bool = True):
     """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction

@@ -19,7 +19,7 @@ from ldm.models import SAMPLING_DEFAULTS
 from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
 from shapes import world as shapes
 
-from .common import TextCache, denoising_loss, sample_grid, save_pipeline
+from .common import TextCache, hard_combos, denoising_loss, sample_grid, save_pipeline
 from .config import TrainConfig, trained_part
 from .loop import Objective
 
@@ -37,6 +37,9 @@ class UNetConfig(TrainConfig):
     attribute_dropout: float = 0.15     # size/colour/background each left out of a caption
     uncond_prob: float = 0.1            # empty caption (for classifier-free guidance)
     snr_gamma: float = 5.0              # 0: plain MSE
+    oversample_fraction: float = 0.0     # this fraction of each batch is drawn from the training scenes ...
+    oversample_shape: str | None = None  # ... of this shape ...
+    oversample_size: str | None = None   # ... and this size class
     guidance_scale: float = 7.5         # the saved model's default, written into its sampling.json
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a large red circle on a blue background", "a small yellow star on a black background",
@@ -61,6 +64,8 @@ class UNetObjective(Objective):
 
     def __init__(self, cfg: UNetConfig):
         self.cfg = cfg
+        self.hard_combos = set(hard_combos("train", cfg.oversample_fraction, cfg.oversample_shape,
+                                           cfg.oversample_size))
 
     def setup(self, accelerator):
         from diffusers import AutoencoderKL
@@ -82,12 +87,20 @@ class UNetObjective(Objective):
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
         self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
+        self.hard = torch.tensor([i for i, sc in enumerate(self.scenes)
+                                  if (sc.size, sc.color, sc.shape, sc.background) in self.hard_combos], dtype=torch.long)
+        if self.cfg.oversample_fraction and not len(self.hard):
+            raise ValueError(f"none of the {len(self.scenes)} training scenes is a {self.cfg.oversample_size or ''} "
+                             f"{self.cfg.oversample_shape or ''} to oversample; raise num_images")
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return {"unet": build_unet(cfg, self.text_encoder.config.hidden_size, shapes.CANVAS // factor)}
 
     def batch(self, index, generator, rank, world):
         rng = np.random.default_rng([self.cfg.seed, index, rank, 31])
-        idx = torch.randint(0, len(self.scenes), (self.cfg.batch_size,), generator=generator)
+        n_hard = int(round(self.cfg.oversample_fraction * self.cfg.batch_size))
+        idx = torch.randint(0, len(self.scenes), (self.cfg.batch_size - n_hard,), generator=generator)
+        if n_hard:  # drawn after the rest, so that without oversampling the stream is the one it was
+            idx = torch.cat([idx, self.hard[torch.randint(0, len(self.hard), (n_hard,), generator=generator)]])
         prompts = []
         for i in idx.tolist():
             if rng.random() < self.cfg.uncond_prob:

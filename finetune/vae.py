@@ -27,6 +27,7 @@ import torch
 from ldm.images import pixels_to_tensor
 from shapes import world as shapes
 
+from .common import hard_combos
 from .config import TrainConfig, trained_part
 from .loop import Objective, sample_offset
 
@@ -99,12 +100,7 @@ class VAEObjective(Objective):
         if cfg.split not in ("train", "codec"):
             raise ValueError(f"split={cfg.split!r}: a VAE trains on 'train' (the U-Net's scenes) or 'codec' "
                              "(every colour and shape)")
-        # combinations of the split only: with split train, oversampling never draws a held-out pair
-        self.hard_combos = shapes.combinations(cfg.split, shapes=cfg.oversample_shape and [cfg.oversample_shape],
-                                               sizes=cfg.oversample_size and [cfg.oversample_size])
-        if cfg.oversample_fraction and not self.hard_combos:
-            raise ValueError(f"oversample_shape={cfg.oversample_shape!r} / oversample_size={cfg.oversample_size!r} "
-                             f"match no scene of split {cfg.split!r}; use one of {shapes.ALL_SHAPES} / {shapes.SIZES}")
+        self.hard_combos = hard_combos(cfg.split, cfg.oversample_fraction, cfg.oversample_shape, cfg.oversample_size)
 
     def setup(self, accelerator):
         self.device = accelerator.device

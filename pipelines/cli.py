@@ -221,6 +221,9 @@ def _edit_args(e: argparse.ArgumentParser):
                         "inversion, Miyake et al. 2023: no optimisation) or ddim (plain inversion at guidance 1)")
     e.add_argument("--inner-steps", type=int, default=10, metavar="N",
                    help="null-text inversion: optimisation steps per sampling step (default 10)")
+    e.add_argument("--inner-lr", type=float, default=1e-2, metavar="LR",
+                   help="null-text inversion: Adam's learning rate (default 0.01, the paper's; the embedded model "
+                        "reconstructs within 0.1 dB of its VAE at 0.03, 2 dB under it at 0.01)")
     e.add_argument("--no-cache", action="store_true",
                    help="do not read or write the inversion cache (inversion-*.safetensors beside the output)")
     e.add_argument("--cross-replace", type=float, default=0.8, metavar="F",
@@ -280,6 +283,7 @@ def _run_edit(args) -> list[Path]:
     ed = Edit(args.source_prompt, args.target_prompt, cross_replace=args.cross_replace,
               self_replace=args.self_replace, reweight=parse_reweight(args.reweight), blend_words=args.blend_words,
               images=None if image is None else [image], inversion=args.inversion, inner_steps=args.inner_steps,
+              inner_lr=args.inner_lr,
               cache_dir=None if args.no_cache else out_dir)
     check_sizes(ed, req)  # before the model loads
     device = device_for(args)

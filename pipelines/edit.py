@@ -49,7 +49,8 @@ class Edit:
     blend_words: list = field(default_factory=list)  # local blending: words of the source or target (or a list per pair)
     images: list[Any] | None = None        # real sources (PIL or (1, 3, H, W) in [-1, 1]), one per source prompt
     inversion: str = "null-text"           # real sources: null-text | npi (negative-prompt inversion) | ddim
-    inner_steps: int = 10                  # null-text inversion: optimisation steps per sampling step
+    inner_steps: int = 10                  # null-text inversion: optimisation steps per sampling step ...
+    inner_lr: float = 1e-2                 # ... and Adam's learning rate (the paper's 1e-2; decays 1% a step)
     cache_dir: Path | None = None          # where inversions are cached (None: not cached)
 
     def pair_blend_words(self) -> list[list[str]]:
@@ -97,6 +98,8 @@ def check_edit(pipe: Pipeline, ed: Edit, req: Request | None = None) -> list[tup
         raise EditError(f"--inversion must be one of {', '.join(INVERSIONS)}, got {ed.inversion!r}")
     if not isinstance(ed.inner_steps, int) or ed.inner_steps < 1:
         raise EditError(f"--inner-steps must be an integer >= 1, got {ed.inner_steps!r}")
+    if isinstance(ed.inner_lr, bool) or not isinstance(ed.inner_lr, (int, float)) or not 0 < ed.inner_lr <= 1:
+        raise EditError(f"--inner-lr must be a number in (0, 1], got {ed.inner_lr!r}")
     m = pipe.model
     tokenizer = m.tokenizer if m.tokenizer is not None else m.tokenizer_2
     layouts = []
@@ -210,7 +213,7 @@ def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
                               prompts_2=r.prompts_2[:n], negatives_2=r.negatives_2[:n])
     settings = dict(model=str(m.path), name=m.name, steps=r.steps, guidance=r.guidance, method=ed.inversion,
                     inner=ed.inner_steps if ed.inversion == "null-text" else None, clip_skip=r.clip_skip,
-                    schedule=r.schedule)
+                    schedule=r.schedule, inner_lr=float(ed.inner_lr) if ed.inversion == "null-text" else None)
     keys = [inversion_key(z0[i:i + 1], prompt=src.prompts[i], negative=src.negatives[i], **settings) for i in range(n)]
     paths = [ed.cache_dir / f"inversion-{k}.safetensors" if ed.cache_dir else None for k in keys]
     found = [load_inversion(p, k) if p else None for p, k in zip(paths, keys)]
@@ -230,7 +233,7 @@ def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
         if ed.inversion == "null-text" and r.guidance != 1.0:
             cond_at, uncond = pipe._contexts(sub, r.steps)
             got = null_text_inversion(unet_net(m.unet), m.schedule.prediction_type, path, steps, cond_at(0), uncond,
-                                      r.guidance, inner_steps=ed.inner_steps)
+                                      r.guidance, inner_steps=ed.inner_steps, lr=float(ed.inner_lr))
         for j, i in enumerate(todo):
             noise[i] = path[-1][j:j + 1]
             embeds[i] = None if got is None else [e[j:j + 1] for e in got]

@@ -123,6 +123,7 @@ class EditBody(BaseModel):
     image: str | None = None
     inversion: str = "null-text"
     inner_steps: int = Field(10, ge=1, le=100)
+    inner_lr: float = Field(1e-2, gt=0, le=1)
     cross_replace: float = Field(0.8, ge=0, le=1)
     self_replace: float = Field(0.4, ge=0, le=1)
     reweight: dict[str, float] = Field(default_factory=dict)
@@ -141,7 +142,8 @@ class EditBody(BaseModel):
 
 
 # EditBody's fields that configure the edit itself (pipelines.edit.Edit); the rest are the Request's
-EDIT_FIELDS = frozenset({"inversion", "inner_steps", "cross_replace", "self_replace", "reweight", "blend_words"})
+EDIT_FIELDS = frozenset({"inversion", "inner_steps", "inner_lr", "cross_replace", "self_replace", "reweight",
+                         "blend_words"})
 
 
 class BadRequest(ValueError):

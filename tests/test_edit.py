@@ -207,6 +207,11 @@ def test_null_text_inversion_reconstructs_better_than_plain_inversion(sd1_pipe, 
     gap = float((again.source.latents - nti.source.latents).abs().max())
     assert gap < 1e-3, gap  # the same inversion; only the batch beside the source differs
     assert len(list(tmp_path.glob("inversion-*.safetensors"))) == 1
+    # the learning rate is a setting of the inversion: another one inverts again (and is passed on)
+    other = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inversion="null-text", cache_dir=tmp_path,
+                                inner_steps=50, inner_lr=0.03), req)
+    assert (other.inverted, other.cached) == (1, 0) and len(list(tmp_path.glob("inversion-*.safetensors"))) == 2
+    assert not torch.equal(other.source.latents, nti.source.latents)
 
 
 @pytest.mark.parametrize("arch", ["sd2", "sdxl"])
@@ -230,6 +235,9 @@ def test_real_image_errors(sd1_pipe, real_image):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image]), Request(width=64))
     with pytest.raises(EditError, match="--inversion"):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inversion="nti"))
+    for lr in (0, -0.01, "0.01"):
+        with pytest.raises(EditError, match="--inner-lr must be a number"):
+            edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inner_lr=lr))
 
 
 # --- CLIP guidance ----------------------------------------------------------------------------------

@@ -450,7 +450,11 @@ def test_edit_through_the_api(server):
     first, second = post(server, "/api/edit", real).json(), post(server, "/api/edit", real).json()
     assert first["inversion"] == {"inverted": 1, "cached": 0} and second["inversion"] == {"inverted": 0, "cached": 1}
     assert "Inversion: null-text" in first["parameters"][0]
+    third = post(server, "/api/edit", {**real, "inner_lr": 0.03}).json()  # another inversion setting
+    assert third["inversion"] == {"inverted": 1, "cached": 0}
     bad = post(server, "/api/edit", {"source_prompt": PROMPT, "reweight": {"dog": 2.0}})
     assert bad.status_code == 422 and "'dog' is not a word" in bad.json()["error"]
     bad = post(server, "/api/edit", {"source_prompt": PROMPT, "cross_replace": 2})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "cross_replace"
+    bad = post(server, "/api/edit", {"source_prompt": PROMPT, "inner_lr": 0})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "inner_lr"

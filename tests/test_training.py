@@ -172,6 +172,34 @@ def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_buil
     assert pipe.sampling_settings() == ("ddim", 30, guidance)
 
 
+def test_unet_oversampling_ends_each_batch_with_the_asked_scenes(tiny_build):
+    """oversample_* in the U-Net recipe: that fraction of each batch is latents of training scenes of
+    the asked shape and size (read from the scenes behind the cached latents), never a held-out pair;
+    without it a batch is the uniform draw it was."""
+    from finetune.unet import UNetConfig, UNetObjective
+
+    out, _ = tiny_build
+    common = dict(output_dir="unused", vae_dir=str(out / "vae-decoder-2"), clip_dir=str(out / "clip"),
+                  num_images=300, batch_size=8)
+    obj = UNetObjective(UNetConfig(oversample_fraction=0.5, oversample_shape="star", oversample_size="small",
+                                   **common))
+    obj.setup(CPU)
+    small_stars = [i for i, sc in enumerate(obj.scenes) if sc.shape == "star" and sc.size == "small"]
+    assert small_stars and all(obj.scenes[i].color != "orange" for i in small_stars)
+    g = torch.Generator().manual_seed(0)
+    for index in range(5):
+        z = obj.batch(index, g, 0, 1)["latents"]
+        rows = [int(((obj.latents - zi).flatten(1).abs().sum(1) == 0).nonzero()[0]) for zi in z]
+        assert all(r in small_stars for r in rows[4:])
+    plain = UNetObjective(UNetConfig(**common))
+    plain.scenes, plain.latents, plain.text = obj.scenes, obj.latents, obj.text
+    z = plain.batch(0, torch.Generator().manual_seed(3), 0, 1)["latents"]
+    idx = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(z, obj.latents[idx])
+    with pytest.raises(ValueError, match="match no scene of split 'train'"):
+        UNetObjective(UNetConfig(output_dir="unused", oversample_fraction=0.5, oversample_shape="ring"))
+
+
 def test_scaling_factor_is_one_over_the_latent_std(tiny_build):
     from diffusers import AutoencoderKL
 
