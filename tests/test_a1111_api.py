@@ -29,8 +29,13 @@ def api(tmp_path_factory, sd1_dir):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    import torch
+
+    # the server's threads are this process's: the images are compared bit for bit with in-process ones, and
+    # `--threads auto` would take fewer on a busy machine (another order of float sums, a pixel level off)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--models-dir",
-                             str(models), "--output-dir", str(out), "--max-steps", "60"],
+                             str(models), "--output-dir", str(out), "--max-steps", "60",
+                             "--threads", str(torch.get_num_threads())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while True:
