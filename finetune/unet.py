@@ -19,7 +19,7 @@ from ldm.models import SAMPLING_DEFAULTS
 from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
 from shapes import world as shapes
 
-from .common import TextCache, hard_combos, denoising_loss, sample_grid, save_pipeline
+from .common import TextCache, denoising_loss, hard_combos, sample_grid, save_pipeline
 from .config import TrainConfig, trained_part
 from .loop import Objective
 

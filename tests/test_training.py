@@ -51,6 +51,8 @@ def test_oversampling_draws_the_asked_scenes_and_no_held_out_pair():
     assert seen_hard == 100  # the last half of every batch is stars
     with pytest.raises(ValueError, match="match no scene of split 'train'"):
         VAEObjective(VAEConfig(output_dir="unused", oversample_fraction=0.5, oversample_shape="ring"))
+    with pytest.raises(ValueError, match="oversample_fraction=1.5: a fraction of each batch"):
+        VAEObjective(VAEConfig(output_dir="unused", oversample_fraction=1.5, oversample_shape="star"))
 
 
 def test_codec_split_lets_the_vae_see_teal_rings_and_held_out_pairs():
