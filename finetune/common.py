@@ -1,7 +1,9 @@
-"""What the training objectives share: the denoising loss, the text-state cache, the validation grid
-and saving a model directory that diffusers loads."""
+"""What the training objectives share: the denoising loss, the text-state cache, the validation grid,
+saving a model directory that diffusers loads, and the recipes' oversampling keys."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -11,19 +13,28 @@ from ldm.schedule import NoiseSchedule
 from ldm.text import text_context
 
 
-def hard_combos(split: str, fraction: float, shape: str | None, size: str | None) -> list[tuple[str, str, str, str]]:
-    """The shapes world's combinations of ``split`` that a recipe's ``oversample_*`` keys name (the
-    given shape and/or size class), checked: an error names the keys when a fraction is asked of no
-    scene. Combinations of the split only, so oversampling never draws a held-out pair in ``train``."""
-    from shapes import world as shapes
+@dataclass
+class Oversampling:
+    """Recipe keys shared by the VAE and U-Net recipes: a fraction of each batch drawn from the shapes
+    world's hardest scenes (a shape and/or a size class)."""
+    oversample_fraction: float = 0.0     # this fraction of each batch is drawn from the scenes ...
+    oversample_shape: str | None = None  # ... of this shape ...
+    oversample_size: str | None = None   # ... and this size class
 
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"oversample_fraction={fraction!r}: a fraction of each batch, between 0 and 1")
-    combos = shapes.combinations(split, shapes=shape and [shape], sizes=size and [size])
-    if fraction and not combos:
-        raise ValueError(f"oversample_shape={shape!r} / oversample_size={size!r} match no scene of split "
-                         f"{split!r}; use one of {shapes.ALL_SHAPES} / {shapes.SIZES}")
-    return combos
+    def hard_combos(self, split: str) -> list[tuple[str, str, str, str]]:
+        """The combinations of ``split`` that the keys name, checked: an error names the keys when a
+        fraction is asked of no scene. Combinations of the split only, so oversampling never draws a
+        held-out pair in ``train``."""
+        from shapes import world as shapes
+
+        fraction, shape, size = self.oversample_fraction, self.oversample_shape, self.oversample_size
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"oversample_fraction={fraction!r}: a fraction of each batch, between 0 and 1")
+        combos = shapes.combinations(split, shapes=shape and [shape], sizes=size and [size])
+        if fraction and not combos:
+            raise ValueError(f"oversample_shape={shape!r} / oversample_size={size!r} match no scene of split "
+                             f"{split!r}; use one of {shapes.ALL_SHAPES} / {shapes.SIZES}")
+        return combos
 
 
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,

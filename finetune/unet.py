@@ -19,13 +19,13 @@ from ldm.models import SAMPLING_DEFAULTS
 from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
 from shapes import world as shapes
 
-from .common import TextCache, denoising_loss, hard_combos, sample_grid, save_pipeline
+from .common import Oversampling, TextCache, denoising_loss, sample_grid, save_pipeline
 from .config import TrainConfig, trained_part
 from .loop import Objective
 
 
 @dataclass
-class UNetConfig(TrainConfig):
+class UNetConfig(TrainConfig, Oversampling):
     vae_dir: str = "runs/shapes/vae-decoder-2"  # a directory holding vae/
     clip_dir: str = "runs/shapes/clip"  # a directory holding text_encoder/ and tokenizer/ (and clip/)
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
@@ -37,9 +37,6 @@ class UNetConfig(TrainConfig):
     attribute_dropout: float = 0.15     # size/colour/background each left out of a caption
     uncond_prob: float = 0.1            # empty caption (for classifier-free guidance)
     snr_gamma: float = 5.0              # 0: plain MSE
-    oversample_fraction: float = 0.0     # this fraction of each batch is drawn from the training scenes ...
-    oversample_shape: str | None = None  # ... of this shape ...
-    oversample_size: str | None = None   # ... and this size class
     guidance_scale: float = 7.5         # the saved model's default, written into its sampling.json
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a large red circle on a blue background", "a small yellow star on a black background",
@@ -64,8 +61,7 @@ class UNetObjective(Objective):
 
     def __init__(self, cfg: UNetConfig):
         self.cfg = cfg
-        self.hard_combos = set(hard_combos("train", cfg.oversample_fraction, cfg.oversample_shape,
-                                           cfg.oversample_size))
+        self.hard_combos = set(cfg.hard_combos("train"))
 
     def setup(self, accelerator):
         from diffusers import AutoencoderKL
@@ -87,9 +83,10 @@ class UNetObjective(Objective):
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
         self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
-        self.hard = torch.tensor([i for i, sc in enumerate(self.scenes)
-                                  if (sc.size, sc.color, sc.shape, sc.background) in self.hard_combos], dtype=torch.long)
-        if self.cfg.oversample_fraction and not len(self.hard):
+        hard = [i for i, sc in enumerate(self.scenes)
+                if (sc.size, sc.color, sc.shape, sc.background) in self.hard_combos] if cfg.oversample_fraction else []
+        self.hard = torch.tensor(hard, dtype=torch.long)
+        if cfg.oversample_fraction and not len(self.hard):
             raise ValueError(f"none of the {len(self.scenes)} training scenes is a {self.cfg.oversample_size or ''} "
                              f"{self.cfg.oversample_shape or ''} to oversample; raise num_images")
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -27,13 +27,13 @@ import torch
 from ldm.images import pixels_to_tensor
 from shapes import world as shapes
 
-from .common import hard_combos
+from .common import Oversampling
 from .config import TrainConfig, trained_part
 from .loop import Objective, sample_offset
 
 
 @dataclass
-class VAEConfig(TrainConfig):
+class VAEConfig(TrainConfig, Oversampling):
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
     layers_per_block: int = 1
     norm_num_groups: int = 8
@@ -46,9 +46,6 @@ class VAEConfig(TrainConfig):
     scale_images: int = 2048             # images used to measure scaling_factor
     init_vae: str | None = None          # start from this trained VAE (a directory holding vae/)
     edge_weight: float = 0.0             # extra L1 weight of pixels within 1 px of an edge
-    oversample_fraction: float = 0.0     # this fraction of each batch is drawn from ...
-    oversample_shape: str | None = None  # ... scenes of this shape ...
-    oversample_size: str | None = None   # ... and this size class
     latent_noise: float = 1.0            # decode mean + latent_noise * std * eps (0: the posterior mean,
                                          # which is what the U-Net is trained on)
     decoder_only: bool = False           # freeze the encoder (needs init_vae): latents and scaling_factor
@@ -100,7 +97,7 @@ class VAEObjective(Objective):
         if cfg.split not in ("train", "codec"):
             raise ValueError(f"split={cfg.split!r}: a VAE trains on 'train' (the U-Net's scenes) or 'codec' "
                              "(every colour and shape)")
-        self.hard_combos = hard_combos(cfg.split, cfg.oversample_fraction, cfg.oversample_shape, cfg.oversample_size)
+        self.hard_combos = cfg.hard_combos(cfg.split)
 
     def setup(self, accelerator):
         self.device = accelerator.device
