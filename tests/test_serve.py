@@ -333,6 +333,11 @@ def test_the_page_in_a_headless_browser(server):
             assert "use ddim" in page.inner_text("#status")
             page.select_option("#sampler", "ddim")
             page.select_option("#schedule", "default")
+            page.fill("#inner-lr", "0")  # null-text inversion's rate: the server names the field
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.includes('inner_lr')",
+                                   timeout=30000)
+            page.fill("#inner-lr", "0.03")
             page.click("#generate")
             page.wait_for_function("document.querySelectorAll('.card').length == 4 || "
                                    "document.getElementById('status').className == 'error'", timeout=120000)
