@@ -194,6 +194,7 @@ class DreamBoothConfig(TrainConfig):
     num_class_images: int = 100         # missing ones are generated with the base model and kept
     sample_batch_size: int = 16         # class images generated per batch
     train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # the text encoders' learning rate (None: learning_rate), as kohya's
     lora_rank: int = 0                  # 0: full fine-tuning; > 0: LoRA adapters of this rank (peft)
     lora_alpha: float | None = None     # default: lora_rank
     resolution: int | None = None       # default: the model's native size

@@ -97,8 +97,24 @@ class DreamBoothObjective(Objective):
                               "e.g. 'a dog' (class images are generated from it)")
         if cfg.with_prior_preservation and cfg.num_class_images < 1:
             raise ConfigError(f"num_class_images must be >= 1 with prior preservation, got {cfg.num_class_images}")
+        if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
+            raise ConfigError(f"text_encoder_lr={cfg.text_encoder_lr:g} is set but train_text_encoder is off: "
+                              "turn train_text_encoder on, or drop text_encoder_lr")
+        if cfg.text_encoder_lr is not None and cfg.text_encoder_lr < 0:
+            raise ConfigError(f"text_encoder_lr must be >= 0, got {cfg.text_encoder_lr:g}")
         if cfg.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+
+    def param_groups(self, modules, lr):
+        """The U-Net at ``lr``, the text encoders at ``text_encoder_lr`` (scaled as ``lr`` was, with
+        scale_lr) when it is set."""
+        if self.cfg.text_encoder_lr is None:
+            return super().param_groups(modules, lr)
+        text = [n for n in modules if n.startswith("text_encoder")]
+        own = [p for n in text for p in modules[n].parameters() if p.requires_grad]
+        rest = [p for n, m in modules.items() if n not in text for p in m.parameters() if p.requires_grad]
+        scale = lr / self.cfg.learning_rate if self.cfg.learning_rate else 1.0  # scale_lr's factor
+        return [{"params": rest}, {"params": own, "lr": self.cfg.text_encoder_lr * scale}]
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self, accelerator):

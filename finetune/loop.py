@@ -47,6 +47,11 @@ class Objective:
         """The tensors the optimiser updates (default: every parameter of ``modules`` that requires grad)."""
         return [p for m in modules.values() for p in m.parameters() if p.requires_grad]
 
+    def param_groups(self, modules: dict[str, torch.nn.Module], lr: float) -> list[dict]:
+        """The optimiser's parameter groups (default: ``optimized`` as one group at the run's rate ``lr``);
+        a group may set its own ``lr``, which the schedule then scales alike."""
+        return [{"params": self.optimized(modules)}]
+
     def batch(self, index: int, generator: torch.Generator, rank: int, world: int) -> dict:
         """Micro-batch number ``index`` for process ``rank`` of ``world``; all randomness from ``generator``."""
         raise NotImplementedError
@@ -255,7 +260,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
         accelerator.print(f"scale_lr: learning rate {cfg.learning_rate:g} x {cfg.batch_size} x "
                           f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} = {lr:g}")
-    optimizer = optimizer_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = optimizer_cls(objective.param_groups(trainable, lr), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     prepared = accelerator.prepare(*[trainable[n] for n in names], optimizer, scheduler)

@@ -53,7 +53,8 @@ METHODS = {
         "fine-tune on a few images of one subject, with prior preservation (Ruiz et al. 2022)",
         "finetune.dreambooth", "DreamBoothConfig", "DreamBoothObjective", "dreambooth.yaml",
         ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "with_prior_preservation",
-         "prior_loss_weight", "num_class_images", "sample_batch_size", "train_text_encoder", "lora_rank",
+         "prior_loss_weight", "num_class_images", "sample_batch_size", "train_text_encoder", "text_encoder_lr",
+         "lora_rank",
          "lora_alpha", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
          "validation_prompts") + LOOP_FLAGS),
 }

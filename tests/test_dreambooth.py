@@ -198,8 +198,35 @@ def test_resume_equals_an_uninterrupted_run(sd1_dir, instance_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _max_change(directory, base, part):
+    name = "diffusion_pytorch_model" if part == "unet" else "model"
+    trained = load_file(str(directory / part / f"{name}.safetensors"))
+    ref = getattr(base, part).state_dict()
+    return max((v - ref[k]).abs().max().item() for k, v in trained.items())
+
+
+def test_text_encoder_lr_is_the_text_encoders_own_rate(sd1_dir, instance_dir, tmp_path):
+    """Adam's first step moves each weight by its rate (the gradient over its own magnitude), so after
+    one step the largest change of the text encoder is text_encoder_lr and the U-Net's learning_rate;
+    a text_encoder_lr equal to learning_rate is the run without it, bit for bit."""
+    base = load_model(sd1_dir)
+    kw = dict(train_text_encoder=True, max_steps=1, learning_rate=1e-3, adam_weight_decay=0.0)
+    _run(_cfg(sd1_dir, instance_dir, tmp_path / "own", text_encoder_lr=3e-3, **kw))
+    assert _max_change(tmp_path / "own", base, "text_encoder") == pytest.approx(3e-3, rel=0.02)
+    assert _max_change(tmp_path / "own", base, "unet") == pytest.approx(1e-3, rel=0.02)
+    kw["max_steps"] = 3
+    _run(_cfg(sd1_dir, instance_dir, tmp_path / "same", text_encoder_lr=1e-3, **kw))
+    _run(_cfg(sd1_dir, instance_dir, tmp_path / "unset", **kw))
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a = load_file(str(tmp_path / "same" / part / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "unset" / part / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(with_prior_preservation=True, class_prompt=""), "with_prior_preservation needs class_prompt"),
+    (dict(text_encoder_lr=1e-5), "text_encoder_lr=1e-05 is set but train_text_encoder is off"),
+    (dict(text_encoder_lr=-1.0, train_text_encoder=True), "text_encoder_lr must be >= 0"),
     (dict(instance_prompt=""), "instance_prompt is required"),
     (dict(lora_rank=-1), "lora_rank must be >= 0"),
 ])
