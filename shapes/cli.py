@@ -127,10 +127,11 @@ def _register_demos(sub) -> None:
     b.add_argument("--per-case", type=int, default=6, help="subject images per background (default 6)")
     b.add_argument("--prior-per-case", type=int, default=2,
                    help="class images judged per (colour, background) (default 2)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="the instance renders' and the training's seed (default 0)")
     b.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of configs/dreambooth-shapes.yaml (repeatable)")
+                   help="override a key of configs/dreambooth-shapes.yaml (repeatable); --set seed=N: "
+                        "another training seed on the same images")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_run_db)
 

@@ -189,7 +189,8 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
     runs = {}
     for arm, prior in (("with_prior", True), ("without_prior", False)):
         v = {**values, "model": str(base), "instance_data_dir": str(instance), "class_data_dir": str(class_dir),
-             "with_prior_preservation": prior, "output_dir": str(output_dir / arm), "seed": seed,
+             "with_prior_preservation": prior, "output_dir": str(output_dir / arm),
+             "seed": values.get("seed", seed),  # --set seed=N: another training seed, the same images
              "overwrite": True, "report_to": "none"}
         cfg = build(DreamBoothConfig, v, "dreambooth-shapes.yaml")
         runs[arm] = {"summary": train(DreamBoothObjective(cfg), cfg, progress=progress), "cfg": cfg}

@@ -3,6 +3,8 @@ LoRA training changes only LoRA weights and loads in diffusers and in ours alike
 and checkpoints load in diffusers, class images are made once and reused, resume equals an
 uninterrupted run, and bad settings are clear errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -272,7 +274,7 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(sd1_dir, tmp_path):
 
     out = tmp_path / "demo"
     report = dreambooth_demo(out, model=str(sd1_dir), per_case=1, prior_per_case=1, max_steps=2,
-                             overrides={"num_class_images": 2, "sample_batch_size": 2, "batch_size": 1},
+                             overrides={"num_class_images": 2, "sample_batch_size": 2, "batch_size": 1, "seed": 5},
                              progress=False)
     assert report["subject_images"] == len(shapes.BACKGROUNDS)
     assert report["prior_images"] == sum(b != c for c in DB_PRIOR_COLORS for b in shapes.BACKGROUNDS)
@@ -281,6 +283,8 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(sd1_dir, tmp_path):
             assert 0.0 <= report[name][part]["all_correct"] <= 1.0
     for d in ("with_prior", "without_prior"):
         assert load_model(out / d).unet is not None
+        state = json.loads((out / d / "checkpoint-2" / "trainer_state.json").read_text())
+        assert state["seed"] == 5  # --set seed=N: the training seed (the instance renders keep --seed)
     # DreamBooth trains the U-Net and the text encoder, never the VAE
     base, tuned = load_model(sd1_dir), load_model(out / "with_prior")
     assert all(torch.equal(a, b.to(a.dtype))
