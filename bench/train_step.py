@@ -1,0 +1,113 @@
+"""The build's training steps on the CPU: eager against channels-last memory and torch.compile.
+
+    python bench/train_step.py [--parts vae unet] [--modes eager channels_last compile] [--steps 20]
+
+Where ``ldm build-shapes-model`` spends its time: the VAE stages (a step of the recipe's VAE on a batch
+of 16 whole 64x64 images, as in the codec stages) and the U-Net stage (a step of the recipe's U-Net on
+64 cached 4x8x8 latents and text states). A step is forward, backward and AdamW, the loss as the
+recipes compute it (L1 + KL for the VAE, the epsilon MSE for the U-Net). Each (part, mode) runs in a
+fresh process with an empty inductor cache; "first" is the first 3 steps (the compile, for compile),
+"step" the mean of --steps steps after them. Also the data: the VAE recipe's batch (rendering 16 scenes)
+per step. The weights are random (the speed of a step does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r'''
+import json, sys, time, torch
+part, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+if part == "vae":
+    from finetune.vae import VAEConfig, build_vae
+    from finetune.config import build, read_yaml
+    from finetune.recipes import recipe_path
+    model = build_vae(build(VAEConfig, {**read_yaml(recipe_path("shapes-vae.yaml")), "output_dir": "unused"}))
+    x = torch.rand(16, 3, 64, 64) * 2 - 1
+    def loss_fn(x):
+        post = model.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape)
+        return (model.decode(z).sample - x).abs().mean() + 1e-6 * post.kl().mean()
+    inputs = (x,)
+else:
+    from finetune.unet import UNetConfig, build_unet
+    from finetune.config import build, read_yaml
+    from finetune.recipes import recipe_path
+    cfg = build(UNetConfig, {**read_yaml(recipe_path("shapes-unet.yaml")), "output_dir": "unused"})
+    model = build_unet(cfg, 64, 8)
+    lat, hidden = torch.randn(64, 4, 8, 8), torch.randn(64, 20, 64)
+    def loss_fn(lat, hidden):
+        t = torch.randint(0, 1000, (64,))
+        noise = torch.randn(lat.shape)
+        return (model(lat + noise, t, hidden).sample - noise).pow(2).mean()
+    inputs = (lat, hidden)
+if mode == "channels_last":
+    model = model.to(memory_format=torch.channels_last)
+    inputs = tuple(i.contiguous(memory_format=torch.channels_last) if i.dim() == 4 else i for i in inputs)
+model.train()
+opt = torch.optim.AdamW(model.parameters(), 1e-4)
+fn = torch.compile(loss_fn) if mode == "compile" else loss_fn
+def step():
+    loss = fn(*inputs)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+t = time.perf_counter()
+for _ in range(3):
+    step()
+first = time.perf_counter() - t
+t = time.perf_counter()
+for _ in range(steps):
+    step()
+out = {"first": first, "step": (time.perf_counter() - t) / steps, "threads": torch.get_num_threads()}
+if part == "vae" and mode == "eager":
+    from finetune.vae import VAEConfig, VAEObjective
+    from finetune.config import build, read_yaml
+    from finetune.recipes import recipe_path
+    obj = VAEObjective(build(VAEConfig, {**read_yaml(recipe_path("shapes-vae-decoder.yaml")), "output_dir": "unused",
+                                         "init_vae": None, "decoder_only": False}))
+    t = time.perf_counter()
+    for i in range(50):
+        obj.batch(i, torch.Generator().manual_seed(i), 0, 1)
+    out["data"] = (time.perf_counter() - t) / 50
+print(json.dumps(out))
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", nargs="+", default=["vae", "unet"], choices=["vae", "unet"])
+    ap.add_argument("--modes", nargs="+", default=["eager", "channels_last", "compile"],
+                    choices=["eager", "channels_last", "compile"])
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    print("| part | mode | s / step | vs eager | first 3 steps, s |")
+    print("|---|---|---|---|---|")
+    for part in args.parts:
+        eager, data = None, None
+        for mode in args.modes:
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                r = subprocess.run([sys.executable, "-c", CHILD, part, mode, str(args.steps)], env=env,
+                                   capture_output=True, text=True)
+            if r.returncode:
+                print(f"| {part} | {mode} | failed: {r.stderr.strip().splitlines()[-1]} | | |")
+                continue
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            eager = m["step"] if mode == "eager" else eager
+            data = m.get("data", data)
+            ratio = f"{eager / m['step']:.2f}x" if eager else "-"
+            print(f"| {part} | {mode} | {m['step']:.3f} | {ratio} | {m['first']:.1f} |", flush=True)
+        if data is not None:
+            print(f"| {part} | data: one recipe batch (16 scenes rendered) | {data:.4f} | | |")
+    print(f"({os.cpu_count()} CPUs; steps timed: {args.steps} after 3)")
+
+
+if __name__ == "__main__":
+    main()
