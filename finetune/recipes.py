@@ -54,8 +54,7 @@ METHODS = {
         "finetune.dreambooth", "DreamBoothConfig", "DreamBoothObjective", "dreambooth.yaml",
         ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "with_prior_preservation",
          "prior_loss_weight", "num_class_images", "sample_batch_size", "train_text_encoder", "text_encoder_lr",
-         "lora_rank",
-         "lora_alpha", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
+         "lora_rank", "lora_alpha", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
          "validation_prompts") + LOOP_FLAGS),
 }
 
