@@ -1,7 +1,7 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
-the VAE (six stages, each from the one before: two recipes, then the last two again), then the
-CLIP, then the U-Net on their latents and text states; ``--install`` copies the result (fp16 weights)
-into the package as the default model."""
+the VAE (six stages, each from the one before: four recipes, then the last two again), then the
+CLIP, then the U-Net on their latents and text states; ``--install`` copies the result (fp32 weights,
+the CLIP's image tower in fp16) into the package as the default model."""
 
 from __future__ import annotations
 
