@@ -4,8 +4,9 @@
 
 Where ``ldm build-shapes-model`` spends its time: the VAE stages (a step of the recipe's VAE on a batch
 of 16 whole 64x64 images, as in the codec stages) and the U-Net stage (a step of the recipe's U-Net on
-64 cached 4x8x8 latents and text states). A step is forward, backward and AdamW, the loss as the
-recipes compute it (L1 + KL for the VAE, the epsilon MSE for the U-Net). Each (part, mode) runs in a
+64 cached 4x8x8 latents and text states). A step is forward, backward and AdamW on the
+recipes' own losses (``VAEObjective.loss`` with the codec stages' recipe: edge-weighted L1 + KL;
+``UNetObjective.loss``: the min-SNR epsilon MSE). Each (part, mode) runs in a
 fresh process with an empty inductor cache; "first" is the first 3 steps (the compile, for compile),
 "step" the mean of --steps steps after them. Also the data: the VAE recipe's batch (rendering 16 scenes)
 per step. The weights are random (the speed of a step does not depend on them).
@@ -22,39 +23,32 @@ import tempfile
 
 CHILD = r'''
 import json, sys, time, torch
+from finetune.config import build, read_yaml
+from finetune.recipes import recipe_path
 part, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
-if part == "vae":
-    from finetune.vae import VAEConfig, build_vae
-    from finetune.config import build, read_yaml
-    from finetune.recipes import recipe_path
-    model = build_vae(build(VAEConfig, {**read_yaml(recipe_path("shapes-vae.yaml")), "output_dir": "unused"}))
-    x = torch.rand(16, 3, 64, 64) * 2 - 1
-    def loss_fn(x):
-        post = model.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape)
-        return (model.decode(z).sample - x).abs().mean() + 1e-6 * post.kl().mean()
-    inputs = (x,)
-else:
-    from finetune.unet import UNetConfig, build_unet
-    from finetune.config import build, read_yaml
-    from finetune.recipes import recipe_path
+gen = torch.Generator().manual_seed(0)
+if part == "vae":  # the codec stages' recipe (edge-weighted L1 + KL) on a fresh VAE of the recipe's shape
+    from finetune.vae import VAEConfig, VAEObjective, build_vae
+    cfg = build(VAEConfig, {**read_yaml(recipe_path("shapes-vae-stars.yaml")), "output_dir": "unused", "init_vae": None})
+    obj, model = VAEObjective(cfg), build_vae(cfg)
+    batch, key = {"pixels": torch.rand(16, 3, 64, 64) * 2 - 1}, "vae"
+else:  # the U-Net recipe's min-SNR epsilon loss on cached latents and text states
+    from finetune.unet import UNetConfig, UNetObjective, build_unet
+    from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
     cfg = build(UNetConfig, {**read_yaml(recipe_path("shapes-unet.yaml")), "output_dir": "unused"})
-    model = build_unet(cfg, 64, 8)
-    lat, hidden = torch.randn(64, 4, 8, 8), torch.randn(64, 20, 64)
-    def loss_fn(lat, hidden):
-        t = torch.randint(0, 1000, (64,))
-        noise = torch.randn(lat.shape)
-        return (model(lat + noise, t, hidden).sample - noise).pow(2).mean()
-    inputs = (lat, hidden)
+    obj, model = UNetObjective(cfg), build_unet(cfg, 64, 8)
+    obj.schedule = NoiseSchedule.from_config(dict(SD1_SCHEDULER, prediction_type=cfg.prediction_type))
+    batch, key = {"latents": torch.randn(64, 4, 8, 8), "hidden": torch.randn(64, 20, 64)}, "unet"
+obj.device = torch.device("cpu")
 if mode == "channels_last":
     model = model.to(memory_format=torch.channels_last)
-    inputs = tuple(i.contiguous(memory_format=torch.channels_last) if i.dim() == 4 else i for i in inputs)
+    batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
 model.train()
 opt = torch.optim.AdamW(model.parameters(), 1e-4)
-fn = torch.compile(loss_fn) if mode == "compile" else loss_fn
+loss_fn = torch.compile(obj.loss) if mode == "compile" else obj.loss
 def step():
-    loss = fn(*inputs)
+    loss, _ = loss_fn(batch, {key: model}, gen)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -66,12 +60,7 @@ t = time.perf_counter()
 for _ in range(steps):
     step()
 out = {"first": first, "step": (time.perf_counter() - t) / steps, "threads": torch.get_num_threads()}
-if part == "vae" and mode == "eager":
-    from finetune.vae import VAEConfig, VAEObjective
-    from finetune.config import build, read_yaml
-    from finetune.recipes import recipe_path
-    obj = VAEObjective(build(VAEConfig, {**read_yaml(recipe_path("shapes-vae-decoder.yaml")), "output_dir": "unused",
-                                         "init_vae": None, "decoder_only": False}))
+if part == "vae" and mode == "eager":  # the recipe's own batches: 16 scenes rendered
     t = time.perf_counter()
     for i in range(50):
         obj.batch(i, torch.Generator().manual_seed(i), 0, 1)
