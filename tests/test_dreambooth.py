@@ -200,11 +200,15 @@ def test_resume_equals_an_uninterrupted_run(sd1_dir, instance_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _max_change(directory, base, part):
+def _saved(directory, part):
+    """The weights a full fine-tune saved for ``part`` (unet or text_encoder)."""
     name = "diffusion_pytorch_model" if part == "unet" else "model"
-    trained = load_file(str(directory / part / f"{name}.safetensors"))
+    return load_file(str(directory / part / f"{name}.safetensors"))
+
+
+def _max_change(directory, base, part):
     ref = getattr(base, part).state_dict()
-    return max((v - ref[k]).abs().max().item() for k, v in trained.items())
+    return max((v - ref[k]).abs().max().item() for k, v in _saved(directory, part).items())
 
 
 def test_text_encoder_lr_is_the_text_encoders_own_rate(sd1_dir, instance_dir, tmp_path):
@@ -219,9 +223,8 @@ def test_text_encoder_lr_is_the_text_encoders_own_rate(sd1_dir, instance_dir, tm
     kw["max_steps"] = 3
     _run(_cfg(sd1_dir, instance_dir, tmp_path / "same", text_encoder_lr=1e-3, **kw))
     _run(_cfg(sd1_dir, instance_dir, tmp_path / "unset", **kw))
-    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
-        a = load_file(str(tmp_path / "same" / part / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "unset" / part / f"{name}.safetensors"))
+    for part in ("unet", "text_encoder"):
+        a, b = _saved(tmp_path / "same", part), _saved(tmp_path / "unset", part)
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
