@@ -4,10 +4,12 @@ count, the shapes judge's all-correct rate on seen pairs, seconds per image, U-N
 image (counted by a hook on the U-Net: a guided step is two) and the mean pixel distance to the
 64-step teacher's image from the same initial noise (the same seed).
 
-    python bench/distill.py --chain runs/distill [--teacher DIR] [--seen 336] [--json out.json]
+    python bench/distill.py --chain runs/distill [--teacher DIR] [--seen 336] [--seeds 0 1 2] [--json out.json]
 
 The teacher runs on the students' grid (trailing spacing, last step to the clean sample), which is
 what the chain distils, and, unless --no-config-spacing, also on its own scheduler config's grid.
+With several --seeds every row is measured at each eval seed (its own prompts and noise) and the
+all-correct rates are also pooled over them, with each row's distance to the first teacher row.
 Nothing here is a target: the script prints what it measured.
 """
 
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-steps", default="64,32,16,8,4")
     p.add_argument("--guidance", type=float, default=None, help="w for every row (default: the teacher's)")
     p.add_argument("--seen", type=int, default=None, help="seen-pair prompts (default: all 336)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="eval seeds (default 0); rates pooled over them")
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--no-config-spacing", action="store_true", help="skip the teacher on its own config's grid")
     p.add_argument("--threads", type=int, default=None)
@@ -69,47 +71,59 @@ def main(argv=None) -> int:
 
     chain = json.loads((args.chain / "chain.json").read_text())
     teacher_dir = args.teacher or Path(chain["teacher"]) or default_model_path()
-    cases = eval_prompts("seen", args.seen, args.seed)
     teacher = Pipeline.from_pretrained(teacher_dir)
     w = teacher.model.sampling_defaults["guidance_scale"] if args.guidance is None else args.guidance
     own = teacher.model.schedule
     grids = [("trailing", dataclasses.replace(own, timestep_spacing="trailing", set_alpha_to_one=True))]
     if not args.no_config_spacing:
         grids.append((f"config ({own.timestep_spacing})", own))
+    students = [(stage, Pipeline.from_pretrained(args.chain / stage["stage"])) for stage in chain["stages"]]
 
-    results, reference = [], None
-    for grid, schedule in grids:
-        teacher.model.schedule = schedule
-        for n in [int(s) for s in args.teacher_steps.split(",")]:
-            images, r = run(teacher, cases, steps=n, guidance=w, seed=args.seed, batch_size=args.batch_size)
-            if reference is None:
-                reference = images  # the first row (64 steps on the trailing grid) is the reference
-            results.append({"model": f"teacher, {grid}", "steps": n, **r, "pixel_distance": pixel_distance(images, reference)})
+    results = []
+    for seed in args.seeds:
+        cases = eval_prompts("seen", args.seen, seed)
+        reference = None
+        for grid, schedule in grids:
+            teacher.model.schedule = schedule
+            for n in [int(s) for s in args.teacher_steps.split(",")]:
+                images, r = run(teacher, cases, steps=n, guidance=w, seed=seed, batch_size=args.batch_size)
+                if reference is None:
+                    reference = images  # the first row (64 steps on the trailing grid) is the reference
+                results.append({"model": f"teacher, {grid}", "steps": n, "seed": seed, **r,
+                                "pixel_distance": pixel_distance(images, reference)})
+                print(results[-1], flush=True)
+        for stage, student in students:
+            n = student.model.sampling_defaults["steps"]
+            images, r = run(student, cases, steps=n, guidance=w, seed=seed, batch_size=args.batch_size)
+            results.append({"model": f"student {stage['stage']}", "steps": n, "seed": seed, **r,
+                            "pixel_distance": pixel_distance(images, reference), "train_seconds": stage.get("seconds")})
             print(results[-1], flush=True)
-    for stage in chain["stages"]:
-        d = args.chain / stage["stage"]
-        student = Pipeline.from_pretrained(d)
-        n = student.model.sampling_defaults["steps"]
-        images, r = run(student, cases, steps=n, guidance=w, seed=args.seed, batch_size=args.batch_size)
-        train_s = stage.get("seconds")
-        results.append({"model": f"student {stage['stage']}", "steps": n, **r,
-                        "pixel_distance": pixel_distance(images, reference), "train_seconds": train_s})
-        print(results[-1], flush=True)
 
-    print(f"\n{len(cases)} seen-pair prompts, guidance {w}, seed {args.seed}; pixel distance to the teacher "
-          f"at {args.teacher_steps.split(',')[0]} steps (trailing), 0-255\n")
-    print("| model | steps | all-correct (seen) | shape | s / image | U-Net evals / image | pixel distance |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{len(cases)} seen-pair prompts per seed, guidance {w}, seeds {args.seeds}; pixel distance to the "
+          f"teacher at {args.teacher_steps.split(',')[0]} steps (trailing) from the same noise, 0-255\n")
+    print("| model | steps | seed | all-correct (seen) | shape | s / image | U-Net evals / image | pixel distance |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['steps']} | {r['all_correct']:.3f} | {r['shape']:.3f} | {r['s_per_image']:.4f} | "
-              f"{r['unet_evals']:.0f} | {r['pixel_distance']:.2f} |")
+        print(f"| {r['model']} | {r['steps']} | {r['seed']} | {r['all_correct']:.3f} | {r['shape']:.3f} | "
+              f"{r['s_per_image']:.4f} | {r['unet_evals']:.0f} | {r['pixel_distance']:.2f} |")
+    if len(args.seeds) > 1:
+        pooled = {}
+        for r in results:
+            pooled.setdefault((r["model"], r["steps"]), []).append(r["all_correct"])
+        first = np.mean(next(iter(pooled.values())))
+        print(f"\npooled over seeds {args.seeds} ({len(cases) * len(args.seeds)} prompts, as many per seed)\n")
+        print("| model | steps | all-correct per seed | pooled | points under the first teacher row |")
+        print("|---|---|---|---|---|")
+        for (model, n), rates in pooled.items():
+            print(f"| {model} | {n} | {' / '.join(f'{x:.3f}' for x in rates)} | {np.mean(rates):.3f} | "
+                  f"{100 * (first - np.mean(rates)):.1f} |")
     total = sum(s.get("wall_seconds", 0.0) for s in chain["stages"])
     print("\nchain training, wall time per stage: " +
           ", ".join(f"{s['stage']} {s.get('wall_seconds', float('nan')):.0f} s ({s['steps']} steps)"
                     for s in chain["stages"]) + f"; sum {total:.0f} s (the last ldm distill call: "
           f"{chain['wall_seconds']:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"cases": len(cases), "guidance": w, "rows": results, "chain": chain}, indent=2))
+        args.json.write_text(json.dumps({"cases": len(cases), "seeds": args.seeds, "guidance": w, "rows": results, "chain": chain}, indent=2))
     return 0
 
 
