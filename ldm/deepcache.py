@@ -2,9 +2,12 @@
 U-Net change slowly from one sampling step to the next, so they are computed on every ``interval``-th
 network evaluation only; in between, only the shallow branch (the first ``depth`` down blocks and the
 last ``depth`` up blocks, with the input and output layers) runs, on the deep features cached at the
-last full evaluation. The caching is at block granularity of a diffusers ``UNet2DConditionModel``:
-the deep blocks' forward is replaced by their cached output for the partial evaluations, so the
-U-Net's own forward (SDXL's added conditions, inpainting channels, guidance inputs) runs unchanged.
+last full evaluation. ``depth`` 0 is the shallowest branch: no whole level runs, only the last layer
+of the last up block (its resnet and attention) on the skip from the input convolution, with the
+input and output layers; every down block and that up block's other layers are cached too. The
+caching replaces modules of a diffusers ``UNet2DConditionModel`` (whole blocks, and at depth 0 the
+last up block's other layers) by their cached output for the partial evaluations, so the U-Net's own
+forward (SDXL's added conditions, inpainting channels, guidance inputs) runs unchanged.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ class DeepCache:
         n_up = len(unet.up_blocks)
         if interval < 1:
             raise ValueError(f"the cache interval must be >= 1, got {interval}")
-        if not 1 <= depth < n_up:
-            raise ValueError(f"the cache depth must be between 1 and {n_up - 1} for this U-Net "
+        if not 0 <= depth < n_up:
+            raise ValueError(f"the cache depth must be between 0 and {n_up - 1} for this U-Net "
                              f"({n_up} resolution levels), got {depth}")
         self.interval = interval
         # in the order the forward calls them: deeper down blocks, the middle, the deeper up blocks
-        self.deep = [*unet.down_blocks[depth:], unet.mid_block, *unet.up_blocks[:n_up - depth]]
+        self.deep = [*unet.down_blocks[max(depth, 0):], unet.mid_block, *unet.up_blocks[:n_up - max(depth, 1)]]
+        if depth == 0:  # and the last up block's layers but its last (which reads conv_in's skip)
+            last = unet.up_blocks[-1]
+            self.deep += [*last.resnets[:-1], *(getattr(last, "attentions", None) or [])[:-1]]
         self.calls = 0
         self.full_calls = 0
         self._cache: list | None = None

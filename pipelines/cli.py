@@ -88,7 +88,8 @@ def control_args(p: argparse.ArgumentParser):
     p.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="DeepCache: the whole U-Net every N-th step, only its shallow blocks between (default 1: off)")
     p.add_argument("--cache-depth", type=int, default=1, metavar="K",
-                   help="DeepCache: the resolution levels recomputed between full steps (default 1: the outermost)")
+                   help="DeepCache: the resolution levels recomputed between full steps (default 1: the outermost; "
+                        "0: only the last layer of the last up block)")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="text-encoder layer, A1111's numbering: 1 = the model's usual one, 2 = one before, ...")
     p.add_argument("--clip-guidance-scale", type=float, default=0.0, metavar="S",

@@ -109,7 +109,7 @@ class Request:
     hires_steps: int | None = None      # ... with this many steps (default: steps)
     hires_upscaler: str = "latent"      # latent (bilinear on the latents) | lanczos (on the decoded image)
     cache_interval: int = 1             # DeepCache: the whole U-Net every N-th evaluation, the shallow branch between
-    cache_depth: int = 1                # ... the resolution levels recomputed in between (1: the outermost)
+    cache_depth: int = 1                # ... the resolution levels recomputed in between (1: the outermost; 0: its last layer only)
     clip_skip: int = 1                  # A1111's numbering: 1 = the model's usual text layer, 2 = one before, ...
     schedule: str | None = None         # noise schedule (ldm.schedule.SCHEDULES or A1111's names); None: default
     clip_guidance_scale: float = 0.0    # CLIP guidance (ldm.clip_guidance): the loss's scale; 0 turns it off
@@ -171,10 +171,10 @@ class Request:
                 add(("hires_upscaler", f"must be one of {', '.join(HIRES_UPSCALERS)}, got {self.hires_upscaler!r}"))
             if self.refiner_start is not None:
                 add(("hires_scale", "does not combine with a refiner"))
-        for name in ("cache_interval", "cache_depth"):
+        for name, low in (("cache_interval", 1), ("cache_depth", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                add((name, f"must be an integer >= 1, got {v!r}"))
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                add((name, f"must be an integer >= {low}, got {v!r}"))
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             add(("clip_skip", f"must be an integer from 1 (the usual layer) to 12, got {self.clip_skip!r}"))
         if not (isinstance(self.clip_guidance_scale, (int, float)) and self.clip_guidance_scale >= 0):
@@ -292,8 +292,8 @@ class Request:
         else:
             width, height = _image_size(self.image)
         levels = len(model.unet.config.block_out_channels) if self.cache_interval > 1 else 0
-        if self.cache_interval > 1 and not 1 <= self.cache_depth < levels:
-            problems.append(("cache_depth", f"must be between 1 and {levels - 1} for this U-Net ({levels} "
+        if self.cache_interval > 1 and not 0 <= self.cache_depth < levels:
+            problems.append(("cache_depth", f"must be between 0 and {levels - 1} for this U-Net ({levels} "
                                             f"resolution levels), got {self.cache_depth}"))
         if not model.is_sdxl:
             for name in ("prompt_2", "negative_2"):

@@ -18,8 +18,8 @@ def _context(model, n):
     return ctx
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_a_partial_evaluation_on_the_full_ones_inputs_is_the_full_output(kind, sd1_dir, sdxl_dir):
+@pytest.mark.parametrize("kind,depth", [("sd1", 1), ("sdxl", 1), ("sd1", 0), ("sdxl", 0)])
+def test_a_partial_evaluation_on_the_full_ones_inputs_is_the_full_output(kind, depth, sd1_dir, sdxl_dir):
     """Between full evaluations only the shallow branch runs on the cached deep features: on the same
     input as the last full evaluation it must give exactly the full output; on another input it must
     differ from the full U-Net there (the shallow branch does run) but only in what the deep features
@@ -30,7 +30,7 @@ def test_a_partial_evaluation_on_the_full_ones_inputs_is_the_full_output(kind, s
     ctx = _context(m, 2)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    cache = DeepCache(m.unet, interval=3)
+    cache = DeepCache(m.unet, interval=3, depth=depth)
     cached = cache.wrap(net)
     with torch.no_grad():
         full = cached(x, 500.0, ctx)            # call 0: full
@@ -45,10 +45,43 @@ def test_a_partial_evaluation_on_the_full_ones_inputs_is_the_full_output(kind, s
     assert all("forward" not in vars(b) for b in cache.deep)
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_partial_evaluation_runs_only_the_shallow_branch(kind, sd1_dir, sdxl_dir):
+    """Which layers run between full evaluations: at depth 1 the outermost level's (the first down block
+    and the last up block), at depth 0 only the last up block's last layer; on a full evaluation all.
+    A layer computes when its first convolution runs (a cached module is still called, and returns
+    its cached output)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from pipelines.pipeline import Pipeline
+    m = Pipeline.from_pretrained(sd1_dir if kind == "sd1" else sdxl_dir).model
+    unet, net, ctx = m.unet, unet_net(m.unet), _context(m, 1)
+    resnets = [mod for mod in unet.modules() if isinstance(mod, ResnetBlock2D)]
+    ran = []
+    hooks = [r.conv1.register_forward_hook(lambda mod, a, o, r=r: ran.append(r)) for r in resnets]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    outer = [*unet.down_blocks[0].resnets, *unet.up_blocks[-1].resnets]
+    try:
+        for depth, expected in ((1, outer), (0, [unet.up_blocks[-1].resnets[-1]])):
+            cached = DeepCache(unet, interval=2, depth=depth).wrap(net)
+            with torch.no_grad():
+                ran.clear()
+                cached(x, 500.0, ctx)
+                assert len(ran) == len(resnets)
+                ran.clear()
+                cached(x, 400.0, ctx)
+            assert sorted(map(id, ran)) == sorted(map(id, expected)), depth
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_bad_depth_is_refused_with_the_levels_named(sd1_pipe):
     levels = len(sd1_pipe.model.unet.config.block_out_channels)
-    with pytest.raises(ValueError, match=f"cache_depth: must be between 1 and {levels - 1}"):
+    with pytest.raises(ValueError, match=f"cache_depth: must be between 0 and {levels - 1}"):
         sd1_pipe.text_to_image("x", steps=2, cache_interval=2, cache_depth=levels)
+    with pytest.raises(ValueError, match="cache_depth: must be an integer >= 0"):
+        sd1_pipe.text_to_image("x", steps=2, cache_interval=2, cache_depth=-1)
     with pytest.raises(ValueError, match="cache_interval: must be an integer >= 1"):
         sd1_pipe.text_to_image("x", steps=2, cache_interval=0)
 
@@ -68,9 +101,11 @@ def test_image_to_image_inpainting_and_sdxl_run_with_the_cache(sd1_pipe, inpaint
     img = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    assert sd1_pipe.image_to_image("a star", img, steps=6, seed=1, cache_interval=3).pixels.shape == (1, 3, 64, 64)
-    inp = Pipeline.from_pretrained(inpaint_dir)
-    out = inp.inpaint("a star", img, mask, steps=6, seed=1, cache_interval=2)
-    assert torch.isfinite(out.pixels).all()
-    xl = Pipeline.from_pretrained(sdxl_dir)
-    assert torch.isfinite(xl.text_to_image("a star", steps=4, seed=1, cache_interval=2).pixels).all()
+    inp, xl = Pipeline.from_pretrained(inpaint_dir), Pipeline.from_pretrained(sdxl_dir)
+    for depth in (1, 0):
+        out = sd1_pipe.image_to_image("a star", img, steps=6, seed=1, cache_interval=3, cache_depth=depth)
+        assert out.pixels.shape == (1, 3, 64, 64)
+        out = inp.inpaint("a star", img, mask, steps=6, seed=1, cache_interval=2, cache_depth=depth)
+        assert torch.isfinite(out.pixels).all()
+        assert torch.isfinite(xl.text_to_image("a star", steps=4, seed=1, cache_interval=2,
+                                               cache_depth=depth).pixels).all()
