@@ -430,6 +430,10 @@ def test_deepcache_and_the_new_controls_through_the_api(server):
     assert r.status_code == 200, r.text
     params = parse_parameters(r.json()["parameters"][0])
     assert (params["Cache interval"], params["Schedule type"]) == ("2", "Karras")
+    shallow = post(server, "/api/txt2img", {"prompt": PROMPT, "steps": 6, "seed": 2, "cache_interval": 3,
+                                            "cache_depth": 0})
+    assert shallow.status_code == 200, shallow.text
+    assert parse_parameters(shallow.json()["parameters"][0])["Cache depth"] == "0"
     # the embedded text encoder has no transformer layers, so A1111's clip skip 2 names the limit
     skip = post(server, "/api/txt2img", {"prompt": PROMPT, "steps": 2, "clip_skip": 2})
     assert skip.status_code == 422 and "has 0 layer(s), so clip_skip can be at most 1" in skip.text
