@@ -30,10 +30,11 @@ class DeepCache:
                              f"({n_up} resolution levels), got {depth}")
         self.interval = interval
         # in the order the forward calls them: deeper down blocks, the middle, the deeper up blocks
-        self.deep = [*unet.down_blocks[max(depth, 0):], unet.mid_block, *unet.up_blocks[:n_up - max(depth, 1)]]
+        self.deep = [*unet.down_blocks[depth:], unet.mid_block, *unet.up_blocks[:n_up - max(depth, 1)]]
         if depth == 0:  # and the last up block's layers but its last (which reads conv_in's skip)
             last = unet.up_blocks[-1]
-            self.deep += [*last.resnets[:-1], *(getattr(last, "attentions", None) or [])[:-1]]
+            attentions = getattr(last, "attentions", None) or [None] * len(last.resnets)
+            self.deep += [m for pair in zip(last.resnets[:-1], attentions[:-1]) for m in pair if m is not None]
         self.calls = 0
         self.full_calls = 0
         self._cache: list | None = None
