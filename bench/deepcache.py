@@ -55,7 +55,7 @@ def main():
     print("| interval | depth | s / batch of 16 (median) | speed-up | seen all-correct (per seed) | seen vs interval 1 "
           "| right only off / only cached (sign test p) | held-out all-correct (per seed) |")
     print("|---|---|---|---|---|---|---|---|")
-    ref = None
+    ref = pooled_ref = None
     for n, d in cases:
         seen, held, rows = [], [], []
         for s in args.seeds:
@@ -64,9 +64,9 @@ def main():
             seen.append(rep["seen"]["all_correct"])
             held.append(rep["heldout"]["all_correct"])
             rows += [r for r in rep["images"] if r["split"] == "seen"]
-        ref = rows if ref is None else ref
         pooled = statistics.mean(r["all"] for r in rows)
-        pooled_ref = statistics.mean(r["all"] for r in ref)
+        if ref is None:  # the first case, interval 1: what the others are compared with
+            ref, pooled_ref = rows, pooled
         pair = paired(ref, rows)
         med = statistics.median(times[(n, d)])
         vs = "" if rows is ref else f"{100 * (pooled - pooled_ref):+.1f} points"
