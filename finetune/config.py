@@ -220,6 +220,10 @@ class DistillConfig(TrainConfig):
     guidance_embedding_dim: int = 256          # width of the student's w input (time_cond_proj_dim)
     guidance_steps: int = 600                  # optimiser steps of the guidance stage
     stage_steps: list[int] = field(default_factory=lambda: [300])  # steps of each halving (the last repeats)
+    first_halving_teacher: str = "chain"       # chain: the stage before (the guidance student); base: the
+                                               # base teacher's own classifier-free guidance at the student's w
+    first_halving_substeps: int = 2            # the first halving's teacher DDIM steps per student step (2:
+                                               # Salimans & Ho; 4: the teacher at twice from_steps)
     prediction_type: str = "v_prediction"      # what the students predict: v_prediction | sample
     data_dir: str | None = None                # training images with NAME.txt captions (None: the shapes world)
     num_images: int = 8000                     # shapes-world scenes rendered and encoded once

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 GUIDANCE_STAGE = "guidance"
 STUDENT_PREDICTIONS = ("v_prediction", "sample")
 STAGE_FILE = "distillation.json"
+HALVING_TEACHERS = ("chain", "base")
 CHAIN_FILE = "chain.json"
 
 
@@ -86,14 +87,14 @@ def student_grid(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, tor
     return torch.tensor(ts, dtype=torch.long), torch.tensor(levels, dtype=torch.float32)
 
 
-def nested_grids(schedule: NoiseSchedule, steps: int):
-    """The student's N-step grid and the teacher's 2N-step grid, checked to be nested (the teacher's
-    even points are the student's)."""
+def nested_grids(schedule: NoiseSchedule, steps: int, substeps: int = 2):
+    """The student's N-step grid and the teacher's (substeps x N)-step grid, checked to be nested (every
+    substeps-th point of the teacher's is the student's)."""
     ts, ab = student_grid(schedule, steps)
-    tts, tab = student_grid(schedule, 2 * steps)
-    if not torch.equal(tts[0::2], ts):
-        raise ConfigError(f"the {2 * steps}-step grid does not contain the {steps}-step grid on a schedule of "
-                          f"{schedule.num_train_timesteps} timesteps; choose step counts that divide it evenly")
+    tts, tab = student_grid(schedule, substeps * steps)
+    if not torch.equal(tts[0::substeps], ts):
+        raise ConfigError(f"the {substeps * steps}-step grid does not contain the {steps}-step grid on a schedule "
+                          f"of {schedule.num_train_timesteps} timesteps; choose step counts that divide it evenly")
     return ts, ab, tts, tab
 
 
@@ -151,8 +152,12 @@ class DistillObjective(Objective):
     name = "distill"
 
     def __init__(self, cfg: DistillConfig, teacher_dir, steps: int | None, *, guidance_input: bool,
-                 teacher_scale: float, data: DistillData | None = None):
+                 teacher_scale: float, data: DistillData | None = None, init_dir=None, substeps: int = 2):
         self.cfg, self.teacher_dir, self.steps = cfg, Path(teacher_dir), steps
+        self.substeps = substeps  # the teacher's DDIM steps per student step (2: a halving)
+        # where the student starts when it is not the teacher's copy (a halving taught by the base
+        # teacher starts from the guidance student)
+        self.init_dir = None if init_dir is None else Path(init_dir)
         self.guidance_input = guidance_input  # the student takes w as an input
         self.teacher_scale = teacher_scale    # the teacher's fixed w when the student does not take it
         self.data = data
@@ -177,8 +182,10 @@ class DistillObjective(Objective):
         self.schedule = student_schedule(t.schedule, t.schedule.prediction_type if self.steps is None
                                          else cfg.prediction_type)
         if self.steps is not None:
-            self.ts, self.ab, self.tts, self.tab = nested_grids(self.schedule, self.steps)
-        if self.guidance_input and not self.teacher_w_input:
+            self.ts, self.ab, self.tts, self.tab = nested_grids(self.schedule, self.steps, self.substeps)
+        if self.init_dir is not None:
+            student = load_model(self.init_dir, device=self.device, dtype="fp32").unet
+        elif self.guidance_input and not self.teacher_w_input:
             student = add_guidance_input(t.unet, cfg.guidance_embedding_dim)
         else:
             student = copy.deepcopy(t.unet)
@@ -231,15 +238,17 @@ class DistillObjective(Objective):
                 z = q_sample(x0, noise, ab)
                 return z, t, ab, self._teacher_x0(z, t, ab, hidden, w)
             i = batch["i"].to(self.device)
-            view = (-1, 1, 1, 1)
-            t, ab_t, ab_s = self.ts.to(self.device)[i], self.ab.to(self.device)[i].view(view), \
-                self.ab.to(self.device)[i + 1].view(view)
-            t_mid, ab_mid = self.tts.to(self.device)[2 * i + 1], self.tab.to(self.device)[2 * i + 1].view(view)
+            view, k = (-1, 1, 1, 1), self.substeps
+            t, ab_t = self.ts.to(self.device)[i], self.ab.to(self.device)[i].view(view)
+            ab_s = self.ab.to(self.device)[i + 1].view(view)
+            tts, tab = self.tts.to(self.device), self.tab.to(self.device)
             # the sampler's first level gets what the sampler starts from: pure noise
             z = torch.where((i == 0).view(view), noise, q_sample(x0, noise, ab_t))
-            z_mid = ddim_step(z, self._teacher_x0(z, t, ab_t, hidden, w), ab_t, ab_mid)
-            z_s = ddim_step(z_mid, self._teacher_x0(z_mid, t_mid, ab_mid, hidden, w), ab_mid, ab_s)
-            return z, t, ab_t, ddim_x0_for(z, z_s, ab_t, ab_s)
+            z_j = z  # k deterministic teacher steps t -> ... -> s on its finer grid (the first is t itself)
+            for j in range(k):
+                a, b = tab[k * i + j].view(view), tab[k * i + j + 1].view(view)
+                z_j = ddim_step(z_j, self._teacher_x0(z_j, t if j == 0 else tts[k * i + j], a, hidden, w), a, b)
+            return z, t, ab_t, ddim_x0_for(z, z_j, ab_t, ab_s)
 
     def loss(self, batch, modules, generator):
         z, t, ab, target = self.targets(batch)
@@ -271,7 +280,10 @@ class DistillObjective(Objective):
     def save(self, directory: Path, modules):
         save_model(directory, self.as_model(modules["unet"]), sampling_defaults=self.student_defaults())
         cfg = self.cfg
-        info = {"stage": self.name, "teacher": str(self.teacher_dir), "steps": self.student_defaults()["steps"],
+        info = {"stage": self.name, "teacher": str(self.teacher_dir),
+                "student_init": str(self.init_dir or self.teacher_dir),
+                "teacher_steps": None if self.steps is None else self.substeps * self.steps,
+                "steps": self.student_defaults()["steps"],
                 "prediction_type": self.schedule.prediction_type, "timestep_spacing": "trailing",
                 "guidance_input": self.w_dim is not None,
                 "guidance_range": list(cfg.guidance_range) if self.w_dim is not None else None,
@@ -300,6 +312,12 @@ def plan(cfg: DistillConfig) -> tuple[list[tuple[str, int | None, int]], dict]:
                           f"(Salimans & Ho 2022, sec. 4); use one of {', '.join(STUDENT_PREDICTIONS)}")
     if len(cfg.guidance_range) != 2 or not 0 <= cfg.guidance_range[0] <= cfg.guidance_range[1]:
         raise ConfigError(f"guidance_range must be two scales lo <= hi, got {cfg.guidance_range}")
+    if cfg.first_halving_substeps < 2:
+        raise ConfigError(f"first_halving_substeps must be at least 2 (teacher steps per student step), "
+                          f"got {cfg.first_halving_substeps}")
+    if cfg.first_halving_teacher not in HALVING_TEACHERS:
+        raise ConfigError(f"first_halving_teacher {cfg.first_halving_teacher!r}: use one of "
+                          f"{', '.join(HALVING_TEACHERS)}")
     if not cfg.stage_steps or min(cfg.stage_steps) < 1:
         raise ConfigError(f"stage_steps must list at least one positive step count, got {cfg.stage_steps}")
     default_w = read_sampling_defaults(teacher)["guidance_scale"]
@@ -348,8 +366,15 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
             teacher = d
             continue
         stage_cfg = dataclasses.replace(cfg, output_dir=str(d), max_steps=max_steps)
+        init = None
+        if cfg.first_halving_teacher == "base" and steps == cfg.from_steps // 2 and teacher != info["teacher"]:
+            # the first halving after the guidance stage: the student starts as the guidance student
+            # and its targets are DDIM steps of the base teacher's own guided prediction at its w
+            teacher, init = info["teacher"], teacher
+        first = steps == cfg.from_steps // 2
         obj = DistillObjective(stage_cfg, teacher, steps, guidance_input=info["guidance_input"],
-                               teacher_scale=info["guidance_scale"], data=data)
+                               teacher_scale=info["guidance_scale"], data=data, init_dir=init,
+                               substeps=cfg.first_halving_substeps if first else 2)
         s0 = time.perf_counter()
         summary = train(obj, stage_cfg, progress=progress)
         data = obj.data  # encoded once, shared by the later stages

@@ -26,11 +26,12 @@ def _cfg(teacher, out, **kw):
     return DistillConfig(**{**base, **kw})
 
 
-def _objective(teacher, tmp_path, steps, **kw):
+def _objective(teacher, tmp_path, steps, guidance_input=False, init_dir=None, substeps=2, **kw):
     cfg = _cfg(teacher, tmp_path / "o", **kw)
-    obj = DistillObjective(cfg, teacher, steps, guidance_input=False, teacher_scale=3.0)
+    obj = DistillObjective(cfg, teacher, steps, guidance_input=guidance_input, teacher_scale=3.0, init_dir=init_dir,
+                           substeps=substeps)
     torch.manual_seed(0)
-    obj.setup(SimpleNamespace(device=torch.device("cpu"), is_main_process=False))
+    obj.modules = obj.setup(SimpleNamespace(device=torch.device("cpu"), is_main_process=False))
     return obj
 
 
@@ -67,19 +68,25 @@ def test_grids_are_trailing_and_nested():
 def test_two_step_teacher_target_is_the_ddim_composition(sd1_dir, tmp_path):
     """The target by hand: the teacher (CFG at w, epsilon) takes two DDIM steps t -> t_mid -> t_s; the
     x-space target put back through one DDIM step from t lands where the two steps landed."""
-    obj = _objective(sd1_dir, tmp_path, steps=2)
+    _check_two_step_targets(_objective(sd1_dir, tmp_path, steps=2))
+
+
+# student 2 steps; the teacher's trailing grid at 4 steps (a halving) and at 8 (four steps a student step)
+TEACHER_GRIDS = {2: {0: (999, 749, 499), 1: (499, 249, None)},
+                 4: {0: (999, 874, 749, 624, 499), 1: (499, 374, 249, 124, None)}}
+
+
+def _check_two_step_targets(obj, substeps=2):
     batch = obj.batch(0, torch.Generator().manual_seed(3), 0, 1)
     batch["i"] = torch.tensor([0, 1])  # the first level (pure noise) and the last (to clean)
     z, t, ab_t, target = obj.targets(batch)
     unet, sched = obj.teacher.unet, obj.teacher.schedule
     abc = sched.alphas_cumprod.double()
-    grid = {0: (999, 749, 499), 1: (499, 249, None)}  # student 2 steps, teacher 4 steps (trailing)
     for row in range(2):
-        t0, t1, t2 = grid[row]
-        a0, a1 = float(abc[t0]), float(abc[t1])
-        a2 = 1.0 if t2 is None else float(abc[t2])
+        grid = TEACHER_GRIDS[substeps][row]
+        a = [1.0 if tt is None else float(abc[tt]) for tt in grid]
         x0_data, noise = batch["latents"][row:row + 1], batch["noise"][row:row + 1]
-        x = noise if row == 0 else math.sqrt(a0) * x0_data + math.sqrt(1 - a0) * noise
+        x = noise if row == 0 else math.sqrt(a[0]) * x0_data + math.sqrt(1 - a[0]) * noise
         assert torch.allclose(z[row:row + 1], x, atol=1e-6)
         hid = batch["hidden"]["encoder_hidden_states"][row:row + 1]
         unc = obj.uncond["encoder_hidden_states"]
@@ -91,19 +98,47 @@ def test_two_step_teacher_target_is_the_ddim_composition(sd1_dir, tmp_path):
                 e_c = unet(x, tt, encoder_hidden_states=hid).sample
             return e_u + w * (e_c - e_u)
 
-        e = eps(x, t0)
-        x0 = (x - math.sqrt(1 - a0) * e) / math.sqrt(a0)
-        x_mid = math.sqrt(a1) * x0 + math.sqrt(1 - a1) * e
-        e = eps(x_mid, t1)
-        x0 = (x_mid - math.sqrt(1 - a1) * e) / math.sqrt(a1)
-        x_s = math.sqrt(a2) * x0 + math.sqrt(1 - a2) * e
+        x_s = x
+        for j in range(substeps):  # the teacher's DDIM steps (eq. 12, eta 0) by hand
+            e = eps(x_s, grid[j])
+            x0 = (x_s - math.sqrt(1 - a[j]) * e) / math.sqrt(a[j])
+            x_s = math.sqrt(a[j + 1]) * x0 + math.sqrt(1 - a[j + 1]) * e
         # one student DDIM step from z with the target lands on x_s
+        a0, a2 = a[0], a[-1]
         one = math.sqrt(a2) * target[row:row + 1] + math.sqrt(1 - a2) * (x - math.sqrt(a0) * target[row:row + 1]) \
             / math.sqrt(1 - a0)
         assert x_s.abs().max() > 0.1
         assert torch.allclose(one, x_s, atol=2e-4), (one - x_s).abs().max()
-        if t2 is None:  # the last step lands on the clean sample: the target is the teacher's last x0
+        if grid[-1] is None:  # the last step lands on the clean sample: the target is the teacher's last x0
             assert torch.allclose(target[row:row + 1], x0, atol=2e-4)
+
+
+def test_four_teacher_steps_a_student_step(sd1_dir, tmp_path):
+    """first_halving_substeps 4: the target is where four teacher DDIM steps on the finer grid land."""
+    _check_two_step_targets(_objective(sd1_dir, tmp_path, steps=2, substeps=4), substeps=4)
+
+
+def test_the_first_halving_can_learn_from_the_base_teacher(sd1_dir, tmp_path):
+    """first_halving_teacher: base. The first halving's student starts as the guidance student, and
+    its targets are two DDIM steps of the base teacher's own CFG at each sample's w (not the guidance
+    student's one-pass imitation of it)."""
+    result = distill(_cfg(sd1_dir, tmp_path / "c", first_halving_teacher="base", first_halving_substeps=4),
+                     progress=False)
+    assert [s["stage"] for s in result["stages"]] == ["guidance", "steps-2"]
+    info = json.loads((tmp_path / "c" / "steps-2" / "distillation.json").read_text())
+    assert info["teacher"] == str(sd1_dir) and info["student_init"] == str(tmp_path / "c" / "guidance")
+    assert info["teacher_steps"] == 8
+    assert info["guidance_input"] and Pipeline.from_pretrained(tmp_path / "c" / "steps-2").model.unet.config \
+        .time_cond_proj_dim == 8
+    chained = json.loads((tmp_path / "c" / "guidance" / "distillation.json").read_text())
+    assert chained["student_init"] == str(sd1_dir)
+
+    obj = _objective(sd1_dir, tmp_path, steps=2, guidance_input=True, init_dir=tmp_path / "c" / "guidance")
+    start = load_model(tmp_path / "c" / "guidance").unet.state_dict()
+    got = obj.modules["unet"].state_dict()
+    assert got.keys() == start.keys() and all(torch.equal(got[k], start[k]) for k in got)
+    assert not obj.teacher_w_input  # the teacher runs two passes and mixes them at the batch's w
+    _check_two_step_targets(obj)
 
 
 def test_guidance_input_starts_as_the_conditional_branch_and_w_matters(sd1_dir, tmp_path):
@@ -221,6 +256,8 @@ def test_resume_equals_an_uninterrupted_chain(sd1_dir, tmp_path, monkeypatch):
     (dict(to_steps=3), ConfigError, "not from_steps=4 divided by a power of two; choose one of 2, 1"),
     (dict(prediction_type="epsilon"), ConfigError, "predicts v or x"),
     (dict(guidance_range=[5.0, 2.0]), ConfigError, "guidance_range"),
+    (dict(first_halving_substeps=1), ConfigError, "first_halving_substeps must be at least 2"),
+    (dict(first_halving_teacher="teacher"), ConfigError, "first_halving_teacher 'teacher': use one of chain, base"),
 ])
 def test_bad_settings_are_clear_errors(sd1_dir, tmp_path, kw, error, match):
     with pytest.raises(error, match=match):
