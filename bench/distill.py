@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                   f"{100 * (first - np.mean(rates)):.1f} |")
     total = sum(s.get("wall_seconds", 0.0) for s in chain["stages"])
     print("\nchain training, wall time per stage: " +
-          ", ".join(f"{s['stage']} {s.get('wall_seconds', float('nan')):.0f} s ({s['steps']} steps)"
+          ", ".join(f"{s['stage']} " + (f"{s['wall_seconds']:.0f} s" if "wall_seconds" in s else
+                                        "(kept from an earlier run that recorded no time)") + f" ({s['steps']} steps)"
                     for s in chain["stages"]) + f"; sum {total:.0f} s (the last ldm distill call: "
           f"{chain['wall_seconds']:.0f} s)")
     if args.json:
