@@ -12,6 +12,7 @@ run sees exactly the batches an uninterrupted one would, and ends with the same 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, to_dict
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -297,6 +300,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # a checkpoint either exists whole or not at all
+            log.info("step %d: checkpoint saved to %s", step, final)
             if cfg.checkpoints_total_limit:
                 for _, old in checkpoints(output_dir)[:-cfg.checkpoints_total_limit]:
                     shutil.rmtree(old)

@@ -583,6 +583,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # accelerate's five INFO lines per checkpoint name its temporary directory; the loop says where
+    # each checkpoint landed instead (its warnings still show)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command(argv)).parse_args(argv)  # --help ends here, before anything heavy loads
     from transformers.utils import logging as hf_logging

@@ -256,3 +256,16 @@ def test_console_script_leaves_one_shot_commands_at_once_with_their_exit_status(
     assert bad.returncode == 2 and "multiple of 8" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad.png").exists()
     assert console("serve", "--help").returncode == 0
+
+
+def test_a_training_command_says_where_each_checkpoint_landed(tmp_path, caplog):
+    """One line per checkpoint naming its final directory; accelerate's INFO lines about the
+    temporary directory it writes first stay out of the terminal."""
+    out = tmp_path / "vae"
+    with caplog.at_level("INFO"):
+        assert main(["train-vae", "--max-steps", "2", "--output-dir", str(out), "--quiet", "--checkpoint-every", "1",
+                     "--set", "batch_size=2", "--set", "scale_images=8", "--set", "validation_every=0"]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m for m in lines if "checkpoint saved" in m] == [
+        f"step {n}: checkpoint saved to {out / f'checkpoint-{n}'}" for n in (1, 2)]
+    assert not [m for m in lines if ".tmp-" in m]

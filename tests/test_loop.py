@@ -51,8 +51,12 @@ def test_ema_closed_form():
     assert torch.equal(p.data, torch.full((3,), 2.0))
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    worker([str(tmp_path / "full"), "6", "--ema", "0.5"])
+def test_resume_equals_uninterrupted(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="finetune.loop"):
+        worker([str(tmp_path / "full"), "6", "--ema", "0.5"])
+    saved = [r.getMessage() for r in caplog.records if r.name == "finetune.loop"]
+    # one line per checkpoint, naming where it landed (not the temporary directory it was written in)
+    assert saved == [f"step {n}: checkpoint saved to {tmp_path / 'full' / f'checkpoint-{n}'}" for n in (2, 4, 6)]
     with pytest.raises(KeyboardInterrupt):
         worker([str(tmp_path / "part"), "6", "--ema", "0.5", "--stop-at", "5"])
     assert [s for s, _ in checkpoints(tmp_path / "part")] == [2, 4]
