@@ -61,7 +61,8 @@ METHODS = {
 DISTILL = Method("guidance and progressive distillation into a few-step student (Meng et al. 2023; "
                  "Salimans & Ho 2022)", "finetune.distill", "DistillConfig", None, "distill-shapes.yaml",
                  ("teacher", "from_steps", "to_steps", "guidance_distillation", "guidance_scale", "guidance_range",
-                  "guidance_steps", "stage_steps", "prediction_type", "data_dir", "num_images") + LOOP_FLAGS)
+                  "guidance_steps", "stage_steps", "first_halving_teacher", "first_halving_substeps", "prediction_type",
+                  "data_dir", "num_images") + LOOP_FLAGS)
 
 
 def recipes_dir() -> Path:

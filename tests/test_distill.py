@@ -286,3 +286,15 @@ def test_an_sdxl_teacher_distils_end_to_end_and_diffusers_runs_the_student(sdxl_
     theirs = ref("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="pt",
                  generator=torch.Generator().manual_seed(4)).images
     assert (ours - theirs).abs().max() <= 2 / 255
+
+
+def test_the_first_halving_flags_reach_the_recipe(sd1_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    rc = main(["distill", "--teacher", str(sd1_dir), "--output-dir", str(tmp_path / "x"),
+               "--first-halving-teacher", "teacher", "--first-halving-substeps", "4", "--quiet"])
+    assert rc == 2
+    assert "first_halving_teacher 'teacher': use one of chain, base" in capsys.readouterr().err
+    rc = main(["distill", "--teacher", str(sd1_dir), "--output-dir", str(tmp_path / "y"),
+               "--first-halving-substeps", "1", "--quiet"])
+    assert rc == 2 and "first_halving_substeps must be at least 2" in capsys.readouterr().err
