@@ -9,7 +9,10 @@ one U-Net pass per step.
   teacher's weights; at a student level t_i its target is where two deterministic DDIM steps of the
   teacher land (t_i -> t_i - 1/2N -> t_i - 1/N), turned into the x-space estimate that one student
   DDIM step would need (ldm.process.ddim_x0_for); the loss is max(SNR, 1) * |x_hat - x_target|^2.
-  After each halving the student becomes the teacher.
+  After each halving the student becomes the teacher. The first halving may instead learn from the
+  base teacher's own guidance at the student's w (``first_halving_teacher: base``), over k of its
+  DDIM steps a student step (``first_halving_substeps``): the shapes recipe's 4-step student then
+  learns the teacher at 16 steps, as good as at 64, rather than at 8 (docs/distillation.md).
 
 The noise schedule (Lin et al. 2023, "Common diffusion noise schedules and sample steps are
 flawed"). A Stable-Diffusion schedule does not reach zero SNR and its "leading" spacing starts a
