@@ -247,10 +247,10 @@ class DistillObjective(Objective):
             tts, tab = self.tts.to(self.device), self.tab.to(self.device)
             # the sampler's first level gets what the sampler starts from: pure noise
             z = torch.where((i == 0).view(view), noise, q_sample(x0, noise, ab_t))
-            z_j = z  # k deterministic teacher steps t -> ... -> s on its finer grid (the first is t itself)
+            z_j = z  # k deterministic teacher steps t -> ... -> s on its finer grid (its point k i is t)
             for j in range(k):
                 a, b = tab[k * i + j].view(view), tab[k * i + j + 1].view(view)
-                z_j = ddim_step(z_j, self._teacher_x0(z_j, t if j == 0 else tts[k * i + j], a, hidden, w), a, b)
+                z_j = ddim_step(z_j, self._teacher_x0(z_j, tts[k * i + j], a, hidden, w), a, b)
             return z, t, ab_t, ddim_x0_for(z, z_j, ab_t, ab_s)
 
     def loss(self, batch, modules, generator):
@@ -369,12 +369,11 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
             teacher = d
             continue
         stage_cfg = dataclasses.replace(cfg, output_dir=str(d), max_steps=max_steps)
-        init = None
-        if cfg.first_halving_teacher == "base" and steps == cfg.from_steps // 2 and teacher != info["teacher"]:
+        init, first = None, steps == cfg.from_steps // 2
+        if cfg.first_halving_teacher == "base" and first and teacher != info["teacher"]:
             # the first halving after the guidance stage: the student starts as the guidance student
             # and its targets are DDIM steps of the base teacher's own guided prediction at its w
             teacher, init = info["teacher"], teacher
-        first = steps == cfg.from_steps // 2
         obj = DistillObjective(stage_cfg, teacher, steps, guidance_input=info["guidance_input"],
                                teacher_scale=info["guidance_scale"], data=data, init_dir=init,
                                substeps=cfg.first_halving_substeps if first else 2)
