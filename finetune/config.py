@@ -50,8 +50,11 @@ class TrainConfig:
 def _coerce(name: str, tp, value):
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = origin is typing.Union or type(None) in typing.get_args(tp)
+    if optional and isinstance(value, str) and value.strip().lower() in ("null", "none", "~"):
+        value = None  # `--set key=null` (a flag's value is a string) as YAML's null
     if value is None:
-        if origin is typing.Union or type(None) in typing.get_args(tp):
+        if optional:
             return None
         raise ConfigError(f"{name}: null is not allowed; give a {getattr(tp, '__name__', tp)}")
     if origin in (typing.Union, getattr(types, "UnionType", None)) and args:

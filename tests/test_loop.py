@@ -105,6 +105,16 @@ def test_unknown_recipe_key_is_named():
         build(TrainConfig, {"max_steps": "many"})
 
 
+def test_null_from_a_flag_clears_an_optional_key_and_is_refused_elsewhere():
+    from finetune.vae import VAEConfig
+
+    cfg = build(VAEConfig, {"oversample_shape": "null", "oversample_size": "None"})  # `--set oversample_shape=null`
+    assert cfg.oversample_shape is None and cfg.oversample_size is None
+    assert build(VAEConfig, {"oversample_shape": "star"}).oversample_shape == "star"
+    with pytest.raises(ConfigError, match="max_steps: expected int, got 'null'"):
+        build(TrainConfig, {"max_steps": "null"})
+
+
 def test_two_processes_under_accelerate_launch(tmp_path, free_port):
     env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
     # on a machine without GPUs, accelerate needs --multi_gpu to start torchrun; the processes are then MULTI_CPU (gloo)
