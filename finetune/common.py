@@ -17,9 +17,9 @@ from ldm.text import text_context
 class Oversampling:
     """Recipe keys shared by the VAE and U-Net recipes: a fraction of each batch drawn from the shapes
     world's hardest scenes (a shape and/or a size class)."""
-    oversample_fraction: float = 0.0     # this fraction of each batch is drawn from the scenes ...
-    oversample_shape: str | None = None  # ... of this shape ...
-    oversample_size: str | None = None   # ... and this size class
+    oversample_fraction: float = 0.0            # this fraction of each batch is drawn from the scenes ...
+    oversample_shape: list[str] | None = None   # ... of these shapes (one, or a list: `star,ring`) ...
+    oversample_size: list[str] | None = None    # ... and size classes, uniformly over the combinations
 
     def hard_combos(self, split: str) -> list[tuple[str, str, str, str]]:
         """The combinations of ``split`` that the keys name, checked: an error names the keys when a
@@ -30,10 +30,13 @@ class Oversampling:
         fraction, shape, size = self.oversample_fraction, self.oversample_shape, self.oversample_size
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"oversample_fraction={fraction!r}: a fraction of each batch, between 0 and 1")
-        combos = shapes.combinations(split, shapes=shape and [shape], sizes=size and [size])
-        if fraction and not combos:
+        shape, size = ([shape] if isinstance(shape, str) else shape), ([size] if isinstance(size, str) else size)
+        unknown = sorted(set(shape or ()) - set(shapes.ALL_SHAPES)) + sorted(set(size or ()) - set(shapes.SIZES))
+        combos = shapes.combinations(split, shapes=shape or None, sizes=size or None)
+        if fraction and (unknown or not combos):
             raise ValueError(f"oversample_shape={shape!r} / oversample_size={size!r} match no scene of split "
-                             f"{split!r}; use one of {shapes.ALL_SHAPES} / {shapes.SIZES}")
+                             f"{split!r}{f' ({unknown} unknown)' if unknown else ''}; use some of "
+                             f"{shapes.ALL_SHAPES} / {tuple(shapes.SIZES)}")
         return combos
 
 

@@ -110,7 +110,7 @@ def test_null_from_a_flag_clears_an_optional_key_and_is_refused_elsewhere():
 
     cfg = build(VAEConfig, {"oversample_shape": "null", "oversample_size": "None"})  # `--set oversample_shape=null`
     assert cfg.oversample_shape is None and cfg.oversample_size is None
-    assert build(VAEConfig, {"oversample_shape": "star"}).oversample_shape == "star"
+    assert build(VAEConfig, {"oversample_shape": "star"}).oversample_shape == ["star"]
     with pytest.raises(ConfigError, match="max_steps: expected int, got 'null'"):
         build(TrainConfig, {"max_steps": "null"})
 

@@ -72,6 +72,21 @@ def test_codec_split_lets_the_vae_see_teal_rings_and_held_out_pairs():
         VAEObjective(VAEConfig(output_dir="unused", split="heldout"))
 
 
+def test_oversampling_takes_several_shapes_as_a_recipe_or_flag_gives_them():
+    from finetune.config import build
+
+    cfg = build(VAEConfig, {"output_dir": "unused", "batch_size": 8, "split": "codec", "oversample_fraction": 1.0,
+                            "oversample_shape": "star,ring", "oversample_size": "small", "random_color_fraction": 0.0,
+                            "crop_size": 0})  # as `--set oversample_shape=star,ring` gives it
+    obj = VAEObjective(cfg)
+    assert {c[2] for c in obj.hard_combos} == {"star", "ring"} and {c[0] for c in obj.hard_combos} == {"small"}
+    assert obj.hard_combos == shapes.combinations("codec", shapes=["star", "ring"], sizes=["small"])
+    reads = [r for index in range(4) for r in _reads(obj.batch(index, None, 0, 1)["pixels"])]
+    assert {r.shape for r in reads} == {"star", "ring"} and {r.size for r in reads} == {"small"}
+    with pytest.raises(ValueError, match=r"\['rings'\] unknown"):
+        VAEObjective(VAEConfig(output_dir="unused", split="codec", oversample_fraction=0.5, oversample_shape=["star", "rings"]))
+
+
 def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
     torch.manual_seed(0)
     cfg = VAEConfig(output_dir=str(tmp_path), block_out_channels=[8, 8, 8, 8], norm_num_groups=4,
