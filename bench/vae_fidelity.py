@@ -1,7 +1,7 @@
 """How faithfully a VAE carries the shapes world: encode/decode rendered scenes and judge the
 reconstructions with the world's detector (the ceiling for any U-Net trained on its latents).
 
-    python bench/vae_fidelity.py runs/shapes/vae [--n 200]
+    python bench/vae_fidelity.py runs/shapes/vae [--n 200] [--scene-seed K]
 
 Groups: seen and held-out pairs, all scenes (every colour and shape, teal and rings included: the
 codec split), small orange stars (textual inversion's concept) and teal rings (DreamBooth's subject).
@@ -28,17 +28,21 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("vae_dir", help="a directory holding vae/ (or the vae folder itself)")
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--scene-seed", type=int, default=0,
+                   help="added to each group's scene seed: other scenes, to choose a recipe on without "
+                        "choosing it on the reported ones (default 0: the reported scenes)")
     a = p.parse_args()
+    k = a.scene_seed
     try:
         vae = AutoencoderKL.from_pretrained(a.vae_dir, subfolder="vae").eval()
     except OSError:
         vae = AutoencoderKL.from_pretrained(a.vae_dir).eval()
-    groups = {"seen": [shapes.sample_scene(123, i, "seen") for i in range(a.n)],
-              "heldout": [shapes.sample_scene(123, i, "heldout") for i in range(a.n)],
-              "all scenes": [shapes.sample_scene(321, i, "codec") for i in range(a.n)],
-              "small orange star": [shapes.sample_scene(7, i, color="orange", shape="star", sizes=["small"])
+    groups = {"seen": [shapes.sample_scene(123 + k, i, "seen") for i in range(a.n)],
+              "heldout": [shapes.sample_scene(123 + k, i, "heldout") for i in range(a.n)],
+              "all scenes": [shapes.sample_scene(321 + k, i, "codec") for i in range(a.n)],
+              "small orange star": [shapes.sample_scene(7 + k, i, color="orange", shape="star", sizes=["small"])
                                     for i in range(a.n)],
-              "teal ring": [shapes.sample_scene(5, i, color="teal", shape="ring") for i in range(a.n)]}
+              "teal ring": [shapes.sample_scene(5 + k, i, color="teal", shape="ring") for i in range(a.n)]}
     for name, scenes in groups.items():
         imgs, l1 = roundtrip(vae, scenes)
         reads = [shapes.detect(i) for i in imgs]

@@ -46,6 +46,9 @@ class VAEConfig(TrainConfig, Oversampling):
     scale_images: int = 2048             # images used to measure scaling_factor
     init_vae: str | None = None          # start from this trained VAE (a directory holding vae/)
     edge_weight: float = 0.0             # extra L1 weight of pixels within 1 px of an edge
+    edge_contrast: bool = False          # that weight divided by the edge's contrast (its 3x3 spread, 2 =
+                                         # black on white, floored at 0.25): a faint edge (orange on red)
+                                         # counts as much, relative to its contrast, as a sharp one
     latent_noise: float = 1.0            # decode mean + latent_noise * std * eps (0: the posterior mean,
                                          # which is what the U-Net is trained on)
     decoder_only: bool = False           # freeze the encoder (needs init_vae): latents and scaling_factor
@@ -57,12 +60,16 @@ class VAEConfig(TrainConfig, Oversampling):
     random_flip: bool = False            # (data_dirs) random horizontal and vertical flips
 
 
-def edge_mask(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
-    """(B, 1, H, W) 1.0 where a pixel's 3x3 neighbourhood spans more than ``threshold`` in any channel."""
+def edge_mask(x: torch.Tensor, threshold: float = 0.1, contrast: bool = False) -> torch.Tensor:
+    """(B, 1, H, W) 1.0 where a pixel's 3x3 neighbourhood spans more than ``threshold`` in any channel;
+    with ``contrast``, 1 / that span (floored at 0.25) there instead: a blurred edge moves the
+    detector's midpoint by the blur relative to the edge's contrast, so a faint edge's errors count
+    more."""
     import torch.nn.functional as F
 
-    spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)
-    return (spread.amax(1, keepdim=True) > threshold).to(x.dtype)
+    spread = (F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)).amax(1, keepdim=True)
+    mask = (spread > threshold).to(x.dtype)
+    return mask / spread.clamp(min=0.25) if contrast else mask
 
 
 def random_color_scene_pixels(rng: np.random.Generator, scene: shapes.Scene, any_color: bool = False) -> np.ndarray:
@@ -177,7 +184,7 @@ class VAEObjective(Objective):
         recon = vae.decode(z).sample
         err = (recon.float() - x).abs()
         if self.cfg.edge_weight:
-            w = 1.0 + self.cfg.edge_weight * edge_mask(x)
+            w = 1.0 + self.cfg.edge_weight * edge_mask(x, contrast=self.cfg.edge_contrast)
             rec = (err * w).sum() / (w.sum() * err.shape[1])
         else:
             rec = err.mean()

@@ -109,6 +109,28 @@ def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
     recon0 = vae.decode(post.mean).sample
     assert torch.allclose(loss0, ((recon0 - x).abs() * w).sum() / (3 * w.sum()), rtol=1e-5)
     assert not torch.allclose(loss0, loss)
+    obj.cfg.edge_contrast = True  # the edge weight over the edge's contrast
+    loss_c, _ = obj.loss({"pixels": x}, {"vae": vae}, torch.Generator().manual_seed(1))
+    wc = 1 + 10.0 * edge_mask(x, contrast=True)
+    assert torch.allclose(loss_c, ((recon0 - x).abs() * wc).sum() / (3 * wc.sum()), rtol=1e-5)
+    assert not torch.allclose(wc, w)
+
+
+def test_edge_contrast_weighs_an_edge_by_one_over_its_contrast():
+    """edge_contrast: an edge pixel's weight is 1 / the 3x3 span of its strongest channel (floored at
+    0.25); flat pixels 0, as without it. Hand-made: a black/white edge (span 2) and an orange/red one."""
+    x = torch.full((1, 3, 8, 8), -1.0)
+    x[:, :, :, 4:] = 1.0                                   # black | white: span 2 at columns 3 and 4
+    y = torch.zeros(1, 3, 8, 8)
+    y[:, 1, :, 4:] = 0.6                                   # a faint edge in one channel: span 0.6
+    plain, norm = edge_mask(x), edge_mask(x, contrast=True)
+    assert plain[0, 0, 0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    assert norm[0, 0, 0].tolist() == [0, 0, 0, 0.5, 0.5, 0, 0, 0]
+    faint = edge_mask(y, contrast=True)[0, 0, 0]
+    assert torch.allclose(faint, torch.tensor([0, 0, 0, 1 / 0.6, 1 / 0.6, 0, 0, 0]))
+    z = torch.zeros(1, 3, 8, 8)
+    z[:, 2, :, 4:] = 0.2                                   # span 0.2: counted (> 0.1), weight floored at 1 / 0.25
+    assert torch.allclose(edge_mask(z, contrast=True)[0, 0, 0], torch.tensor([0, 0, 0, 4.0, 4.0, 0, 0, 0]))
 
 
 def test_init_vae_missing_is_a_clear_error(tmp_path):
