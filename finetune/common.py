@@ -21,16 +21,20 @@ class Oversampling:
     oversample_shape: list[str] | None = None   # ... of these shapes (one, or a list: `star,ring`) ...
     oversample_size: list[str] | None = None    # ... and size classes, uniformly over the combinations
 
+    def oversample_names(self) -> tuple[list[str] | None, list[str] | None]:
+        """The shape and size keys as lists (a recipe read from YAML or flags gives lists; code may give
+        one name as a string)."""
+        return tuple([v] if isinstance(v, str) else v for v in (self.oversample_shape, self.oversample_size))
+
     def hard_combos(self, split: str) -> list[tuple[str, str, str, str]]:
         """The combinations of ``split`` that the keys name, checked: an error names the keys when a
         fraction is asked of no scene. Combinations of the split only, so oversampling never draws a
         held-out pair in ``train``."""
         from shapes import world as shapes
 
-        fraction, shape, size = self.oversample_fraction, self.oversample_shape, self.oversample_size
+        fraction, (shape, size) = self.oversample_fraction, self.oversample_names()
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"oversample_fraction={fraction!r}: a fraction of each batch, between 0 and 1")
-        shape, size = ([shape] if isinstance(shape, str) else shape), ([size] if isinstance(size, str) else size)
         unknown = sorted(set(shape or ()) - set(shapes.ALL_SHAPES)) + sorted(set(size or ()) - set(shapes.SIZES))
         combos = shapes.combinations(split, shapes=shape or None, sizes=size or None)
         if fraction and (unknown or not combos):

@@ -87,9 +87,9 @@ class UNetObjective(Objective):
                 if (sc.size, sc.color, sc.shape, sc.background) in self.hard_combos] if cfg.oversample_fraction else []
         self.hard = torch.tensor(hard, dtype=torch.long)
         if cfg.oversample_fraction and not len(self.hard):
-            raise ValueError(f"none of the {len(self.scenes)} training scenes is a "
-                             f"{'/'.join(self.cfg.oversample_size or [])} {'/'.join(self.cfg.oversample_shape or [])} "
-                             "to oversample; raise num_images")
+            shape, size = cfg.oversample_names()
+            raise ValueError(f"none of the {len(self.scenes)} training scenes is a {'/'.join(size or [])} "
+                             f"{'/'.join(shape or [])} to oversample; raise num_images")
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return {"unet": build_unet(cfg, self.text_encoder.config.hidden_size, shapes.CANVAS // factor)}
 

@@ -237,6 +237,10 @@ def test_unet_oversampling_ends_each_batch_with_the_asked_scenes(tiny_build):
     assert torch.equal(z, obj.latents[idx])
     with pytest.raises(ValueError, match="match no scene of split 'train'"):
         UNetObjective(UNetConfig(output_dir="unused", oversample_fraction=0.5, oversample_shape="ring"))
+    few = UNetObjective(UNetConfig(**{**common, "num_images": 1}, oversample_fraction=0.5, oversample_shape="star",
+                                   oversample_size="small"))  # scene 0 is a large star: none to oversample
+    with pytest.raises(ValueError, match="none of the 1 training scenes is a small star to oversample; raise num_images"):
+        few.setup(CPU)
 
 
 def test_scaling_factor_is_one_over_the_latent_std(tiny_build):
