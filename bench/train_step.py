@@ -1,6 +1,7 @@
-"""The build's training steps on the CPU: eager against channels-last memory and torch.compile.
+"""The build's training steps on the CPU: eager against channels-last memory, torch.compile and bf16
+autocast (the recipes' ``mixed_precision: bf16``; fast only where the CPU has bf16 units, e.g. AMX).
 
-    python bench/train_step.py [--parts vae unet] [--modes eager channels_last compile] [--steps 20]
+    python bench/train_step.py [--parts vae unet] [--modes eager channels_last compile bf16] [--steps 20]
 
 Where ``ldm build-shapes-model`` spends its time: the VAE stages (a step of the recipe's VAE on a batch
 of 16 whole 64x64 images, as in the codec stages) and the U-Net stage (a step of the recipe's U-Net on
@@ -48,7 +49,8 @@ model.train()
 opt = torch.optim.AdamW(model.parameters(), 1e-4)
 loss_fn = torch.compile(obj.loss) if mode == "compile" else obj.loss
 def step():
-    loss, _ = loss_fn(batch, {key: model}, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+        loss, _ = loss_fn(batch, {key: model}, gen)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -73,7 +75,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="+", default=["vae", "unet"], choices=["vae", "unet"])
     ap.add_argument("--modes", nargs="+", default=["eager", "channels_last", "compile"],
-                    choices=["eager", "channels_last", "compile"])
+                    choices=["eager", "channels_last", "compile", "bf16"])
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     print("| part | mode | s / step | vs eager | first 3 steps, s |")
