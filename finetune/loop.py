@@ -222,6 +222,19 @@ def prepare_output_dir(output_dir: Path, cfg: TrainConfig) -> int:
     return 0
 
 
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator of another
+    mixed precision ("AcceleratorState has already been initialized and cannot be changed"), so runs in
+    one process (``ldm build-shapes-model``'s stages, a script training twice) could not differ in it.
+    Drop the accelerator part of that state when the precision changes; the process part
+    (PartialState: ranks, process group) stays."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> dict:
     """Run ``objective`` for ``cfg.max_steps`` optimiser steps; returns a summary dict."""
     from accelerate import Accelerator
@@ -231,6 +244,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     output_dir = Path(cfg.output_dir)
     start_step = prepare_output_dir(output_dir, cfg)
     tracker = _default_tracker(cfg.report_to)
+    _forget_other_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # without an accelerator, several processes (accelerate launch / torchrun) are multi-CPU with gloo
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),

@@ -98,6 +98,16 @@ def test_gradient_accumulation_runs_and_differs(tmp_path):
     assert not same(weights(tmp_path / "a1"), weights(tmp_path / "a2"))
 
 
+def test_runs_of_another_mixed_precision_in_one_process(tmp_path):
+    # accelerate refused the second Accelerator of another precision in a process (a build's bf16
+    # VAE stages, then its fp32 CLIP stage); bf16 autocast must apply, and fp32 after it be fp32 again
+    worker([str(tmp_path / "fp32"), "3"])
+    worker([str(tmp_path / "bf16"), "3", "--mixed-precision", "bf16"])
+    worker([str(tmp_path / "fp32-again"), "3"])
+    assert not same(weights(tmp_path / "fp32"), weights(tmp_path / "bf16"))
+    assert same(weights(tmp_path / "fp32"), weights(tmp_path / "fp32-again"))
+
+
 def test_unknown_recipe_key_is_named():
     with pytest.raises(ConfigError, match="'learning_rte'"):
         build(TrainConfig, {"learning_rte": 1e-3})
