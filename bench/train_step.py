@@ -1,7 +1,9 @@
-"""The build's training steps on the CPU: eager against channels-last memory, torch.compile and bf16
-autocast (the recipes' ``mixed_precision: bf16``; fast only where the CPU has bf16 units, e.g. AMX).
+"""The build's training steps on the CPU: eager against channels-last memory, torch.compile, bf16
+autocast (the recipes' ``mixed_precision: bf16``; fast only where the CPU has bf16 units, e.g. AMX) and
+PyTorch's fused AdamW kernel (``fused_adamw``; the eager step uses its default, the for-each one).
 
-    python bench/train_step.py [--parts vae unet] [--modes eager channels_last compile bf16] [--steps 20]
+    python bench/train_step.py [--parts vae unet] [--modes eager channels_last compile bf16 fused_adamw]
+        [--steps 20]
 
 Where ``ldm build-shapes-model`` spends its time: the VAE stages (a step of the recipe's VAE on a batch
 of 16 whole 64x64 images, as in the codec stages) and the U-Net stage (a step of the recipe's U-Net on
@@ -46,7 +48,7 @@ if mode == "channels_last":
     model = model.to(memory_format=torch.channels_last)
     batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
 model.train()
-opt = torch.optim.AdamW(model.parameters(), 1e-4)
+opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True if mode == "fused_adamw" else None)
 loss_fn = torch.compile(obj.loss) if mode == "compile" else obj.loss
 def step():
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
@@ -75,7 +77,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="+", default=["vae", "unet"], choices=["vae", "unet"])
     ap.add_argument("--modes", nargs="+", default=["eager", "channels_last", "compile"],
-                    choices=["eager", "channels_last", "compile", "bf16"])
+                    choices=["eager", "channels_last", "compile", "bf16", "fused_adamw"])
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     print("| part | mode | s / step | vs eager | first 3 steps, s |")

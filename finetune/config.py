@@ -33,9 +33,10 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
+    adam_fused: bool = True         # PyTorch's fused AdamW kernel on CPU and CUDA (same update, one kernel)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0      # 0 turns clipping off
-    mixed_precision: str = "no"     # no | fp16 | bf16
+    mixed_precision: str = "no"     # no | fp16 | bf16 | auto (bf16 where the device computes it natively)
     ema_decay: float = 0.0          # 0 turns EMA off; the final weights are the EMA ones when on
     ema_warmup_steps: int = 0       # EMA starts as a copy after this many steps
     checkpoint_every: int = 500
@@ -128,7 +129,7 @@ def add_common_flags(p: argparse.ArgumentParser):
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="start over in an --output-dir that holds another run's checkpoints")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "auto"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe key (repeatable), e.g. --set learning_rate=1e-4")
 

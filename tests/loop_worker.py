@@ -1,6 +1,6 @@
 """A tiny objective on the shared loop, runnable as a script (for kill -9 and multi-process tests).
 
-python tests/loop_worker.py OUTPUT_DIR MAX_STEPS [--resume] [--kill-at N] [--nan-at N] [--accum N] [--mixed-precision no|bf16]
+python tests/loop_worker.py OUTPUT_DIR MAX_STEPS [--resume] [--kill-at N] [--nan-at N] [--accum N] [--mixed-precision no|bf16|auto] [--no-fused]
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def main(argv=None):
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--ema", type=float, default=0.0)
     p.add_argument("--mixed-precision", default="no")
+    p.add_argument("--no-fused", action="store_true")
     a = p.parse_args(argv)
     cfg = TrainConfig(output_dir=a.output_dir, max_steps=a.max_steps, resume=a.resume, learning_rate=0.05,
                       lr_warmup_steps=2, lr_scheduler="cosine", checkpoint_every=2, checkpoints_total_limit=2,
                       gradient_accumulation_steps=a.accum, ema_decay=a.ema, report_to="none", log_every=1,
-                      mixed_precision=a.mixed_precision)
+                      mixed_precision=a.mixed_precision, adam_fused=not a.no_fused)
     return train(Regression(a.kill_at, a.nan_at, a.stop_at), cfg, progress=False)
 
 

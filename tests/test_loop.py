@@ -14,7 +14,8 @@ from loop_worker import main as worker
 from safetensors.torch import load_file
 
 from finetune.config import ConfigError, TrainConfig, build
-from finetune.loop import EMA, TrainingError, checkpoints, lr_lambda
+from finetune import loop
+from finetune.loop import EMA, TrainingError, checkpoints, lr_lambda, resolve_mixed_precision, use_fused_adamw
 
 WORKER = Path(__file__).with_name("loop_worker.py")
 
@@ -106,6 +107,45 @@ def test_runs_of_another_mixed_precision_in_one_process(tmp_path):
     worker([str(tmp_path / "fp32-again"), "3"])
     assert not same(weights(tmp_path / "fp32"), weights(tmp_path / "bf16"))
     assert same(weights(tmp_path / "fp32"), weights(tmp_path / "fp32-again"))
+
+
+def test_fused_adamw_is_the_default_and_makes_the_for_each_update(tmp_path):
+    fused = worker([str(tmp_path / "fused"), "6"])
+    plain = worker([str(tmp_path / "plain"), "6", "--no-fused"])
+    assert fused["fused_adamw"] is True and plain["fused_adamw"] is False
+    a, b = weights(tmp_path / "fused"), weights(tmp_path / "plain")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)  # same update, another kernel
+    # and a run resumed with the other kernel continues the same optimiser state
+    with pytest.raises(KeyboardInterrupt):
+        worker([str(tmp_path / "mixed"), "6", "--no-fused", "--stop-at", "5"])
+    worker([str(tmp_path / "mixed"), "6", "--resume"])
+    c = weights(tmp_path / "mixed")
+    assert all(torch.allclose(a[k], c[k], rtol=0, atol=1e-5) for k in a)
+
+
+def test_where_fused_adamw_applies():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    cpu = torch.device("cpu")
+    assert use_fused_adamw(TrainConfig(), torch.optim.AdamW, p, cpu)
+    assert not use_fused_adamw(TrainConfig(adam_fused=False), torch.optim.AdamW, p, cpu)
+    assert not use_fused_adamw(TrainConfig(), torch.optim.SGD, p, cpu)  # e.g. bitsandbytes' 8-bit AdamW
+    assert not use_fused_adamw(TrainConfig(), torch.optim.AdamW, p, torch.device("mps"))
+    assert not use_fused_adamw(TrainConfig(), torch.optim.AdamW, [torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], cpu)
+
+
+def test_mixed_precision_auto_follows_the_hardware(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "native_bf16", lambda device_type: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(loop, "native_bf16", lambda device_type: False)
+    assert resolve_mixed_precision("auto") == "no"
+    assert [resolve_mixed_precision(v) for v in ("no", "fp16", "bf16")] == ["no", "fp16", "bf16"]
+    with pytest.raises(TrainingError, match="mixed_precision 'fp8' is unknown; use one of no, fp16, bf16, auto"):
+        resolve_mixed_precision("fp8")
+    summary = worker([str(tmp_path / "auto"), "2", "--mixed-precision", "auto"])
+    assert summary["mixed_precision"] == "no"  # resolved before the run, what the objective reads too
+    with pytest.raises(TrainingError, match="'fp8'"):
+        worker([str(tmp_path / "bad"), "2", "--mixed-precision", "fp8"])
+    assert not (tmp_path / "bad" / "checkpoint-2").exists()
 
 
 def test_unknown_recipe_key_is_named():
