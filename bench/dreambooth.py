@@ -31,6 +31,7 @@ from generate import timed_modules  # noqa: E402
 
 VARIANTS = {
     "full": {},
+    "full+for-each-adamw": {"adam_fused": False},
     "full+checkpointing": {"gradient_checkpointing": True},
     "full+adamw8bit": {"optimizer": "adamw8bit"},
     "lora-4": {"lora_rank": 4},

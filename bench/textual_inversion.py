@@ -7,6 +7,7 @@ restoring of frozen rows), and prints steps/s for the full step and for the floo
 
     python bench/textual_inversion.py                       # the embedded model, 5 orange-star renders
     python bench/textual_inversion.py --model DIR --data-dir IMAGES --batch-size 4 --initializer cat
+    python bench/textual_inversion.py --for-each-adamw     # the optimiser before fused AdamW
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--for-each-adamw", action="store_true", help="AdamW's for-each kernel instead of the loop's fused one")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,7 +43,7 @@ def main():
 
     from finetune.common import denoising_loss
     from finetune.config import build
-    from finetune.loop import step_generator
+    from finetune.loop import step_generator, use_fused_adamw
     from finetune.textual_inversion import TextualInversionConfig, TextualInversionObjective
     from shapes.demos import TI_COLOR, TI_SHAPE, TI_TRAIN, render_instances
 
@@ -51,10 +53,13 @@ def main():
         data = Path(tmp.name) / "data"
         render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN)
     cfg = build(TextualInversionConfig, dict(model=args.model, data_dir=str(data), initializer_token=args.initializer,
-                                             batch_size=args.batch_size, output_dir=tmp.name))
+                                             batch_size=args.batch_size, output_dir=tmp.name,
+                                             adam_fused=not args.for_each_adamw))
     obj = TextualInversionObjective(cfg)
     te, unet = obj.setup(Accelerator(cpu=not torch.cuda.is_available()))["text_encoder"], obj.model.unet
-    opt = torch.optim.AdamW(obj.optimized({}), lr=cfg.learning_rate)
+    params = obj.optimized({})
+    fused = use_fused_adamw(cfg, torch.optim.AdamW, params, obj.device)  # the loop's choice
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, **({"fused": True} if fused else {}))
     parts = defaultdict(float)
 
     def step(i, timed=True):
@@ -109,7 +114,7 @@ def main():
     total = sum(full)
     m_full, m_bare = statistics.median(full), statistics.median(bare)
     print(f"model: {obj.model.path}, {obj.latents.shape[0]} images, latents {tuple(obj.latents.shape[2:])}, "
-          f"batch {args.batch_size}, threads {torch.get_num_threads()}")
+          f"batch {args.batch_size}, threads {torch.get_num_threads()}, AdamW {'fused' if fused else 'for-each'}")
     print(f"textual-inversion step: {1 / m_full:.1f} steps/s (median {m_full * 1000:.1f} ms over {args.steps})")
     print(f"U-Net forward + backward alone: {1 / m_bare:.1f} steps/s (median {m_bare * 1000:.1f} ms)")
     print(f"ratio: {m_full / m_bare:.2f} (step time / U-Net forward+backward time)")
