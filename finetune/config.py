@@ -15,6 +15,9 @@ class ConfigError(ValueError):
     pass
 
 
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")  # auto: finetune.loop.resolve_mixed_precision
+
+
 @dataclass
 class TrainConfig:
     """What every training method shares (the loop's settings)."""
@@ -129,7 +132,7 @@ def add_common_flags(p: argparse.ArgumentParser):
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="start over in an --output-dir that holds another run's checkpoints")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "auto"])
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe key (repeatable), e.g. --set learning_rate=1e-4")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, to_dict
+from .config import MIXED_PRECISIONS, TrainConfig, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +228,6 @@ def prepare_output_dir(output_dir: Path, cfg: TrainConfig) -> int:
             f"{output_dir} holds another run's checkpoints ({found[-1][1].name}); pass --resume to continue "
             f"that run or --overwrite to start over (its checkpoints are then deleted)")
     return 0
-
-
-MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
 
 
 def native_bf16(device_type: str) -> bool:
