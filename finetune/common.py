@@ -45,10 +45,12 @@ class Oversampling:
 
 
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
-                   snr_gamma: float = 0.0, reduce: bool = True):
+                   snr_gamma: float = 0.0, reduce: bool = True, weight: torch.Tensor | None = None):
     """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction
     against the true target of its parameterisation; per-sample losses when ``reduce`` is False.
-    ``hidden``: the text states (B, L, D), or a whole conditioning dict (ldm.text.text_context)."""
+    ``hidden``: the text states (B, L, D), or a whole conditioning dict (ldm.text.text_context).
+    ``weight``: a per-latent-pixel weight of the squared error (broadcast to (B, 4, h, w)), e.g. a
+    region of each image weighted more; None is uniform."""
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -63,7 +65,10 @@ def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: to
         pred = unet(xt, t.to(latents.device), hidden["encoder_hidden_states"].to(latents.device), **extra).sample
     else:
         pred = unet(xt, t.to(latents.device), hidden).sample
-    per = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    err = (pred.float() - target.float()).pow(2)
+    if weight is not None:
+        err = err * weight.to(err.device, err.dtype)
+    per = err.mean(dim=(1, 2, 3))
     if snr_gamma > 0:
         snr = (ab / (1 - ab)).view(b)
         # min-SNR-gamma in the epsilon form; v-prediction's loss is already (snr + 1)-scaled

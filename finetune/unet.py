@@ -37,6 +37,11 @@ class UNetConfig(TrainConfig, Oversampling):
     attribute_dropout: float = 0.15     # size/colour/background each left out of a caption
     uncond_prob: float = 0.1            # empty caption (for classifier-free guidance)
     snr_gamma: float = 5.0              # 0: plain MSE
+    # Extra loss weight on the latent pixels under the shape's box: each pixel's squared error weighted
+    # 1 + w x (the fraction of its 8 x 8 cell the box covers), normalised to mean 1 per image, so that a
+    # small shape (4-9 of 64 latent pixels) is not a few per cent of its image's loss. 0: uniform.
+    foreground_weight: float = 0.0
+    foreground_margin: int = 0          # px the weighted box is grown by on each side (its edges' surround)
     guidance_scale: float = 7.5         # the saved model's default, written into its sampling.json
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a large red circle on a blue background", "a small yellow star on a black background",
@@ -56,12 +61,25 @@ def build_unet(cfg: UNetConfig, cross_attention_dim: int, sample_size: int):
         norm_num_groups=cfg.norm_num_groups)
 
 
+def foreground_weights(scenes, size: int, weight: float, margin: int = 0) -> torch.Tensor | None:
+    """(N, 1, size, size): 1 + ``weight`` x the coverage of each latent pixel by the box (grown by
+    ``margin`` px), divided by its image's mean (so every image's loss keeps its scale); None when
+    ``weight`` is 0."""
+    if not weight:
+        return None
+    w = 1 + weight * torch.from_numpy(shapes.box_coverage(scenes, shapes.CANVAS // size, margin))
+    return (w / w.mean(dim=(1, 2), keepdim=True)).unsqueeze(1)
+
+
 class UNetObjective(Objective):
     name = "unet"
 
     def __init__(self, cfg: UNetConfig):
         self.cfg = cfg
         self.hard_combos = set(cfg.hard_combos("train"))
+        if cfg.foreground_weight < 0:
+            raise ValueError(f"foreground_weight={cfg.foreground_weight!r}: an extra weight, 0 (none) or more")
+        self.weights = None  # per-latent-pixel loss weights of the cached scenes (setup)
 
     def setup(self, accelerator):
         from diffusers import AutoencoderKL
@@ -83,6 +101,8 @@ class UNetObjective(Objective):
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
         self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
+        self.weights = foreground_weights(self.scenes, self.latents.shape[-1], cfg.foreground_weight,
+                                          cfg.foreground_margin)
         hard = [i for i, sc in enumerate(self.scenes)
                 if (sc.size, sc.color, sc.shape, sc.background) in self.hard_combos] if cfg.oversample_fraction else []
         self.hard = torch.tensor(hard, dtype=torch.long)
@@ -105,11 +125,14 @@ class UNetObjective(Objective):
                 prompts.append("")
             else:
                 prompts.append(shapes.partial_caption(self.scenes[i], rng, self.cfg.attribute_dropout))
-        return {"latents": self.latents[idx], "hidden": self.text(prompts)["encoder_hidden_states"]}
+        out = {"latents": self.latents[idx], "hidden": self.text(prompts)["encoder_hidden_states"]}
+        if self.weights is not None:
+            out["weight"] = self.weights[idx]
+        return out
 
     def loss(self, batch, modules, generator):
         loss = denoising_loss(modules["unet"], batch["latents"].to(self.device), batch["hidden"].to(self.device),
-                              self.schedule, generator, self.cfg.snr_gamma)
+                              self.schedule, generator, self.cfg.snr_gamma, weight=batch.get("weight"))
         return loss, {}
 
     def as_model(self, unet):

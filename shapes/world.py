@@ -312,6 +312,20 @@ def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noi
     return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
 
 
+def box_coverage(scenes, factor: int, margin: int = 0) -> np.ndarray:
+    """(N, CANVAS // factor, CANVAS // factor): the fraction of each ``factor`` x ``factor`` cell (a
+    latent pixel of a VAE of that factor) that the scene's shape box, grown by ``margin`` px on each
+    side, covers."""
+    edges = np.arange(0, CANVAS + 1, factor)
+    lo, hi = edges[:-1], edges[1:]
+    out = np.zeros((len(scenes), CANVAS // factor, CANVAS // factor), np.float32)
+    for k, sc in enumerate(scenes):  # overlap of [x0 - margin, x0 + s + margin) with each cell, per axis
+        ox = np.clip(np.minimum(hi, sc.x0 + sc.s + margin) - np.maximum(lo, sc.x0 - margin), 0, None)
+        oy = np.clip(np.minimum(hi, sc.y0 + sc.s + margin) - np.maximum(lo, sc.y0 - margin), 0, None)
+        out[k] = np.outer(oy, ox) / factor ** 2
+    return out
+
+
 def encode_scenes(vae, scenes, device, progress: bool = True, chunk: int = 500):
     """(N, 4, h, w): the scaled posterior-mean latents of the rendered ``scenes`` (what the U-Net and
     the distillation train on)."""

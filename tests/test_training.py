@@ -336,3 +336,70 @@ def test_decoder_adapts_to_an_image_folder_and_batches_come_from_each_folder(tmp
     assert error(after) < 0.8 * error(before)
     sa, sb = before.state_dict(), after.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith(("encoder.", "quant_conv.")))
+
+
+def test_box_coverage_is_the_box_mask_pooled_over_latent_cells():
+    scenes = [shapes.Scene("small", "red", "star", "blue", 17, 5, 30), shapes.Scene("large", "red", "square", "blue", 33, 2, 29)]
+    got = shapes.box_coverage(scenes, 8)
+    for sc, cov in zip(scenes, got):  # independent truth: the box's pixel mask, averaged over each 8 x 8 cell
+        mask = np.zeros((64, 64))
+        mask[sc.y0:sc.y0 + sc.s, sc.x0:sc.x0 + sc.s] = 1
+        assert np.allclose(cov, mask.reshape(8, 8, 8, 8).mean(axis=(1, 3)))
+        assert cov.sum() * 64 == sc.s * sc.s
+    for sc, cov in zip(scenes, shapes.box_coverage(scenes, 8, margin=5)):  # grown by 5 px, cut at the canvas
+        mask = np.zeros((64, 64))
+        mask[max(sc.y0 - 5, 0):sc.y0 + sc.s + 5, max(sc.x0 - 5, 0):sc.x0 + sc.s + 5] = 1
+        assert np.allclose(cov, mask.reshape(8, 8, 8, 8).mean(axis=(1, 3)))
+
+
+def test_weighted_denoising_loss_is_the_weighted_squared_error():
+    """A U-Net that predicts 0 scores epsilon's squared error: the loss is mean(noise^2 x weight), with
+    the noise the generator draws after the timesteps; a weight of ones is the plain loss bit for bit."""
+    from types import SimpleNamespace
+
+    from finetune.common import denoising_loss
+    from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(SD1_SCHEDULER)
+    zero = lambda x, t, h: SimpleNamespace(sample=torch.zeros_like(x))  # noqa: E731
+    lat, hidden = torch.randn(3, 4, 8, 8), torch.zeros(3, 2, 4)
+    weight = torch.rand(3, 1, 8, 8) * 3
+    got = denoising_loss(zero, lat, hidden, schedule, torch.Generator().manual_seed(5), weight=weight, reduce=False)
+    g = torch.Generator().manual_seed(5)
+    torch.randint(0, schedule.num_train_timesteps, (3,), generator=g)
+    noise = torch.randn(lat.shape, generator=g)
+    assert torch.allclose(got, (noise ** 2 * weight).mean(dim=(1, 2, 3)))
+    plain = denoising_loss(zero, lat, hidden, schedule, torch.Generator().manual_seed(5), snr_gamma=5.0)
+    ones = denoising_loss(zero, lat, hidden, schedule, torch.Generator().manual_seed(5), snr_gamma=5.0,
+                          weight=torch.ones(3, 1, 8, 8))
+    assert torch.equal(plain, ones)
+
+
+def test_unet_foreground_weight_weighs_the_shapes_box(tiny_build):
+    """foreground_weight: each cached scene's latent pixels weighted 1 + w x box coverage, mean 1 per
+    image, handed to the loss with the batch; 0 adds nothing to a batch (the stream it was)."""
+    from finetune.unet import UNetConfig, UNetObjective, foreground_weights
+
+    out, _ = tiny_build
+    common = dict(output_dir="unused", vae_dir=str(out / "vae-decoder-2"), clip_dir=str(out / "clip"),
+                  num_images=50, batch_size=8)
+    obj = UNetObjective(UNetConfig(foreground_weight=4.0, **common))
+    obj.setup(CPU)
+    w = obj.weights
+    assert w.shape == (50, 1, 8, 8) and torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(50))
+    cov = torch.from_numpy(shapes.box_coverage(obj.scenes, 8)).unsqueeze(1)
+    raw = 1 + 4.0 * cov
+    assert torch.allclose(w, raw / raw.mean(dim=(2, 3), keepdim=True))
+    grown = foreground_weights(obj.scenes, 8, 4.0, margin=8)
+    raw = 1 + 4.0 * torch.from_numpy(shapes.box_coverage(obj.scenes, 8, 8)).unsqueeze(1)
+    assert torch.allclose(grown, raw / raw.mean(dim=(2, 3), keepdim=True)) and not torch.allclose(grown, w)
+    small = [i for i, sc in enumerate(obj.scenes) if sc.size == "small"][0]
+    assert w[small].max() > 3 * w[small].min()  # a small shape's cells count several times the background's
+    b = obj.batch(0, torch.Generator().manual_seed(1), 0, 1)
+    idx = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(b["latents"], obj.latents[idx]) and torch.equal(b["weight"], w[idx])
+    plain = UNetObjective(UNetConfig(**common))
+    plain.scenes, plain.latents, plain.text = obj.scenes, obj.latents, obj.text
+    assert "weight" not in plain.batch(0, torch.Generator().manual_seed(1), 0, 1)
+    with pytest.raises(ValueError, match="foreground_weight=-1.0: an extra weight, 0"):
+        UNetObjective(UNetConfig(foreground_weight=-1.0, **common))
