@@ -79,6 +79,8 @@ class UNetObjective(Objective):
         self.hard_combos = set(cfg.hard_combos("train"))
         if cfg.foreground_weight < 0:
             raise ValueError(f"foreground_weight={cfg.foreground_weight!r}: an extra weight, 0 (none) or more")
+        if cfg.foreground_margin < 0:
+            raise ValueError(f"foreground_margin={cfg.foreground_margin!r}: px to grow the box by, 0 or more")
         self.weights = None  # per-latent-pixel loss weights of the cached scenes (setup)
 
     def setup(self, accelerator):

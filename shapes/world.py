@@ -318,11 +318,13 @@ def box_coverage(scenes, factor: int, margin: int = 0) -> np.ndarray:
     side, covers."""
     edges = np.arange(0, CANVAS + 1, factor)
     lo, hi = edges[:-1], edges[1:]
+
+    def overlap(start: int, side: int) -> np.ndarray:  # of [start - margin, start + side + margin) with each cell
+        return np.clip(np.minimum(hi, start + side + margin) - np.maximum(lo, start - margin), 0, None)
+
     out = np.zeros((len(scenes), CANVAS // factor, CANVAS // factor), np.float32)
-    for k, sc in enumerate(scenes):  # overlap of [x0 - margin, x0 + s + margin) with each cell, per axis
-        ox = np.clip(np.minimum(hi, sc.x0 + sc.s + margin) - np.maximum(lo, sc.x0 - margin), 0, None)
-        oy = np.clip(np.minimum(hi, sc.y0 + sc.s + margin) - np.maximum(lo, sc.y0 - margin), 0, None)
-        out[k] = np.outer(oy, ox) / factor ** 2
+    for k, sc in enumerate(scenes):
+        out[k] = np.outer(overlap(sc.y0, sc.s), overlap(sc.x0, sc.s)) / factor ** 2
     return out
 
 

@@ -403,3 +403,5 @@ def test_unet_foreground_weight_weighs_the_shapes_box(tiny_build):
     assert "weight" not in plain.batch(0, torch.Generator().manual_seed(1), 0, 1)
     with pytest.raises(ValueError, match="foreground_weight=-1.0: an extra weight, 0"):
         UNetObjective(UNetConfig(foreground_weight=-1.0, **common))
+    with pytest.raises(ValueError, match="foreground_margin=-2: px to grow the box by, 0 or more"):
+        UNetObjective(UNetConfig(foreground_weight=1.0, foreground_margin=-2, **common))
