@@ -4,6 +4,7 @@ and checkpoints load in diffusers, class images are made once and reused, resume
 uninterrupted run, and bad settings are clear errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -275,8 +276,15 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(sd1_dir, tmp_path):
     as it is (no decoder adaptation: the VAE is the model's general codec)."""
     from shapes.demos import DB_PRIOR_COLORS, dreambooth_demo
 
+    from ldm.models import read_sampling_defaults, write_sampling_defaults
+
+    # the base model with its own default of 3 sampling steps (the judged images are about half the
+    # demo's time at the usual 30), which DreamBooth's models inherit
+    base_dir = tmp_path / "base"
+    shutil.copytree(sd1_dir, base_dir)
+    write_sampling_defaults(base_dir, steps=3)
     out = tmp_path / "demo"
-    report = dreambooth_demo(out, model=str(sd1_dir), per_case=1, prior_per_case=1, max_steps=2,
+    report = dreambooth_demo(out, model=str(base_dir), per_case=1, prior_per_case=1, max_steps=2,
                              overrides={"num_class_images": 2, "sample_batch_size": 2, "batch_size": 1, "seed": 5},
                              progress=False)
     assert report["subject_images"] == len(shapes.BACKGROUNDS)
@@ -286,10 +294,11 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(sd1_dir, tmp_path):
             assert 0.0 <= report[name][part]["all_correct"] <= 1.0
     for d in ("with_prior", "without_prior"):
         assert load_model(out / d).unet is not None
+        assert read_sampling_defaults(out / d)["steps"] == 3
         state = json.loads((out / d / "checkpoint-2" / "trainer_state.json").read_text())
         assert state["seed"] == 5  # --set seed=N: the training seed (the instance renders keep --seed)
     # DreamBooth trains the U-Net and the text encoder, never the VAE
-    base, tuned = load_model(sd1_dir), load_model(out / "with_prior")
+    base, tuned = load_model(base_dir), load_model(out / "with_prior")
     assert all(torch.equal(a, b.to(a.dtype))
                for a, b in zip(base.vae.state_dict().values(), tuned.vae.state_dict().values()))
     assert (out / "report.json").is_file() and (out / "samples.png").is_file()

@@ -195,33 +195,36 @@ def test_null_text_inversion_reconstructs_better_than_plain_inversion(sd1_pipe, 
     z = sd1_pipe.encode_image(real_image)
     req = Request(steps=10, guidance=4.0)
     plain = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inversion="ddim"), req)
-    nti = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inversion="null-text", cache_dir=tmp_path,
-                              inner_steps=50), req)
+    nti = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inversion="null-text", inner_steps=50), req)
     npi = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inversion="npi"), req)
     e_plain, e_nti, e_npi = (_mse(r.source.latents, z) for r in (plain, nti, npi))
     assert e_nti < 0.5 * e_plain and e_npi < e_plain, (e_plain, e_nti, e_npi)
-    # a second edit of the same image reads the cache: the same noise and embeddings, no inversion
-    again = edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inversion="null-text", cache_dir=tmp_path,
-                                inner_steps=50), req)
-    assert (again.inverted, again.cached) == (0, 1) and nti.inverted == 1
-    gap = float((again.source.latents - nti.source.latents).abs().max())
+
+
+def test_a_second_edit_of_the_same_image_reads_the_cached_inversion(sd1_pipe, real_image, tmp_path):
+    """The same noise and embeddings, no inversion; another learning rate inverts again."""
+    req, cheap = Request(steps=10, guidance=4.0), dict(inversion="null-text", cache_dir=tmp_path, inner_steps=4)
+    first = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], **cheap), req)
+    again = edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], **cheap), req)
+    assert (again.inverted, again.cached) == (0, 1) and first.inverted == 1
+    gap = float((again.source.latents - first.source.latents).abs().max())
     assert gap < 1e-3, gap  # the same inversion; only the batch beside the source differs
     assert len(list(tmp_path.glob("inversion-*.safetensors"))) == 1
     # the learning rate is a setting of the inversion: another one inverts again (and is passed on)
-    other = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inversion="null-text", cache_dir=tmp_path,
-                                inner_steps=50, inner_lr=0.03), req)
+    other = edit(sd1_pipe, Edit(SRC, SRC, images=[real_image], inner_lr=0.03, **cheap), req)
     assert (other.inverted, other.cached) == (1, 0) and len(list(tmp_path.glob("inversion-*.safetensors"))) == 2
-    assert not torch.equal(other.source.latents, nti.source.latents)
+    assert not torch.equal(other.source.latents, first.source.latents)
 
 
 @pytest.mark.parametrize("arch", ["sd2", "sdxl"])
 def test_null_text_inversion_on_v_prediction_and_sdxl(arch, sd2_dir, sdxl_pipe):
-    """The same ordering on SD 2.x (v-prediction) and SDXL (two encoders, pooled text, sizes)."""
+    """The same ordering on SD 2.x (v-prediction) and SDXL (two encoders, pooled text, sizes); 20 inner
+    steps (null-text / plain error 0.28 on SD 2.x, 0.40 on SDXL; 0.15 and 0.22 at 50)."""
     pipe = sdxl_pipe if arch == "sdxl" else Pipeline.from_pretrained(sd2_dir)
     image = pipe.text_to_image(SRC, steps=10, guidance_scale=4.0, seed=1).images[0]
     z = pipe.encode_image(image)
     req = Request(steps=10, guidance=4.0)
-    e = {inv: _mse(edit(pipe, Edit(SRC, SRC, images=[image], inversion=inv, inner_steps=50), req).source.latents, z)
+    e = {inv: _mse(edit(pipe, Edit(SRC, SRC, images=[image], inversion=inv, inner_steps=20), req).source.latents, z)
          for inv in ("ddim", "null-text", "npi")}
     assert e["null-text"] < 0.5 * e["ddim"] and e["npi"] < e["ddim"], e
 
