@@ -41,26 +41,58 @@ def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool, ov
     return build_config(cls, values, recipe)
 
 
+def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
+    """``--set STAGE.KEY=VALUE`` items (``vae-decoder-2.latent_noise=3``) as ``build``'s overrides: a
+    stage name to recipe values (strings, typed by the stage's config)."""
+    from finetune.config import ConfigError
+
+    names = [s[0] for s in STAGES]
+    out: dict[str, dict] = {}
+    for item in items:
+        target, eq, value = item.partition("=")
+        stage, dot, key = target.rpartition(".")
+        if not eq or not dot or not key:
+            raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. vae-decoder-2.latent_noise=3")
+        if stage not in names:
+            raise ConfigError(f"--set {item!r}: no stage {stage!r}; the stages are {', '.join(names)}")
+        out.setdefault(stage, {})[key] = value
+    return out
+
+
+def stage_configs(out: Path, resume: bool = False, overrides: dict[str, dict] | None = None) -> dict:
+    """Every stage's config (recipe, then ``overrides``), built before any stage runs, so that a bad
+    key or value in a late stage is an error at the start, not an hour in."""
+    import importlib
+
+    unknown = sorted(set(overrides or {}) - {s[0] for s in STAGES})
+    if unknown:
+        from finetune.config import ConfigError
+        raise ConfigError(f"no stage {', '.join(map(repr, unknown))}; the stages are {', '.join(s[0] for s in STAGES)}")
+    return {stage: build_stage_config(getattr(importlib.import_module(module), cfg_name), recipe, out, stage,
+                                      resume, overrides)
+            for stage, module, cfg_name, _, recipe in STAGES}
+
+
 def build(out: Path, *, install: bool = False, resume: bool = False, progress: bool = True,
           overrides: dict[str, dict] | None = None) -> dict:
     """Run every stage into ``out/<stage>``; ``overrides`` maps a stage name to recipe values
-    (the tests build a tiny model this way)."""
+    (``--set STAGE.KEY=VALUE``; the tests build a tiny model this way)."""
     import importlib
 
     from finetune.loop import train
 
     out = Path(out)
+    configs = stage_configs(out, resume, overrides)
     out.mkdir(parents=True, exist_ok=True)
     summary_file = out / "build_summary.json"
     summary = json.loads(summary_file.read_text()) if resume and summary_file.is_file() else {}
-    for stage, module, cfg_name, obj_name, recipe in STAGES:
+    for stage, module, _, obj_name, _ in STAGES:
         if resume and stage in summary:
             log.info("%s: done in an earlier run (%.0f s), skipped", stage, summary[stage]["seconds"])
             continue
-        mod = importlib.import_module(module)
-        cfg = build_stage_config(getattr(mod, cfg_name), recipe, out, stage, resume, overrides)
+        cfg = configs[stage]
         t0 = time.perf_counter()
-        result = train(getattr(mod, obj_name)(cfg), cfg, progress=progress)
+        result = train(getattr(importlib.import_module(module), obj_name)(cfg), cfg, progress=progress)
         summary[stage] = {**result, "seconds": time.perf_counter() - t0}
         summary_file.write_text(json.dumps(summary, indent=2))
         log.info("%s: %.0f s", stage, summary[stage]["seconds"])

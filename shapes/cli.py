@@ -30,6 +30,10 @@ def register(sub, command: str | None = None) -> None:
     b.add_argument("--install", action="store_true",
                    help="copy the result into the package as the embedded default model")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build")
+    b.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one stage's recipe key (repeatable), e.g. --set vae-decoder-2.latent_noise=3 "
+                        "or --set model.max_steps=3000; stages: vae, vae-refine, vae-stars, vae-decoder, "
+                        "vae-stars-2, vae-decoder-2, clip, model")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_build)
 
@@ -60,11 +64,12 @@ def _eval(args) -> int:
 
 
 def _build(args) -> int:
-    from .build import build
+    from .build import build, parse_stage_overrides
 
     try:
         check_output_dir(args.output_dir)
-        build(args.output_dir, install=args.install, resume=args.resume, progress=not args.quiet)
+        build(args.output_dir, install=args.install, resume=args.resume, progress=not args.quiet,
+              overrides=parse_stage_overrides(args.set))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -188,6 +188,32 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
+def test_build_overrides_one_stage_from_the_command_line_and_checks_every_stage_first(tmp_path, capsys):
+    """`ldm build-shapes-model --set STAGE.KEY=VALUE`: the value reaches that stage only, typed by its
+    config; a bad key or stage is an error before the first stage trains."""
+    from finetune.config import ConfigError
+    from pipelines.cli import main
+    from shapes.build import parse_stage_overrides, stage_configs
+
+    over = parse_stage_overrides(["vae-decoder-2.latent_noise=3", "model.max_steps=10", "model.lr_scheduler=constant"])
+    assert over == {"vae-decoder-2": {"latent_noise": "3"}, "model": {"max_steps": "10", "lr_scheduler": "constant"}}
+    cfgs = stage_configs(tmp_path, overrides=over)
+    assert cfgs["vae-decoder-2"].latent_noise == 3.0 and cfgs["vae-decoder"].latent_noise == 0.0
+    assert cfgs["model"].max_steps == 10 and cfgs["model"].lr_scheduler == "constant"
+    assert cfgs["vae-decoder-2"].init_vae == str(tmp_path / "vae-stars-2")
+    for item, message in (("latent_noise=3", "expected STAGE.KEY=VALUE"), ("vae-decoder-2.latent_noise", "expected"),
+                          ("decoder.latent_noise=3", "no stage 'decoder'; the stages are vae, vae-refine")):
+        with pytest.raises(ConfigError, match=message):
+            parse_stage_overrides([item])
+    # the last stage's bad key stops the build before the first stage starts
+    out = tmp_path / "build"
+    assert main(["build-shapes-model", "--output-dir", str(out), "--quiet", "--set", "model.max_step=10"]) == 2
+    assert "unknown key 'max_step'" in capsys.readouterr().err
+    assert not (out / "vae").exists()
+    assert main(["build-shapes-model", "--output-dir", str(out), "--quiet", "--set", "model.max_steps=ten"]) == 2
+    assert "max_steps: expected int, got 'ten'" in capsys.readouterr().err
+
+
 def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_build, tmp_path):
     from safetensors.torch import load_file
 
