@@ -233,7 +233,7 @@ def test_threads_auto_takes_a_core_per_idle_one(monkeypatch):
 
 def test_console_script_leaves_one_shot_commands_at_once_with_their_exit_status(sd1_dir, tmp_path):
     """`ldm generate` through the console script: the image is whole and equals the one main() writes in
-    this process, the exit status is main's (0, or 2 with the message printed), and a command that is
+    this process (up to rounding), the exit status is main's (0, or 2 with the message printed), and a command that is
     not one-shot (here `ldm serve --help`) still exits through sys.exit."""
     import subprocess
     import sys
@@ -261,7 +261,9 @@ def test_console_script_leaves_one_shot_commands_at_once_with_their_exit_status(
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "console.png")
     assert main(["generate", *common, "--output", str(tmp_path / "inproc.png")]) == 0
-    assert np.array_equal(np.asarray(load_image(tmp_path / "console.png")), np.asarray(load_image(tmp_path / "inproc.png")))
+    # the same image up to float rounding: beside the other process, --threads auto may run it on one thread
+    console_px, inproc_px = (np.asarray(load_image(tmp_path / f), dtype=int) for f in ("console.png", "inproc.png"))
+    assert np.abs(console_px - inproc_px).max() <= 2
     bad = finish(bad)
     assert bad.returncode == 2 and "multiple of 8" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad.png").exists()
