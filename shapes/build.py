@@ -46,17 +46,25 @@ def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
     stage name to recipe values (strings, typed by the stage's config)."""
     from finetune.config import ConfigError
 
-    names = [s[0] for s in STAGES]
     out: dict[str, dict] = {}
     for item in items:
         target, eq, value = item.partition("=")
         stage, dot, key = target.rpartition(".")
         if not eq or not dot or not key:
             raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. vae-decoder-2.latent_noise=3")
-        if stage not in names:
-            raise ConfigError(f"--set {item!r}: no stage {stage!r}; the stages are {', '.join(names)}")
+        check_stage_names([stage], f"--set {item!r}: ")
         out.setdefault(stage, {})[key] = value
     return out
+
+
+def check_stage_names(names, where: str = "") -> None:
+    """A ConfigError naming any of ``names`` that is not a stage of the build, and the stages."""
+    from finetune.config import ConfigError
+
+    stages = [s[0] for s in STAGES]
+    unknown = [n for n in names if n not in stages]
+    if unknown:
+        raise ConfigError(f"{where}no stage {', '.join(map(repr, unknown))}; the stages are {', '.join(stages)}")
 
 
 def stage_configs(out: Path, resume: bool = False, overrides: dict[str, dict] | None = None) -> dict:
@@ -64,10 +72,7 @@ def stage_configs(out: Path, resume: bool = False, overrides: dict[str, dict] | 
     key or value in a late stage is an error at the start, not an hour in."""
     import importlib
 
-    unknown = sorted(set(overrides or {}) - {s[0] for s in STAGES})
-    if unknown:
-        from finetune.config import ConfigError
-        raise ConfigError(f"no stage {', '.join(map(repr, unknown))}; the stages are {', '.join(s[0] for s in STAGES)}")
+    check_stage_names(sorted(overrides or {}))
     return {stage: build_stage_config(getattr(importlib.import_module(module), cfg_name), recipe, out, stage,
                                       resume, overrides)
             for stage, module, cfg_name, _, recipe in STAGES}
