@@ -51,3 +51,20 @@ def test_the_build_chains_its_vae_stages_on_the_codec_split():
     assert [cfgs[s].decoder_only for s in vae] == [False, False, False, True, False, True]
     assert cfgs["clip"].text_encoder_layers == 0
     assert cfgs["model"].vae_dir == str(out / "vae-decoder-2") and cfgs["model"].clip_dir == str(out / "clip")
+
+
+def test_build_help_names_every_stage_of_the_build():
+    """`ldm build-shapes-model --help` lists the stages as text (importing shapes.build imports torch,
+    which the --help budget cannot pay): the list must be the build's own, in its order."""
+    import argparse
+
+    from shapes.build import STAGES
+    from shapes.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    build_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "build-shapes-model"]
+    help_text = next(a.help for a in build_parser._actions if "--set" in a.option_strings)
+    listed = help_text.split("stages: ", 1)[1].replace(",", " ").split()
+    assert listed == [s[0] for s in STAGES]
