@@ -328,9 +328,11 @@ def box_coverage(scenes, factor: int, margin: int = 0) -> np.ndarray:
     return out
 
 
-def encode_scenes(vae, scenes, device, progress: bool = True, chunk: int = 500):
+def encode_scenes(vae, scenes, device, progress: bool = True, chunk: int = 64):
     """(N, 4, h, w): the scaled posterior-mean latents of the rendered ``scenes`` (what the U-Net and
-    the distillation train on)."""
+    the distillation train on). Chunks of 64 keep the encoder's activations in the CPU's caches: on 2
+    cores 10,000 scenes took 16.8 s against 27.4 s in chunks of 500 (the same latents bit for bit on
+    the shipped VAE; a kernel chosen by batch size may round differently on other weights)."""
     import torch
     from tqdm.auto import tqdm
 
