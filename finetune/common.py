@@ -45,15 +45,20 @@ class Oversampling:
 
 
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
-                   snr_gamma: float = 0.0, reduce: bool = True, weight: torch.Tensor | None = None):
+                   snr_gamma: float = 0.0, reduce: bool = True, weight: torch.Tensor | None = None,
+                   noise_offset: float = 0.0):
     """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction
     against the true target of its parameterisation; per-sample losses when ``reduce`` is False.
     ``hidden``: the text states (B, L, D), or a whole conditioning dict (ldm.text.text_context).
     ``weight``: a per-latent-pixel weight of the squared error (broadcast to (B, 4, h, w)), e.g. a
-    region of each image weighted more; None is uniform."""
+    region of each image weighted more; None is uniform. ``noise_offset``: kohya's offset noise, a
+    per-sample, per-channel constant (``noise_offset`` x a standard normal) added to the noise, so
+    the model learns to move an image's mean too (0: none, and no extra random numbers drawn)."""
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
     ab = schedule.alphas_cumprod[t].view(b, 1, 1, 1).to(latents.device)
     noise = noise.to(latents.device)
     xt = q_sample(latents, noise, ab)

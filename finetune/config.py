@@ -181,6 +181,7 @@ class TextualInversionConfig(TrainConfig):
     random_flip: bool = False           # horizontal flips (both orientations are encoded once)
     gradient_checkpointing: bool = False
     snr_gamma: float = 0.0              # min-SNR weighting (0: plain MSE, as the paper)
+    noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none; 0.05-0.1 usual)
     validation_prompts: list[str] = field(default_factory=list)  # {} or the placeholder names the concept
     save_a1111: bool = True             # also write <name>.pt in AUTOMATIC1111's layout
     # the loop's defaults for this method
@@ -209,6 +210,7 @@ class DreamBoothConfig(TrainConfig):
     random_flip: bool = False
     gradient_checkpointing: bool = False
     snr_gamma: float = 0.0
+    noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none)
     validation_prompts: list[str] = field(default_factory=list)
     max_steps: int = 400
     batch_size: int = 4                 # instance images per step (as many class images again with prior)

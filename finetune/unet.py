@@ -37,6 +37,7 @@ class UNetConfig(TrainConfig, Oversampling):
     attribute_dropout: float = 0.15     # size/colour/background each left out of a caption
     uncond_prob: float = 0.1            # empty caption (for classifier-free guidance)
     snr_gamma: float = 5.0              # 0: plain MSE
+    noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none)
     # Extra loss weight on the latent pixels under the shape's box: each pixel's squared error weighted
     # 1 + w x (the fraction of its 8 x 8 cell the box covers), normalised to mean 1 per image, so that a
     # small shape (4-9 of 64 latent pixels) is not a few per cent of its image's loss. 0: uniform.
@@ -134,7 +135,8 @@ class UNetObjective(Objective):
 
     def loss(self, batch, modules, generator):
         loss = denoising_loss(modules["unet"], batch["latents"].to(self.device), batch["hidden"].to(self.device),
-                              self.schedule, generator, self.cfg.snr_gamma, weight=batch.get("weight"))
+                              self.schedule, generator, self.cfg.snr_gamma, weight=batch.get("weight"),
+                              noise_offset=self.cfg.noise_offset)
         return loss, {}
 
     def as_model(self, unet):

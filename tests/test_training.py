@@ -401,6 +401,40 @@ def test_weighted_denoising_loss_is_the_weighted_squared_error():
     assert torch.equal(plain, ones)
 
 
+def test_noise_offset_adds_a_per_channel_constant_to_the_noise():
+    """Offset noise (kohya's --noise_offset): the noise is the generator's draw plus offset x a second
+    draw of shape (B, C, 1, 1), taken after it; a U-Net that predicts 0 scores that noise's square.
+    At 0 nothing extra is drawn: the loss is the plain one bit for bit."""
+    from types import SimpleNamespace
+
+    from finetune.common import denoising_loss
+    from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(SD1_SCHEDULER)
+    zero = lambda x, t, h: SimpleNamespace(sample=torch.zeros_like(x))  # noqa: E731
+    lat, hidden = torch.randn(3, 4, 8, 8), torch.zeros(3, 2, 4)
+    got = denoising_loss(zero, lat, hidden, schedule, torch.Generator().manual_seed(7), noise_offset=0.1,
+                         reduce=False)
+    g = torch.Generator().manual_seed(7)
+    torch.randint(0, schedule.num_train_timesteps, (3,), generator=g)
+    noise = torch.randn(lat.shape, generator=g)
+    noise = noise + 0.1 * torch.randn((3, 4, 1, 1), generator=g)
+    assert torch.allclose(got, (noise ** 2).mean(dim=(1, 2, 3)))
+    plain = denoising_loss(zero, lat, hidden, schedule, torch.Generator().manual_seed(7), reduce=False)
+    assert torch.equal(plain, denoising_loss(zero, lat, hidden, schedule, torch.Generator().manual_seed(7),
+                                             noise_offset=0.0, reduce=False))
+    assert not torch.allclose(plain, got)
+    from finetune.config import DreamBoothConfig, TextualInversionConfig
+    from finetune.unet import UNetConfig, UNetObjective
+
+    for cls in (DreamBoothConfig, TextualInversionConfig):  # a recipe key of each method
+        assert cls(output_dir="x", noise_offset=0.05).noise_offset == 0.05
+    obj = UNetObjective(UNetConfig(output_dir="x", noise_offset=0.1, snr_gamma=0.0))  # the U-Net stage hands it on
+    obj.schedule, obj.device = schedule, torch.device("cpu")
+    loss, _ = obj.loss({"latents": lat, "hidden": hidden}, {"unet": zero}, torch.Generator().manual_seed(7))
+    assert torch.allclose(loss, got.mean())
+
+
 def test_unet_foreground_weight_weighs_the_shapes_box(tiny_build):
     """foreground_weight: each cached scene's latent pixels weighted 1 + w x box coverage, mean 1 per
     image, handed to the loss with the batch; 0 adds nothing to a batch (the stream it was)."""
