@@ -76,8 +76,9 @@ def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: to
     per = err.mean(dim=(1, 2, 3))
     if snr_gamma > 0:
         snr = (ab / (1 - ab)).view(b)
-        # min-SNR-gamma in the epsilon form; v-prediction's loss is already (snr + 1)-scaled
-        denom = snr + 1 if schedule.prediction_type == "v_prediction" else snr
+        # min-SNR-gamma (Hang et al. 2023), min(snr, gamma) on the x0 error: the epsilon error is the x0
+        # error x snr, v's x snr / (snr + 1), x0's itself
+        denom = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[schedule.prediction_type]
         per = per * torch.minimum(snr, torch.full_like(snr, snr_gamma)) / denom
     return per.mean() if reduce else per
 

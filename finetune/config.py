@@ -164,10 +164,25 @@ def to_dict(cfg) -> dict:
 __all__ = ["TrainConfig", "ConfigError", "build", "read_yaml", "add_common_flags", "from_args", "to_dict"]
 
 
+@dataclass
+class DenoisingLossKeys:
+    """Recipe keys of the denoising loss (finetune.common.denoising_loss), shared by textual inversion,
+    DreamBooth and the shapes U-Net stage."""
+    snr_gamma: float = 0.0              # min-SNR-gamma weighting (Hang et al. 2023; 0: plain MSE, as the papers)
+    noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none; 0.05-0.1 usual)
+
+    def loss_keys(self) -> dict:
+        """The keys as denoising_loss's keyword arguments, each checked."""
+        for name in ("snr_gamma", "noise_offset"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be 0 (off) or more")
+        return {"snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset}
+
+
 # --- the recipes of the commands that take flags, here so that their --help needs no torch -------------
 
 @dataclass
-class TextualInversionConfig(TrainConfig):
+class TextualInversionConfig(TrainConfig, DenoisingLossKeys):
     data_dir: str = ""
     placeholder_token: str = "<concept>"
     initializer_token: str = ""         # a one-token word whose embedding starts every vector, or
@@ -180,8 +195,6 @@ class TextualInversionConfig(TrainConfig):
     center_crop: bool = False           # centre square crop before resizing (else the whole image is scaled)
     random_flip: bool = False           # horizontal flips (both orientations are encoded once)
     gradient_checkpointing: bool = False
-    snr_gamma: float = 0.0              # min-SNR weighting (0: plain MSE, as the paper)
-    noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none; 0.05-0.1 usual)
     validation_prompts: list[str] = field(default_factory=list)  # {} or the placeholder names the concept
     save_a1111: bool = True             # also write <name>.pt in AUTOMATIC1111's layout
     # the loop's defaults for this method
@@ -192,7 +205,7 @@ class TextualInversionConfig(TrainConfig):
 
 
 @dataclass
-class DreamBoothConfig(TrainConfig):
+class DreamBoothConfig(TrainConfig, DenoisingLossKeys):
     instance_data_dir: str = ""
     instance_prompt: str = ""           # e.g. "a sks circle"
     class_prompt: str = ""              # e.g. "a circle"
@@ -209,8 +222,6 @@ class DreamBoothConfig(TrainConfig):
     center_crop: bool = False
     random_flip: bool = False
     gradient_checkpointing: bool = False
-    snr_gamma: float = 0.0
-    noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none)
     validation_prompts: list[str] = field(default_factory=list)
     max_steps: int = 400
     batch_size: int = 4                 # instance images per step (as many class images again with prior)

@@ -210,7 +210,7 @@ class DreamBoothObjective(Objective):
     def loss(self, batch, modules, generator):
         hidden = self.context(batch["kinds"], batch["sizes"], modules)
         per = denoising_loss(modules["unet"], batch["latents"].to(self.device), hidden, self.model.schedule,
-                             generator, self.cfg.snr_gamma, reduce=False, noise_offset=self.cfg.noise_offset)
+                             generator, reduce=False, **self.cfg.loss_keys())
         n = self.cfg.batch_size
         instance = per[:n].mean()
         if self.klass is None:

@@ -166,7 +166,7 @@ class TextualInversionObjective(Objective):
         m = dataclasses.replace(self.model, **modules)
         hidden = text_context(m, batch["prompts"], sizes=batch["sizes"], grad=True)
         loss = denoising_loss(self.model.unet, batch["latents"].to(self.device), hidden, self.model.schedule,
-                              generator, self.cfg.snr_gamma, noise_offset=self.cfg.noise_offset)
+                              generator, **self.cfg.loss_keys())
         return loss, {}
 
     @torch.no_grad()

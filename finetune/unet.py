@@ -20,12 +20,12 @@ from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
 from shapes import world as shapes
 
 from .common import Oversampling, TextCache, denoising_loss, sample_grid, save_pipeline
-from .config import TrainConfig, trained_part
+from .config import DenoisingLossKeys, TrainConfig, trained_part
 from .loop import Objective
 
 
 @dataclass
-class UNetConfig(TrainConfig, Oversampling):
+class UNetConfig(TrainConfig, Oversampling, DenoisingLossKeys):
     vae_dir: str = "runs/shapes/vae-decoder-2"  # a directory holding vae/
     clip_dir: str = "runs/shapes/clip"  # a directory holding text_encoder/ and tokenizer/ (and clip/)
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
@@ -33,11 +33,14 @@ class UNetConfig(TrainConfig, Oversampling):
     attention_head_dim: int = 4
     norm_num_groups: int = 16
     prediction_type: str = "epsilon"
+    # Lin et al. 2023: betas rescaled so that the last level is pure noise (SNR 0) and trailing timestep
+    # spacing, so that sampling starts there; needs prediction_type v_prediction or sample (epsilon at
+    # SNR 0 says nothing about the image). Written into the saved scheduler config.
+    zero_terminal_snr: bool = False
     num_images: int = 40000             # training images rendered and encoded once
     attribute_dropout: float = 0.15     # size/colour/background each left out of a caption
     uncond_prob: float = 0.1            # empty caption (for classifier-free guidance)
-    snr_gamma: float = 5.0              # 0: plain MSE
-    noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none)
+    snr_gamma: float = 5.0              # min-SNR-gamma (DenoisingLossKeys; 0: plain MSE)
     # Extra loss weight on the latent pixels under the shape's box: each pixel's squared error weighted
     # 1 + w x (the fraction of its 8 x 8 cell the box covers), normalised to mean 1 per image, so that a
     # small shape (4-9 of 64 latent pixels) is not a few per cent of its image's loss. 0: uniform.
@@ -62,6 +65,12 @@ def build_unet(cfg: UNetConfig, cross_attention_dim: int, sample_size: int):
         norm_num_groups=cfg.norm_num_groups)
 
 
+def unet_schedule(cfg: UNetConfig) -> NoiseSchedule:
+    """SD 1's schedule with the config's parameterisation (and, asked, zero terminal SNR with trailing steps)."""
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if cfg.zero_terminal_snr else {}
+    return NoiseSchedule.from_config(dict(SD1_SCHEDULER, prediction_type=cfg.prediction_type, **extra))
+
+
 def foreground_weights(scenes, size: int, weight: float, margin: int = 0) -> torch.Tensor | None:
     """(N, 1, size, size): 1 + ``weight`` x the coverage of each latent pixel by the box (grown by
     ``margin`` px), divided by its image's mean (so every image's loss keeps its scale); None when
@@ -80,6 +89,10 @@ class UNetObjective(Objective):
         self.hard_combos = set(cfg.hard_combos("train"))
         if cfg.foreground_weight < 0:
             raise ValueError(f"foreground_weight={cfg.foreground_weight!r}: an extra weight, 0 (none) or more")
+        if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
+            raise ValueError(f"zero_terminal_snr with prediction_type {cfg.prediction_type!r}: at SNR 0 only "
+                             "v_prediction (or sample) has a target that depends on the image; set "
+                             "prediction_type: v_prediction")
         if cfg.foreground_margin < 0:
             raise ValueError(f"foreground_margin={cfg.foreground_margin!r}: px to grow the box by, 0 or more")
         self.weights = None  # per-latent-pixel loss weights of the cached scenes (setup)
@@ -98,7 +111,7 @@ class UNetObjective(Objective):
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_path))
         self.vae.to(self.device)
         self.text_encoder.to(self.device)
-        self.schedule = NoiseSchedule.from_config(dict(SD1_SCHEDULER, prediction_type=cfg.prediction_type))
+        self.schedule = unet_schedule(cfg)
         self.text = TextCache(SimpleNamespace(tokenizer=self.tokenizer, text_encoder=self.text_encoder,
                                               device=self.device))
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
@@ -135,8 +148,7 @@ class UNetObjective(Objective):
 
     def loss(self, batch, modules, generator):
         loss = denoising_loss(modules["unet"], batch["latents"].to(self.device), batch["hidden"].to(self.device),
-                              self.schedule, generator, self.cfg.snr_gamma, weight=batch.get("weight"),
-                              noise_offset=self.cfg.noise_offset)
+                              self.schedule, generator, weight=batch.get("weight"), **self.cfg.loss_keys())
         return loss, {}
 
     def as_model(self, unet):

@@ -427,12 +427,64 @@ def test_noise_offset_adds_a_per_channel_constant_to_the_noise():
     from finetune.config import DreamBoothConfig, TextualInversionConfig
     from finetune.unet import UNetConfig, UNetObjective
 
-    for cls in (DreamBoothConfig, TextualInversionConfig):  # a recipe key of each method
-        assert cls(output_dir="x", noise_offset=0.05).noise_offset == 0.05
+    for cls in (DreamBoothConfig, TextualInversionConfig, UNetConfig):  # a recipe key of each method
+        assert cls(output_dir="x", noise_offset=0.05).loss_keys()["noise_offset"] == 0.05
+        for key in ("noise_offset", "snr_gamma"):
+            with pytest.raises(ValueError, match=f"{key}=-0.1: must be 0"):
+                cls(output_dir="x", **{key: -0.1}).loss_keys()
     obj = UNetObjective(UNetConfig(output_dir="x", noise_offset=0.1, snr_gamma=0.0))  # the U-Net stage hands it on
     obj.schedule, obj.device = schedule, torch.device("cpu")
     loss, _ = obj.loss({"latents": lat, "hidden": hidden}, {"unet": zero}, torch.Generator().manual_seed(7))
     assert torch.allclose(loss, got.mean())
+
+
+def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_for_every_parameterisation():
+    """Hang et al. 2023: the min-SNR-gamma loss is min(snr, gamma) x the x0 error whatever the U-Net
+    predicts. A U-Net whose x0 estimate is 0 (its output from_x0(0, x_t)) then scores min(snr, gamma) x
+    mean(latents^2) as epsilon, v and sample predictor alike (checked to fail with the epsilon weight
+    on the other two); with zero terminal SNR the pure-noise level weighs 0 and the loss stays finite."""
+    from types import SimpleNamespace
+
+    from finetune.common import denoising_loss
+    from ldm.process import from_x0
+    from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
+
+    lat, hidden = torch.randn(16, 4, 8, 8), torch.zeros(16, 2, 4)
+    # zero terminal SNR on a 4-level schedule, so that the draw of 16 timesteps includes the SNR-0 level
+    for extra in ({}, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "num_train_timesteps": 4}):
+        for kind in ("epsilon", "v_prediction", "sample"):
+            if extra and kind == "epsilon":
+                continue
+            schedule = NoiseSchedule.from_config(dict(SD1_SCHEDULER, prediction_type=kind, **extra))
+
+            def unet(x, t, h):
+                ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+                return SimpleNamespace(sample=from_x0(torch.zeros_like(x), x, ab, kind))
+
+            got = denoising_loss(unet, lat, hidden, schedule, torch.Generator().manual_seed(3), snr_gamma=5.0,
+                                 reduce=False)
+            t = torch.randint(0, schedule.num_train_timesteps, (16,), generator=torch.Generator().manual_seed(3))
+            ab = schedule.alphas_cumprod[t]
+            snr = ab / (1 - ab)
+            want = torch.minimum(snr, torch.full_like(snr, 5.0)) * lat.pow(2).mean(dim=(1, 2, 3))
+            if extra:
+                assert (ab == 0).any()
+            assert torch.isfinite(got).all()
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (kind, extra)
+
+
+def test_zero_terminal_snr_unet_stage_schedule_and_refusal():
+    """train-unet's zero_terminal_snr: the saved schedule ends at alpha_bar 0 with trailing steps; with
+    epsilon prediction it is refused before any work, naming the fix."""
+    from finetune.unet import UNetConfig, UNetObjective, unet_schedule
+
+    s = unet_schedule(UNetConfig(output_dir="x", prediction_type="v_prediction", zero_terminal_snr=True))
+    assert s.alphas_cumprod[-1] == 0 and s.timestep_spacing == "trailing" and s.rescale_betas_zero_snr
+    assert s.steps(4).timesteps[0] == 999 and s.steps(4).alpha_bars[0] == 0
+    plain = unet_schedule(UNetConfig(output_dir="x"))
+    assert plain.alphas_cumprod[-1] > 0 and plain.timestep_spacing == "leading"
+    with pytest.raises(ValueError, match="v_prediction"):
+        UNetObjective(UNetConfig(output_dir="x", zero_terminal_snr=True))
 
 
 def test_unet_foreground_weight_weighs_the_shapes_box(tiny_build):
