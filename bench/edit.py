@@ -14,7 +14,7 @@ inversion is made once (and cached in --out). Methods:
   (b) ddim-inversion: the source image inverted at guidance 1, the target sampled from it at the model's guidance
   (c) img2img-0.6: SDEdit of the source image to the target prompt at strength 0.6
   (d) p2p: prompt-to-prompt from the same noise (generated sources only)
-  (e) null-text + p2p, (f) npi + p2p: the source image inverted, then edited
+  (e) null-text + p2p, (f) npi + p2p, (g) direct + p2p (Ju et al. 2023): the source image inverted, then edited
 Ceiling: what a perfect editor would score through this model's VAE: the target scene drawn with the
 source scene's geometry (only the asked attribute changed), round-tripped through the VAE and judged
 as the edits are, against the rendered source (as for real sources) and against the source's own round
@@ -44,6 +44,7 @@ from shapes import world
 from shapes.evaluate import evaluate
 
 KINDS = ("shape", "color", "background")
+METHODS = ("regenerate", "ddim-inversion", "img2img-0.6", "p2p", "null-text+p2p", "npi+p2p", "direct+p2p")
 ATTRS = ("size", "color", "shape", "background")
 
 
@@ -81,9 +82,15 @@ def cases(n: int, seed: int = 0) -> dict:
 
 
 def success(src_read, out_read, target: tuple, kind: str) -> bool:
-    want = {a: getattr(src_read, a) for a in ATTRS}
-    want[kind] = target[ATTRS.index(kind)]
-    return all(getattr(out_read, a) == v for a, v in want.items()) and iou(src_read.box, out_read.box) >= 0.8
+    return all(parts(src_read, out_read, target, kind))
+
+
+def parts(src_read, out_read, target: tuple, kind: str) -> tuple[bool, bool, bool]:
+    """The three parts of ``success``: the asked attribute read as the target's, every other attribute
+    as the source's, the box kept (IoU >= 0.8)."""
+    asked = getattr(out_read, kind) == target[ATTRS.index(kind)]
+    others = all(getattr(out_read, a) == getattr(src_read, a) for a in ATTRS if a != kind)
+    return asked, others, iou(src_read.box, out_read.box) >= 0.8
 
 
 def blend_words(src: tuple, tgt: tuple, kind: str) -> list[str]:
@@ -125,23 +132,25 @@ def perfect_edit_ceiling(vae, scenes: list, rendered: list, all_cases: dict) -> 
 
 def run_methods(pipe, sources, pairs, kind, real: bool, g: float, args, batch: int = 16) -> dict:
     """Every method's edited images for these sources (PIL) and pairs ((src, tgt) tuples)."""
-    out = {m: [] for m in ("regenerate", "ddim-inversion", "img2img-0.6", "p2p", "null-text+p2p", "npi+p2p")}
-    if real:
-        del out["p2p"]
+    out = {m: [] for m in METHODS if m in args.methods and not (real and m == "p2p")}
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
         imgs = sources[start:start + batch]
         seeds = [start + i for i in range(len(chunk))]
         src_p = [world.caption(*s) for s, _ in chunk]
         tgt_p = [world.caption(*t) for _, t in chunk]
-        out["regenerate"] += pipe.text_to_image(tgt_p, seeds=seeds, guidance_scale=g).images
-        ddim = edit(pipe, Edit(src_p, tgt_p, images=imgs, inversion="ddim", cross_replace=0.0, self_replace=0.0,
-                               cache_dir=args.out / "inversions"), Request(seeds=seeds, guidance=g))
-        out["ddim-inversion"] += ddim.target.images
-        out["img2img-0.6"] += [pipe.image_to_image(p, im, strength=0.6, seed=s, guidance_scale=g).images[0]
-                               for p, im, s in zip(tgt_p, imgs, seeds)]
+        if "regenerate" in out:
+            out["regenerate"] += pipe.text_to_image(tgt_p, seeds=seeds, guidance_scale=g).images
+        if "ddim-inversion" in out:
+            ddim = edit(pipe, Edit(src_p, tgt_p, images=imgs, inversion="ddim", cross_replace=0.0, self_replace=0.0,
+                                   cache_dir=args.out / "inversions"), Request(seeds=seeds, guidance=g))
+            out["ddim-inversion"] += ddim.target.images
+        if "img2img-0.6" in out:
+            out["img2img-0.6"] += [pipe.image_to_image(p, im, strength=0.6, seed=s, guidance_scale=g).images[0]
+                                   for p, im, s in zip(tgt_p, imgs, seeds)]
         ctl = dict(cross_replace=args.cross_replace, self_replace=args.self_replace, inner_lr=args.inner_lr)
-        for method, inv in (("p2p", None), ("null-text+p2p", "null-text"), ("npi+p2p", "npi")):
+        for method, inv in (("p2p", None), ("null-text+p2p", "null-text"), ("npi+p2p", "npi"),
+                            ("direct+p2p", "direct")):
             if method not in out:
                 continue
             words = [blend_words(s, t, kind) for s, t in chunk] if args.blend else []
@@ -168,11 +177,14 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None, help="guidance of every method (default: the model's)")
     ap.add_argument("--clip-scales", type=float, nargs="+", default=[2.0, 5.0, 10.0],
                     help="CLIP guidance scales measured beside scale 0 (default 2 5 10)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                    help="the edit methods to run (default: all)")
+    ap.add_argument("--model", default=str(EMBEDDED_MODEL), help="the model (default: the embedded one)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "generated", "real", "reconstruction", "clip"])
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
-    pipe = Pipeline.from_pretrained(EMBEDDED_MODEL)
+    pipe = Pipeline.from_pretrained(args.model)
     g = args.guidance or pipe.model.sampling_defaults["guidance_scale"]
     report = {"n": args.n, "controls": dict(cross_replace=args.cross_replace, self_replace=args.self_replace,
                                             blend=args.blend, inner_lr=args.inner_lr), "guidance": g}
@@ -201,9 +213,16 @@ def main(argv=None) -> int:
             reads = [world.detect(im) for im in src_images]
             outs = run_methods(pipe, src_images, pairs, kind, origin == "real", g, args)
             for method, images in outs.items():
-                ok = [success(r, world.detect(im), t, kind) for r, im, (_, t) in zip(reads, images, pairs)]
+                got = [world.detect(im) for im in images]
+                ok = [success(r, o, t, kind) for r, o, (_, t) in zip(reads, got, pairs)]
                 table.setdefault(method, {})[f"{origin}/{kind}"] = float(np.mean(ok))
+                split = np.mean([parts(r, o, t, kind) for r, o, (_, t) in zip(reads, got, pairs)], axis=0)
+                report.setdefault("parts", {}).setdefault(method, {})[f"{origin}/{kind}"] = dict(
+                    zip(("asked", "others", "box"), map(float, split)))
             print(f"{origin} {kind}: " + ", ".join(f"{m} {table[m][f'{origin}/{kind}']:.2f}" for m in outs), flush=True)
+            print("  (asked attribute / other attributes / box kept) " + ", ".join(
+                f"{m} " + " / ".join(f"{v:.2f}" for v in report["parts"][m][f"{origin}/{kind}"].values())
+                for m in outs), flush=True)
         for method in table:
             vals = [table[method][f"{origin}/{k}"] for k in KINDS if f"{origin}/{k}" in table[method]]
             if vals:
@@ -217,7 +236,7 @@ def main(argv=None) -> int:
         rt = autoencoder.decode(pipe.model.vae, autoencoder.encode(pipe.model.vae, x))
         src_p = [world.caption(*s) for s, _ in all_cases["shape"]]
         rec = {"vae_roundtrip": psnr(rt, (x + 1) / 2)}
-        for inv in ("null-text", "npi", "ddim"):
+        for inv in ("null-text", "npi", "direct", "ddim"):
             pix = []
             for start in range(0, len(src_p), 16):
                 e = edit(pipe, Edit(src_p[start:start + 16], images=real_images[start:start + 16], inversion=inv,

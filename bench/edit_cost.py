@@ -3,7 +3,7 @@
     python bench/edit_cost.py [--batch 16]
 
 prompt-to-prompt of B pairs against plain generation of the same 2B images, with local blending;
-null-text inversion of B rendered scenes (not cached) plus their edit; CLIP guidance (scale 10) against
+null-text and direct inversion of B rendered scenes (not cached) plus their edit; CLIP guidance (scale 10) against
 none for B images. Each case runs once to warm up, then is timed; peak resident memory of the process.
 """
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-CASES = ("plain-2B", "p2p-B", "p2p-B-blend", "nti-B", "plain-B", "clip-B")
+CASES = ("plain-2B", "p2p-B", "p2p-B-blend", "nti-B", "direct-B", "plain-B", "clip-B")
 
 
 def run_case(case: str, batch: int) -> dict:
@@ -40,7 +40,8 @@ def run_case(case: str, batch: int) -> dict:
         "plain-2B": lambda: pipe.text_to_image(src + tgt, seeds=list(range(2 * batch))),
         "p2p-B": lambda: edit(pipe, Edit(src, tgt), Request(seeds=seeds)),
         "p2p-B-blend": lambda: edit(pipe, Edit(src, tgt, blend_words=["circle", "square"]), Request(seeds=seeds)),
-        "nti-B": lambda: edit(pipe, Edit(src, tgt, images=scenes), Request()),
+        "nti-B": lambda: edit(pipe, Edit(src, tgt, images=scenes, inversion="null-text"), Request()),
+        "direct-B": lambda: edit(pipe, Edit(src, tgt, images=scenes, inversion="direct"), Request()),
         "plain-B": lambda: pipe.text_to_image(src, seeds=seeds),
         "clip-B": lambda: pipe.text_to_image(src, seeds=seeds, clip_guidance_scale=10.0),
     }[case]
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
     b = args.batch
     print(f"p2p of {b} pairs / plain {2 * b} images: {rows['p2p-B']['seconds'] / rows['plain-2B']['seconds']:.2f}x; "
           f"with blending {rows['p2p-B-blend']['seconds'] / rows['plain-2B']['seconds']:.2f}x")
-    print(f"null-text inversion: {(rows['nti-B']['seconds'] - rows['p2p-B']['seconds']) / b:.2f} s per image")
+    for name, case in (("null-text", "nti-B"), ("direct", "direct-B")):
+        print(f"{name} inversion: {(rows[case]['seconds'] - rows['p2p-B']['seconds']) / b:.2f} s per image")
     print(f"CLIP guidance: {rows['clip-B']['seconds'] / rows['plain-B']['seconds']:.2f}x the time, "
           f"{rows['clip-B']['peak_rss_mb'] - rows['plain-B']['peak_rss_mb']:+.0f} MB peak RSS")
     return 0

@@ -9,6 +9,10 @@ step from the current sample lands on the inversion's own sample one level lower
 embeddings then make guided sampling retrace the image, and an edit (ldm.attention_control) changes
 only what the target prompt changes. Negative-prompt inversion (Miyake et al. 2023) is the closed-form
 shortcut: the source prompt's own embedding as the unconditional one, so that guidance cancels.
+Direct inversion (Ju et al. 2023, "PnP Inversion: Boosting Diffusion-based Editing with 3 Lines of
+Code") optimises nothing either: the source branch is put back on the inversion's trajectory after
+every step (``retrace``), so the attention it hands the target is the image's own, and the target is
+sampled with the usual unconditional prompt.
 """
 
 from __future__ import annotations
@@ -75,6 +79,24 @@ def null_text_inversion(net: Callable, prediction_type: str, trajectory: list[to
     return out
 
 
+def retrace(denoise: Callable, trajectory: list[torch.Tensor], steps: Steps, clock: dict, n: int) -> Callable:
+    """A denoiser whose first ``n`` rows' clean estimates are the ones that make the DDIM step from the
+    inversion's level i land on its level i + 1 below (``trajectory`` is [z_0, ..., z_T] of those rows;
+    ``clock["step"]`` is the step being taken). Direct inversion's source branch, in the samplers'
+    terms: a DDIM step at eta 0 is x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t),
+    solved for x0; the rows from n on keep the network's estimate."""
+    def denoise_retraced(x, t, alpha_bar):
+        x0 = denoise(x, t, alpha_bar)
+        i = clock["step"]
+        ab_t, ab_s = float(steps.alpha_bars[i]), float(steps.alpha_bars[i + 1])
+        z_t = trajectory[-1 - i].to(x0)
+        z_s = trajectory[-2 - i].to(x0)
+        c = ((1 - ab_s) / (1 - ab_t)) ** 0.5 if ab_t < 1 else 0.0
+        src = (z_s - c * z_t) / (ab_s ** 0.5 - c * ab_t ** 0.5)
+        return torch.cat([src, x0[n:]])
+    return denoise_retraced
+
+
 # --- the cache: an inversion written once per image, settings and model -----------------------------
 
 def inversion_key(latents: torch.Tensor, **settings) -> str:
@@ -84,22 +106,26 @@ def inversion_key(latents: torch.Tensor, **settings) -> str:
     return h.hexdigest()[:20]
 
 
-def save_inversion(path: Path, noise: torch.Tensor, embeddings: list[torch.Tensor] | None, key: str) -> None:
+def save_inversion(path: Path, noise: torch.Tensor, embeddings: list[torch.Tensor] | None, key: str,
+                   trajectory: list[torch.Tensor] | None = None) -> None:
     """Write one image's inversion (safetensors, atomically): ``noise`` (1, 4, h, w) and, for
-    null-text inversion, the per-step unconditional states stacked (T, 1, L, D)."""
+    null-text inversion, the per-step unconditional states stacked (T, 1, L, D); for direct inversion
+    its ``trajectory`` [z_0, ..., z_T] stacked (T + 1, 1, 4, h, w)."""
     from safetensors.torch import save_file
 
     tensors = {"noise": noise.detach().float().cpu().contiguous()}
-    if embeddings is not None:
-        tensors["uncond"] = torch.stack([e.detach().float().cpu() for e in embeddings]).contiguous()
+    for name, seq in (("uncond", embeddings), ("trajectory", trajectory)):
+        if seq is not None:
+            tensors[name] = torch.stack([e.detach().float().cpu() for e in seq]).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"key": key})
     tmp.replace(path)
 
 
-def load_inversion(path: Path, key: str) -> tuple[torch.Tensor, list[torch.Tensor] | None] | None:
-    """The cached inversion at ``path`` if it was made with ``key`` (None otherwise)."""
+def load_inversion(path: Path, key: str) -> tuple | None:
+    """The cached inversion at ``path`` if it was made with ``key``: (noise, per-step unconditional states
+    or None, trajectory or None); None otherwise."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -109,7 +135,7 @@ def load_inversion(path: Path, key: str) -> tuple[torch.Tensor, list[torch.Tenso
             if (f.metadata() or {}).get("key") != key:
                 return None
             noise = f.get_tensor("noise")
-            uncond = f.get_tensor("uncond") if "uncond" in f.keys() else None
+            seqs = [list(f.get_tensor(k).unbind(0)) if k in f.keys() else None for k in ("uncond", "trajectory")]
     except Exception:  # unreadable (truncated, not safetensors): made again
         return None
-    return noise, None if uncond is None else list(uncond.unbind(0))
+    return noise, *seqs

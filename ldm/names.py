@@ -61,6 +61,8 @@ def parse_sampler(name: str, schedule: str | None = None) -> tuple[str, str | No
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)} "
                      f"(or A1111's {', '.join(A1111_SAMPLERS.values())}, with a schedule suffix such as Karras)")
 
-# how ``ldm edit`` inverts a real image (pipelines.edit): null-text inversion (Mokady et al. 2022),
+# how ``ldm edit`` inverts a real image (pipelines.edit): direct inversion (Ju et al. 2023; the default:
+# no optimisation, and the best edits measured, docs/edit.md), null-text inversion (Mokady et al. 2022),
 # negative-prompt inversion (Miyake et al. 2023), or plain DDIM inversion
-INVERSIONS = ("null-text", "npi", "ddim")
+INVERSIONS = ("direct", "null-text", "npi", "ddim")
+DEFAULT_INVERSION = "direct"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ldm.locate import ModelError, default_model_path
-from ldm.names import INVERSIONS, SAMPLER_NAMES, SCHEDULES
+from ldm.names import DEFAULT_INVERSION, INVERSIONS, SAMPLER_NAMES, SCHEDULES
 
 from .outputs import check_output_dir, check_output_file
 
@@ -217,9 +217,10 @@ def _edit_args(e: argparse.ArgumentParser):
                    help="what it should show: a word swapped (a red circle -> a red square) or words added; default: "
                         "the source prompt (for --reweight alone)")
     e.add_argument("--image", type=Path, default=None, help="a real image to edit (sides multiples of 8)")
-    e.add_argument("--inversion", default="null-text", choices=INVERSIONS,
-                   help="with --image: null-text inversion (Mokady et al. 2022; default), npi (negative-prompt "
-                        "inversion, Miyake et al. 2023: no optimisation) or ddim (plain inversion at guidance 1)")
+    e.add_argument("--inversion", default=DEFAULT_INVERSION, choices=INVERSIONS,
+                   help="with --image: direct (Ju et al. 2023, default: the source kept on the inversion's trajectory, "
+                        "no optimisation), null-text inversion (Mokady et al. 2022), npi (negative-prompt inversion, "
+                        "Miyake et al. 2023: no optimisation) or ddim (plain inversion at guidance 1)")
     e.add_argument("--inner-steps", type=int, default=10, metavar="N",
                    help="null-text inversion: optimisation steps per sampling step (default 10)")
     e.add_argument("--inner-lr", type=float, default=1e-2, metavar="LR",

@@ -2,9 +2,9 @@
 
 ``edit(pipe, Edit(...), Request(...))`` samples each source prompt and its target together from the
 same noise, with the target's attention controlled (ldm.attention_control). With ``images`` the
-sources are real images: DDIM-inverted at guidance 1, then null-text inversion (ldm.inversion; or
-negative-prompt inversion, or none) so that guided DDIM sampling with the source prompt retraces each
-image, and the target is sampled beside it. Inversions are cached (safetensors) under ``cache_dir``,
+sources are real images: DDIM-inverted at guidance 1, then (ldm.inversion) the source branch kept on
+that trajectory (direct inversion, the default), or null-text or negative-prompt inversion so that
+guided DDIM sampling with the source prompt retraces each image, and the target is sampled beside it. Inversions are cached (safetensors) under ``cache_dir``,
 so a second edit of the same image costs sampling only.
 
 The request carries what ``ldm generate`` takes (negative prompt, sampler, steps, guidance, seed,
@@ -26,8 +26,9 @@ from ldm.attention_control import (AttentionEdit, EditError, align_prompts, cont
                                    prompt_tokens, word_weights)
 from ldm.denoiser import unet_net
 from ldm.images import to_tensor
-from ldm.names import INVERSIONS
-from ldm.inversion import ddim_trajectory, inversion_key, load_inversion, null_text_inversion, save_inversion
+from ldm.names import DEFAULT_INVERSION, INVERSIONS
+from ldm.inversion import (ddim_trajectory, inversion_key, load_inversion, null_text_inversion, retrace,
+                           save_inversion)
 
 from .pipeline import Pipeline, Result, _generators
 from .pngmeta import _value
@@ -48,7 +49,7 @@ class Edit:
     reweight: dict[str, float] = field(default_factory=dict)  # target word -> factor on its attention
     blend_words: list = field(default_factory=list)  # local blending: words of the source or target (or a list per pair)
     images: list[Any] | None = None        # real sources (PIL or (1, 3, H, W) in [-1, 1]), one per source prompt
-    inversion: str = "null-text"           # real sources: null-text | npi (negative-prompt inversion) | ddim
+    inversion: str = DEFAULT_INVERSION     # real sources: direct | null-text | npi (negative-prompt inversion) | ddim
     inner_steps: int = 10                  # null-text inversion: optimisation steps per sampling step ...
     inner_lr: float = 1e-2                 # ... and Adam's learning rate (the paper's 1e-2; decays 1% a step)
     cache_dir: Path | None = None          # where inversions are cached (None: not cached)
@@ -162,10 +163,10 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
     latent_size = (r.height // f, r.width // f)
     steps = pipe._steps(r.sampler, r.steps, r.schedule)
     timing = {}
-    uncond_at, inverted, cached = None, 0, 0
+    uncond_at, inverted, cached, trajectory = None, 0, 0, None
     if real:
         t0 = time.perf_counter()
-        noise, uncond_at, inverted, cached = _invert(pipe, ed, r, n, steps)
+        noise, uncond_at, trajectory, inverted, cached = _invert(pipe, ed, r, n, steps)
         timing["inversion_s"] = time.perf_counter() - t0
         x = torch.cat([noise, noise])
     else:
@@ -177,6 +178,8 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
                             blend_source=None if blend is None else blend[0],
                             blend_target=None if blend is None else blend[1], latent_size=latent_size)
     denoise = pipe._denoiser(r, pipe._empty_concat(2 * n, r.width, r.height), clock, uncond_at=uncond_at)
+    if trajectory is not None:  # direct inversion: the source rows kept on the image's trajectory
+        denoise = retrace(denoise, trajectory, steps, clock, n)
     if blend is not None:
         denoise = local_blend(denoise, control)
     t0 = time.perf_counter()
@@ -205,8 +208,9 @@ def infotexts(pipe: Pipeline, res: EditResult) -> list[str]:
 
 
 def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
-    """Each real image's noise and, for null-text / negative-prompt inversion, ``uncond_at(step)``: the
-    unconditional context of the source + target batch at each step. Cached inversions are reused."""
+    """Each real image's noise; for null-text / negative-prompt inversion ``uncond_at(step)``, the
+    unconditional context of the source + target batch at each step; for direct inversion the DDIM
+    trajectory [z_0, ..., z_T] of the images (else None). Cached inversions are reused."""
     m = pipe.model
     z0 = torch.cat([pipe.encode_image(to_tensor(im) if not isinstance(im, torch.Tensor) else im) for im in ed.images])
     src = dataclasses.replace(r, prompts=r.prompts[:n], negatives=r.negatives[:n], seeds=r.seeds[:n],
@@ -220,6 +224,7 @@ def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
     todo = [i for i in range(n) if found[i] is None]
     noise = [None if f is None else f[0] for f in found]
     embeds = [None if f is None else f[1] for f in found]
+    levels = [None if f is None else f[2] for f in found]
     if todo:
         sub = dataclasses.replace(src, prompts=[src.prompts[i] for i in todo], negatives=[src.negatives[i] for i in todo],
                                   seeds=[src.seeds[i] for i in todo], prompts_2=[src.prompts_2[i] for i in todo],
@@ -237,9 +242,13 @@ def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
         for j, i in enumerate(todo):
             noise[i] = path[-1][j:j + 1]
             embeds[i] = None if got is None else [e[j:j + 1] for e in got]
+            levels[i] = [z[j:j + 1] for z in path] if ed.inversion == "direct" else None
             if paths[i] is not None:
-                save_inversion(paths[i], noise[i], embeds[i], keys[i])
+                save_inversion(paths[i], noise[i], embeds[i], keys[i], levels[i])
     noise = torch.cat(noise)
+    trajectory = None
+    if ed.inversion == "direct":
+        trajectory = [torch.cat([levels[i][k] for i in range(n)]) for k in range(len(levels[0]))]
     uncond_at = None
     if ed.inversion == "npi":  # the source prompt as the unconditional prompt of source and target alike
         cond_at, _ = pipe._contexts(r, r.steps, negative=False)
@@ -250,4 +259,4 @@ def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
         _, uncond = pipe._contexts(r, r.steps)
         per_step = [torch.cat([torch.cat([embeds[i][s] for i in range(n)])] * 2) for s in range(r.steps)]
         uncond_at = lambda step: {**uncond, "encoder_hidden_states": per_step[min(step, r.steps - 1)]}  # noqa: E731
-    return noise, uncond_at, len(todo), n - len(todo)
+    return noise, uncond_at, trajectory, len(todo), n - len(todo)

@@ -50,7 +50,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldm.images import decode_image
-from ldm.names import SCHEDULES
+from ldm.names import DEFAULT_INVERSION, SCHEDULES
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
@@ -121,7 +121,7 @@ class EditBody(BaseModel):
     source_prompt: str
     target_prompt: str | None = None
     image: str | None = None
-    inversion: str = "null-text"
+    inversion: str = DEFAULT_INVERSION
     inner_steps: int = Field(10, ge=1, le=100)
     inner_lr: float = Field(1e-2, gt=0, le=1)
     cross_replace: float = Field(0.8, ge=0, le=1)

@@ -201,6 +201,27 @@ def test_null_text_inversion_reconstructs_better_than_plain_inversion(sd1_pipe, 
     assert e_nti < 0.5 * e_plain and e_npi < e_plain, (e_plain, e_nti, e_npi)
 
 
+def test_direct_inversion_puts_the_source_back_on_the_image_and_caches_the_trajectory(sd1_pipe, real_image,
+                                                                                     tmp_path):
+    """Direct inversion (Ju et al. 2023): the source branch lands on the inversion's levels step by step,
+    so the source comes back as the image's own latents (to float rounding; plain inversion at the same
+    guidance drifts), the target is sampled beside it; the trajectory is cached and read back."""
+    z = sd1_pipe.encode_image(real_image)
+    req = Request(steps=10, guidance=4.0)
+    ed = Edit(SRC, TGT, images=[real_image], inversion="direct", cache_dir=tmp_path)
+    first = edit(sd1_pipe, ed, req)
+    plain = edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inversion="ddim"), req)
+    assert _mse(first.source.latents, z) < 1e-9 < 1e-4 < _mse(plain.source.latents, z)
+    assert _mse(first.target.latents, z) > 1e-4  # the target is its own sample, not the image
+    again = edit(sd1_pipe, ed, req)
+    assert (first.inverted, again.inverted, again.cached) == (1, 0, 1)
+    assert torch.allclose(again.target.latents, first.target.latents, atol=1e-3)  # as for null-text, above
+    (cached,) = tmp_path.glob("inversion-*.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(cached), "pt") as f:
+        assert f.get_tensor("trajectory").shape == (11, 1, *z.shape[1:])  # 10 steps: 11 levels
+
+
 def test_a_second_edit_of_the_same_image_reads_the_cached_inversion(sd1_pipe, real_image, tmp_path):
     """The same noise and embeddings, no inversion; another learning rate inverts again."""
     req, cheap = Request(steps=10, guidance=4.0), dict(inversion="null-text", cache_dir=tmp_path, inner_steps=4)
@@ -218,15 +239,15 @@ def test_a_second_edit_of_the_same_image_reads_the_cached_inversion(sd1_pipe, re
 
 @pytest.mark.parametrize("arch", ["sd2", "sdxl"])
 def test_null_text_inversion_on_v_prediction_and_sdxl(arch, sd2_dir, sdxl_pipe):
-    """The same ordering on SD 2.x (v-prediction) and SDXL (two encoders, pooled text, sizes); 20 inner
-    steps (null-text / plain error 0.28 on SD 2.x, 0.40 on SDXL; 0.15 and 0.22 at 50)."""
+    """The same ordering on SD 2.x (v-prediction) and SDXL (two encoders, pooled text, sizes), direct
+    inversion exact on both; 20 inner steps (null-text / plain error 0.28 on SD 2.x, 0.40 on SDXL; 0.15 and 0.22 at 50)."""
     pipe = sdxl_pipe if arch == "sdxl" else Pipeline.from_pretrained(sd2_dir)
     image = pipe.text_to_image(SRC, steps=10, guidance_scale=4.0, seed=1).images[0]
     z = pipe.encode_image(image)
     req = Request(steps=10, guidance=4.0)
     e = {inv: _mse(edit(pipe, Edit(SRC, SRC, images=[image], inversion=inv, inner_steps=20), req).source.latents, z)
-         for inv in ("ddim", "null-text", "npi")}
-    assert e["null-text"] < 0.5 * e["ddim"] and e["npi"] < e["ddim"], e
+         for inv in ("ddim", "null-text", "npi", "direct")}
+    assert e["null-text"] < 0.5 * e["ddim"] and e["npi"] < e["ddim"] and e["direct"] < 1e-9, e
 
 
 def test_real_image_errors(sd1_pipe, real_image):

@@ -471,7 +471,8 @@ def test_edit_through_the_api(server):
     assert np.abs(pixels(decode(out["images"][0])) - pixels(ref.target.images[0])).max() <= 1
     assert np.abs(pixels(decode(out["source"])) - pixels(ref.source.images[0])).max() <= 1
     assert "Edit source: " + PROMPT in out["parameters"][0] and Path(out["files"][0]).is_file()
-    real = {"source_prompt": PROMPT, "target_prompt": target, "steps": 6, "inner_steps": 2, "image": out["source"]}
+    real = {"source_prompt": PROMPT, "target_prompt": target, "steps": 6, "inner_steps": 2, "image": out["source"],
+            "inversion": "null-text"}
     first, second = post(server, "/api/edit", real).json(), post(server, "/api/edit", real).json()
     assert first["inversion"] == {"inverted": 1, "cached": 0} and second["inversion"] == {"inverted": 0, "cached": 1}
     assert "Inversion: null-text" in first["parameters"][0]
