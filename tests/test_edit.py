@@ -220,6 +220,12 @@ def test_direct_inversion_puts_the_source_back_on_the_image_and_caches_the_traje
     from safetensors import safe_open
     with safe_open(str(cached), "pt") as f:
         assert f.get_tensor("trajectory").shape == (11, 1, *z.shape[1:])  # 10 steps: 11 levels
+    # a batch of the cached image and a new one: one inverted, one read, both sources exact
+    other = sd1_pipe.text_to_image(SRC, steps=10, guidance_scale=4.0, seed=2).images[0]
+    both = edit(sd1_pipe, Edit([SRC, SRC], [TGT, TGT], images=[other, real_image], inversion="direct",
+                               cache_dir=tmp_path), req)
+    assert (both.inverted, both.cached) == (1, 1)
+    assert _mse(both.source.latents, torch.cat([sd1_pipe.encode_image(other), z])) < 1e-9
 
 
 def test_a_second_edit_of_the_same_image_reads_the_cached_inversion(sd1_pipe, real_image, tmp_path):
