@@ -213,10 +213,9 @@ def main(argv=None) -> int:
             reads = [world.detect(im) for im in src_images]
             outs = run_methods(pipe, src_images, pairs, kind, origin == "real", g, args)
             for method, images in outs.items():
-                got = [world.detect(im) for im in images]
-                ok = [success(r, o, t, kind) for r, o, (_, t) in zip(reads, got, pairs)]
-                table.setdefault(method, {})[f"{origin}/{kind}"] = float(np.mean(ok))
-                split = np.mean([parts(r, o, t, kind) for r, o, (_, t) in zip(reads, got, pairs)], axis=0)
+                each = [parts(r, world.detect(im), t, kind) for r, im, (_, t) in zip(reads, images, pairs)]
+                table.setdefault(method, {})[f"{origin}/{kind}"] = float(np.mean([all(p) for p in each]))
+                split = np.mean(each, axis=0)
                 report.setdefault("parts", {}).setdefault(method, {})[f"{origin}/{kind}"] = dict(
                     zip(("asked", "others", "box"), map(float, split)))
             print(f"{origin} {kind}: " + ", ".join(f"{m} {table[m][f'{origin}/{kind}']:.2f}" for m in outs), flush=True)

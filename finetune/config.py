@@ -171,11 +171,13 @@ class DenoisingLossKeys:
     snr_gamma: float = 0.0              # min-SNR-gamma weighting (Hang et al. 2023; 0: plain MSE, as the papers)
     noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none; 0.05-0.1 usual)
 
-    def loss_keys(self) -> dict:
-        """The keys as denoising_loss's keyword arguments, each checked."""
+    def __post_init__(self):  # checked once, when the recipe is built (before any work)
         for name in ("snr_gamma", "noise_offset"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be 0 (off) or more")
+
+    def loss_keys(self) -> dict:
+        """The keys as denoising_loss's keyword arguments."""
         return {"snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset}
 
 

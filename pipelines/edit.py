@@ -4,8 +4,9 @@
 same noise, with the target's attention controlled (ldm.attention_control). With ``images`` the
 sources are real images: DDIM-inverted at guidance 1, then (ldm.inversion) the source branch kept on
 that trajectory (direct inversion, the default), or null-text or negative-prompt inversion so that
-guided DDIM sampling with the source prompt retraces each image, and the target is sampled beside it. Inversions are cached (safetensors) under ``cache_dir``,
-so a second edit of the same image costs sampling only.
+guided DDIM sampling with the source prompt retraces each image, and the target is sampled beside it.
+Inversions are cached (safetensors) under ``cache_dir``, so a second edit of the same image costs
+sampling only.
 
 The request carries what ``ldm generate`` takes (negative prompt, sampler, steps, guidance, seed,
 size, CLIP guidance, ...); its prompt is ignored (the edit's prompts are used).
