@@ -2,8 +2,10 @@
 layout (4 levels, downsampling factor 8, 4 latent channels), so 64x64 images become 4x8x8 latents.
 
 Loss: L1 reconstruction of the posterior sample plus a small KL term (Rombach et al. 2022 use
-1e-6 with perceptual and adversarial terms; flat-coloured shapes need neither). Its
-``scaling_factor`` is measured from the data after training: 1 / std of the latents.
+1e-6 with perceptual and adversarial terms; flat-coloured shapes need neither, as measured:
+``adversarial_weight`` adds the adversarial one, which left the shapes world's round trips where they
+were, docs/shapes-model.md). Its ``scaling_factor`` is measured from the data after training: 1 / std
+of the latents.
 
 A plain L1 is dominated by flat areas, so a small VAE learns blobs first and the thin tips of
 stars last. Two options focus it, used by the refinement recipe (configs/shapes-vae-refine.yaml,
@@ -28,7 +30,7 @@ from ldm.images import pixels_to_tensor
 from shapes import world as shapes
 
 from .common import Oversampling
-from .config import TrainConfig, trained_part
+from .config import ConfigError, TrainConfig, trained_part
 from .loop import Objective, sample_offset
 
 
@@ -58,6 +60,18 @@ class VAEConfig(TrainConfig, Oversampling):
     resolution: int = 64                 # (data_dirs) images are made square at this size
     shift: int = 0                       # (data_dirs) random circular shift of up to this many pixels
     random_flip: bool = False            # (data_dirs) random horizontal and vertical flips
+    adversarial_weight: float = 0.0      # a patch discriminator's hinge loss (Esser et al. 2021, as Stable
+                                         # Diffusion's VAE): its term in the reconstruction's loss, scaled by
+                                         # the ratio of the two losses' gradients at the decoder's last layer
+                                         # times this weight (0: off, no discriminator)
+    adversarial_start: int = 0           # steps before the decoder sees that term (the discriminator trains
+                                         # from the start)
+    discriminator_channels: int = 32     # the discriminator's first width (doubled twice)
+
+    def __post_init__(self):  # checked when the recipe is built, before any work
+        for key, least in (("adversarial_weight", 0), ("adversarial_start", 0), ("discriminator_channels", 1)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: must be {least} or more")
 
 
 def edge_mask(x: torch.Tensor, threshold: float = 0.1, contrast: bool = False) -> torch.Tensor:
@@ -70,6 +84,45 @@ def edge_mask(x: torch.Tensor, threshold: float = 0.1, contrast: bool = False) -
     spread = (F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)).amax(1, keepdim=True)
     mask = (spread > threshold).to(x.dtype)
     return mask / spread.clamp(min=0.25) if contrast else mask
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """A PatchGAN (Isola et al. 2017) for 64 x 64 images: one real/fake logit per patch of about 34 px,
+    a 14 x 14 map at 64 px. GroupNorm, not batch norm, so that a call keeps no running state."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        nn = torch.nn
+        c = channels
+        groups = min(8, c)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(groups, 2 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 4 * c, 4, 1, 1), nn.GroupNorm(groups, 4 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * c, 1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def adversarial_terms(disc: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor):
+    """(discriminator's hinge loss, generator's loss) in one graph: the discriminator's loss sees the
+    fake detached (it trains the discriminator only); the generator's loss sees the discriminator's
+    parameters detached (it trains the decoder only), so that one backward pass trains both."""
+    from torch.func import functional_call
+
+    d_loss = torch.relu(1 - disc(real)).mean() + torch.relu(1 + disc(fake.detach())).mean()
+    frozen = {k: v.detach() for k, v in disc.named_parameters()}
+    g_loss = -functional_call(disc, frozen, (fake,)).mean()
+    return d_loss, g_loss
+
+
+def adaptive_weight(rec: torch.Tensor, g_loss: torch.Tensor, last: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight`` x |grad rec| / |grad g_loss| at the decoder's last layer ``last`` (Esser et al. 2021),
+    clamped to [0, 1e4] and detached: the adversarial term pulls as hard as the reconstruction."""
+    g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    return (weight * g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
 def random_color_scene_pixels(rng: np.random.Generator, scene: shapes.Scene, any_color: bool = False) -> np.ndarray:
@@ -122,6 +175,9 @@ class VAEObjective(Objective):
         else:
             vae = build_vae(self.cfg)
         self.folders = [self._read_folder(d) for d in self.cfg.data_dirs]
+        if self.cfg.adversarial_weight:
+            torch.manual_seed(self.cfg.seed + 5)  # the discriminator's initial weights, from the run's seed
+            return {"vae": vae, "discriminator": PatchDiscriminator(self.cfg.discriminator_channels)}
         return {"vae": vae}
 
     def _read_folder(self, directory: str) -> torch.Tensor:
@@ -152,7 +208,7 @@ class VAEObjective(Objective):
     def batch(self, index, generator, rank, world):
         rng = np.random.default_rng([self.cfg.seed, index, rank, 17])
         if self.folders:
-            return {"pixels": self._folder_batch(rng)}
+            return {"pixels": self._folder_batch(rng), "step": index // self.cfg.gradient_accumulation_steps}
         base = sample_offset(index, rank, world, self.cfg.batch_size)
         n_hard = int(round(self.cfg.oversample_fraction * self.cfg.batch_size))
         scenes = [shapes.sample_scene(self.cfg.seed, base + j, self.cfg.split) for j in range(n_hard, self.cfg.batch_size)]
@@ -172,7 +228,7 @@ class VAEObjective(Objective):
                 raise ValueError(f"crop_size {c} is not a multiple of 8")
             ox, oy = (int(v) for v in rng.integers(0, shapes.CANVAS - c + 1, size=2))
             x = x[:, :, oy:oy + c, ox:ox + c]
-        return {"pixels": x}
+        return {"pixels": x, "step": step}
 
     def loss(self, batch, modules, generator):
         vae = modules["vae"]
@@ -189,7 +245,16 @@ class VAEObjective(Objective):
         else:
             rec = err.mean()
         kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
-        return rec + self.cfg.kl_weight * kl, {"l1": err.mean().item(), "kl": kl.item()}
+        loss, logs = rec + self.cfg.kl_weight * kl, {"l1": err.mean().item(), "kl": kl.item()}
+        if self.cfg.adversarial_weight:
+            d_loss, g_loss = adversarial_terms(modules["discriminator"], x, recon.float())
+            loss = loss + d_loss
+            logs.update(d_loss=d_loss.item(), g_loss=g_loss.item())
+            if batch.get("step", 0) >= self.cfg.adversarial_start:
+                lam = adaptive_weight(rec, g_loss, vae.decoder.conv_out.weight, self.cfg.adversarial_weight)
+                loss = loss + lam * g_loss
+                logs["adv_weight"] = lam.item()
+        return loss, logs
 
     @torch.no_grad()
     def measure_scale(self, vae) -> float:
