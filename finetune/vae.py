@@ -176,8 +176,10 @@ class VAEObjective(Objective):
             vae = build_vae(self.cfg)
         self.folders = [self._read_folder(d) for d in self.cfg.data_dirs]
         if self.cfg.adversarial_weight:
-            torch.manual_seed(self.cfg.seed + 5)  # the discriminator's initial weights, from the run's seed
-            return {"vae": vae, "discriminator": PatchDiscriminator(self.cfg.discriminator_channels)}
+            with torch.random.fork_rng(devices=[]):  # its initial weights from the run's seed, the global
+                torch.manual_seed(self.cfg.seed + 5)  # generator left as it was
+                disc = PatchDiscriminator(self.cfg.discriminator_channels)
+            return {"vae": vae, "discriminator": disc}
         return {"vae": vae}
 
     def _read_folder(self, directory: str) -> torch.Tensor:
