@@ -51,6 +51,10 @@ class TrainConfig:
     overwrite: bool = False
 
 
+def _unquote(text: str) -> str:
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
 def _coerce(name: str, tp, value):
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -66,8 +70,11 @@ def _coerce(name: str, tp, value):
         origin = typing.get_origin(tp)
     if origin in (list, tuple):
         inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()] if "," in value or value else []
+        if isinstance(value, str):  # `--set key=a,b` or YAML's flow style `--set key=[a, b]`
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            value = [_unquote(v.strip()) for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(name, inner, v) for v in value]

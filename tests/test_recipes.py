@@ -68,3 +68,17 @@ def test_build_help_names_every_stage_of_the_build():
     help_text = next(a.help for a in build_parser._actions if "--set" in a.option_strings)
     listed = help_text.split("stages: ", 1)[1].replace(",", " ").split()
     assert listed == [s[0] for s in STAGES]
+
+
+def test_set_takes_lists_comma_separated_or_in_yamls_flow_style():
+    """`--set block_out_channels=[96,192]` (as a YAML recipe writes it) and `=96,192` give the same list;
+    strings lose the spaces and quotes around them; an empty list is `[]`."""
+    from finetune.config import build
+    from finetune.vae import VAEConfig
+
+    for text in ("[96,192]", "96,192", "[96, 192]", " 96 , 192 "):
+        assert build(VAEConfig, {"block_out_channels": text}).block_out_channels == [96, 192], text
+    assert build(VAEConfig, {"data_dirs": "[/data/a, '/data/b c']"}).data_dirs == ["/data/a", "/data/b c"]
+    assert build(VAEConfig, {"data_dirs": "/data/a"}).data_dirs == ["/data/a"]
+    assert build(VAEConfig, {"data_dirs": "[]"}).data_dirs == []
+    assert build(VAEConfig, {"data_dirs": ["/x"]}).data_dirs == ["/x"]  # a YAML list as it is
