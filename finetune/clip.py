@@ -91,7 +91,7 @@ class CLIPObjective(Objective):
         img_f, txt_f, scale = modules["clip"](batch["pixels"].to(self.device), batch["ids"].to(self.device))
         loss = self.clip_loss(img_f, txt_f, scale)
         acc = (img_f @ txt_f.T).argmax(1).eq(torch.arange(len(img_f), device=img_f.device)).float().mean()
-        return loss, {"acc": acc.item(), "scale": scale.item()}
+        return loss, {"acc": acc, "scale": scale.detach()}
 
     @torch.no_grad()
     def zero_shot(self, model, split: str, n: int = 512) -> dict[str, float]:

@@ -216,7 +216,7 @@ class DreamBoothObjective(Objective):
         if self.klass is None:
             return instance, {}
         prior = per[n:].mean()
-        return instance + self.cfg.prior_loss_weight * prior, {"instance": instance.item(), "prior": prior.item()}
+        return instance + self.cfg.prior_loss_weight * prior, {"instance": instance.detach(), "prior": prior.detach()}
 
     # --- results --------------------------------------------------------------------------------
     def _as_model(self, modules):

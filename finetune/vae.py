@@ -209,8 +209,9 @@ class VAEObjective(Objective):
 
     def batch(self, index, generator, rank, world):
         rng = np.random.default_rng([self.cfg.seed, index, rank, 17])
+        step = index // self.cfg.gradient_accumulation_steps
         if self.folders:
-            return {"pixels": self._folder_batch(rng), "step": index // self.cfg.gradient_accumulation_steps}
+            return {"pixels": self._folder_batch(rng), "step": step}
         base = sample_offset(index, rank, world, self.cfg.batch_size)
         n_hard = int(round(self.cfg.oversample_fraction * self.cfg.batch_size))
         scenes = [shapes.sample_scene(self.cfg.seed, base + j, self.cfg.split) for j in range(n_hard, self.cfg.batch_size)]
@@ -223,7 +224,6 @@ class VAEObjective(Objective):
             else:
                 pix.append(np.asarray(shapes.render(sc)))
         x = pixels_to_tensor(np.stack(pix))  # (B, 3, 64, 64)
-        step = index // self.cfg.gradient_accumulation_steps
         c = self.cfg.crop_size
         if c and c < shapes.CANVAS and step < self.cfg.max_steps - self.cfg.full_size_steps:
             if c % 8:
@@ -247,15 +247,16 @@ class VAEObjective(Objective):
         else:
             rec = err.mean()
         kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
-        loss, logs = rec + self.cfg.kl_weight * kl, {"l1": err.mean().item(), "kl": kl.item()}
+        # logs stay tensors: the loop reads them when it logs, not every micro-step
+        loss, logs = rec + self.cfg.kl_weight * kl, {"l1": err.mean().detach(), "kl": kl.detach()}
         if self.cfg.adversarial_weight:
             d_loss, g_loss = adversarial_terms(modules["discriminator"], x, recon.float())
             loss = loss + d_loss
-            logs.update(d_loss=d_loss.item(), g_loss=g_loss.item())
+            logs.update(d_loss=d_loss.detach(), g_loss=g_loss.detach())
             if batch.get("step", 0) >= self.cfg.adversarial_start:
                 lam = adaptive_weight(rec, g_loss, vae.decoder.conv_out.weight, self.cfg.adversarial_weight)
                 loss = loss + lam * g_loss
-                logs["adv_weight"] = lam.item()
+                logs["adv_weight"] = lam
         return loss, logs
 
     @torch.no_grad()

@@ -82,8 +82,8 @@ def test_prior_loss_is_the_class_loss_times_the_weight(sd1_dir, instance_dir, tm
         per = (m.unet(xt, t, hidden).sample - eps).pow(2).mean(dim=(1, 2, 3))
     instance, prior = per[:2].mean(), per[2:].mean()
     assert loss.item() == pytest.approx((instance + 0.3 * prior).item(), rel=1e-5)
-    assert logs["prior"] == pytest.approx(prior.item(), rel=1e-5)
-    assert logs["instance"] == pytest.approx(instance.item(), rel=1e-5)
+    assert float(logs["prior"]) == pytest.approx(prior.item(), rel=1e-5)
+    assert float(logs["instance"]) == pytest.approx(instance.item(), rel=1e-5)
 
 
 def test_full_fine_tune_saves_a_model_that_diffusers_loads_and_every_checkpoint_is_one(sd1_dir, instance_dir, tmp_path):

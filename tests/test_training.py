@@ -102,7 +102,7 @@ def test_edge_weighted_loss_is_the_weighted_l1(tmp_path):
     w = 1 + 10.0 * edge_mask(x)
     want = ((recon - x).abs() * w).sum() / (3 * w.sum())
     assert torch.allclose(loss, want, rtol=1e-5)
-    assert logs["l1"] == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
+    assert float(logs["l1"]) == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
     # latent_noise 0 decodes the posterior mean (what the U-Net is trained on)
     obj.cfg.latent_noise = 0.0
     loss0, _ = obj.loss({"pixels": x}, {"vae": vae}, torch.Generator().manual_seed(1))
@@ -565,7 +565,7 @@ def test_adversarial_loss_trains_the_discriminator_and_the_decoder_each_on_its_o
     last = vae.decoder.conv_out.weight
     lam = 0.5 * torch.autograd.grad(rec, last, retain_graph=True)[0].norm() / (
         torch.autograd.grad(g_loss, last, retain_graph=True)[0].norm() + 1e-4)
-    assert logs["adv_weight"] == pytest.approx(lam.item(), rel=1e-4)
+    assert float(logs["adv_weight"]) == pytest.approx(lam.item(), rel=1e-4)
     names = [n for n, _ in vae.named_parameters()]
     want_v = torch.autograd.grad(rec + lam.detach() * g_loss, [p for _, p in vae.named_parameters()])
     for n, w in zip(names, want_v):
