@@ -67,9 +67,13 @@ class VAEConfig(TrainConfig, Oversampling):
     adversarial_start: int = 0           # steps before the decoder sees that term (the discriminator trains
                                          # from the start)
     discriminator_channels: int = 32     # the discriminator's first width (doubled twice)
+    widen: float = 1.0                   # (init_vae) every level's channels and the norm groups times this,
+                                         # the init's function kept (widen_vae): with decoder_only the
+                                         # encoder's latents stay the init's and the wider decoder trains
 
     def __post_init__(self):  # checked when the recipe is built, before any work
-        for key, least in (("adversarial_weight", 0), ("adversarial_start", 0), ("discriminator_channels", 1)):
+        for key, least in (("adversarial_weight", 0), ("adversarial_start", 0), ("discriminator_channels", 1),
+                           ("widen", 1)):
             if getattr(self, key) < least:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be {least} or more")
 
@@ -148,6 +152,46 @@ def build_vae(cfg: VAEConfig):
                          norm_num_groups=cfg.norm_num_groups, sample_size=shapes.CANVAS)
 
 
+def widen_vae(vae, factor: float, seed: int = 0):
+    """A copy of the ``AutoencoderKL`` ``vae`` with every level's channels and the number of norm groups
+    times ``factor``, computing the same function: the old channels keep their weights (each group
+    of the group norms keeps its channels) and read nothing from the new ones. The encoder's new
+    channels are zero throughout, so its latents are the old ones (to rounding); the decoder's new
+    channels start random (drawn from ``seed``) and reach the output only once training gives them
+    weights. The mid-block attention's query is scaled by sqrt(factor) for its wider head."""
+    from diffusers import AutoencoderKL
+
+    old_c, old_g = list(vae.config.block_out_channels), vae.config.norm_num_groups
+    new_c, new_g = [c * factor for c in old_c], old_g * factor
+    if any(c != int(c) for c in new_c + [new_g]) or any(a % int(new_g) for a in map(int, new_c)):
+        raise ValueError(f"widen={factor}: {old_c} channels in {old_g} norm groups times {factor} is not a whole "
+                         "number of channels per group; 2 always works")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wide = AutoencoderKL.from_config({**vae.config, "block_out_channels": [int(c) for c in new_c],
+                                          "norm_num_groups": int(new_g)})
+    old_sd, sd = vae.state_dict(), wide.state_dict()
+    for key, w in sd.items():
+        w_old = old_sd[key].to(w.dtype)
+        if w.shape == w_old.shape:
+            sd[key] = w_old.clone()
+            continue
+        head = tuple(slice(0, n) for n in w_old.shape)
+        out = w.clone()
+        if key.startswith("encoder."):
+            out.zero_()  # the encoder's new channels stay zero (a group norm of zeros gives its bias, 0)
+        if w.dim() >= 2 and w.shape[1] > w_old.shape[1]:
+            out[: w_old.shape[0], w_old.shape[1]:] = 0  # old channels read nothing from new ones
+        if key.endswith("to_k.weight") or key.endswith("to_k.bias"):
+            out[w_old.shape[0]:] = 0  # new key dimensions add nothing to the scores
+        out[head] = w_old
+        if ".to_q." in key:
+            out[head] *= factor ** 0.5  # the score's 1/sqrt(head width) grew by sqrt(factor)
+        sd[key] = out
+    wide.load_state_dict(sd)
+    return wide
+
+
 class VAEObjective(Objective):
     name = "vae"
 
@@ -166,12 +210,16 @@ class VAEObjective(Objective):
 
             path = trained_part(self.cfg.init_vae, "vae", "init_vae", "ldm train-vae", what="VAE")
             vae = AutoencoderKL.from_pretrained(str(path))
+            if self.cfg.widen != 1:
+                vae = widen_vae(vae, self.cfg.widen, seed=self.cfg.seed + 7)
             vae.train()
             if self.cfg.decoder_only:
                 for part in (vae.encoder, vae.quant_conv):
                     part.requires_grad_(False)
         elif self.cfg.decoder_only:
             raise ValueError("decoder_only: set init_vae to the VAE whose encoder is kept")
+        elif self.cfg.widen != 1:
+            raise ValueError("widen: set init_vae to the VAE to widen (a new VAE takes block_out_channels)")
         else:
             vae = build_vae(self.cfg)
         self.folders = [self._read_folder(d) for d in self.cfg.data_dirs]

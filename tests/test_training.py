@@ -305,6 +305,45 @@ def test_decoder_only_keeps_the_encoder_and_its_scale(tmp_path):
 
 
 
+def test_widen_vae_keeps_the_function_and_the_new_decoder_channels_learn():
+    from diffusers import AutoencoderKL
+
+    from finetune.vae import widen_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4).eval()
+    for p in vae.parameters():  # random weights everywhere (diffusers zero-initialises nothing here, but be sure)
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        y = vae.decode(z).sample
+    for factor in (2, 1.5):
+        wide = widen_vae(vae, factor).eval()
+        assert wide.config.block_out_channels == [int(8 * factor), int(16 * factor)]
+        assert wide.config.norm_num_groups == int(4 * factor)
+        with torch.no_grad():
+            assert (wide.encode(x).latent_dist.mean - z).abs().max() < 1e-5
+            assert (wide.decode(z).sample - y).abs().max() < 1e-5
+        # the decoder's new channels are not a dead end: the old channels' weights that read them get gradients
+        wide.decode(z).sample.square().mean().backward()
+        g = wide.decoder.up_blocks[-1].resnets[0].conv1.weight.grad
+        assert g[: 8, 8:].abs().sum() > 0
+        assert (wide.decoder.conv_out.weight.grad[:, 8:].abs().sum()) > 0
+    with pytest.raises(ValueError, match="widen=1.1"):
+        widen_vae(vae, 1.1)  # 8.8 channels
+
+
+def test_widen_needs_an_init_vae_and_a_factor_of_1_or_more(tmp_path):
+    from finetune.config import ConfigError
+
+    with pytest.raises(ValueError, match="widen: set init_vae"):
+        VAEObjective(VAEConfig(output_dir=str(tmp_path / "c"), widen=2)).setup(CPU)
+    with pytest.raises(ConfigError, match="widen=0.5"):
+        VAEConfig(output_dir=str(tmp_path / "c"), widen=0.5)
+
+
 def test_vae_random_colour_images_keep_the_shape_colour_off_the_palette():
     """The VAE's generic-colour images never draw a held-out pair or teal (in any shade the judge would
     read as one): the shape colour keeps OFF_PALETTE_DISTANCE from every palette colour."""
