@@ -154,11 +154,12 @@ def build_vae(cfg: VAEConfig):
 
 def widen_vae(vae, factor: float, seed: int = 0):
     """A copy of the ``AutoencoderKL`` ``vae`` with every level's channels and the number of norm groups
-    times ``factor``, computing the same function: the old channels keep their weights (each group
-    of the group norms keeps its channels) and read nothing from the new ones. The encoder's new
-    channels are zero throughout, so its latents are the old ones (to rounding); the decoder's new
-    channels start random (drawn from ``seed``) and reach the output only once training gives them
-    weights. The mid-block attention's query is scaled by sqrt(factor) for its wider head."""
+    times ``factor``, computing the same function (to rounding): the old channels keep their weights
+    (each group of the group norms keeps its channels) and read nothing from the new ones, which
+    start random (drawn from ``seed``) and reach the latents or the image once training gives the old
+    channels weights to read them (a frozen encoder's latents stay the old ones). The mid-block
+    attention's query is scaled by sqrt(factor) for its wider head, and the new key dimensions start
+    at zero so that the scores are the old ones."""
     from diffusers import AutoencoderKL
 
     old_c, old_g = list(vae.config.block_out_channels), vae.config.norm_num_groups
@@ -178,8 +179,6 @@ def widen_vae(vae, factor: float, seed: int = 0):
             continue
         head = tuple(slice(0, n) for n in w_old.shape)
         out = w.clone()
-        if key.startswith("encoder."):
-            out.zero_()  # the encoder's new channels stay zero (a group norm of zeros gives its bias, 0)
         if w.dim() >= 2 and w.shape[1] > w_old.shape[1]:
             out[: w_old.shape[0], w_old.shape[1]:] = 0  # old channels read nothing from new ones
         if key.endswith("to_k.weight") or key.endswith("to_k.bias"):

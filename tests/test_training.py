@@ -331,6 +331,8 @@ def test_widen_vae_keeps_the_function_and_the_new_decoder_channels_learn():
         g = wide.decoder.up_blocks[-1].resnets[0].conv1.weight.grad
         assert g[: 8, 8:].abs().sum() > 0
         assert (wide.decoder.conv_out.weight.grad[:, 8:].abs().sum()) > 0
+        wide.encode(x).latent_dist.mean.square().mean().backward()  # and the encoder's, when it trains
+        assert wide.encoder.conv_out.weight.grad[:, 16:].abs().sum() > 0
     with pytest.raises(ValueError, match="widen=1.1"):
         widen_vae(vae, 1.1)  # 8.8 channels
 
