@@ -164,9 +164,9 @@ def widen_vae(vae, factor: float, seed: int = 0):
 
     old_c, old_g = list(vae.config.block_out_channels), vae.config.norm_num_groups
     new_c, new_g = [c * factor for c in old_c], old_g * factor
-    if any(c != int(c) for c in new_c + [new_g]) or any(a % int(new_g) for a in map(int, new_c)):
-        raise ValueError(f"widen={factor}: {old_c} channels in {old_g} norm groups times {factor} is not a whole "
-                         "number of channels per group; 2 always works")
+    if any(c != int(c) for c in new_c + [new_g]):  # (then each level keeps its channels per group)
+        raise ValueError(f"widen={factor}: {old_c} channels in {old_g} norm groups times {factor} are not whole "
+                         "numbers of channels and groups; 2 always works")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         wide = AutoencoderKL.from_config({**vae.config, "block_out_channels": [int(c) for c in new_c],
