@@ -26,7 +26,7 @@ from .loop import Objective
 
 @dataclass
 class UNetConfig(TrainConfig, Oversampling, DenoisingLossKeys):
-    vae_dir: str = "runs/shapes/vae-decoder-2"  # a directory holding vae/
+    vae_dir: str = "runs/shapes/vae-noisy-3"  # a directory holding vae/
     clip_dir: str = "runs/shapes/clip"  # a directory holding text_encoder/ and tokenizer/ (and clip/)
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
     layers_per_block: int = 1

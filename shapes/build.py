@@ -1,5 +1,6 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
-the VAE (six stages, each from the one before: four recipes, then the last two again), then the
+the VAE (nine stages, each from the one before: four recipes, the last two again, then three
+decoder passes on noised latents), then the
 CLIP, then the U-Net on their latents and text states; ``--install`` copies the result (fp32 weights,
 the CLIP's image tower in fp16) into the package as the default model."""
 
@@ -25,6 +26,9 @@ STAGES = (("vae", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae.yaml"
           ("vae-decoder", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
           ("vae-stars-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-stars.yaml"),
           ("vae-decoder-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
+          ("vae-noisy-1", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-noisy.yaml"),
+          ("vae-noisy-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-noisy.yaml"),
+          ("vae-noisy-3", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-noisy.yaml"),
           ("clip", "finetune.clip", "CLIPConfig", "CLIPObjective", "shapes-clip.yaml"),
           ("model", "finetune.unet", "UNetConfig", "UNetObjective", "shapes-unet.yaml"))
 

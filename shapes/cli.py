@@ -33,7 +33,7 @@ def register(sub, command: str | None = None) -> None:
     b.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one stage's recipe key (repeatable), e.g. --set vae-decoder-2.latent_noise=3 "
                         "or --set model.max_steps=3000; stages: vae, vae-refine, vae-stars, vae-decoder, "
-                        "vae-stars-2, vae-decoder-2, clip, model")
+                        "vae-stars-2, vae-decoder-2, vae-noisy-1, vae-noisy-2, vae-noisy-3, clip, model")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_build)
 

@@ -45,12 +45,15 @@ def test_the_build_chains_its_vae_stages_on_the_codec_split():
                                       recipe, out, stage, resume=False)
             for stage, _, cls, _, recipe in STAGES}
     vae = [s for s in cfgs if s.startswith("vae")]
-    assert vae == ["vae", "vae-refine", "vae-stars", "vae-decoder", "vae-stars-2", "vae-decoder-2"]
+    assert vae == ["vae", "vae-refine", "vae-stars", "vae-decoder", "vae-stars-2", "vae-decoder-2",
+                   "vae-noisy-1", "vae-noisy-2", "vae-noisy-3"]
     assert all(cfgs[s].split == "codec" for s in vae)
     assert all(cfgs[b].init_vae == str(out / a) for a, b in zip(vae, vae[1:]))
-    assert [cfgs[s].decoder_only for s in vae] == [False, False, False, True, False, True]
+    assert [cfgs[s].decoder_only for s in vae] == [False, False, False, True, False, True, True, True, True]
+    # the decoder passes decode the posterior mean, then three more its neighbourhood
+    assert [cfgs[s].latent_noise for s in vae if cfgs[s].decoder_only] == [0.0, 0.0, 3.0, 3.0, 3.0]
     assert cfgs["clip"].text_encoder_layers == 0
-    assert cfgs["model"].vae_dir == str(out / "vae-decoder-2") and cfgs["model"].clip_dir == str(out / "clip")
+    assert cfgs["model"].vae_dir == str(out / "vae-noisy-3") and cfgs["model"].clip_dir == str(out / "clip")
 
 
 def test_build_help_names_every_stage_of_the_build():

@@ -147,6 +147,7 @@ TINY = {
     "vae-decoder": dict(max_steps=2, batch_size=4, checkpoint_every=2, validation_every=0),
     "vae-stars-2": dict(max_steps=1, batch_size=4, scale_images=64, checkpoint_every=1, validation_every=0),
     "vae-decoder-2": dict(max_steps=1, batch_size=4, checkpoint_every=1, validation_every=0),
+    **{f"vae-noisy-{i}": dict(max_steps=1, batch_size=4, checkpoint_every=1, validation_every=0) for i in (1, 2, 3)},
     "clip": dict(max_steps=3, batch_size=8, checkpoint_every=3, embed_dim=16, vision_width=8,
                  text_width=32, text_layers=1, text_heads=2),
     "model": dict(max_steps=3, batch_size=4, num_images=40, block_out_channels=[32, 32], norm_num_groups=8,
@@ -168,16 +169,21 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
 
     out, summary = tiny_build
     assert list(summary) == ["vae", "vae-refine", "vae-stars", "vae-decoder", "vae-stars-2", "vae-decoder-2",
-                             "clip", "model"]
-    assert [summary[s]["steps"] for s in summary] == [3, 2, 2, 2, 1, 1, 3, 3]
+                             "vae-noisy-1", "vae-noisy-2", "vae-noisy-3", "clip", "model"]
+    assert [summary[s]["steps"] for s in summary] == [3, 2, 2, 2, 1, 1, 1, 1, 1, 3, 3]
     # each VAE stage starts from the one before (its tiny shape, not the recipe's full one)
     first = AutoencoderKL.from_pretrained(str(out / "vae" / "vae"))
-    refined = AutoencoderKL.from_pretrained(str(out / "vae-decoder-2" / "vae"))
+    refined = AutoencoderKL.from_pretrained(str(out / "vae-noisy-3" / "vae"))
     assert refined.config.block_out_channels == first.config.block_out_channels == [8, 8, 8, 8]
-    # the last decoder stage keeps the encoder of the stage before (so the U-Net's latents are its latents)
+    # the decoder stages after vae-stars-2 keep its encoder (so the U-Net's latents are its latents) and
+    # train the decoder; the model carries the last stage's VAE
     stars = AutoencoderKL.from_pretrained(str(out / "vae-stars-2" / "vae")).state_dict()
+    before = AutoencoderKL.from_pretrained(str(out / "vae-noisy-2" / "vae")).state_dict()
     dec = refined.state_dict()
     assert all(torch.equal(stars[k], dec[k]) for k in stars if k.startswith(("encoder.", "quant_conv.")))
+    assert not torch.equal(before["decoder.conv_out.weight"], dec["decoder.conv_out.weight"])
+    in_model = AutoencoderKL.from_pretrained(str(out / "model" / "vae")).state_dict()
+    assert all(torch.equal(in_model[k], dec[k]) for k in dec)
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"), safety_checker=None,
                                                    requires_safety_checker=False)
     # the model's VAE is the last stage's
