@@ -173,7 +173,7 @@ class DistillObjective(Objective):
         t = self.teacher
         self.teacher_w_input = guidance_input_dim(t.unet) is not None
         if self.data is None:
-            self.data = DistillData(cfg, t, progress=accelerator.is_main_process)
+            self.data = DistillData(cfg, t, progress=self.progress)
         self.text = TextCache(t)
         self.uncond = self.text([""])  # the unconditional branch's context, (1, L, D) ...
         if t.is_sdxl and t.force_zeros_for_empty_prompt:  # ... zeros for SDXL base, as generation has it

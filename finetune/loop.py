@@ -40,6 +40,7 @@ class Objective:
 
     name = "train"
     export_checkpoints = False  # True: every checkpoint also holds the result (save()), usable for inference
+    progress = True  # set by train(): False (--quiet) hides the setup's own bars (caching latents) too
 
     def setup(self, accelerator) -> dict[str, torch.nn.Module]:
         """Load models, move frozen parts to ``accelerator.device``, cache data; return the modules
@@ -301,6 +302,7 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     optimizer_cls = optimizer_class(cfg, accelerator.device)
     torch.manual_seed(cfg.seed)  # model initialisation in setup is seeded alike on every process
 
+    objective.progress = progress and main
     trainable = objective.setup(accelerator)
     names = list(trainable)
     params = objective.optimized(trainable)

@@ -121,7 +121,7 @@ class TextualInversionObjective(Objective):
         data = read_image_folder(cfg.data_dir)
         self.resolution = training_resolution(m, cfg.resolution)
         self.latents = encode_views(m, data, self.resolution, cfg.center_crop,
-                                    cfg.random_flip, progress=accelerator.is_main_process)  # (N, views, 4, h, w)
+                                    cfg.random_flip, progress=self.progress)  # (N, views, 4, h, w)
         self.crops = crop_ids(data, self.resolution, cfg.center_crop)  # SDXL's size conditioning
         templates = cfg.templates or TEMPLATES[cfg.learnable_property]
         self.captions = []

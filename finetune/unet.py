@@ -116,7 +116,7 @@ class UNetObjective(Objective):
                                               device=self.device))
         # the training set, rendered and encoded once: (N, 4, 8, 8) scaled latents
         self.scenes = [shapes.sample_scene(cfg.seed, i) for i in range(cfg.num_images)]
-        self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=accelerator.is_main_process)
+        self.latents = shapes.encode_scenes(self.vae, self.scenes, self.device, progress=self.progress)
         self.weights = foreground_weights(self.scenes, self.latents.shape[-1], cfg.foreground_weight,
                                           cfg.foreground_margin)
         hard = [i for i, sc in enumerate(self.scenes)

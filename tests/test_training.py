@@ -275,6 +275,22 @@ def test_unet_oversampling_ends_each_batch_with_the_asked_scenes(tiny_build):
         few.setup(CPU)
 
 
+def test_quiet_training_hides_the_setups_bars_too(tiny_build, tmp_path, capfd):
+    """`--quiet` (train's progress=False) hides every bar, the U-Net stage's latent caching included
+    (the build's log had it among its quiet lines); with progress both bars are drawn."""
+    from finetune.loop import train
+    from finetune.unet import UNetConfig, UNetObjective
+
+    out, _ = tiny_build
+    for progress in (False, True):
+        cfg = UNetConfig(output_dir=str(tmp_path / str(progress)), vae_dir=str(out / "vae-noisy-3"),
+                         clip_dir=str(out / "clip"), num_images=8, batch_size=2, max_steps=1,
+                         block_out_channels=[32, 32], norm_num_groups=8, checkpoint_every=1, validation_every=0)
+        train(UNetObjective(cfg), cfg, progress=progress)
+        err = capfd.readouterr().err
+        assert ("caching latents" in err) is progress and (f"{UNetObjective.name}: 100%" in err) is progress
+
+
 def test_scaling_factor_is_one_over_the_latent_std(tiny_build):
     from diffusers import AutoencoderKL
 
