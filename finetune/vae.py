@@ -15,9 +15,9 @@ pixels next to an edge (read from the target image itself, so it works on any da
 ``configs/shapes-vae-stars.yaml`` continues with half of each batch small stars, and
 ``configs/shapes-vae-decoder.yaml`` trains the decoder alone (``decoder_only``: the encoder, hence the
 latents and ``scaling_factor``, are kept) on posterior means (``latent_noise: 0``), the latents a
-U-Net is trained on and generates; ``configs/shapes-vae-noisy.yaml`` then trains it on the mean plus
-``latent_noise`` x the posterior's std x noise, so that it draws latents a little off the encoder's
-(a U-Net's) as the shapes they were meant to be.
+U-Net is trained on and generates; the build then runs that recipe three more times at
+``latent_noise: 3`` (the mean plus 3 x the posterior's std x noise), so that it draws latents a little
+off the encoder's (a U-Net's) as the shapes they were meant to be.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
-the VAE (nine stages, each from the one before: four recipes, the last two again, then three
-decoder passes on noised latents), then the
+the VAE (nine stages, each from the one before: four recipes, the last two again, then the decoder
+recipe three more times on noised latents), then the
 CLIP, then the U-Net on their latents and text states; ``--install`` copies the result (fp32 weights,
 the CLIP's image tower in fp16) into the package as the default model."""
 
@@ -26,15 +26,20 @@ STAGES = (("vae", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae.yaml"
           ("vae-decoder", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
           ("vae-stars-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-stars.yaml"),
           ("vae-decoder-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
-          ("vae-noisy-1", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-noisy.yaml"),
-          ("vae-noisy-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-noisy.yaml"),
-          ("vae-noisy-3", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-noisy.yaml"),
+          ("vae-noisy-1", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
+          ("vae-noisy-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
+          ("vae-noisy-3", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
           ("clip", "finetune.clip", "CLIPConfig", "CLIPObjective", "shapes-clip.yaml"),
           ("model", "finetune.unet", "UNetConfig", "UNetObjective", "shapes-unet.yaml"))
+# a stage's own values over its recipe (``--set`` overrides go over these): the last three decoder
+# passes decode the posterior mean plus 3 x its std x noise, so that latents a little off the
+# encoder's, as a U-Net's are, decode as the shapes they were meant to be (docs/shapes-model.md)
+STAGE_VALUES = {f"vae-noisy-{i}": {"latent_noise": 3.0} for i in (1, 2, 3)}
 
 
 def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool, overrides: dict | None = None):
     values = read_yaml(recipe_path(recipe))
+    values.update(STAGE_VALUES.get(stage, {}))
     values.update((overrides or {}).get(stage, {}))
     values.update(output_dir=str(out / stage), resume=resume, overwrite=not resume)
     vae_stages = [s[0] for s in STAGES if s[1] == "finetune.vae"]
