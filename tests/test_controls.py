@@ -50,7 +50,9 @@ def test_n_iter_runs_batches_in_sequence_with_a1111_seeds(pipe):
     res = pipe.text_to_image("a blue star", steps=4, seed=10, batch_size=2, n_iter=2)
     assert res.seeds == [10, 11, 12, 13] and res.pixels.shape[0] == 4
     lone = pipe.text_to_image("a blue star", steps=4, seed=12)
-    torch.testing.assert_close(res.pixels[2:3], lone.pixels, rtol=0, atol=1e-5)
+    # a batch of 2 and a batch of 1 take different CPU kernels (fp32 sums in another order): 1.2e-5 on the
+    # shipped model; another seed's image would differ by tenths
+    torch.testing.assert_close(res.pixels[2:3], lone.pixels, rtol=0, atol=1e-4)
 
 
 def test_variation_seed_ends_are_the_two_seeds(pipe):
