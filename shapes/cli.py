@@ -129,9 +129,9 @@ def _register_demos(sub) -> None:
                                            "with and without prior preservation")
     b.add_argument("--output-dir", type=Path, default=Path("runs/demo-dreambooth"))
     b.add_argument("--model", default=None, help="base model (default: the embedded shapes model)")
-    b.add_argument("--per-case", type=int, default=6, help="subject images per background (default 6)")
-    b.add_argument("--prior-per-case", type=int, default=2,
-                   help="class images judged per (colour, background) (default 2)")
+    b.add_argument("--per-case", type=int, default=24, help="subject images per background (default 24: 216 in all)")
+    b.add_argument("--prior-per-case", type=int, default=4,
+                   help="class images judged per (colour, background) (default 4: 160 in all)")
     b.add_argument("--seed", type=int, default=0, help="the instance renders' and the training's seed (default 0)")
     b.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -161,7 +161,7 @@ def _measure_dreambooth(model_dir: Path, per_case: int, prior_per_case: int) -> 
     return out, sub_images[::per_case] + pri_images[::max(1, 4 * prior_per_case)]
 
 
-def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int = 6, prior_per_case: int = 2,
+def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int = 24, prior_per_case: int = 4,
                     seed: int = 0, max_steps: int | None = None,
                     overrides: dict | None = None, progress: bool = True) -> dict:
     from finetune.config import build, read_yaml
