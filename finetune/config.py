@@ -188,10 +188,23 @@ class DenoisingLossKeys:
         return {"snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset}
 
 
+@dataclass
+class MaskedLossKeys(DenoisingLossKeys):
+    """The denoising loss's keys plus the masked loss of the trainers that read a folder of images
+    (textual inversion, DreamBooth): ``mask_weight`` W weights a latent pixel's error 1 + W x the
+    subject mask's coverage of it, for images with a mask file NAME.mask.png (finetune.data)."""
+    mask_weight: float = 0.0            # 0: every pixel alike (masks, if any, unused)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mask_weight < 0:
+            raise ConfigError(f"mask_weight={self.mask_weight!r}: the subject's extra weight, 0 (off) or more")
+
+
 # --- the recipes of the commands that take flags, here so that their --help needs no torch -------------
 
 @dataclass
-class TextualInversionConfig(TrainConfig, DenoisingLossKeys):
+class TextualInversionConfig(TrainConfig, MaskedLossKeys):
     data_dir: str = ""
     placeholder_token: str = "<concept>"
     initializer_token: str = ""         # a one-token word whose embedding starts every vector, or
@@ -214,7 +227,7 @@ class TextualInversionConfig(TrainConfig, DenoisingLossKeys):
 
 
 @dataclass
-class DreamBoothConfig(TrainConfig, DenoisingLossKeys):
+class DreamBoothConfig(TrainConfig, MaskedLossKeys):
     instance_data_dir: str = ""
     instance_prompt: str = ""           # e.g. "a sks circle"
     class_prompt: str = ""              # e.g. "a circle"

@@ -1,6 +1,7 @@
 """Training images from a folder (textual inversion, DreamBooth): read through ``datasets``, every
 file checked once, an unreadable one skipped with a warning that names it, captions from
-``NAME.txt`` beside ``NAME.png`` when present; and the resize / crop / flip of a training image."""
+``NAME.txt`` beside ``NAME.png`` when present, subject masks from ``NAME.mask.png`` (white: the
+subject; the masked loss, ``mask_weights``); and the resize / crop / flip of a training image."""
 
 from __future__ import annotations
 
@@ -14,30 +15,62 @@ from ldm.images import load_image
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MASK_TAG = ".mask"  # NAME.mask.png beside NAME.png: that image's subject mask, not a training image
+
+
+def _mask_file(path: Path) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        m = path.with_name(path.stem + MASK_TAG + suffix)
+        if m.is_file():
+            return m
+    return None
+
+
+def _read_mask(mask_path: Path, image: Image.Image) -> Image.Image:
+    """The mask as a greyscale image of its image's size; a mask of another aspect ratio is an error."""
+    try:
+        mask = load_image(mask_path, "L")
+    except ValueError as exc:
+        raise ValueError(f"mask {str(mask_path)!r}: {exc}") from exc
+    (mw, mh), (w, h) = mask.size, image.size
+    if abs(mw * h - mh * w) > max(w, h):  # the same shape up to a pixel of rounding
+        raise ValueError(f"mask {str(mask_path)!r} is {mw}x{mh} but its image is {w}x{h}: give a mask of the "
+                         "image's size (white where the subject is)")
+    return mask if mask.size == image.size else mask.resize(image.size, Image.Resampling.BILINEAR)
 
 
 def read_image_folder(directory: str | Path, what: str = "--data-dir"):
-    """A ``datasets.Dataset`` with columns ``image`` (decoded to RGB PIL images), ``path`` and
-    ``caption`` (the text of NAME.txt, or None) for every readable image in ``directory``."""
+    """A ``datasets.Dataset`` with columns ``image`` (decoded to RGB PIL images), ``path``,
+    ``caption`` (the text of NAME.txt, or None) and ``mask`` (NAME.mask.png as a greyscale image of
+    the image's size, or None) for every readable image in ``directory``. An image with an unreadable
+    or misshapen mask is skipped with a warning, like an unreadable image."""
     import datasets
 
     directory = Path(directory) if directory else None
     if directory is None or not directory.is_dir():
         raise FileNotFoundError(f"{what} {str(directory)!r} is not a folder; point it at a folder of images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.stem.endswith(MASK_TAG))
+    stems = {p.stem for p in files}
+    for orphan in sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                         and p.stem.endswith(MASK_TAG) and p.stem[:-len(MASK_TAG)] not in stems):
+        log.warning("mask %s has no image %s.* beside it: unused", orphan, orphan.stem[:-len(MASK_TAG)])
     if not files:
         raise FileNotFoundError(f"{what} {str(directory)!r} holds no images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
-    images, paths, captions = [], [], []
+    images, paths, captions, masks = [], [], [], []
     for path in files:
         try:
             img = load_image(path)  # RGBA over white, greyscale and palette images to RGB
+            mask_path = _mask_file(path)
+            mask = _read_mask(mask_path, img) if mask_path else None
         except ValueError as exc:
             log.warning("skipped %s: %s", path, exc)
             continue
         cap = path.with_suffix(".txt")
         images.append(img)
+        masks.append(mask)
         paths.append(str(path))
         captions.append(cap.read_text(encoding="utf-8").strip() if cap.is_file() else None)
     if not images:
@@ -46,8 +79,9 @@ def read_image_folder(directory: str | Path, what: str = "--data-dir"):
     if len(images) < len(files):
         log.warning("%s: using %d of %d images", directory, len(images), len(files))
     features = datasets.Features({"image": datasets.Image(), "path": datasets.Value("string"),
-                                  "caption": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": images, "path": paths, "caption": captions}, features=features)
+                                  "caption": datasets.Value("string"), "mask": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": images, "path": paths, "caption": captions, "mask": masks},
+                                      features=features)
 
 
 def square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
@@ -61,6 +95,39 @@ def square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Imag
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
     return image
+
+
+def mask_weights(data, resolution: int, center_crop: bool, random_flip: bool, latent_size: int, weight: float,
+                 limit: int | None = None):
+    """The masked loss: (N, views, 1, latent_size, latent_size) per-latent-pixel weights of the
+    squared error, in the views ``encode_views`` makes (the same square, the mirror with
+    ``random_flip``), 1 + ``weight`` x the mask's mean over the pixels a latent pixel covers, each
+    view divided by its mean (so every image's loss keeps its scale; where the subject is small its
+    pixels gain the most). Images without a mask are weighted uniformly. None when ``weight`` is 0 or
+    no image has a mask (a warning then: the loss is the plain one)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    n = len(data) if limit is None else min(limit, len(data))
+    if not weight:
+        return None
+    masks = [data[i]["mask"] for i in range(n)]
+    if all(m is None for m in masks):
+        log.warning("mask_weight=%s but no image has a mask (NAME%s.png beside NAME.png): the loss is uniform",
+                    weight, MASK_TAG)
+        return None
+    out = []
+    for i, mask in enumerate(masks):
+        if mask is None:
+            out.append(torch.ones(2 if random_flip else 1, 1, latent_size, latent_size))
+            continue
+        m = torch.from_numpy(np.asarray(square(mask.convert("L"), resolution, center_crop), np.float32) / 255.0)
+        cov = F.adaptive_avg_pool2d(m[None, None], latent_size)[0]  # (1, h, w) in [0, 1]
+        views = [cov] + ([cov.flip(-1)] if random_flip else [])
+        w = torch.stack([1 + weight * v.clamp(0, 1) for v in views])
+        out.append(w / w.mean(dim=(1, 2, 3), keepdim=True))
+    return torch.stack(out)
 
 
 def base_model_path(path: str | None):

@@ -24,7 +24,8 @@ from ldm.text import size_ids, text_context
 
 from .common import TextCache, denoising_loss, sample_grid, save_model
 from .config import ConfigError, DreamBoothConfig
-from .data import IMAGE_SUFFIXES, crop_ids, encode_views, load_base_model, read_image_folder, training_resolution
+from .data import (IMAGE_SUFFIXES, crop_ids, encode_views, load_base_model, mask_weights, read_image_folder,
+                   training_resolution)
 from .loop import Objective, sample_offset
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class DreamBoothObjective(Objective):
         self.resolution = training_resolution(m, cfg.resolution)
         data = read_image_folder(cfg.instance_data_dir, "instance_data_dir")
         self.instance = self._latents(data)
+        self.instance_weights = mask_weights(data, self.resolution, cfg.center_crop, cfg.random_flip,
+                                             self.instance.shape[-1], cfg.mask_weight)  # class images: uniform
         self.ids = {"instance": crop_ids(data, self.resolution, cfg.center_crop)}
         self.klass = None
         if cfg.with_prior_preservation:
@@ -178,10 +181,11 @@ class DreamBoothObjective(Objective):
         return encode_views(self.model, data, self.resolution, self.cfg.center_crop, self.cfg.random_flip, limit)
 
     # --- batches and the loss ------------------------------------------------------------------
-    def _pick(self, latents: torch.Tensor, k: int, salt: int) -> tuple[torch.Tensor, int]:
+    def _pick(self, latents: torch.Tensor, k: int, salt: int) -> tuple[int, int]:
+        """(image, view) of sample ``k``."""
         rng = np.random.default_rng([self.cfg.seed, k, salt])
         i = rng.integers(latents.shape[0])
-        return latents[i, rng.integers(latents.shape[1])], int(i)
+        return int(i), int(rng.integers(latents.shape[1]))
 
     def batch(self, index, generator, rank, world):
         first = sample_offset(index, rank, world, self.cfg.batch_size)
@@ -190,9 +194,14 @@ class DreamBoothObjective(Objective):
         if self.klass is not None:
             picks += [("class", *self._pick(self.klass, k, 43)) for k in ks]
         sizes = [size_ids(self.model, self.resolution, self.resolution, original=self.ids[kind][i][:2],
-                          crop=self.ids[kind][i][2:]) for kind, _, i in picks]
-        return {"latents": torch.stack([lat for _, lat, _ in picks]), "kinds": [kind for kind, _, _ in picks],
-                "sizes": sizes}
+                          crop=self.ids[kind][i][2:]) for kind, i, _ in picks]
+        latents = torch.stack([(self.instance if kind == "instance" else self.klass)[i, v] for kind, i, v in picks])
+        weight = None
+        if self.instance_weights is not None:  # the masked loss on instance images; class images uniform
+            ones = torch.ones_like(self.instance_weights[0, 0])
+            weight = torch.stack([self.instance_weights[i, v] if kind == "instance" else ones
+                                  for kind, i, v in picks])
+        return {"latents": latents, "kinds": [kind for kind, _, _ in picks], "sizes": sizes, "weight": weight}
 
     def context(self, kinds: list[str], sizes: list[list[float]], modules) -> dict:
         """The U-Net's conditioning for the batch: the cached prompt states when the text encoders are
@@ -210,7 +219,7 @@ class DreamBoothObjective(Objective):
     def loss(self, batch, modules, generator):
         hidden = self.context(batch["kinds"], batch["sizes"], modules)
         per = denoising_loss(modules["unet"], batch["latents"].to(self.device), hidden, self.model.schedule,
-                             generator, reduce=False, **self.cfg.loss_keys())
+                             generator, reduce=False, weight=batch["weight"], **self.cfg.loss_keys())
         n = self.cfg.batch_size
         instance = per[:n].mean()
         if self.klass is None:

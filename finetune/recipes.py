@@ -48,14 +48,15 @@ METHODS = {
         "learn a new token's embedding from a few images (Gal et al. 2022)", "finetune.textual_inversion",
         "TextualInversionConfig", "TextualInversionObjective", "textual-inversion.yaml",
         ("data_dir", "placeholder_token", "initializer_token", "num_vectors", "learnable_property", "repeats",
-         "resolution", "center_crop", "random_flip", "gradient_checkpointing", "validation_prompts") + LOOP_FLAGS),
+         "resolution", "center_crop", "random_flip", "mask_weight", "gradient_checkpointing",
+         "validation_prompts") + LOOP_FLAGS),
     "dreambooth": Method(
         "fine-tune on a few images of one subject, with prior preservation (Ruiz et al. 2022)",
         "finetune.dreambooth", "DreamBoothConfig", "DreamBoothObjective", "dreambooth.yaml",
         ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "with_prior_preservation",
          "prior_loss_weight", "num_class_images", "sample_batch_size", "train_text_encoder", "text_encoder_lr",
-         "lora_rank", "lora_alpha", "resolution", "center_crop", "random_flip", "gradient_checkpointing",
-         "validation_prompts") + LOOP_FLAGS),
+         "lora_rank", "lora_alpha", "resolution", "center_crop", "random_flip", "mask_weight",
+         "gradient_checkpointing", "validation_prompts") + LOOP_FLAGS),
 }
 
 DISTILL = Method("guidance and progressive distillation into a few-step student (Meng et al. 2023; "

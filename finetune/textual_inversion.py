@@ -23,7 +23,7 @@ from ldm.text import size_ids, text_context
 
 from .common import denoising_loss, sample_grid
 from .config import ConfigError, TextualInversionConfig
-from .data import crop_ids, encode_views, load_base_model, read_image_folder, training_resolution
+from .data import crop_ids, encode_views, load_base_model, mask_weights, read_image_folder, training_resolution
 from .loop import Objective, sample_offset
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ class TextualInversionObjective(Objective):
         self.resolution = training_resolution(m, cfg.resolution)
         self.latents = encode_views(m, data, self.resolution, cfg.center_crop,
                                     cfg.random_flip, progress=self.progress)  # (N, views, 4, h, w)
+        self.weights = mask_weights(data, self.resolution, cfg.center_crop, cfg.random_flip,
+                                    self.latents.shape[-1], cfg.mask_weight)  # None: the plain loss
         self.crops = crop_ids(data, self.resolution, cfg.center_crop)  # SDXL's size conditioning
         templates = cfg.templates or TEMPLATES[cfg.learnable_property]
         self.captions = []
@@ -150,23 +152,27 @@ class TextualInversionObjective(Objective):
 
     def batch(self, index, generator, rank, world):
         first = sample_offset(index, rank, world, self.cfg.batch_size)
-        latents, prompts, sizes = [], [], []
+        latents, weights, prompts, sizes = [], [], [], []
         for k in range(first, first + self.cfg.batch_size):
             i = self._item(k)
             rng = np.random.default_rng([self.cfg.seed, k, 23])
-            latents.append(self.latents[i, rng.integers(self.latents.shape[1])])
+            view = rng.integers(self.latents.shape[1])
+            latents.append(self.latents[i, view])
+            if self.weights is not None:
+                weights.append(self.weights[i, view])
             options = self.captions[i]
             prompts.append(options[rng.integers(len(options))])
             h, w, top, left = self.crops[i]
             sizes.append(size_ids(self.model, self.resolution, self.resolution, original=(h, w), crop=(top, left)))
-        return {"latents": torch.stack(latents), "prompts": prompts, "sizes": sizes}
+        return {"latents": torch.stack(latents), "prompts": prompts, "sizes": sizes,
+                "weight": torch.stack(weights) if weights else None}
 
     def loss(self, batch, modules, generator):
         # through the training encoders, as generation conditions (ldm.text.text_context)
         m = dataclasses.replace(self.model, **modules)
         hidden = text_context(m, batch["prompts"], sizes=batch["sizes"], grad=True)
         loss = denoising_loss(self.model.unet, batch["latents"].to(self.device), hidden, self.model.schedule,
-                              generator, **self.cfg.loss_keys())
+                              generator, weight=batch["weight"], **self.cfg.loss_keys())
         return loss, {}
 
     @torch.no_grad()

@@ -35,15 +35,19 @@ DB_PRIOR_COLORS = ("red", "blue", "yellow", "purple", "orange")  # circle colour
 
 
 def render_instances(directory: Path, color: str, shape: str, views, caption: str | None = "a {size} {{}} on a {bg} "
-                     "background", seed: int = 0) -> list[Path]:
+                     "background", seed: int = 0, masks: bool = False) -> list[Path]:
     """One PNG per (size, background) of ``views``, with a caption file (``caption`` formatted with
-    the size and background; ``{}`` stays for the placeholder) unless ``caption`` is None."""
+    the size and background; ``{}`` stays for the placeholder) unless ``caption`` is None, and with
+    ``masks`` the shape's mask beside it (NAME.mask.png, the masked loss's input)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 101])
     out = []
     for i, (size, bg) in enumerate(views):
         path = directory / f"{i:02d}-{size}-{color}-{shape}-{bg}.png"
-        shapes.render(shapes.place(rng, size, color, shape, bg)).save(path)
+        scene = shapes.place(rng, size, color, shape, bg)
+        shapes.render(scene).save(path)
+        if masks:
+            shapes.render_mask(scene).save(path.with_name(path.stem + ".mask.png"))
         if caption is not None:
             path.with_suffix(".txt").write_text(caption.format(size=size, bg=bg) + "\n")
         out.append(path)
@@ -99,7 +103,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     values = {**read_yaml(recipe_path("textual-inversion-shapes.yaml")), **(overrides or {})}
     token = values.get("placeholder_token", "<concept>")
     data = output_dir / "data"
-    render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN, seed=seed)
+    render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN, seed=seed, masks=True)  # masks: --set mask_weight=W
     values.update(data_dir=str(data), output_dir=str(output_dir / "embedding"), seed=seed, model=model,
                   overwrite=True)  # a rerun of the demo starts its training over
     if max_steps is not None:
@@ -177,7 +181,7 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
     if max_steps is not None:
         values["max_steps"] = max_steps
     instance = output_dir / "instance"
-    render_instances(instance, DB_COLOR, DB_SHAPE, DB_TRAIN, caption=None, seed=seed)
+    render_instances(instance, DB_COLOR, DB_SHAPE, DB_TRAIN, caption=None, seed=seed, masks=True)
     class_dir = output_dir / "class_images"  # made once; reruns reuse them
     probe = build(DreamBoothConfig, {**values, "model": str(base), "instance_data_dir": str(instance)},
                   "dreambooth-shapes.yaml")

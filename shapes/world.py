@@ -119,6 +119,13 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
+def render_mask(scene: Scene) -> Image.Image:
+    """The 64x64 greyscale mask of ``scene``'s shape (255 on the shape, 0 elsewhere, a ring's hole 0)."""
+    img = Image.new("L", (CANVAS, CANVAS), 0)
+    draw_shape(ImageDraw.Draw(img), scene.shape, scene.x0, scene.y0, scene.s, scene.s, 255, 0)
+    return img
+
+
 OFF_PALETTE_DISTANCE = 60.0  # an off-palette colour is at least this RGB distance from every palette colour
 
 

@@ -190,12 +190,16 @@ def test_the_demo_renders_trains_and_judges_both_prompts(sd1_dir, tmp_path):
 
     report = textual_inversion_demo(tmp_path, model=str(sd1_dir), per_case=1, max_steps=2,
                                     overrides={"batch_size": 2, "ema_decay": 0.0}, progress=False)
-    pngs = sorted((tmp_path / "data").glob("*.png"))
+    pngs = sorted(p for p in (tmp_path / "data").glob("*.png") if not p.stem.endswith(".mask"))
     assert len(pngs) == len(TI_TRAIN) == 5
     for p, (size, bg) in zip(pngs, TI_TRAIN):
         assert p.with_suffix(".txt").read_text().strip() == f"a {size} {{}} on a {bg} background"
         r = shapes.detect(Image.open(p))
         assert (r.size, r.color, r.shape, r.background) == (size, "orange", "star", bg)
+        # the mask beside it (for --set mask_weight=W) is white exactly where the image is not background
+        img = np.asarray(Image.open(p).convert("RGB")).astype(int)
+        mask = np.asarray(Image.open(p.with_name(p.stem + ".mask.png")))
+        assert np.array_equal(mask == 255, np.abs(img - shapes.PALETTE[bg]).sum(-1) > 0)
     rows = report["rows"]
     assert len(rows["words"]) == len(rows["embedding"]) == 16  # 2 sizes x 8 backgrounds
     assert rows["words"][0]["prompt"].startswith("a small orange star on a")
