@@ -97,8 +97,7 @@ def square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Imag
     return image
 
 
-def mask_weights(data, resolution: int, center_crop: bool, random_flip: bool, latent_size: int, weight: float,
-                 limit: int | None = None):
+def mask_weights(data, resolution: int, center_crop: bool, random_flip: bool, latent_size: int, weight: float):
     """The masked loss: (N, views, 1, latent_size, latent_size) per-latent-pixel weights of the
     squared error, in the views ``encode_views`` makes (the same square, the mirror with
     ``random_flip``), 1 + ``weight`` x the mask's mean over the pixels a latent pixel covers, each
@@ -109,10 +108,9 @@ def mask_weights(data, resolution: int, center_crop: bool, random_flip: bool, la
     import torch
     import torch.nn.functional as F
 
-    n = len(data) if limit is None else min(limit, len(data))
     if not weight:
         return None
-    masks = [data[i]["mask"] for i in range(n)]
+    masks = [data[i]["mask"] for i in range(len(data))]
     if all(m is None for m in masks):
         log.warning("mask_weight=%s but no image has a mask (NAME%s.png beside NAME.png): the loss is uniform",
                     weight, MASK_TAG)
