@@ -44,6 +44,15 @@ class Oversampling:
         return combos
 
 
+def coverage_weights(coverage: torch.Tensor, weight: float) -> torch.Tensor:
+    """denoising_loss's ``weight`` from (..., h, w) maps of how much of each latent pixel a region
+    covers (0 to 1): 1 + ``weight`` x the coverage, each map divided by its mean (so every image's
+    loss keeps its scale; a small region's pixels gain the most). The U-Net stage's foreground box and
+    the masked loss of textual inversion and DreamBooth."""
+    w = 1 + weight * coverage
+    return w / w.mean(dim=(-2, -1), keepdim=True)
+
+
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
                    snr_gamma: float = 0.0, reduce: bool = True, weight: torch.Tensor | None = None,
                    noise_offset: float = 0.0):

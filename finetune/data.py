@@ -18,14 +18,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MASK_TAG = ".mask"  # NAME.mask.png beside NAME.png: that image's subject mask, not a training image
 
 
-def _mask_file(path: Path) -> Path | None:
-    for suffix in IMAGE_SUFFIXES:
-        m = path.with_name(path.stem + MASK_TAG + suffix)
-        if m.is_file():
-            return m
-    return None
-
-
 def _read_mask(mask_path: Path, image: Image.Image) -> Image.Image:
     """The mask as a greyscale image of its image's size; a mask of another aspect ratio is an error."""
     try:
@@ -50,12 +42,11 @@ def read_image_folder(directory: str | Path, what: str = "--data-dir"):
     if directory is None or not directory.is_dir():
         raise FileNotFoundError(f"{what} {str(directory)!r} is not a folder; point it at a folder of images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.stem.endswith(MASK_TAG))
-    stems = {p.stem for p in files}
-    for orphan in sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                         and p.stem.endswith(MASK_TAG) and p.stem[:-len(MASK_TAG)] not in stems):
-        log.warning("mask %s has no image %s.* beside it: unused", orphan, orphan.stem[:-len(MASK_TAG)])
+    listed = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in listed if not p.stem.endswith(MASK_TAG)]
+    mask_files = {p.stem[:-len(MASK_TAG)]: p for p in listed if p.stem.endswith(MASK_TAG)}
+    for stem in sorted(set(mask_files) - {p.stem for p in files}):
+        log.warning("mask %s has no image %s.* beside it: unused", mask_files[stem], stem)
     if not files:
         raise FileNotFoundError(f"{what} {str(directory)!r} holds no images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
@@ -63,8 +54,7 @@ def read_image_folder(directory: str | Path, what: str = "--data-dir"):
     for path in files:
         try:
             img = load_image(path)  # RGBA over white, greyscale and palette images to RGB
-            mask_path = _mask_file(path)
-            mask = _read_mask(mask_path, img) if mask_path else None
+            mask = _read_mask(mask_files[path.stem], img) if path.stem in mask_files else None
         except ValueError as exc:
             log.warning("skipped %s: %s", path, exc)
             continue
@@ -108,6 +98,8 @@ def mask_weights(data, resolution: int, center_crop: bool, random_flip: bool, la
     import torch
     import torch.nn.functional as F
 
+    from .common import coverage_weights
+
     if not weight:
         return None
     masks = [data[i]["mask"] for i in range(len(data))]
@@ -123,8 +115,7 @@ def mask_weights(data, resolution: int, center_crop: bool, random_flip: bool, la
         m = torch.from_numpy(np.asarray(square(mask.convert("L"), resolution, center_crop), np.float32) / 255.0)
         cov = F.adaptive_avg_pool2d(m[None, None], latent_size)[0]  # (1, h, w) in [0, 1]
         views = [cov] + ([cov.flip(-1)] if random_flip else [])
-        w = torch.stack([1 + weight * v.clamp(0, 1) for v in views])
-        out.append(w / w.mean(dim=(1, 2, 3), keepdim=True))
+        out.append(coverage_weights(torch.stack(views).clamp(0, 1), weight))
     return torch.stack(out)
 
 

@@ -19,7 +19,7 @@ from ldm.models import SAMPLING_DEFAULTS
 from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
 from shapes import world as shapes
 
-from .common import Oversampling, TextCache, denoising_loss, sample_grid, save_pipeline
+from .common import Oversampling, TextCache, coverage_weights, denoising_loss, sample_grid, save_pipeline
 from .config import DenoisingLossKeys, TrainConfig, trained_part
 from .loop import Objective
 
@@ -77,8 +77,8 @@ def foreground_weights(scenes, size: int, weight: float, margin: int = 0) -> tor
     ``weight`` is 0."""
     if not weight:
         return None
-    w = 1 + weight * torch.from_numpy(shapes.box_coverage(scenes, shapes.CANVAS // size, margin))
-    return (w / w.mean(dim=(1, 2), keepdim=True)).unsqueeze(1)
+    return coverage_weights(torch.from_numpy(shapes.box_coverage(scenes, shapes.CANVAS // size, margin)),
+                            weight).unsqueeze(1)
 
 
 class UNetObjective(Objective):
