@@ -49,6 +49,7 @@ class TrainConfig:
     report_to: str = "auto"         # auto (tensorboard when installed) | none | an Accelerate tracker name
     resume: bool = False
     overwrite: bool = False
+    allow_pickle: bool = False      # resume a checkpoint of the older, pickled layout (it can run code)
 
 
 def _unquote(text: str) -> str:
@@ -138,6 +139,9 @@ def add_common_flags(p: argparse.ArgumentParser):
                    help="continue from the last checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="start over in an --output-dir that holds another run's checkpoints")
+    p.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="resume a checkpoint written by an older version as pickle files (they can run code: "
+                        "only for checkpoints you trust)")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -152,7 +156,8 @@ def from_args(cls, args: argparse.Namespace, extra: dict | None = None):
     for k, v in (extra or {}).items():
         if v is not None:
             values[k] = v
-    for k in ("model", "output_dir", "max_steps", "seed", "resume", "overwrite", "checkpoint_every", "mixed_precision"):
+    for k in ("model", "output_dir", "max_steps", "seed", "resume", "overwrite", "allow_pickle", "checkpoint_every",
+              "mixed_precision"):
         v = getattr(args, k, None)
         if v is not None:
             values[k] = v

@@ -342,6 +342,14 @@ def plan(cfg: DistillConfig) -> tuple[list[tuple[str, int | None, int]], dict]:
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
+    """The chain into ``cfg.output_dir``, which this run owns while it lasts (OwnFolder)."""
+    from pipelines.outputs import OwnFolder, check_output_dir
+
+    with OwnFolder(check_output_dir(cfg.output_dir), "distillation run"):
+        return _distill(cfg, progress=progress)
+
+
+def _distill(cfg: DistillConfig, *, progress: bool = True) -> dict:
     """Run the whole chain into ``cfg.output_dir``: the guidance stage (when the teacher is guided),
     then one halving per stage, each a model directory that ``ldm generate --model`` runs at its step
     count. A finished stage is kept on --resume and refused otherwise; an unfinished one resumes

@@ -11,6 +11,7 @@ run sees exactly the batches an uninterrupted one would, and ends with the same 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from pipelines.outputs import check_output_dir
+
+from . import state
 from .config import MIXED_PRECISIONS, TrainConfig, to_dict
 
 log = logging.getLogger(__name__)
@@ -190,6 +194,37 @@ def step_generator(seed: int, index: int, rank: int, salt: int = 0) -> torch.Gen
     return g
 
 
+class _Stop:
+    requested = False
+
+
+@contextmanager
+def stop_at_step_end(enabled: bool):
+    """Inside the block a first Ctrl-C (SIGINT) asks the loop to stop at the end of the running step,
+    where the state is whole and a checkpoint can hold it; a second one interrupts at once. Only in
+    the main thread of a single-process run (several processes would each stop at their own step)."""
+    import signal
+    import threading
+
+    stop = _Stop()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        log.warning("interrupted: stopping at the end of this step and saving a checkpoint (Ctrl-C again to "
+                    "stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _default_tracker(report_to: str):
     if report_to == "none":
         return None
@@ -218,8 +253,6 @@ def _save_images(images: dict[str, list], directory: Path):
 def prepare_output_dir(output_dir: Path, cfg: TrainConfig) -> int:
     """Check the output directory (it must be writable: found before any work); returns the step to
     resume from (0 for a fresh run)."""
-    from pipelines.outputs import check_output_dir
-
     check_output_dir(output_dir)
     found = checkpoints(output_dir)
     if cfg.resume:
@@ -267,13 +300,31 @@ def _forget_other_precision(mixed_precision: str) -> None:
 
 
 def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> dict:
-    """Run ``objective`` for ``cfg.max_steps`` optimiser steps; returns a summary dict."""
+    """Run ``objective`` for ``cfg.max_steps`` optimiser steps; returns a summary dict. The run owns
+    its output folder while it lasts: a second run into it is refused (pipelines.outputs.OwnFolder)."""
+    from pipelines.outputs import OwnFolder
+
+    output_dir = Path(cfg.output_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch the main process owns the folder
+        return _train(objective, cfg, progress=progress)
+    check_output_dir(output_dir)
+    with OwnFolder(output_dir, "training run"):
+        return _train(objective, cfg, progress=progress)
+
+
+def _train(objective: Objective, cfg: TrainConfig, *, progress: bool) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
     output_dir = Path(cfg.output_dir)
     start_step = prepare_output_dir(output_dir, cfg)
+    ckpt = output_dir / f"{CHECKPOINT_PREFIX}{start_step}"
+    legacy = bool(start_step) and state.is_legacy(ckpt)
+    if legacy and not cfg.allow_pickle:
+        raise TrainingError(
+            f"{ckpt} was written by an older version as pickle files (optimizer.bin, *.pkl), which can run code "
+            f"when read; resume it with --allow-pickle only if you trust where it came from")
     tracker = _default_tracker(cfg.report_to)
     asked = cfg.mixed_precision
     cfg.mixed_precision = resolve_mixed_precision(asked)  # what the objective reads too (its frozen dtypes)
@@ -321,31 +372,45 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     modules = dict(zip(names, prepared[:len(names)]))
     optimizer, scheduler = prepared[len(names):]
     ema = EMA(params, cfg.ema_decay, cfg.ema_warmup_steps) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    rank = accelerator.process_index
 
-    if start_step:
-        ckpt = output_dir / f"{CHECKPOINT_PREFIX}{start_step}"
+    def unwrapped():
+        return {n: accelerator.unwrap_model(m) for n, m in modules.items()}
+
+    if start_step and legacy:  # --allow-pickle: the older layout, through accelerate's pickle loader
+        log.warning("%s: reading the pickled state of an older version (--allow-pickle)", ckpt)
+        if ema is not None:
+            accelerator.register_for_checkpointing(ema)
         accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} (pickled state, --allow-pickle)")
+    elif start_step:
+        try:
+            state.load_state(ckpt, rank=rank, modules=unwrapped(), optimizer=optimizer, scheduler=scheduler,
+                             ema=ema, scaler=accelerator.scaler)
+        except (state.StateError, FileNotFoundError, OSError) as exc:
+            raise TrainingError(f"cannot resume from {ckpt}: {exc}") from None
         accelerator.print(f"resumed from {ckpt}")
     if tracker:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
         accelerator.init_trackers(objective.name, config=flat)
 
-    def unwrapped():
-        return {n: accelerator.unwrap_model(m) for n, m in modules.items()}
-
     def save_checkpoint(step: int):
         final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
-        if main and tmp.exists():
-            shutil.rmtree(tmp)
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()  # each process writes its own random states: all done before the rename
-        if main and objective.export_checkpoints:  # the last one too: every checkpoint is a usable model
-            with (ema.swapped() if ema is not None else nullcontext()):
-                objective.save(tmp, unwrapped())
+        try:
+            state.save_state(tmp, rank=rank, modules=unwrapped(), optimizer=optimizer, scheduler=scheduler,
+                             ema=ema, scaler=accelerator.scaler)
+            accelerator.wait_for_everyone()  # each process writes its own random states: all done before the rename
+            if main and objective.export_checkpoints:  # the last one too: every checkpoint is a usable model
+                with (ema.swapped() if ema is not None else nullcontext()):
+                    objective.save(tmp, unwrapped())
+        except Exception as exc:
+            raise checkpoint_failed(exc, tmp, step) from exc
         if main:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "seed": cfg.seed, "objective": objective.name}))
             if final.exists():
@@ -371,7 +436,27 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
                     for name, imgs in images.items():
                         t.writer.add_images(name, np.stack([np.asarray(i) for i in imgs]), step, dataformats="NHWC")
 
-    rank, world = accelerator.process_index, accelerator.num_processes
+    def checkpoint_failed(exc: Exception, tmp: Path, step: int) -> TrainingError:
+        """The error of a checkpoint that could not be written: the partial folder removed (the earlier
+        checkpoints stay as they were), and a full disk said as such, with the room it needed."""
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(output_dir).free
+        need = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters()) * (
+            3 if cfg.optimizer == "adamw" else 2) + (sum(s.numel() * 4 for s in ema.shadow) if ema else 0)
+        last = checkpoints(output_dir)
+        kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written before"
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "enforce fail" in str(exc) or \
+            "No space left" in str(exc) or free < need
+        if full:
+            return TrainingError(
+                f"the disk is full: checkpoint-{step} in {output_dir} needs about {need / 2**20:.1f} MB "
+                f"({written / 2**20:.1f} MB were written before it failed), {free / 2**20:.1f} MB are free; the "
+                f"partial checkpoint was removed and {kept}. Free some space, then --resume")
+        return TrainingError(f"writing checkpoint-{step} in {output_dir} failed ({type(exc).__name__}: {exc}); "
+                             f"the partial checkpoint was removed and {kept}")
+
+    world = accelerator.num_processes
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (main and progress),
                desc=objective.name, dynamic_ncols=True)
@@ -398,50 +483,67 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     def as_floats(logs: dict) -> dict:
         return {k: float(v) for k, v in logs.items()}  # the one read of the device values
 
+    def run_steps(first: int, stop) -> int:
+        """Optimiser steps from ``first`` to the end, or to the end of the step a Ctrl-C came in; returns
+        how many ran."""
+        nonlocal bad_step, bad_loss, last_logs, last_loss
+        for step in range(first, cfg.max_steps):
+            logs_acc: dict = {}
+            for micro in range(accum):
+                index = step * accum + micro
+                gen = step_generator(cfg.seed, index, rank)
+                batch = objective.batch(index, gen, rank, world)
+                with accelerator.accumulate(*modules.values()):
+                    with accelerator.autocast():
+                        loss, logs = objective.loss(batch, modules, gen)
+                    detached = loss.detach().float().reshape(())
+                    first_bad = (bad_step < 0) & ~torch.isfinite(detached)
+                    bad_step = torch.where(first_bad, step, bad_step)
+                    bad_loss = torch.where(first_bad, detached, bad_loss)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in {"loss": detached, **logs}.items():
+                    v = v.detach() if isinstance(v, torch.Tensor) else v
+                    logs_acc[k] = logs_acc.get(k, 0.0) + v / accum
+            if ema is not None:
+                ema.update()
+            objective.after_step(step + 1, modules)
+            last_loss = logs_acc["loss"]
+            done = step + 1
+            bar.update(1)
+            if done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps:
+                check_finite()
+                last_logs = {**as_floats(logs_acc), "lr": scheduler.get_last_lr()[0]}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in last_logs.items()})
+                accelerator.log(last_logs, step=done)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                check_finite()
+                save_checkpoint(done)
+            if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.max_steps:
+                check_finite()
+                run_validation(done)
+            if stop.requested:
+                return done - first
+        return cfg.max_steps - first
+
     for m in modules.values():
         m.train()
-    for step in range(start_step, cfg.max_steps):
-        logs_acc: dict = {}
-        for micro in range(accum):
-            index = step * accum + micro
-            gen = step_generator(cfg.seed, index, rank)
-            batch = objective.batch(index, gen, rank, world)
-            with accelerator.accumulate(*modules.values()):
-                with accelerator.autocast():
-                    loss, logs = objective.loss(batch, modules, gen)
-                detached = loss.detach().float().reshape(())
-                first_bad = (bad_step < 0) & ~torch.isfinite(detached)
-                bad_step = torch.where(first_bad, step, bad_step)
-                bad_loss = torch.where(first_bad, detached, bad_loss)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in {"loss": detached, **logs}.items():
-                v = v.detach() if isinstance(v, torch.Tensor) else v
-                logs_acc[k] = logs_acc.get(k, 0.0) + v / accum
-        if ema is not None:
-            ema.update()
-        objective.after_step(step + 1, modules)
-        last_loss = logs_acc["loss"]
-        done = step + 1
-        bar.update(1)
-        if done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps:
-            check_finite()
-            last_logs = {**as_floats(logs_acc), "lr": scheduler.get_last_lr()[0]}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in last_logs.items()})
-            accelerator.log(last_logs, step=done)
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            check_finite()
-            save_checkpoint(done)
-        if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.max_steps:
-            check_finite()
-            run_validation(done)
+    with stop_at_step_end(main and world == 1) as stop:
+        steps_run = run_steps(start_step, stop)
     bar.close()
     elapsed = time.perf_counter() - t0
-    steps_run = cfg.max_steps - start_step
+    if stop.requested:  # Ctrl-C: the steps since the last checkpoint are kept in one more
+        done = start_step + steps_run
+        found = checkpoints(output_dir)
+        if done > start_step and not (found and found[-1][0] == done):
+            check_finite()
+            save_checkpoint(done)
+        accelerator.end_training()
+        raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint-{done} holds it, --resume continues there")
 
     check_finite()
     save_checkpoint(cfg.max_steps)

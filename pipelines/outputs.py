@@ -48,3 +48,57 @@ def write_report(output_dir: Path, report: dict, name: str = "report.json") -> P
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, Path(output_dir) / name)
     return Path(output_dir) / name
+
+
+class FolderBusy(OutputError):
+    """Another running process owns the folder."""
+
+
+LOCK_FILE = ".lock"
+_held: dict[Path, list] = {}  # folders this process has locked: [open file, depth]
+
+
+class OwnFolder:
+    """``with OwnFolder(path):`` this process owns ``path`` for the block: a second run into it (another
+    process) is refused at once with :class:`FolderBusy` naming the owner's pid, instead of both
+    writing and one result being lost. The lock is the kernel's (``flock`` on ``path/.lock``), so a
+    run that dies, even by kill -9, leaves no stale lock: the file stays, the lock goes with the
+    process. Nested blocks on one folder in one process (a command whose stages train into it) nest."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "run"):
+        self.path, self.what = Path(path).resolve(), what
+
+    def __enter__(self):
+        held = _held.get(self.path)
+        if held is not None:
+            held[1] += 1
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK_FILE, "a+")
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): the folder is not guarded
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                owner = f.read().strip() or "unknown"
+                f.close()
+                raise FolderBusy(f"{self.path} is in use by another {self.what} (pid {owner}); wait for it to "
+                                 f"finish, or give another --output-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        _held[self.path] = [f, 1]
+        return self
+
+    def __exit__(self, *exc):
+        held = _held[self.path]
+        held[1] -= 1
+        if held[1] == 0:
+            del _held[self.path]
+            held[0].close()  # releases the lock; the file stays (removing it would race a waiting run)
+        return False

@@ -91,13 +91,20 @@ def build(out: Path, *, install: bool = False, resume: bool = False, progress: b
           overrides: dict[str, dict] | None = None) -> dict:
     """Run every stage into ``out/<stage>``; ``overrides`` maps a stage name to recipe values
     (``--set STAGE.KEY=VALUE``; the tests build a tiny model this way)."""
-    import importlib
-
-    from finetune.loop import train
+    from pipelines.outputs import OwnFolder
 
     out = Path(out)
     configs = stage_configs(out, resume, overrides)
     out.mkdir(parents=True, exist_ok=True)
+    with OwnFolder(out, "build"):
+        return _build(out, configs, install=install, resume=resume, progress=progress)
+
+
+def _build(out: Path, configs: dict, *, install: bool, resume: bool, progress: bool) -> dict:
+    import importlib
+
+    from finetune.loop import train
+
     summary_file = out / "build_summary.json"
     summary = json.loads(summary_file.read_text()) if resume and summary_file.is_file() else {}
     for stage, module, _, obj_name, _ in STAGES:

@@ -1,6 +1,6 @@
 """A tiny objective on the shared loop, runnable as a script (for kill -9 and multi-process tests).
 
-python tests/loop_worker.py OUTPUT_DIR MAX_STEPS [--resume] [--kill-at N] [--nan-at N] [--accum N] [--mixed-precision no|bf16|auto] [--no-fused]
+python tests/loop_worker.py OUTPUT_DIR MAX_STEPS [--resume] [--kill-at N] [--nan-at N] [--accum N] [--mixed-precision no|bf16|auto] [--no-fused] [--sigint-at N] [--sleep S]
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,8 +25,9 @@ W_TRUE = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 class Regression(Objective):
     name = "regression"
 
-    def __init__(self, kill_at=0, nan_at=0, stop_at=0):
+    def __init__(self, kill_at=0, nan_at=0, stop_at=0, sigint_at=0, sleep=0.0):
         self.kill_at, self.nan_at, self.stop_at = kill_at, nan_at, stop_at
+        self.sigint_at, self.sleep = sigint_at, sleep
 
     def setup(self, accelerator):
         self.device = accelerator.device
@@ -50,6 +52,10 @@ class Regression(Objective):
             os.kill(os.getpid(), signal.SIGKILL)  # an abrupt end: no cleanup, no final save
         if self.stop_at and step == self.stop_at:
             raise KeyboardInterrupt
+        if self.sigint_at and step == self.sigint_at:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the loop ends this step and saves
+        if self.sleep:
+            time.sleep(self.sleep)
 
     def save(self, directory, modules):
         from safetensors.torch import save_file
@@ -68,12 +74,15 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.0)
     p.add_argument("--mixed-precision", default="no")
     p.add_argument("--no-fused", action="store_true")
+    p.add_argument("--sigint-at", type=int, default=0)
+    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    cfg = TrainConfig(output_dir=a.output_dir, max_steps=a.max_steps, resume=a.resume, learning_rate=0.05,
+    cfg = TrainConfig(output_dir=a.output_dir, max_steps=a.max_steps, resume=a.resume, overwrite=a.overwrite, learning_rate=0.05,
                       lr_warmup_steps=2, lr_scheduler="cosine", checkpoint_every=2, checkpoints_total_limit=2,
                       gradient_accumulation_steps=a.accum, ema_decay=a.ema, report_to="none", log_every=1,
                       mixed_precision=a.mixed_precision, adam_fused=not a.no_fused)
-    return train(Regression(a.kill_at, a.nan_at, a.stop_at), cfg, progress=False)
+    return train(Regression(a.kill_at, a.nan_at, a.stop_at, a.sigint_at, a.sleep), cfg, progress=False)
 
 
 if __name__ == "__main__":

@@ -182,5 +182,88 @@ def test_two_processes_under_accelerate_launch(tmp_path, free_port):
     assert (tmp_path / "net.safetensors").is_file()
     assert [s for s, _ in checkpoints(tmp_path)] == [2, 4]
     for _, ckpt in checkpoints(tmp_path):  # every process's state inside the renamed checkpoint, none left behind
-        assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file(), ckpt
+        assert (ckpt / "rng-0.safetensors").is_file() and (ckpt / "rng-1.safetensors").is_file(), ckpt
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_resume_reads_no_pickle_unless_allowed(tmp_path):
+    # a checkpoint of the older layout whose pickle would create a marker file when read
+    worker([str(tmp_path), "2"])
+    ckpt = tmp_path / "checkpoint-2"
+    for f in ckpt.iterdir():
+        if f.suffix in (".safetensors", ".json") and f.name != "trainer_state.json":
+            f.unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    import pickle
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload()))
+    (ckpt / "random_states_0.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(TrainingError, match="--allow-pickle"):
+        worker([str(tmp_path), "4", "--resume"])
+    assert not marker.exists()
+    # the layout written now is safetensors and JSON only
+    worker([str(tmp_path / "new"), "2", "--ema", "0.5"])
+    names = {f.name for f in (tmp_path / "new" / "checkpoint-2").iterdir()}
+    assert names and all(n.endswith((".safetensors", ".json")) for n in names), names
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path):
+    from pipelines.outputs import FolderBusy
+
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
+    first = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "400", "--sleep", "0.05"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        import time
+        deadline = time.time() + 120
+        while not checkpoints(tmp_path) and time.time() < deadline:  # running: the first checkpoint is out
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        with pytest.raises(FolderBusy, match=f"pid {first.pid}"):
+            worker([str(tmp_path), "4", "--resume"])
+        with pytest.raises(FolderBusy):
+            worker([str(tmp_path), "4", "--overwrite"])  # nor may it delete the running run's checkpoints
+    finally:
+        first.kill()
+        first.wait()
+    # kill -9 leaves no stale lock: the next run resumes
+    assert (tmp_path / ".lock").is_file()
+    worker([str(tmp_path), str(checkpoints(tmp_path)[-1][0] + 2), "--resume"])
+
+
+def test_disk_full_while_saving_a_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from finetune import state
+    real = state.save_state
+    calls = []
+
+    def full_at_second(directory, **kw):
+        calls.append(directory)
+        if len(calls) == 2:
+            (Path(directory) / "modules.safetensors").write_bytes(b"x" * 1000)  # partly written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, **kw)
+
+    monkeypatch.setattr(state, "save_state", full_at_second)
+    with pytest.raises(TrainingError, match=r"the disk is full: checkpoint-4 in .* needs about .* MB are free"):
+        worker([str(tmp_path), "6"])
+    assert [s for s, _ in checkpoints(tmp_path)] == [2]
+    assert not list(tmp_path.glob(".tmp-*"))  # the partial folder is gone
+    monkeypatch.setattr(state, "save_state", real)
+    worker([str(tmp_path), "6", "--resume"])  # the earlier checkpoint is intact
+    worker([str(tmp_path / "full"), "6"])
+    assert same(weights(tmp_path / "full"), weights(tmp_path))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_there(tmp_path):
+    worker([str(tmp_path / "full"), "6", "--ema", "0.5"])
+    with pytest.raises(KeyboardInterrupt, match="checkpoint-3"):
+        worker([str(tmp_path / "part"), "6", "--ema", "0.5", "--sigint-at", "3"])
+    assert [s for s, _ in checkpoints(tmp_path / "part")] == [2, 3]
+    worker([str(tmp_path / "part"), "6", "--resume", "--ema", "0.5"])
+    assert same(weights(tmp_path / "full"), weights(tmp_path / "part"))
