@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,82 @@ class ConfigError(ValueError):
 
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")  # auto: finetune.loop.resolve_mixed_precision
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A recipe key's range: ``low <= v`` (``low < v`` when ``open_low``), ``v <= high`` (``v < high``
+    when ``open_high``); a list key's every element. Non-finite numbers are always refused."""
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    why: str = ""
+
+    def problem(self, v) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be a finite number"
+        if self.low is not None and (v <= self.low if self.open_low else v < self.low):
+            pass
+        elif self.high is not None and (v >= self.high if self.open_high else v > self.high):
+            pass
+        else:
+            return None
+        lo = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+        return f"must be {' and '.join(x for x in (lo, hi) if x)}" + (f" ({self.why})" if self.why else "")
+
+
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Bound(1), Bound(0), Bound(0, open_low=True)
+FRACTION, BETA = Bound(0, 1), Bound(0, 1, open_high=True)
+
+# Every numeric recipe key of every training command, with its range: checked once, when a recipe is
+# built (TrainConfig.__post_init__), so a bad value is named before any model loads.
+# tests/test_loop.py checks that no numeric key of any recipe class is missing here.
+BOUNDS: dict[str, Bound] = {
+    # the loop
+    "max_steps": AT_LEAST_1, "seed": Bound(0, 2**63 - 1), "batch_size": AT_LEAST_1, "learning_rate": POSITIVE,
+    "lr_warmup_steps": AT_LEAST_0, "min_lr_ratio": FRACTION, "adam_beta1": BETA, "adam_beta2": BETA,
+    "adam_weight_decay": AT_LEAST_0, "adam_epsilon": POSITIVE, "gradient_accumulation_steps": AT_LEAST_1,
+    "max_grad_norm": Bound(0, why="0 turns clipping off"), "ema_decay": Bound(0, 1, open_high=True, why="0 turns EMA off"),
+    "ema_warmup_steps": AT_LEAST_0, "checkpoint_every": Bound(0, why="0: only the final checkpoint"),
+    "checkpoints_total_limit": AT_LEAST_1, "validation_every": Bound(0, why="0: only at the end"),
+    "log_every": AT_LEAST_1,
+    # the denoising loss and the folder trainers
+    "snr_gamma": Bound(0, why="0: plain MSE"), "noise_offset": Bound(0, why="0: none"),
+    "mask_weight": Bound(0, why="the subject's extra weight, 0 (off) or more"),
+    "num_vectors": AT_LEAST_1, "repeats": AT_LEAST_1, "resolution": Bound(8, 8192),
+    "prior_loss_weight": Bound(0, why="the prior term's weight; 0 turns it off"), "num_class_images": AT_LEAST_1,
+    "sample_batch_size": AT_LEAST_1, "text_encoder_lr": POSITIVE, "lora_rank": Bound(0, why="0: full fine-tuning"),
+    "lora_alpha": POSITIVE,
+    # distillation
+    "from_steps": Bound(2), "to_steps": AT_LEAST_1, "guidance_scale": AT_LEAST_0, "guidance_range": AT_LEAST_0,
+    "guidance_embedding_dim": AT_LEAST_1, "guidance_steps": AT_LEAST_1, "stage_steps": AT_LEAST_1,
+    "first_halving_substeps": Bound(2, why="teacher steps per student step"), "num_images": AT_LEAST_1,
+    "attribute_dropout": FRACTION,
+    # the embedded model's stages
+    "oversample_fraction": FRACTION, "block_out_channels": AT_LEAST_1, "layers_per_block": AT_LEAST_1,
+    "norm_num_groups": AT_LEAST_1, "kl_weight": AT_LEAST_0, "random_color_fraction": FRACTION, "crop_size": Bound(0, why="0: whole images"),
+    "full_size_steps": AT_LEAST_0, "scale_images": AT_LEAST_1, "edge_weight": AT_LEAST_0, "latent_noise": AT_LEAST_0,
+    "shift": AT_LEAST_0, "adversarial_weight": AT_LEAST_0, "adversarial_start": AT_LEAST_0,
+    "discriminator_channels": AT_LEAST_1, "widen": AT_LEAST_1, "embed_dim": AT_LEAST_1, "vision_width": AT_LEAST_1,
+    "vision_layers": AT_LEAST_1, "vision_resnet_layers": AT_LEAST_1, "vision_head_width": AT_LEAST_1,
+    "patch_size": AT_LEAST_1, "text_width": AT_LEAST_1, "text_layers": AT_LEAST_1, "text_heads": AT_LEAST_1,
+    "context_length": AT_LEAST_1, "text_encoder_layers": Bound(0, why="0: the embeddings and final norm only"), "attention_head_dim": AT_LEAST_1,
+    "uncond_prob": FRACTION, "foreground_weight": AT_LEAST_0, "foreground_margin": AT_LEAST_0,
+}
+
+
+def check_ranges(cfg) -> None:
+    """Every key of ``cfg`` that BOUNDS names, in range; ConfigError naming the first one that is not."""
+    for f in fields(cfg):
+        bound = BOUNDS.get(f.name)
+        value = getattr(cfg, f.name)
+        if bound is None or value is None or isinstance(value, (bool, str)):
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (msg := bound.problem(v)):
+                raise ConfigError(f"{f.name}={value!r}: {msg}")
 
 
 @dataclass
@@ -50,6 +127,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     allow_pickle: bool = False      # resume a checkpoint of the older, pickled layout (it can run code)
+
+    def __post_init__(self):  # every key's range, once, when the recipe is built (before any work)
+        check_ranges(self)
 
 
 def _unquote(text: str) -> str:
@@ -122,7 +202,12 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of key: value, got {type(data).__name__}")
     return data
@@ -183,11 +268,6 @@ class DenoisingLossKeys:
     snr_gamma: float = 0.0              # min-SNR-gamma weighting (Hang et al. 2023; 0: plain MSE, as the papers)
     noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none; 0.05-0.1 usual)
 
-    def __post_init__(self):  # checked once, when the recipe is built (before any work)
-        for name in ("snr_gamma", "noise_offset"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be 0 (off) or more")
-
     def loss_keys(self) -> dict:
         """The keys as denoising_loss's keyword arguments."""
         return {"snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset}
@@ -199,11 +279,6 @@ class MaskedLossKeys(DenoisingLossKeys):
     (textual inversion, DreamBooth): ``mask_weight`` W weights a latent pixel's error 1 + W x the
     subject mask's coverage of it, for images with a mask file NAME.mask.png (finetune.data)."""
     mask_weight: float = 0.0            # 0: every pixel alike (masks, if any, unused)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.mask_weight < 0:
-            raise ConfigError(f"mask_weight={self.mask_weight!r}: the subject's extra weight, 0 (off) or more")
 
 
 # --- the recipes of the commands that take flags, here so that their --help needs no torch -------------

@@ -32,7 +32,7 @@ from ldm.images import pixels_to_tensor
 from shapes import world as shapes
 
 from .common import Oversampling
-from .config import ConfigError, TrainConfig, trained_part
+from .config import TrainConfig, trained_part
 from .loop import Objective, sample_offset
 
 
@@ -72,12 +72,6 @@ class VAEConfig(TrainConfig, Oversampling):
     widen: float = 1.0                   # (init_vae) every level's channels and the norm groups times this,
                                          # the init's function kept (widen_vae): with decoder_only the
                                          # encoder's latents stay the init's and the wider decoder trains
-
-    def __post_init__(self):  # checked when the recipe is built, before any work
-        for key, least in (("adversarial_weight", 0), ("adversarial_start", 0), ("discriminator_channels", 1),
-                           ("widen", 1)):
-            if getattr(self, key) < least:
-                raise ConfigError(f"{key}={getattr(self, key)!r}: must be {least} or more")
 
 
 def edge_mask(x: torch.Tensor, threshold: float = 0.1, contrast: bool = False) -> torch.Tensor:

@@ -267,3 +267,41 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_there(tmp_path):
     assert [s for s, _ in checkpoints(tmp_path / "part")] == [2, 3]
     worker([str(tmp_path / "part"), "6", "--resume", "--ema", "0.5"])
     assert same(weights(tmp_path / "full"), weights(tmp_path / "part"))
+
+
+def test_every_numeric_recipe_key_has_a_declared_range():
+    import dataclasses
+    import typing
+
+    from finetune.config import BOUNDS
+    from finetune.recipes import DISTILL, METHODS
+
+    for method in [*METHODS.values(), DISTILL]:
+        cls = method.config_class()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if any(t in str(hints[f.name]) for t in ("int", "float")):
+                assert f.name in BOUNDS, f"{cls.__name__}.{f.name} has no range in finetune.config.BOUNDS"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("batch_size", 0, "batch_size=0: must be >= 1"),
+    ("checkpoint_every", -2, "checkpoint_every=-2: must be >= 0"),
+    ("max_steps", -3, "max_steps=-3: must be >= 1"),
+    ("learning_rate", "nan", "learning_rate=nan: must be a finite number"),
+    ("ema_decay", 1.0, "ema_decay=1.0: must be >= 0 and < 1"),
+])
+def test_recipe_values_out_of_range_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(TrainConfig, {key: value})
+
+
+def test_recipe_ranges_of_the_methods_and_malformed_yaml(tmp_path):
+    from finetune.config import DreamBoothConfig, read_yaml
+
+    with pytest.raises(ConfigError, match="prior_loss_weight=-1.0: must be >= 0"):
+        build(DreamBoothConfig, {"prior_loss_weight": -1})
+    bad = tmp_path / "r.yaml"
+    bad.write_text("max_steps: 10\nbatch_size: [4\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: not valid YAML at line \d+, column \d+"):
+        read_yaml(bad)
