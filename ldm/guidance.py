@@ -14,6 +14,20 @@ import torch
 
 Net = Callable[[torch.Tensor, float, dict], torch.Tensor]
 
+MAX_SCALE = 100.0  # the one bound of a guidance scale everywhere (requests, sampling.json, APIs)
+
+
+def scale_problem(value) -> str | None:
+    """Why ``value`` cannot be a guidance scale, or None: a finite number from 0 to MAX_SCALE (1 turns
+    guidance off; past a few tens every image is saturated, and inf or NaN make black images)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number from 0 to {MAX_SCALE:g} (1 turns guidance off)"
+    if not math.isfinite(value) or not 0 <= value <= MAX_SCALE:
+        return f"must be a finite number from 0 to {MAX_SCALE:g} (1 turns guidance off)"
+    return None
+
 
 def guidance_embedding(scale: torch.Tensor | float, dim: int, batch: int | None = None) -> torch.Tensor:
     """(B, dim) sinusoidal embedding of the guidance scale w, the input of a guidance-distilled

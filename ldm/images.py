@@ -19,15 +19,19 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     return _open(path, mode, repr(str(path)))
 
 
-def decode_image(data: bytes, mode: str = "RGB", what: str = "the image") -> Image.Image:
+def decode_image(data: bytes, mode: str = "RGB", what: str = "the image", max_side: int | None = None) -> Image.Image:
     """An image file's bytes (PNG, JPEG, WebP, ...) -> a PIL image in ``mode``, converted as
-    ``load_image`` converts; ``what`` names the source in the error."""
-    return _open(io.BytesIO(data), mode, what)
+    ``load_image`` converts; ``what`` names the source in the error. With ``max_side``, an image whose
+    header says it is larger is refused before its pixels are decoded (a small file can hold a huge
+    image)."""
+    return _open(io.BytesIO(data), mode, what, max_side)
 
 
-def _open(source, mode: str, what: str) -> Image.Image:
+def _open(source, mode: str, what: str, max_side: int | None = None) -> Image.Image:
     try:
-        with Image.open(source) as im:
+        with Image.open(source) as im:  # reads the header only
+            if max_side is not None and max(im.size) > max_side:
+                raise ValueError(f"is {im.size[0]}x{im.size[1]}; sides must be at most {max_side}")
             im.load()
             if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
                 im = im.convert("RGBA")
@@ -36,6 +40,8 @@ def _open(source, mode: str, what: str) -> Image.Image:
             return im.convert(mode)
     except UnidentifiedImageError as exc:
         raise ValueError(f"cannot read image {what}: not an image format Pillow reads (PNG, JPEG, WebP, ...)") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, checked on opening
+        raise ValueError(f"cannot read image {what}: it is too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read image {what}: {exc}") from exc
 

@@ -44,9 +44,9 @@ def read_sampling_defaults(path: str | os.PathLike) -> dict:
     if not file.is_file():
         return dict(SAMPLING_DEFAULTS)
     try:
-        values = json.loads(file.read_text())
+        values = json.loads(file.read_text(), parse_constant=_no_constant)
     except ValueError as exc:
-        raise ModelError(f"{file} is not valid JSON ({exc}); fix or delete it") from exc
+        raise ModelError(f"{file}: not valid JSON ({exc}); fix or delete it") from exc
     unknown = sorted(set(values) - set(SAMPLING_DEFAULTS)) if isinstance(values, dict) else ["(not an object)"]
     if unknown:
         raise ModelError(f"{file}: unknown key(s) {', '.join(unknown)}; it may hold {', '.join(SAMPLING_DEFAULTS)}")
@@ -55,6 +55,11 @@ def read_sampling_defaults(path: str | os.PathLike) -> dict:
         if problem:
             raise ModelError(f"{file}: {key} {problem}, got {value!r}; fix or delete it")
     return {**SAMPLING_DEFAULTS, **values}
+
+
+def _no_constant(name: str):
+    """JSON's non-standard NaN / Infinity, which Python's reader takes by default: refused."""
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _sampling_value_problem(key: str, value) -> str | None:
@@ -67,8 +72,9 @@ def _sampling_value_problem(key: str, value) -> str | None:
             return f"must be one of {', '.join(SAMPLERS)} (or A1111's name for one)"
     if key == "steps" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         return "must be a whole number >= 1"
-    if key == "guidance_scale" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-        return "must be a number >= 0"
+    if key == "guidance_scale":
+        from .guidance import scale_problem
+        return scale_problem(value)
     return None
 
 

@@ -25,6 +25,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict
@@ -107,12 +108,31 @@ def _warn_ignored(payload: BaseModel):
 
 
 def _image(data: str, field: str, studio, mode: str = "RGB") -> Image.Image:
-    """A base64 image of the payload; the server's BadRequest renamed to A1111's field."""
-    try:
-        img = studio.read_image(data)
-    except ValueError as exc:
-        raise type(exc)(field, exc.message) from exc
-    return img.convert(mode)
+    """A base64 image of the payload, the errors naming A1111's field."""
+    return studio.read_image(data, field).convert(mode)
+
+
+def _images(payload: "Img2ImgPayload", studio, bad_request):
+    """The payload's init image and mask, decoded, the mask blurred and inverted as asked, both resized
+    to the payload's size when it gives one (A1111's resize_mode 0, "just resize")."""
+    image = _image(payload.init_images[0], "init_images", studio)
+    mask = None
+    if payload.mask:
+        mask = _image(payload.mask, "mask", studio, "L")
+        if payload.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        if payload.mask_blur > 0:
+            mask = mask.filter(ImageFilter.GaussianBlur(payload.mask_blur))
+    size = (payload.width, payload.height)
+    if "width" in payload.model_fields_set or "height" in payload.model_fields_set:
+        limit = studio.limits.max_side
+        if max(size) > limit or min(size) < 1:
+            raise bad_request("width", f"{size[0]}x{size[1]}: sides must be from 1 to {limit}")
+        if image.size != size:
+            image = image.resize(size, Image.LANCZOS)
+        if mask is not None and mask.size != size:
+            mask = mask.resize(size, Image.LANCZOS)
+    return image, mask
 
 
 def _upscaler(name: str | None) -> str:
@@ -236,24 +256,10 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             return _error(422, [("init_images", "required: a list with one base64 image")])
         if len(payload.init_images) > 1:
             log.warning("init_images: %d images sent; the first is used", len(payload.init_images))
-        try:
-            image = _image(payload.init_images[0], "init_images", studio)
-            mask = None
-            if payload.mask:
-                mask = _image(payload.mask, "mask", studio, "L")
-                if payload.inpainting_mask_invert:
-                    mask = ImageOps.invert(mask)
-                if payload.mask_blur > 0:
-                    mask = mask.filter(ImageFilter.GaussianBlur(payload.mask_blur))
+        try:  # decoded (size read from the header first) and resized off the server's event loop
+            image, mask = await run_in_threadpool(_images, payload, studio, BadRequest)
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        # A1111 resizes the init image to the payload's size (resize_mode 0, "just resize")
-        size = (payload.width, payload.height)
-        if "width" in payload.model_fields_set or "height" in payload.model_fields_set:
-            if image.size != size:
-                image = image.resize(size, Image.LANCZOS)
-            if mask is not None and mask.size != size:
-                mask = mask.resize(size, Image.LANCZOS)
         return await generate(payload, request, "inpaint" if mask is not None else "img2img", image, mask)
 
     @app.get("/sdapi/v1/samplers")

@@ -4,6 +4,7 @@ demos, the model build) through the ``ldm.commands`` entry point."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -193,11 +194,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "among (/sdapi/v1/options sd_model_checkpoint)")
     s.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion embeddings, all loaded at start")
     s.add_argument("--lora-dir", type=Path, help="folder of LoRA .safetensors files a request may pick by name")
-    s.add_argument("--max-side", type=int, default=1024, help="largest width or height a request may ask (default 1024)")
-    s.add_argument("--max-batch", type=int, default=8, help="most images per request (default 8)")
-    s.add_argument("--max-steps", type=int, default=150, help="most sampling steps per request (default 150)")
-    s.add_argument("--queue-size", type=int, default=8,
-                   help="requests that may wait; more are answered 503 with Retry-After (default 8)")
+    from .limits import Limits  # the limits' flags, from their one declaration
+
+    for f in dataclasses.fields(Limits):
+        s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default:g})")
+    s.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
+                   help="HTTP basic authentication for the API (/api, /sdapi), as A1111's --api-auth")
+    s.add_argument("--auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
+                   help="HTTP basic authentication for the studio page (its users may use the API too)")
+    s.add_argument("--allowed-hosts", default="", metavar="NAME[,NAME2]",
+                   help="host names clients may reach the server by, besides loopback names and addresses "
+                        "(requests naming another host are refused: DNS rebinding)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow --host beyond loopback without --api-auth/--auth (anyone who reaches it may use it)")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     s.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
@@ -326,21 +336,32 @@ def device_for(args) -> str:
 
 
 def _serve(args) -> int:
-    from .serve import Limits, Studio, serve
+    from .serve import Limits, Security, Studio, is_loopback, parse_credentials, serve
 
-    for name in ("max_side", "max_batch", "max_steps", "queue_size", "port"):
-        if getattr(args, name) < (0 if name == "port" else 1):
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+    try:
+        limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+        security = Security(api_auth=parse_credentials(args.api_auth, "--api-auth"),
+                            auth=parse_credentials(args.auth, "--auth"), host=args.host,
+                            allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host):
+        if not (security.api_auth or security.auth) and not args.insecure:
+            print(f"error: --host {args.host} lets other machines reach the server; give --api-auth USER:PASS (and "
+                  f"--auth for the page), or --insecure to serve anyone who can reach it", file=sys.stderr)
             return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding to %s: anyone who can reach this address can generate images and write files "
-                    "into %s", args.host, args.output_dir)
+        log.warning("binding to %s: anyone who can reach this address%s can generate images and write files "
+                    "into %s", args.host, "" if args.insecure and not security.api_auth else " and authenticates",
+                    args.output_dir)
     try:
         check_output_dir(args.output_dir)
         from .processes import apply_threads
         apply_threads(args.threads, args.device or "cpu")
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
-                        limits=Limits(args.max_side, args.max_batch, args.max_steps, args.queue_size),
+                        limits=limits,
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, models_dir=args.models_dir,
                         load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle,
                                          config=args.model_config, vae=args.vae),
@@ -351,7 +372,7 @@ def _serve(args) -> int:
     log.info("studio on http://%s:%d/ (API under /api, schema at /api/openapi.json); images go to %s",
              args.host, args.port, args.output_dir)
     try:
-        serve(studio, args.host, args.port)
+        serve(studio, args.host, args.port, security=security)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

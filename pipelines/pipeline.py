@@ -363,16 +363,19 @@ class Pipeline:
         return autoencoder.encode(self.model.vae, x.to(self.model.device))
 
     # --- the tasks ------------------------------------------------------------------------------
-    def generate(self, req: Request | Resolved, callback=None) -> Result:
+    def generate(self, req: Request | Resolved, callback=None, on_batch=None) -> Result:
         """Run a request (resolved here if it is not yet): its embeddings and LoRA files are loaded
         first. Image i draws its noise from a generator seeded with its own seed alone, so it equals
-        a lone image made with that seed."""
+        a lone image made with that seed. ``on_batch(result)`` is called as each batch of an n_iter run
+        is made (the server writes it then, so an interrupted or failed run keeps the batches before)."""
         r = req if isinstance(req, Resolved) else req.resolve(self.model)
         self.apply_adapters(r.request)
         run = {"txt2img": self._text_to_image, "img2img": self._image_to_image, "inpaint": self._inpaint}[r.kind]
         results = []
         for part in r.iterations():  # n_iter batches one after another
             results.append(run(part, _generators(part.seeds), callback))
+            if on_batch is not None:
+                on_batch(results[-1])
         if len(results) == 1:
             return results[0]
         first = results[0]

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ldm.guidance import scale_problem
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
 KINDS = ("txt2img", "img2img", "inpaint")
@@ -34,7 +35,10 @@ class Limits:
     max_side: int = 4096          # width and height, pixels
     max_batch: int | None = None  # images per prompt
     max_steps: int | None = None  # sampling steps
-    lora_dir: Path | None = None  # LoRA entries are names of files in this folder (else paths)
+    lora_dir: Path | None = None  # LoRA entries are names of files in this folder (else paths) ...
+    lora_paths: bool = True       # ... and without one, whether they may be paths (not over HTTP)
+    max_images: int | None = None  # images per request: prompts x batch_size x n_iter
+    max_prompt_chars: int | None = None  # characters of each prompt and negative prompt
 
 
 class RequestError(ValueError):
@@ -132,6 +136,14 @@ class Request:
         prompts = self.prompts()
         if not prompts or not all(isinstance(p, str) for p in prompts):
             add(("prompt", "no prompt given"))
+        if lim.max_prompt_chars is not None:  # before anything tokenises them
+            for name in ("prompt", "negative", "prompt_2", "negative_2"):
+                value = getattr(self, name)
+                texts = [value] if isinstance(value, str) else list(value or [])
+                longest = max((len(t) for t in texts if isinstance(t, str)), default=0)
+                if longest > lim.max_prompt_chars:
+                    add((name, f"is {longest} characters; this server takes at most {lim.max_prompt_chars} "
+                               f"(--max-prompt-chars)"))
         if self.negative is not None and not isinstance(self.negative, str) and len(self.negative) != len(prompts):
             add(("negative", f"got {len(self.negative)} negative prompts for {len(prompts)} prompts"))
         sampler, schedule = self.sampler_schedule(problems)
@@ -140,8 +152,8 @@ class Request:
                 add(("steps", f"must be an integer >= 1, got {self.steps!r}"))
             elif lim.max_steps is not None and self.steps > lim.max_steps:
                 add(("steps", f"must be between 1 and {lim.max_steps}, got {self.steps}"))
-        if self.guidance is not None and not self.guidance >= 0:
-            add(("guidance", f"must be >= 0 (1 turns guidance off), got {self.guidance}"))
+        if self.guidance is not None and (msg := scale_problem(self.guidance)):
+            add(("guidance", f"{msg}, got {self.guidance!r}"))
         if not 0 <= self.guidance_rescale <= 1:
             add(("guidance_rescale", f"must be between 0 and 1, got {self.guidance_rescale}"))
         if not 0 <= self.eta <= 1:
@@ -189,7 +201,11 @@ class Request:
                 lim.max_batch is not None and self.batch_size > lim.max_batch):
             top = f"between 1 and {lim.max_batch}" if lim.max_batch is not None else ">= 1"
             add(("batch_size", f"must be {top}, got {self.batch_size}"))
-        n_images = len(prompts) * self.batch_size * (self.n_iter if isinstance(self.n_iter, int) else 1)
+        n_images = len(prompts) * (self.batch_size if isinstance(self.batch_size, int) else 1) * (
+            self.n_iter if isinstance(self.n_iter, int) else 1)
+        if lim.max_images is not None and n_images > lim.max_images:
+            add(("n_iter", f"asks {n_images} images (prompts x batch_size x n_iter); this server makes at most "
+                           f"{lim.max_images} per request (--max-images)"))
         if self.seeds is not None and len(self.seeds) != n_images:
             add(("seeds", f"got {len(self.seeds)} seeds for {n_images} images"))
         for name in ("width", "height"):
@@ -223,6 +239,10 @@ class Request:
                 if str(entry) not in files:
                     add(("lora", f"no LoRA file {str(entry)!r} in the server's --lora-dir; available: "
                                  f"{', '.join(files) or 'none'}"))
+            elif not lim.lora_paths:  # the same answer whatever the name: nothing said about the server's files
+                add(("lora", "this server takes LoRA files by name from its --lora-dir, and was started "
+                             "without one"))
+                break
             elif not Path(entry).exists():
                 add(("lora", f"LoRA file {str(entry)!r} does not exist"))
         for file, _ in self.embeddings:

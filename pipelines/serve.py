@@ -41,10 +41,11 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +56,7 @@ from ldm.samplers import SAMPLERS
 
 from . import request as rq
 from .a1111 import add_routes
+from .limits import Limits
 from .outputs import check_output_dir
 from .pngmeta import png_bytes, save_png
 
@@ -64,16 +66,167 @@ STATIC = Path(__file__).parent / "static"
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-@dataclass
-class Limits:
-    """What one request may ask for, and how many may wait; ``ldm serve`` sets each from its command line."""
-    max_side: int = 1024        # width and height, pixels
-    max_batch: int = 8          # images per request
-    max_steps: int = 150        # sampling steps per request
-    queue_size: int = 8         # requests waiting (the running one not counted)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
-    def for_requests(self, lora_dir: Path | None) -> rq.Limits:
-        return rq.Limits(self.max_side, self.max_batch, self.max_steps, lora_dir)
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in LOOPBACK_NAMES or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_credentials(text: str | None, flag: str) -> list[tuple[str, str]]:
+    """``user:pass[,user2:pass2]`` (A1111's --api-auth) as pairs; ValueError naming ``flag`` otherwise."""
+    if not text:
+        return []
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{flag}: expected user:password[,user2:password2], got an entry without both parts")
+        pairs.append((user, password))
+    return pairs
+
+
+@dataclass
+class Security:
+    """Who may use the server. ``api_auth``: HTTP basic credentials for the API (``/api``, ``/sdapi``);
+    ``auth``: for the studio page, which also opens the API to them. ``host`` is the bound address;
+    ``allowed_hosts`` the extra names clients may reach it by. A request's Host header must name this
+    server (a loopback name, an IP address, ``host`` or one of ``allowed_hosts``), so a web page cannot
+    reach it through DNS rebinding; a state-changing request from another site's page (its Origin) is
+    refused."""
+    api_auth: list[tuple[str, str]] = field(default_factory=list)
+    auth: list[tuple[str, str]] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    allowed_hosts: list[str] = field(default_factory=list)
+
+    def host_allowed(self, header: str) -> bool:
+        import ipaddress
+
+        name = header.strip().lower()
+        if name.startswith("["):  # [::1]:7860
+            name = name[1:name.index("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        if not name:
+            return False
+        if is_loopback(name) or name in (self.host.lower(), *(h.lower() for h in self.allowed_hosts)):
+            return True
+        try:  # an address, not a name: DNS rebinding needs a name
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
+    def origin_allowed(self, origin: str, host_header: str) -> bool:
+        from urllib.parse import urlsplit
+
+        if origin == "null":
+            return False
+        netloc = urlsplit(origin).netloc.lower()
+        return netloc == host_header.strip().lower() or self.host_allowed(netloc)
+
+    def credentials_for(self, path: str) -> list[tuple[str, str]]:
+        """The credentials that open ``path`` (none: open)."""
+        if path.startswith(("/api", "/sdapi")):
+            return self.api_auth + self.auth if (self.api_auth or self.auth) else []
+        return self.auth or self.api_auth
+
+
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+class Guard:
+    """ASGI middleware in front of the app: the Host and Origin checks, HTTP basic authentication and
+    the body-size cap (``--max-body-mb``: by Content-Length before a byte is read, and by counting a
+    body sent without one), each refused with a JSON answer that says why."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, studio: "Studio", security: Security):
+        self.app, self.studio, self.security = app, studio, security
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        sec = self.security
+        if not sec.host_allowed(host):
+            return await _refuse(send, 400, f"Host {short_repr(host)} does not name this server; reach it by "
+                                            f"localhost or an address, or start it with --allowed-hosts NAME")
+        origin = headers.get("origin")
+        if scope["method"] in STATE_CHANGING and origin is not None and not sec.origin_allowed(origin, host):
+            return await _refuse(send, 403, f"a request from another site's page (Origin {short_repr(origin)}) "
+                                            f"may not change anything here")
+        wanted = sec.credentials_for(scope["path"])
+        if wanted and not _authorized(headers.get("authorization", ""), wanted):
+            return await _refuse(send, 401, "authentication required (HTTP basic: --api-auth / --auth)",
+                                 {"WWW-Authenticate": 'Basic realm="ldm serve"'})
+        limit = int(self.studio.limits.max_body_mb * 2**20)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _refuse(send, 413, f"the body is {length} bytes; this server reads at most "
+                                            f"{self.studio.limits.max_body_mb:g} MB (--max-body-mb)")
+        received, too_large, started = 0, False, False
+
+        async def counted():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True
+                    return {"type": "http.disconnect"}  # the app stops reading; the answer is ours
+            return message
+
+        async def sending(message):
+            nonlocal started
+            if too_large:
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await _refuse(send, 413, f"the body is over {self.studio.limits.max_body_mb:g} MB (--max-body-mb)")
+
+
+def _authorized(header: str, wanted: list[tuple[str, str]]) -> bool:
+    import secrets
+
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, ValueError):
+        return False
+    ok = False
+    for u, p in wanted:  # every pair compared, in constant time
+        ok |= secrets.compare_digest(u.encode(), user.encode()) & secrets.compare_digest(p.encode(), password.encode())
+    return ok
+
+
+async def _refuse(send, status: int, message: str, headers: dict | None = None):
+    import json as _json
+
+    body = _json.dumps({"error": message, "detail": [{"field": "", "message": message}]}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 # --- requests ---------------------------------------------------------------------------------------
@@ -87,7 +240,7 @@ class Txt2Img(BaseModel):
     negative_2: str | None = None   # SDXL: the second text encoder's negative prompt (default: negative)
     sampler: str | None = None
     steps: int | None = None
-    guidance: float | None = Field(None, ge=0, le=100)
+    guidance: float | None = None  # bounds: Request.validate (ldm.guidance.scale_problem)
     guidance_rescale: float = Field(0.0, ge=0, le=1)
     eta: float = Field(0.0, ge=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -117,7 +270,7 @@ class Img2Img(Txt2Img):
 class EditBody(BaseModel):
     """``ldm edit``'s parameters under the same names: a source and a target prompt sampled together,
     or with ``image`` (base64) a real image inverted then edited."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     source_prompt: str
     target_prompt: str | None = None
     image: str | None = None
@@ -132,7 +285,7 @@ class EditBody(BaseModel):
     sampler: str | None = None
     schedule: str | None = None
     steps: int | None = None
-    guidance: float | None = Field(None, ge=0, le=100)
+    guidance: float | None = None  # bounds: Request.validate (ldm.guidance.scale_problem)
     seed: int | None = Field(None, ge=0, lt=2**63)
     width: int | None = None
     height: int | None = None
@@ -164,6 +317,13 @@ def _error(status: int, problems: list[tuple[str, str]], headers: dict | None = 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length said: an error never echoes a
+    huge value back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple[int, list[tuple[str, str]]]:
     """pydantic's errors as (field, message), and 400 when the body is not JSON at all, else 422."""
     problems, status = [], 422
@@ -180,7 +340,7 @@ def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple
         elif not loc:
             problems.append(("", f"the body must be a JSON object: {e.get('msg')}"))
         else:
-            problems.append((field, f"{e.get('msg')}, got {e.get('input')!r}"))
+            problems.append((field, f"{e.get('msg')}, got {short_repr(e.get('input'))}"))
     return status, problems
 
 
@@ -330,18 +490,21 @@ class Studio:
         seed drawn; RequestError lists every problem as (field, message)."""
         return req.resolve(self.pipe.model, self.limits.for_requests(self.lora_dir))
 
-    def read_image(self, data: str):
-        """A request's base64 image -> RGB PIL image, or BadRequest naming the field."""
+    def read_image(self, data: str, field: str = "image"):
+        """A request's base64 image -> RGB PIL image, or BadRequest naming ``field``; an image larger
+        than --max-side is refused from its header, before its pixels are decoded."""
+        if not isinstance(data, str):
+            raise BadRequest(field, f"must be a base64 image, got {type(data).__name__}")
         if data.startswith("data:"):
             data = data.partition(",")[2]
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise BadRequest("image", f"not valid base64 ({exc})") from exc
+            raise BadRequest(field, f"not valid base64 ({exc})") from exc
         try:
-            return decode_image(raw, what="in field 'image'")
+            return decode_image(raw, what=f"in field '{field}'", max_side=self.limits.max_side)
         except ValueError as exc:
-            raise BadRequest("image", str(exc)) from exc
+            raise BadRequest(field, str(exc)) from exc
 
     # queue --------------------------------------------------------------------------------------
     def submit(self, job: Job):
@@ -448,29 +611,39 @@ class Studio:
             files_by_name[str(name)] for name in r.request.lora]))
         t0 = time.perf_counter()
         extra = {}
+        images, files, parameters, seeds = [], [], [], []
+
+        def keep(res, texts):
+            """One batch's images: on disk at once (an interrupted or failed job keeps them), and encoded."""
+            for img, params, s in zip(res.images, texts, res.seeds):
+                data = png_bytes(img, params)
+                path = self.output_dir / f"{self._stamp}-{next(self._seq):05d}-{s}.png"
+                files.append(str(save_png(img, path, data=data)))
+                images.append(base64.b64encode(data).decode("ascii"))
+                parameters.append(params)
+                seeds.append(s)
+            self.counts["images"] += len(res.images)
+
         if job.edit is not None:  # autograd is needed by null-text inversion and CLIP guidance
             from .edit import edit, infotexts
 
             with torch.no_grad():
                 out = edit(pipe, job.edit, runnable.request, step)
-            res, parameters = out.target, infotexts(pipe, out)
+            keep(out.target, infotexts(pipe, out))
             source_parameters = pipe.infotexts(out.source)[0]
             extra = {"source": base64.b64encode(png_bytes(out.source.images[0], source_parameters)).decode("ascii"),
                      "source_parameters": source_parameters,
                      "inversion": {"inverted": out.inverted, "cached": out.cached}}
         else:
-            with torch.inference_mode():
-                res = pipe.generate(runnable, step)
-            parameters = pipe.infotexts(res)
+            try:
+                with torch.inference_mode():
+                    pipe.generate(runnable, step, on_batch=lambda res: keep(res, pipe.infotexts(res)))
+            except Cancelled as exc:
+                exc.partial = {"images": images, "parameters": parameters, "seeds": seeds, "files": files,
+                               "model": pipe.model.name, "job": job.id}  # the batches that finished
+                raise
         seconds = time.perf_counter() - t0
-        images, files = [], []
-        for img, params, s in zip(res.images, parameters, res.seeds):
-            data = png_bytes(img, params)
-            path = self.output_dir / f"{self._stamp}-{next(self._seq):05d}-{s}.png"
-            files.append(str(save_png(img, path, data=data)))  # on disk before the answer leaves
-            images.append(base64.b64encode(data).decode("ascii"))
-        self.counts["images"] += len(images)
-        return {"images": images, "parameters": parameters, "seeds": res.seeds, "files": files,
+        return {"images": images, "parameters": parameters, "seeds": seeds, "files": files,
                 "model": pipe.model.name, "job": job.id, "seconds": round(seconds, 3), **extra}
 
 
@@ -505,8 +678,11 @@ async def execute(studio: "Studio", req: rq.Request, request: Request, *, interr
     gone.cancel()
     try:
         return fut.result()
-    except Cancelled:
-        return interrupted() if interrupted is not None and job.interrupted else Response(status_code=499)
+    except Cancelled as exc:
+        if interrupted is not None and job.interrupted:  # what had finished (whole batches), as A1111 answers
+            partial = getattr(exc, "partial", None)
+            return partial if partial is not None and partial["images"] else interrupted()
+        return Response(status_code=499)
     except ValueError as exc:
         field = exc.field if isinstance(exc, BadRequest) else ""
         return _error(422, [(field, getattr(exc, "message", str(exc)))])
@@ -526,11 +702,12 @@ async def call_on_worker(studio: "Studio", fn):
 
 
 # --- the app ---------------------------------------------------------------------------------------
-def create_app(studio: Studio) -> FastAPI:
+def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
     # no /api/docs: FastAPI's docs page loads its scripts from a CDN, so offline it was a blank page;
     # the schema itself is served, for any OpenAPI viewer or client generator
     app = FastAPI(title="ldm studio", version="1", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.studio = studio
+    app.add_middleware(Guard, studio=studio, security=security or Security())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -569,7 +746,7 @@ def create_app(studio: Studio) -> FastAPI:
         from .edit import Edit, check_edit
 
         try:
-            image = studio.read_image(body.image) if body.image else None
+            image = await run_in_threadpool(studio.read_image, body.image) if body.image else None
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
         ed = Edit(body.source_prompt, body.target_prompt, images=None if image is None else [image],
@@ -587,7 +764,7 @@ def create_app(studio: Studio) -> FastAPI:
     @app.post("/api/img2img")
     async def img2img(req: Img2Img, request: Request):
         try:
-            image = studio.read_image(req.image)
+            image = await run_in_threadpool(studio.read_image, req.image)  # decoding never blocks the server
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
         return await execute(studio, to_request("img2img", req, image), request)
@@ -596,14 +773,15 @@ def create_app(studio: Studio) -> FastAPI:
 
 
 def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, *, sock=None, log_level: str = "info",
-          access_log: bool = False):
+          access_log: bool = False, security: Security | None = None):
     """Serve until interrupted (or, with ``sock``, on that bound socket). A studio made with
     ``worker_thread=False`` runs its jobs here, in the calling (main) thread, while uvicorn serves
     from a second thread; Ctrl-C or the HTTP server's end stops both. Raises ``OSError`` when the
     server cannot start (the port taken, say)."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(studio), host=host, port=port, log_level=log_level, access_log=access_log)
+    config = uvicorn.Config(create_app(studio, security or Security(host=host)), host=host, port=port,
+                            log_level=log_level, access_log=access_log)
     server = uvicorn.Server(config)
     kwargs = {"sockets": [sock]} if sock is not None else {}
     if studio._thread is not None:  # the studio has its own worker thread: uvicorn takes this one

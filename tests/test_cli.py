@@ -80,7 +80,9 @@ def test_img2img_and_inpaint_commands(sd1_dir, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--width", "65"], "--width must be a positive multiple of 8, got 65"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
-    (["--guidance", "-2"], "--guidance must be >= 0"),
+    (["--guidance", "-2"], "--guidance must be a finite number from 0 to 100"),
+    (["--guidance", "inf"], "--guidance must be a finite number from 0 to 100"),
+    (["--guidance", "nan"], "--guidance must be a finite number from 0 to 100"),
     (["--batch-size", "2", "--output", "x.png"], "use --output-dir"),
     (["--guidance-rescale", "2"], "--guidance-rescale must be between 0 and 1, got 2.0"),
     (["--eta", "-1"], "--eta must be between 0 and 1, got -1.0"),
@@ -144,7 +146,9 @@ def test_parameters_round_trip_with_commas_in_values():
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"guidance_scale": "high"}', "guidance_scale must be a number >= 0, got 'high'"),
+    ('{"guidance_scale": "high"}', "guidance_scale must be a number from 0 to 100 (1 turns guidance off), got 'high'"),
+    ('{"guidance_scale": NaN}', "not valid JSON (NaN is not a number JSON allows"),
+    ('{"guidance_scale": 1e30}', "guidance_scale must be a finite number from 0 to 100"),
     ('{"steps": 2.5}', "steps must be a whole number >= 1, got 2.5"),
     ('{"sampler": "plms"}', "sampler must be one of ddim"),
 ])
