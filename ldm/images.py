@@ -28,8 +28,14 @@ def decode_image(data: bytes, mode: str = "RGB", what: str = "the image", max_si
 
 
 def _open(source, mode: str, what: str, max_side: int | None = None) -> Image.Image:
+    import warnings
+
     try:
-        with Image.open(source) as im:  # reads the header only
+        with warnings.catch_warnings():  # Pillow's warning of a large image: max_side decides here
+            if max_side is not None:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)  # reads the header only
+        with im:
             if max_side is not None and max(im.size) > max_side:
                 raise ValueError(f"is {im.size[0]}x{im.size[1]}; sides must be at most {max_side}")
             im.load()

@@ -166,6 +166,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, bool]:
         raise ModelError(f"--model {str(path)!r} is a file but not a checkpoint; give a diffusers-format directory "
                          "or a single-file checkpoint (.safetensors; .ckpt / .pt with --allow-pickle)")
     missing = [p for p in model_parts(path) if not (path / p).is_dir()]
+    check_configs(path)
     if not (path / "model_index.json").is_file():
         missing.insert(0, "model_index.json")
     if not (path / "scheduler" / "scheduler_config.json").is_file() and "scheduler" not in missing:
@@ -192,10 +193,85 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, bool]:
 
 
 def read_index(path: Path) -> dict:
-    try:
-        return json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError):
+    """model_index.json of a model directory ({} when there is none); a file that is not a JSON object
+    of parts is a ModelError naming it."""
+    file = path / "model_index.json"
+    if not file.is_file():
         return {}
+    index = _read_json(file)
+    for key, value in index.items():
+        if key not in PARTS + OPTIONAL_PARTS:  # _class_name, requires_safety_checker, ...: not ours to judge
+            continue
+        if value is not None and not (isinstance(value, list) and len(value) == 2 and
+                                      all(v is None or isinstance(v, str) for v in value)):
+            raise ModelError(f"{file}: {key} must be [library, class] (e.g. [\"diffusers\", "
+                             f"\"UNet2DConditionModel\"]) or null, got {value!r}; fix the file")
+    return index
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(), parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{file}: not valid JSON ({exc}); fix or replace the file") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{file}: must be a JSON object of settings, got {type(value).__name__}")
+    return value
+
+
+_INT, _NUM, _STR, _BOOL = "a whole number", "a number", "a string", "true or false"
+_INTS = "a whole number or a list of them"
+# The config keys a part's loading relies on, with what each must be; a wrong one is a ModelError
+# naming the file and key, before diffusers or transformers meet it
+CONFIG_KEYS = {
+    "unet/config.json": {"sample_size": _INTS, "in_channels": _INT, "out_channels": _INT, "layers_per_block": _INTS,
+                         "cross_attention_dim": _INTS, "block_out_channels": "a list of whole numbers",
+                         "attention_head_dim": _INTS, "norm_num_groups": _INT, "time_cond_proj_dim": _INT,
+                         "addition_time_embed_dim": _INT, "projection_class_embeddings_input_dim": _INT,
+                         "transformer_layers_per_block": _INTS},
+    "vae/config.json": {"in_channels": _INT, "out_channels": _INT, "latent_channels": _INT, "sample_size": _INTS,
+                        "block_out_channels": "a list of whole numbers", "layers_per_block": _INT,
+                        "norm_num_groups": _INT, "scaling_factor": _NUM, "shift_factor": _NUM},
+    "text_encoder/config.json": {"hidden_size": _INT, "num_hidden_layers": _INT, "num_attention_heads": _INT,
+                                 "intermediate_size": _INT, "max_position_embeddings": _INT, "vocab_size": _INT,
+                                 "projection_dim": _INT},
+    "scheduler/scheduler_config.json": {"num_train_timesteps": _INT, "beta_start": _NUM, "beta_end": _NUM,
+                                        "beta_schedule": _STR, "prediction_type": _STR, "steps_offset": _INT,
+                                        "rescale_betas_zero_snr": _BOOL, "timestep_spacing": _STR},
+}
+CONFIG_KEYS["text_encoder_2/config.json"] = CONFIG_KEYS["text_encoder/config.json"]
+
+
+def _fits(value, kind: str) -> bool:
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if value is None:
+        return True  # diffusers' own "not set"
+    if kind == _INT:
+        return whole(value)
+    if kind == _INTS:
+        return whole(value) or isinstance(value, list) and all(whole(v) for v in value)
+    if kind == "a list of whole numbers":
+        return isinstance(value, list) and all(whole(v) for v in value)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    return isinstance(value, bool)
+
+
+def check_configs(path: Path) -> None:
+    """Every part config of model directory ``path`` readable and its known keys of the right type;
+    a ModelError naming the file and the key otherwise (a wrong value used to be a traceback)."""
+    for name, keys in CONFIG_KEYS.items():
+        file = path / name
+        if not file.is_file():
+            continue
+        config = _read_json(file)
+        for key, kind in keys.items():
+            if key in config and not _fits(config[key], kind):
+                raise ModelError(f"{file}: {key} must be {kind}, got {config[key]!r}; fix the file")
 
 
 def model_parts(path: Path) -> list[str]:
@@ -315,6 +391,8 @@ def _single_file(path: Path, config, allow_pickle: bool, torch_dtype) -> tuple[d
 
     if config is not None and not (Path(config) / "model_index.json").is_file():
         raise ModelError(f"config {str(config)!r} is not a diffusers model directory (no model_index.json)")
+    if config is not None:
+        check_configs(Path(config))
     try:
         loaded, arch, config_dir = load_single_file(path, config=config, allow_pickle=allow_pickle,
                                                     dtype=torch_dtype)

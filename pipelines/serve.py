@@ -232,8 +232,8 @@ async def _refuse(send, status: int, message: str, headers: dict | None = None):
 # --- requests ---------------------------------------------------------------------------------------
 class Txt2Img(BaseModel):
     """The parameters of ``ldm generate``, under the same names; unset ones take the model's defaults
-    (its sampling.json and native size)."""
-    model_config = ConfigDict(extra="forbid")
+    (its sampling.json and native size). Types are strict: ``true`` is not a number of steps."""
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str
     negative: str = ""
     prompt_2: str | None = None     # SDXL: the second text encoder's prompt (default: prompt)

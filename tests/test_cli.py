@@ -1,5 +1,6 @@
 """The ldm command end to end on a tiny model (in-process, through main())."""
 
+import json
 import ast
 
 import pytest
@@ -285,3 +286,27 @@ def test_a_training_command_says_where_each_checkpoint_landed(tmp_path, caplog):
     assert [m for m in lines if "checkpoint saved" in m] == [
         f"step {n}: checkpoint saved to {out / f'checkpoint-{n}'}" for n in (1, 2)]
     assert not [m for m in lines if ".tmp-" in m]
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("unet/config.json", {"cross_attention_dim": "512"}, "unet/config.json: cross_attention_dim must be a whole number"),
+    ("model_index.json", {"unet": 12345}, "model_index.json: unet must be [library, class]"),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": "many"},
+     "scheduler/scheduler_config.json: num_train_timesteps must be a whole number, got 'many'"),
+    ("model_index.json", None, "model_index.json: not valid JSON"),
+    ("vae/config.json", {"scaling_factor": "big"}, "vae/config.json: scaling_factor must be a number"),
+])
+def test_a_bad_model_config_is_a_one_line_error(sd1_dir, tmp_path, capsys, file, edit, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sd1_dir, model)
+    target = model / file
+    if edit is None:
+        target.write_text("{not json")
+    else:
+        target.write_text(json.dumps({**json.loads(target.read_text()), **edit}))
+    assert main(["generate", "a star", "--model", str(model), "--output", str(tmp_path / "x.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model / file.split('/')[0]}" in err and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -33,14 +33,14 @@ PROMPT = "a large red circle on a blue background"
 class Server:
     """A Studio on the embedded model behind uvicorn, in a thread, on a free loopback port."""
 
-    def __init__(self, out: Path, limits: Limits):
+    def __init__(self, out: Path, limits: Limits, security=None, **studio_kwargs):
         import uvicorn
 
-        self.studio = Studio(default_model_path(), output_dir=out, limits=limits)
+        self.studio = Studio(default_model_path(), output_dir=out, limits=limits, **studio_kwargs)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.studio), log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.studio, security), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
