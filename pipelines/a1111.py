@@ -204,7 +204,7 @@ def answer(result: dict, payload: BaseModel, req: rq.Request, studio) -> dict:
             "height": int(settings.get("Size", "0x0").split("x")[1]), "sampler_name": settings.get("Sampler"),
             "scheduler": settings.get("Schedule type"), "cfg_scale": float(settings.get("CFG scale", 0)),
             "steps": int(settings.get("Steps", 0)), "batch_size": req.batch_size, "restore_faces": False,
-            "sd_model_name": studio.current_model(), "sd_model_hash": None, "denoising_strength":
+            "sd_model_name": result.get("model_name") or studio.current_model(), "sd_model_hash": None, "denoising_strength":
                 float(settings["Denoising strength"]) if "Denoising strength" in settings else 0,
             "clip_skip": req.clip_skip, "extra_generation_params": {}, "index_of_first_image": 0,
             "infotexts": params, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
@@ -223,22 +223,15 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     async def generate(payload: Txt2ImgPayload, request: Request, kind: str, image=None, mask=None):
         payload = payload.model_copy(update={"eta": _eta_for(payload.sampler_name, payload.eta)})
         o = payload.override_settings or {}
-        previous = None
-        if "sd_model_checkpoint" in o and o["sd_model_checkpoint"] != studio.current_model():
-            previous = studio.current_model()
-            switched = await _switch(o["sd_model_checkpoint"])
-            if not isinstance(switched, str):
-                return switched
-        try:
-            req = to_request(payload, kind, image, mask)
-            result = await execute(studio, req, request, interrupted=lambda: {"images": [], "parameters": [],
-                                                                                "seeds": [], "model": None})
-            if not isinstance(result, dict):
-                return _problems_as_a1111(result)
-            return answer(result, payload, req, studio)
-        finally:
-            if previous is not None and (payload.model_extra or {}).get("override_settings_restore_afterwards", True):
-                await _switch(previous)
+        model = o.get("sd_model_checkpoint")  # the job's own model, switched and restored on the worker
+        restore = (payload.model_extra or {}).get("override_settings_restore_afterwards", True)
+        req = to_request(payload, kind, image, mask)
+        result = await execute(studio, req, request, model=None if model is None else str(model),
+                               restore_model=restore is not False,
+                               interrupted=lambda: {"images": [], "parameters": [], "seeds": [], "model": None})
+        if not isinstance(result, dict):
+            return _problems_as_a1111(result)
+        return answer(result, payload, req, studio)
 
     async def _switch(name: str):
         try:
@@ -320,7 +313,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         return {"progress": round(frac, 4), "eta_relative": round(eta, 3),
                 "state": {"skipped": False, "interrupted": bool(job and job.interrupted), "stopping_generation": False,
-                          "job": job.id if job else "", "job_count": studio.queue.qsize() + (1 if job else 0),
+                          "job": job.id if job else "", "job_count": studio.waiting() + (1 if job else 0),
                           "job_timestamp": "0", "job_no": 0, "sampling_step": done, "sampling_steps": steps},
                 "current_image": None, "textinfo": None}
 

@@ -356,12 +356,16 @@ def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
 
 
 class Job:
-    def __init__(self, resolved: rq.Resolved | None, action=None, edit=None):
+    def __init__(self, resolved: rq.Resolved | None, action=None, edit=None, model: str | None = None,
+                 restore_model: bool = True):
         self.id = uuid.uuid4().hex[:12]
         self.resolved = resolved
         self.action = action  # instead of a request: a function the worker runs between jobs
         self.edit = edit  # a pipelines.edit.Edit: the request's settings run as that edit
+        self.model = model  # run on this model (models()' name; A1111's override_settings) ...
+        self.restore_model = restore_model  # ... and load the one before again afterwards
         self.interrupted = False  # stopped by /sdapi/v1/interrupt rather than by its client leaving
+        self.shutdown = False  # stopped because the server is shutting down
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.cancel = threading.Event()
         self.step, self.steps = 0, 0
@@ -392,7 +396,7 @@ class Studio:
         self._stopping = threading.Event()
         self.current: Job | None = None
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "images": 0}
-        self._seconds = []          # recent job durations, for Retry-After
+        self._step_seconds = []     # recent jobs' seconds per sampler step, for Retry-After
         self._started = 0.0         # when the running job started (perf_counter)
         self._seq = itertools.count(1)
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -508,27 +512,58 @@ class Studio:
 
     # queue --------------------------------------------------------------------------------------
     def submit(self, job: Job):
-        """Queue ``job``; ``queue.Full`` when the queue is at its bound."""
+        """Queue ``job``; ``queue.Full`` when the queue is at its bound (jobs whose clients went away
+        hold no slot: they are dropped first). Refused with Cancelled once the server is stopping."""
+        if self._stopping.is_set():
+            job.shutdown = True
+            raise Cancelled()
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            self.counts["rejected"] += 1
-            raise
+            if not self._drop_cancelled():
+                self.counts["rejected"] += 1
+                raise
+            self.queue.put_nowait(job)
+
+    def _drop_cancelled(self) -> int:
+        """Remove the queued jobs whose clients went away; how many were removed."""
+        with self.queue.mutex:
+            gone = [j for j in self.queue.queue if j is not None and j.cancel.is_set()]
+            for j in gone:
+                self.queue.queue.remove(j)
+            if gone:
+                self.queue.not_full.notify(len(gone))
+        for j in gone:
+            self.counts["cancelled"] += 1
+            j.future.set_exception(Cancelled())
+        return len(gone)
+
+    def waiting(self) -> int:
+        """Queued jobs whose clients still wait."""
+        with self.queue.mutex:
+            return sum(1 for j in self.queue.queue if j is not None and not j.cancel.is_set())
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free. A slot frees when the worker takes the next job,
-        that is when the running one ends: the mean of the last few job times less what the running
-        job has already spent (not the time to drain the whole queue)."""
-        recent = self._seconds[-5:]
-        mean = sum(recent) / len(recent) if recent else 1.0
-        if self.current is None:
+        that is when the running one ends: its steps left times the time a step takes, measured on the
+        running job itself once it has made a step, else on recent jobs (not the time to drain the
+        whole queue, nor a flat second)."""
+        job = self.current
+        if job is None:
             return 1
-        return max(1, math.ceil(mean - (time.perf_counter() - self._started)))
+        elapsed = time.perf_counter() - self._started
+        if job.step > 0:
+            per_step = elapsed / job.step
+        else:
+            recent = self._step_seconds[-5:]
+            per_step = sum(recent) / len(recent) if recent else 1.0 / max(job.steps, 1)
+        left = per_step * max(job.steps - job.step, 0) - (elapsed if job.step == 0 else 0.0)
+        return max(1, math.ceil(left))
 
     def progress(self) -> dict:
         job = self.current
         return {"busy": job is not None, "job": job.id if job else None, "step": job.step if job else 0,
-                "steps": job.steps if job else 0, "queue": self.queue.qsize()}
+                "steps": job.steps if job else 0, "queue": self.waiting()}
 
     def close(self):
         """Cancel the running and queued jobs and stop the worker."""
@@ -545,6 +580,25 @@ class Studio:
         self.stop()  # the queue is empty now: this wakes a worker waiting on it
         if self._thread is not None:
             self._thread.join(30)
+
+    def shutdown(self):
+        """Stop now (SIGTERM, Ctrl-C): take no more work, stop the running job at its next step and
+        answer it and every queued one 503; :meth:`work` returns once the running job has stopped.
+        Safe from a signal handler (it only sets flags and answers futures)."""
+        self._stopping.set()
+        job = self.current
+        if job is not None:
+            job.shutdown = True
+            job.cancel.set()
+        while True:
+            try:
+                queued = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if queued is not None and not queued.future.done():
+                queued.shutdown = True
+                queued.future.set_exception(Cancelled())
+        self.stop()
 
     def stop(self):
         """Let :meth:`work` return once the job it is running (if any) is done; queued jobs stay queued
@@ -573,6 +627,9 @@ class Studio:
                     job.future.set_exception(exc)
                 continue
             self.current = job
+            if self._stopping.is_set():  # shutdown() came between the queue and here
+                job.shutdown = True
+                job.cancel.set()
             t0 = self._started = time.perf_counter()
             try:
                 result = self._run(job)
@@ -589,12 +646,27 @@ class Studio:
                 job.future.set_exception(exc)
             else:
                 self.counts["done"] += 1
-                self._seconds = (self._seconds + [time.perf_counter() - t0])[-20:]
+                if job.steps:
+                    self._step_seconds = (self._step_seconds + [(time.perf_counter() - t0) / job.steps])[-20:]
                 job.future.set_result(result)
             finally:
                 self.current = None
 
     def _run(self, job: Job) -> dict:
+        """The job on its model: a job that names another model (A1111's override_settings) loads it
+        here, in queue order, and the one before is loaded again after it, so no other job sees it."""
+        if job.model is None or job.model == self.current_model():
+            return self._run_on_model(job)
+        previous = self.current_model()
+        self.switch_model(job.model)
+        try:
+            job.resolved = job.resolved.request.resolve(self.pipe.model, self.limits.for_requests(self.lora_dir))
+            return self._run_on_model(job)
+        finally:
+            if job.restore_model:
+                self.switch_model(previous)
+
+    def _run_on_model(self, job: Job) -> dict:
         import torch
 
         r = job.resolved
@@ -640,11 +712,13 @@ class Studio:
                     pipe.generate(runnable, step, on_batch=lambda res: keep(res, pipe.infotexts(res)))
             except Cancelled as exc:
                 exc.partial = {"images": images, "parameters": parameters, "seeds": seeds, "files": files,
-                               "model": pipe.model.name, "job": job.id}  # the batches that finished
+                               "model": pipe.model.name, "model_name": self.current_model(),
+                               "job": job.id}  # the batches that finished
                 raise
         seconds = time.perf_counter() - t0
         return {"images": images, "parameters": parameters, "seeds": seeds, "files": files,
-                "model": pipe.model.name, "job": job.id, "seconds": round(seconds, 3), **extra}
+                "model": pipe.model.name, "model_name": self.current_model(), "job": job.id,
+                "seconds": round(seconds, 3), **extra}
 
 
 async def _client_gone(request: Request):
@@ -654,17 +728,22 @@ async def _client_gone(request: Request):
         pass
 
 
-async def execute(studio: "Studio", req: rq.Request, request: Request, *, interrupted=None, edit=None):
+async def execute(studio: "Studio", req: rq.Request, request: Request, *, interrupted=None, edit=None,
+                  model: str | None = None, restore_model: bool = True):
     """Resolve, queue and await one request: the job's result dict, or an error response (422 naming
     the field, 503 with Retry-After when the queue is full, 499 when the client went away). A job
     stopped by ``/sdapi/v1/interrupt`` answers ``interrupted()`` when given (A1111's clients expect a
     normal answer), else 499."""
+    if model is not None and model not in studio.models():
+        return _error(422, [("sd_model_checkpoint", f"no model {model!r}; available: {', '.join(studio.models())}")])
     try:
-        job = Job(studio.resolve(req), edit=edit)
+        job = Job(studio.resolve(req), edit=edit, model=model, restore_model=restore_model)
     except rq.RequestError as exc:
         return _error(422, exc.problems)
     try:
         studio.submit(job)
+    except Cancelled:
+        return _shutting_down()
     except queue.Full:
         return _error(503, [("", f"the queue is full ({studio.limits.queue_size} requests waiting); "
                                  "retry later")], headers={"Retry-After": str(studio.retry_after())})
@@ -679,6 +758,8 @@ async def execute(studio: "Studio", req: rq.Request, request: Request, *, interr
     try:
         return fut.result()
     except Cancelled as exc:
+        if job.shutdown:
+            return _shutting_down()
         if interrupted is not None and job.interrupted:  # what had finished (whole batches), as A1111 answers
             partial = getattr(exc, "partial", None)
             return partial if partial is not None and partial["images"] else interrupted()
@@ -690,15 +771,30 @@ async def execute(studio: "Studio", req: rq.Request, request: Request, *, interr
         return _error(500, [("", f"generation failed: {type(exc).__name__}: {exc}")])
 
 
+def _shutting_down() -> JSONResponse:
+    return _error(503, [("", "the server is shutting down; the job was stopped (nothing past its last whole "
+                             "batch was kept)")])
+
+
 async def call_on_worker(studio: "Studio", fn):
     """Run ``fn()`` on the worker, between jobs (loading another model), and await its result."""
     job = Job(None, action=fn)
     try:
         studio.submit(job)
+    except Cancelled:
+        return _shutting_down()
     except queue.Full:
         return _error(503, [("", "the queue is full; retry later")],
                       headers={"Retry-After": str(studio.retry_after())})
-    return await asyncio.wrap_future(job.future)
+    try:
+        return await asyncio.wrap_future(job.future)
+    except Cancelled:
+        return _shutting_down()
+    except BadRequest:
+        raise
+    except Exception as exc:  # a model that fails to load: JSON with the reason, not a bare 500
+        log.exception("%s failed on the worker", getattr(fn, "__name__", "a call"))
+        return _error(500, [("", f"{type(exc).__name__}: {exc}")])
 
 
 # --- the app ---------------------------------------------------------------------------------------
@@ -722,7 +818,7 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
 
     @app.get("/api/health")
     async def health():
-        return {"status": "ok", "model": studio.pipe.model.name, "queue": studio.queue.qsize(),
+        return {"status": "ok", "model": studio.pipe.model.name, "queue": studio.waiting(),
                 "queue_size": studio.limits.queue_size, "busy": studio.current is not None, "worker": studio.worker, **studio.counts}
 
     @app.get("/api/models")
@@ -796,12 +892,13 @@ def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, *, sock=Non
         finally:
             studio.stop()
 
-    def terminate(signum, frame):  # SIGTERM ends the server as Ctrl-C does: the main thread stops both
-        raise KeyboardInterrupt
+    def terminate(signum, frame):  # SIGTERM and Ctrl-C: the running job stops at its next step and is
+        log.info("stopping: no new work; the running job is stopped and answered")  # answered, then both end
+        studio.shutdown()
 
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     thread = threading.Thread(target=http, name="ldm-serve-http", daemon=True)
     thread.start()
     try:
@@ -812,8 +909,8 @@ def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, *, sock=Non
         server.should_exit = True
         thread.join(15)
         studio.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         raise OSError(f"the HTTP server did not start on {host}:{port} (is the port in use? see the log above)")
     return server

@@ -422,20 +422,26 @@ def test_stopping_never_blocks_on_a_full_queue_and_close_cancels_what_waits(tmp_
 
 
 def test_retry_after_is_the_time_until_the_running_job_ends_not_the_whole_queue(tmp_path):
-    """A full queue frees a slot when the worker takes the next job, i.e. when the running job ends.
-    It was the queue's length times the mean of all recent jobs (213 s when a slot freed in 13 s)."""
+    """A full queue frees a slot when the worker takes the next job, i.e. when the running job ends:
+    its steps left times the time a step takes (the running job's own rate once it has made a step,
+    else recent jobs'). It was the queue's length times the mean of all recent jobs (213 s when a slot
+    freed in 13 s), then a mean job time less the elapsed time (1 s whenever a job ran long)."""
     from pipelines.serve import Job, Txt2Img, to_request
 
     studio = Studio(default_model_path(), output_dir=tmp_path, limits=Limits(queue_size=4), worker_thread=False)
     make = lambda: Job(studio.resolve(to_request("txt2img", Txt2Img(prompt=PROMPT, steps=2))))  # noqa: E731
     for _ in range(4):
         studio.submit(make())
-    studio._seconds = [40.0] * 15 + [3.0] * 5  # stale long jobs, then the last five at 3 s
+    studio._step_seconds = [4.0] * 15 + [0.5] * 5  # stale slow steps, then the last five at 0.5 s
     assert studio.retry_after() == 1  # nothing running: the worker takes a job at once
-    studio.current, studio._started = make(), time.perf_counter() - 1.0
-    assert studio.retry_after() == 2  # 3 s a job, 1 s of it spent; not 4 waiting x 40 s
-    studio._started = time.perf_counter() - 10.0
-    assert studio.retry_after() == 1  # overdue: soon
+    job = make()
+    job.steps, job.step = 30, 0
+    studio.current, studio._started = job, time.perf_counter() - 1.0
+    assert studio.retry_after() == 14  # 30 steps x 0.5 s, 1 s of it spent; not 4 waiting x anything
+    job.step, studio._started = 10, time.perf_counter() - 20.0  # this job runs at 2 s a step: 20 steps left
+    assert studio.retry_after() in (40, 41)  # 20 steps x (20 s and the microseconds since) / 10, rounded up
+    job.step = 30
+    assert studio.retry_after() == 1  # done: soon
     studio.current = None
     studio.close()
 

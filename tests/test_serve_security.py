@@ -167,3 +167,126 @@ def test_serve_refuses_unsafe_or_bad_flags_before_loading(capsys, tmp_path, argv
     assert main(["serve", "--output-dir", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def _raw_post(url, path, body):
+    """A POST whose client can be closed mid-request (the server then sees the client go away)."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port))
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _wait(cond, timeout=60, what="it"):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_clients_that_left_hold_no_queue_slot_and_retry_after_is_measured(tmp_path):
+    s = Server(tmp_path / "out", Limits(max_side=64, max_batch=8, max_steps=100000, queue_size=2))
+    try:
+        progress = lambda: httpx.get(s.url + "/api/progress").json()  # noqa: E731
+        assert post(s, "/api/txt2img", {"prompt": PROMPT, "steps": 4, "seed": 0}).status_code == 200  # a rate
+        long = {"prompt": PROMPT, "seed": 0, "steps": 999, "batch_size": 8}
+        a = _raw_post(s.url, "/api/txt2img", long)
+        _wait(lambda: progress()["busy"] and progress()["step"] > 0, what="A to start")
+        gone = [_raw_post(s.url, "/api/txt2img", {**long, "seed": i}) for i in (1, 2)]  # fill the queue
+        _wait(lambda: progress()["queue"] == 2, what="two to queue")
+        full = post(s, "/api/txt2img", {"prompt": PROMPT, "steps": 1})
+        assert full.status_code == 503
+        # A's 999 steps at its own rate, not a flat second
+        assert int(full.headers["Retry-After"]) > 5, full.headers
+        for g in gone:
+            g.close()
+        _wait(lambda: progress()["queue"] == 0, timeout=10, what="the queue to forget the gone clients")
+        c = _raw_post(s.url, "/api/txt2img", {"prompt": PROMPT, "steps": 1})  # takes a freed slot at once
+        _wait(lambda: progress()["queue"] == 1, timeout=10, what="C to queue")
+        c.close()
+        a.close()
+    finally:
+        s.stop()
+
+
+def test_sigterm_answers_the_running_job_and_exits_promptly(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--max-steps",
+                             "100000", "--output-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(url + "/api/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                return False
+
+        _wait(up, timeout=90, what="ldm serve to start")
+        answer = {}
+        t = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            url + "/api/txt2img", json={"prompt": PROMPT, "steps": 999, "batch_size": 8}, timeout=60)))
+        t.start()
+        _wait(lambda: httpx.get(url + "/api/progress").json()["step"] > 0, what="the job to run")
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert answer["r"].status_code == 503 and "shutting down" in answer["r"].text
+        assert proc.wait(30) == 0
+        assert time.time() - t0 < 10, time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_queued_model_override_never_leaks_into_other_jobs(tmp_path, sd1_dir):
+    """A1111's override_settings switch the model for their own job only, in queue order: a queued plain
+    request after an overriding one runs on the server's model, and a queued /options switch stays."""
+    import threading
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny-sd1").symlink_to(sd1_dir)
+    s = Server(tmp_path / "out", Limits(max_side=64, max_batch=8, max_steps=100000, queue_size=8), models_dir=models)
+    try:
+        progress = lambda: httpx.get(s.url + "/api/progress").json()  # noqa: E731
+        out = {}
+        first = threading.Thread(target=lambda: out.update(a=post(s, "/api/txt2img", {
+            "prompt": PROMPT, "steps": 150, "batch_size": 8, "seed": 0})))
+        first.start()
+        _wait(lambda: progress()["busy"], what="the first job")
+        jobs = [("over", "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64,
+                                               "override_settings": {"sd_model_checkpoint": "tiny-sd1"}}),
+                ("plain", "/api/txt2img", {"prompt": PROMPT, "steps": 2})]
+        threads = []
+        for name, path, body in jobs:
+            threads.append(threading.Thread(target=lambda n=name, p=path, b=body: out.update({n: post(s, p, b)})))
+            threads[-1].start()
+            _wait(lambda k=len(threads): progress()["queue"] >= k, what=f"{name} to queue")
+        for t in [first, *threads]:
+            t.join(120)
+        import json
+        assert json.loads(out["over"].json()["info"])["sd_model_name"] == "tiny-sd1"
+        assert out["plain"].json()["model"] == "shapes-model", out["plain"].json()["model"]
+        assert httpx.get(s.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes-model"
+        bad = post(s, "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2,
+                                            "override_settings": {"sd_model_checkpoint": "nope"}})
+        assert bad.status_code == 422 and "sd_model_checkpoint" in bad.text
+    finally:
+        s.stop()
