@@ -20,7 +20,8 @@ def _run_method(command: str, args: argparse.Namespace) -> int:
     extra = {k: getattr(args, k, None) for k in method.flags}
     try:
         if args.config is None:
-            args.config = str(recipe_path(method.recipe))
+            args.config, why = default_recipe(command, method, args)
+            print(f"{command}: recipe {args.config} ({why}; --config to use another)", file=sys.stderr)
         cfg = from_args(method.config_class(), args, extra)
         summary = train(method.objective_class()(cfg), cfg, progress=not args.quiet)
     except (ConfigError, TrainingError, ValueError, FileNotFoundError) as exc:
@@ -32,6 +33,23 @@ def _run_method(command: str, args: argparse.Namespace) -> int:
     print(f"{command}: {summary['steps']} steps in {summary['seconds']:.0f} s "
           f"({summary['steps_per_s']:.2f} steps/s), result in {cfg.output_dir}")
     return 0
+
+
+def default_recipe(command: str, method: Method, args: argparse.Namespace) -> tuple[str, str]:
+    """The recipe a run without --config uses, and why: the one the base model carries for this command
+    (the embedded model's are tuned for it: ldm/assets/shapes-model/recipes/), else the command's
+    general one, tuned for Stable Diffusion at 512 px."""
+    from ldm.models import model_recipe
+
+    model = getattr(args, "model", None)
+    for item in getattr(args, "set", None) or []:  # --set model=DIR names the base model too
+        key, _, value = item.partition("=")
+        if key.strip().replace("-", "_") == "model":
+            model = value
+    own = model_recipe(model, command)
+    if own is not None:
+        return str(own), f"the one {'the embedded model' if model is None else 'the model'} carries"
+    return str(recipe_path(method.recipe)), "the general one, for Stable Diffusion models"
 
 
 def register(sub, command: str | None = None) -> None:

@@ -78,6 +78,19 @@ def _sampling_value_problem(key: str, value) -> str | None:
     return None
 
 
+RECIPES_DIR = "recipes"  # a model directory's recommended training recipes: recipes/<command>.yaml
+
+
+def model_recipe(path: str | os.PathLike | None, command: str) -> Path | None:
+    """The recipe model ``path`` recommends for training command ``command`` (``recipes/<command>.yaml``
+    beside its sampling.json, as the embedded model carries its own), or None when it has none; the
+    embedded model when ``path`` is None. A recipe is a YAML mapping of recipe keys, checked as any
+    recipe is when the command builds it."""
+    base = EMBEDDED_MODEL if path is None else Path(path).expanduser()
+    file = base / RECIPES_DIR / f"{command}.yaml"
+    return file if base.is_dir() and file.is_file() else None
+
+
 def write_sampling_defaults(path: str | os.PathLike, **values) -> Path:
     """Write the given defaults (keys of SAMPLING_DEFAULTS) into ``path``/sampling.json."""
     unknown = sorted(set(values) - set(SAMPLING_DEFAULTS))

@@ -122,7 +122,7 @@ def _register_demos(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of configs/textual-inversion-shapes.yaml (repeatable)")
+                   help="override a key of ldm/assets/shapes-model/recipes/textual-inversion.yaml (repeatable)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_run_ti)
     b = dsub.add_parser("dreambooth", help="DreamBooth a teal ring (never seen) as 'a sks circle', "
@@ -135,7 +135,7 @@ def _register_demos(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="the instance renders' and the training's seed (default 0)")
     b.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of configs/dreambooth-shapes.yaml (repeatable); --set seed=N: "
+                   help="override a key of ldm/assets/shapes-model/recipes/dreambooth.yaml (repeatable); --set seed=N: "
                         "another training seed on the same images")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_run_db)

@@ -2,13 +2,13 @@
 with the shapes-world detector.
 
 ``ldm demo textual-inversion``: render a few images of the held-out pair *orange star* (which the
-base model never saw together), learn ``<concept>`` from them with configs/textual-inversion-shapes.yaml,
+base model never saw together), learn ``<concept>`` from them with the embedded model's recipes/textual-inversion.yaml,
 then judge images of ``a {size} <concept> on a {background} background`` against the base model
 prompted with the words ``orange star``, same seeds, every size and every background.
 
 ``ldm demo dreambooth``: render 5 images of a teal ring (a colour and a shape the base model never
 saw; the VAE, the model's general codec, draws them), then DreamBooth with and without prior
-preservation (configs/dreambooth-shapes.yaml), and judge, before and after training, subject
+preservation (the embedded model's recipes/dreambooth.yaml), and judge, before and after training, subject
 fidelity (``a sks circle on a {background} background``: a teal ring on that background) and prior
 preservation (``a {color} circle on a {background} background``: still a correct plain
 circle, no ring, no teal).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.recipes import recipe_path
+from ldm.models import model_recipe
 
 from . import world as shapes
 
@@ -100,7 +100,8 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     from pipelines.pipeline import Pipeline
 
     output_dir = Path(output_dir)
-    values = {**read_yaml(recipe_path("textual-inversion-shapes.yaml")), **(overrides or {})}
+    recipe = model_recipe(model, "textual-inversion") or model_recipe(None, "textual-inversion")  # the model's own
+    values = {**read_yaml(recipe), **(overrides or {})}
     token = values.get("placeholder_token", "<concept>")
     data = output_dir / "data"
     render_instances(data, TI_COLOR, TI_SHAPE, TI_TRAIN, seed=seed, masks=True)  # masks: --set mask_weight=W
@@ -108,7 +109,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
                   overwrite=True)  # a rerun of the demo starts its training over
     if max_steps is not None:
         values["max_steps"] = max_steps
-    cfg = build(TextualInversionConfig, values, "textual-inversion-shapes.yaml")
+    cfg = build(TextualInversionConfig, values, str(recipe))
     summary = train(TextualInversionObjective(cfg), cfg, progress=progress)
 
     cases = [dict(size=s, color=TI_COLOR, shape=TI_SHAPE, background=b)
@@ -177,14 +178,15 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     base = base_model_path(model)
-    values = {**read_yaml(recipe_path("dreambooth-shapes.yaml")), **(overrides or {})}
+    recipe = model_recipe(model, "dreambooth") or model_recipe(None, "dreambooth")  # the model's own
+    values = {**read_yaml(recipe), **(overrides or {})}
     if max_steps is not None:
         values["max_steps"] = max_steps
     instance = output_dir / "instance"
     render_instances(instance, DB_COLOR, DB_SHAPE, DB_TRAIN, caption=None, seed=seed, masks=True)
     class_dir = output_dir / "class_images"  # made once; reruns reuse them
     probe = build(DreamBoothConfig, {**values, "model": str(base), "instance_data_dir": str(instance)},
-                  "dreambooth-shapes.yaml")
+                  str(recipe))
     generate_class_images(load_base_model(str(base), torch_device()), probe.class_prompt, class_dir,
                           probe.num_class_images, probe.sample_batch_size)
 
@@ -196,7 +198,7 @@ def dreambooth_demo(output_dir: Path, *, model: str | None = None, per_case: int
              "with_prior_preservation": prior, "output_dir": str(output_dir / arm),
              "seed": values.get("seed", seed),  # --set seed=N: another training seed, the same images
              "overwrite": True, "report_to": "none"}
-        cfg = build(DreamBoothConfig, v, "dreambooth-shapes.yaml")
+        cfg = build(DreamBoothConfig, v, str(recipe))
         runs[arm] = {"summary": train(DreamBoothObjective(cfg), cfg, progress=progress), "cfg": cfg}
 
     # 2. the judge, same seeds everywhere

@@ -85,3 +85,38 @@ def test_set_takes_lists_comma_separated_or_in_yamls_flow_style():
     assert build(VAEConfig, {"data_dirs": "/data/a"}).data_dirs == ["/data/a"]
     assert build(VAEConfig, {"data_dirs": "[]"}).data_dirs == []
     assert build(VAEConfig, {"data_dirs": ["/x"]}).data_dirs == ["/x"]  # a YAML list as it is
+
+
+@pytest.mark.parametrize("command", ["dreambooth", "textual-inversion"])
+def test_a_run_without_config_uses_the_recipe_its_model_carries(command, sd1_dir, tmp_path):
+    """Issue 52 (14): the SD recipes (DreamBooth at lr 5e-6 for 400 steps at batch 1) gave the embedded
+    model subject 0.00; the embedded model carries its own recipes and an SD model gets the SD ones."""
+    import argparse
+
+    from finetune.cli import default_recipe
+    from finetune.config import build, read_yaml
+    from ldm.models import EMBEDDED_MODEL
+
+    method = METHODS[command]
+    own, why = default_recipe(command, method, argparse.Namespace(model=None, set=[]))
+    assert own == str(EMBEDDED_MODEL / "recipes" / f"{command}.yaml") and "embedded model" in why
+    cfg = build(method.config_class(), read_yaml(own), own)
+    general, why = default_recipe(command, method, argparse.Namespace(model=str(sd1_dir), set=[]))
+    assert general == str(recipe_path(method.recipe)) and "Stable Diffusion" in why
+    sd = build(method.config_class(), read_yaml(general), general)
+    assert cfg.learning_rate != sd.learning_rate  # tuned for the shapes model, not SD at 512 px
+    # --set model=... names the base model as --model does; a model directory's own recipe wins
+    mine = tmp_path / "mine"
+    (mine / "recipes").mkdir(parents=True)
+    (mine / "recipes" / f"{command}.yaml").write_text("max_steps: 7\n")
+    assert default_recipe(command, method, argparse.Namespace(model=None, set=[f"model={mine}"]))[0] == \
+        str(mine / "recipes" / f"{command}.yaml")
+
+
+def test_the_command_says_which_recipe_it_used(tmp_path, capsys):
+    from pipelines.cli import main
+
+    code = main(["textual-inversion", "--data-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "recipe" in err and "recipes/textual-inversion.yaml (the one the embedded model carries" in err, err
+    assert code == 2  # and the missing data folder is still a clear error
