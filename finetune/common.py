@@ -33,8 +33,6 @@ class Oversampling:
         from shapes import world as shapes
 
         fraction, (shape, size) = self.oversample_fraction, self.oversample_names()
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"oversample_fraction={fraction!r}: a fraction of each batch, between 0 and 1")
         unknown = sorted(set(shape or ()) - set(shapes.ALL_SHAPES)) + sorted(set(size or ()) - set(shapes.SIZES))
         combos = shapes.combinations(split, shapes=shape or None, sizes=size or None)
         if fraction and (unknown or not combos):

@@ -62,8 +62,8 @@ BOUNDS: dict[str, Bound] = {
     "snr_gamma": Bound(0, why="0: plain MSE"), "noise_offset": Bound(0, why="0: none"),
     "mask_weight": Bound(0, why="the subject's extra weight, 0 (off) or more"),
     "num_vectors": AT_LEAST_1, "repeats": AT_LEAST_1, "resolution": Bound(8, 8192),
-    "prior_loss_weight": Bound(0, why="the prior term's weight; 0 turns it off"), "num_class_images": AT_LEAST_1,
-    "sample_batch_size": AT_LEAST_1, "text_encoder_lr": POSITIVE, "lora_rank": Bound(0, why="0: full fine-tuning"),
+    "prior_loss_weight": Bound(0, why="the prior term's weight; 0 turns it off"), "num_class_images": AT_LEAST_0,
+    "sample_batch_size": AT_LEAST_1, "text_encoder_lr": AT_LEAST_0, "lora_rank": Bound(0, why="0: full fine-tuning"),
     "lora_alpha": POSITIVE,
     # distillation
     "from_steps": Bound(2), "to_steps": AT_LEAST_1, "guidance_scale": AT_LEAST_0, "guidance_range": AT_LEAST_0,
@@ -71,7 +71,7 @@ BOUNDS: dict[str, Bound] = {
     "first_halving_substeps": Bound(2, why="teacher steps per student step"), "num_images": AT_LEAST_1,
     "attribute_dropout": FRACTION,
     # the embedded model's stages
-    "oversample_fraction": FRACTION, "block_out_channels": AT_LEAST_1, "layers_per_block": AT_LEAST_1,
+    "oversample_fraction": Bound(0, 1, why="a fraction of each batch"), "block_out_channels": AT_LEAST_1, "layers_per_block": AT_LEAST_1,
     "norm_num_groups": AT_LEAST_1, "kl_weight": AT_LEAST_0, "random_color_fraction": FRACTION, "crop_size": Bound(0, why="0: whole images"),
     "full_size_steps": AT_LEAST_0, "scale_images": AT_LEAST_1, "edge_weight": AT_LEAST_0, "latent_noise": AT_LEAST_0,
     "shift": AT_LEAST_0, "adversarial_weight": AT_LEAST_0, "adversarial_start": AT_LEAST_0,

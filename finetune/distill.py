@@ -315,9 +315,6 @@ def plan(cfg: DistillConfig) -> tuple[list[tuple[str, int | None, int]], dict]:
                           f"(Salimans & Ho 2022, sec. 4); use one of {', '.join(STUDENT_PREDICTIONS)}")
     if len(cfg.guidance_range) != 2 or not 0 <= cfg.guidance_range[0] <= cfg.guidance_range[1]:
         raise ConfigError(f"guidance_range must be two scales lo <= hi, got {cfg.guidance_range}")
-    if cfg.first_halving_substeps < 2:
-        raise ConfigError(f"first_halving_substeps must be at least 2 (teacher steps per student step), "
-                          f"got {cfg.first_halving_substeps}")
     if cfg.first_halving_teacher not in HALVING_TEACHERS:
         raise ConfigError(f"first_halving_teacher {cfg.first_halving_teacher!r}: use one of "
                           f"{', '.join(HALVING_TEACHERS)}")

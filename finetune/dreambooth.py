@@ -101,10 +101,7 @@ class DreamBoothObjective(Objective):
         if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
             raise ConfigError(f"text_encoder_lr={cfg.text_encoder_lr:g} is set but train_text_encoder is off: "
                               "turn train_text_encoder on, or drop text_encoder_lr")
-        if cfg.text_encoder_lr is not None and cfg.text_encoder_lr < 0:
-            raise ConfigError(f"text_encoder_lr must be >= 0, got {cfg.text_encoder_lr:g}")
-        if cfg.lora_rank < 0:
-            raise ConfigError(f"lora_rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+        # the ranges of every key: finetune.config.BOUNDS
 
     def param_groups(self, modules, lr):
         """The U-Net at ``lr``, the text encoders at ``text_encoder_lr`` (scaled as ``lr`` was, with

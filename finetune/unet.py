@@ -87,8 +87,6 @@ class UNetObjective(Objective):
     def __init__(self, cfg: UNetConfig):
         self.cfg = cfg
         self.hard_combos = set(cfg.hard_combos("train"))
-        if cfg.foreground_weight < 0:
-            raise ValueError(f"foreground_weight={cfg.foreground_weight!r}: an extra weight, 0 (none) or more")
         if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
             raise ValueError(f"zero_terminal_snr with prediction_type {cfg.prediction_type!r}: at SNR 0 only "
                              "v_prediction (or sample) has a target that depends on the image; set "

@@ -43,6 +43,11 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[s
         raise ModelError(f"embedding file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
+        from .identify import identify
+        kind = identify(path)  # from the header: a model's weights are named, not read as 49,408 words
+        if kind.kind != "embedding":
+            raise ModelError(f"{path} is {kind.description}, not a textual-inversion embedding")
         try:
             data = load_file(str(path))
         except Exception as exc:  # a truncated or foreign file
@@ -74,6 +79,12 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[s
     bad = [k for k, v in embeds.items() if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2)]
     if bad:
         raise ModelError(f"{path}: entry {bad[0]!r} is not a [n, dim] tensor")
+    from .identify import MAX_EMBEDDING_VECTORS
+    big = [k for k, v in embeds.items() if v.ndim == 2 and v.shape[0] > MAX_EMBEDDING_VECTORS]
+    if big or len(embeds) > 16:
+        what = f"{big[0]!r} has {embeds[big[0]].shape[0]} rows" if big else f"it holds {len(embeds)} tensors"
+        raise ModelError(f"{path} is not a textual-inversion embedding ({what}; an embedding holds a few concepts "
+                         f"of at most {MAX_EMBEDDING_VECTORS} vectors): is it a model's weights?")
     embeds = {k: (v[None] if v.ndim == 1 else v).detach().float().cpu() for k, v in embeds.items()}
     if token is not None:
         if len(embeds) != 1:

@@ -428,6 +428,9 @@ def _convert_lora(args) -> int:
         raise ValueError("a LoRA is written as one .safetensors file: give an output ending in .safetensors")
     check_output_dir(args.output.parent, "the output's folder")
     model = load_model(model_path(args), config=args.model_config)
+    from .pipeline import _check_lora_arch
+
+    _check_lora_arch(args.input, model)  # a LoRA for another family is named, not converted into a useless file
     sd = load_file(str(args.input))
     if is_kohya_lora(sd):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

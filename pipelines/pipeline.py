@@ -62,11 +62,15 @@ def _check_lora_arch(path: Path, model: Model) -> None:
     """A LoRA made for SDXL (a second text encoder, or the U-Net's added-condition layers) on an SD 1.x/2.x
     model, or the reverse, is an error naming both, before any weight is touched."""
     from ldm.checkpoints import file_keys
+    from ldm.identify import identify, lora_mismatches, tensor_shapes
 
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    keys = file_keys(files[0]) if files else None
-    if keys is None:  # nothing to read, or unreadable: diffusers' reader says why
+    if not files:  # nothing to read: diffusers' reader says why
         return
+    kind = identify(files[0])
+    if kind.kind != "lora":
+        raise ModelError(f"{str(files[0])!r} is {kind.description}, not a LoRA")
+    keys = file_keys(files[0])
     second = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
     xl_unet = any("add_embedding" in k or "lora_unet_input_blocks" in k or "lora_unet_label_emb" in k for k in keys)
     sd_text = any(k.startswith("lora_te_") for k in keys)
@@ -75,6 +79,10 @@ def _check_lora_arch(path: Path, model: Model) -> None:
         made = "SDXL" if made_for_xl else "SD 1.x / 2.x (one text encoder)"
         raise ModelError(f"LoRA {str(files[0])!r} was made for {made}, but this model is {model.arch}; use a LoRA "
                          "made for this model")
+    bad, total, example = lora_mismatches(tensor_shapes(files[0]), model)
+    if bad:
+        raise ModelError(f"LoRA {str(files[0])!r} does not fit this {model.arch} model: {bad} of its {total} layers "
+                         f"have other sizes (e.g. {example}); it was made for another model family")
 
 
 class Pipeline:

@@ -1,6 +1,7 @@
 """Single-file checkpoints in the original (A1111 / ComfyUI) layout, both ways, on tiny random models
 of every layout; the shipped configs of the real architectures against their published sizes."""
 
+import re
 import json
 
 import numpy as np
@@ -329,3 +330,45 @@ def test_a_lora_for_another_architecture_is_refused_naming_both(tiny, tmp_path):
     xl = _random_lora(tiny["sdxl"][0], tmp_path / "xl", sdxl=True)
     with pytest.raises(ModelError, match="was made for SDXL, but this model is sd1"):
         Pipeline.from_pretrained(tiny["sd1"][0]).load_lora(xl)
+
+
+def test_an_sd1_lora_on_sdxl_is_one_error_naming_both_and_convert_refuses_it(tiny, tmp_path, capsys):
+    sd1 = _random_lora(tiny["sd1"][0], tmp_path / "sd1", sdxl=False)
+    with pytest.raises(ModelError, match=r"does not fit this sdxl model: \d+ of its \d+ layers"):
+        Pipeline.from_pretrained(tiny["sdxl"][0]).load_lora(sd1)
+    out = tmp_path / "k.safetensors"
+    assert main(["convert", str(sd1), str(out), "--model", str(tiny["sdxl"][0])]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this sdxl model" in err and len(err.strip().splitlines()) == 1 and not out.exists(), err
+
+
+def test_files_of_the_wrong_kind_are_named(tiny, tmp_path):
+    """Issue 52 (15, 18): a textual-inversion checkpoint as an embedding hung for 10 minutes (its text
+    encoder's token table read as 49,408 words); a text file or a U-Net as a LoRA were tracebacks; an
+    embedding as a LoRA did nothing."""
+    from safetensors.torch import save_file
+
+    from ldm.embeddings import read_embeddings, write_embeddings
+
+    d = tiny["sd1"][0]
+    m = load_model(d)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("just some text")
+    unet = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in m.unet.state_dict().items()}, str(unet))
+    encoder = tmp_path / "te.safetensors"
+    save_file({k: v.contiguous() for k, v in m.text_encoder.state_dict().items()}, str(encoder))
+    state = tmp_path / "modules.safetensors"
+    save_file({f"text_encoder/{k}": v.contiguous() for k, v in m.text_encoder.state_dict().items()}, str(state))
+    emb = write_embeddings(tmp_path / "learned_embeds.safetensors",
+                           {"<x>": torch.zeros(2, m.text_encoder.config.hidden_size)})
+    pipe = Pipeline.from_pretrained(d)
+    for f, what in ((text, "not a readable .safetensors file"), (unet, "a U-Net's weights"),
+                    (emb, "a textual-inversion embedding")):
+        with pytest.raises(ModelError, match=f"is {re.escape(what)}.*, not a LoRA"):
+            pipe.load_lora(f)
+    for f, what in ((encoder, "a text encoder's weights"), (state, "a training run's state"),
+                    (unet, "a U-Net's weights")):
+        with pytest.raises(ModelError, match=f"is {re.escape(what)}.*not a textual-inversion embedding"):
+            read_embeddings(f)
+    assert list(read_embeddings(emb)) == ["<x>"]

@@ -256,7 +256,7 @@ def test_resume_equals_an_uninterrupted_chain(sd1_dir, tmp_path, monkeypatch):
     (dict(to_steps=3), ConfigError, "not from_steps=4 divided by a power of two; choose one of 2, 1"),
     (dict(prediction_type="epsilon"), ConfigError, "predicts v or x"),
     (dict(guidance_range=[5.0, 2.0]), ConfigError, "guidance_range"),
-    (dict(first_halving_substeps=1), ConfigError, "first_halving_substeps must be at least 2"),
+    (dict(first_halving_substeps=1), ConfigError, "first_halving_substeps=1: must be >= 2"),
     (dict(first_halving_teacher="teacher"), ConfigError, "first_halving_teacher 'teacher': use one of chain, base"),
 ])
 def test_bad_settings_are_clear_errors(sd1_dir, tmp_path, kw, error, match):
@@ -297,4 +297,4 @@ def test_the_first_halving_flags_reach_the_recipe(sd1_dir, tmp_path, capsys):
     assert "first_halving_teacher 'teacher': use one of chain, base" in capsys.readouterr().err
     rc = main(["distill", "--teacher", str(sd1_dir), "--output-dir", str(tmp_path / "y"),
                "--first-halving-substeps", "1", "--quiet"])
-    assert rc == 2 and "first_halving_substeps must be at least 2" in capsys.readouterr().err
+    assert rc == 2 and "first_halving_substeps=1: must be >= 2" in capsys.readouterr().err

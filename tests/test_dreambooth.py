@@ -232,9 +232,9 @@ def test_text_encoder_lr_is_the_text_encoders_own_rate(sd1_dir, instance_dir, tm
 @pytest.mark.parametrize("kw, match", [
     (dict(with_prior_preservation=True, class_prompt=""), "with_prior_preservation needs class_prompt"),
     (dict(text_encoder_lr=1e-5), "text_encoder_lr=1e-05 is set but train_text_encoder is off"),
-    (dict(text_encoder_lr=-1.0, train_text_encoder=True), "text_encoder_lr must be >= 0"),
+    (dict(text_encoder_lr=-1.0, train_text_encoder=True), "text_encoder_lr=-1.0: must be >= 0"),
     (dict(instance_prompt=""), "instance_prompt is required"),
-    (dict(lora_rank=-1), "lora_rank must be >= 0"),
+    (dict(lora_rank=-1), "lora_rank=-1: must be >= 0"),
 ])
 def test_bad_settings_are_clear_errors(sd1_dir, instance_dir, tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
