@@ -79,7 +79,7 @@ BOUNDS: dict[str, Bound] = {
     "vision_layers": AT_LEAST_1, "vision_resnet_layers": AT_LEAST_1, "vision_head_width": AT_LEAST_1,
     "patch_size": AT_LEAST_1, "text_width": AT_LEAST_1, "text_layers": AT_LEAST_1, "text_heads": AT_LEAST_1,
     "context_length": AT_LEAST_1, "text_encoder_layers": Bound(0, why="0: the embeddings and final norm only"), "attention_head_dim": AT_LEAST_1,
-    "uncond_prob": FRACTION, "foreground_weight": AT_LEAST_0, "foreground_margin": AT_LEAST_0,
+    "uncond_prob": FRACTION, "foreground_weight": AT_LEAST_0, "foreground_margin": Bound(0, why="px to grow the box by"),
 }
 
 

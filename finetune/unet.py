@@ -91,8 +91,6 @@ class UNetObjective(Objective):
             raise ValueError(f"zero_terminal_snr with prediction_type {cfg.prediction_type!r}: at SNR 0 only "
                              "v_prediction (or sample) has a target that depends on the image; set "
                              "prediction_type: v_prediction")
-        if cfg.foreground_margin < 0:
-            raise ValueError(f"foreground_margin={cfg.foreground_margin!r}: px to grow the box by, 0 or more")
         self.weights = None  # per-latent-pixel loss weights of the cached scenes (setup)
 
     def setup(self, accelerator):

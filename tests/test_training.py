@@ -578,7 +578,7 @@ def test_unet_foreground_weight_weighs_the_shapes_box(tiny_build):
     assert "weight" not in plain.batch(0, torch.Generator().manual_seed(1), 0, 1)
     with pytest.raises(ValueError, match="foreground_weight=-1.0: must be >= 0"):
         UNetObjective(UNetConfig(foreground_weight=-1.0, **common))
-    with pytest.raises(ValueError, match="foreground_margin=-2: px to grow the box by, 0 or more"):
+    with pytest.raises(ValueError, match=r"foreground_margin=-2: must be >= 0 \(px to grow the box by\)"):
         UNetObjective(UNetConfig(foreground_weight=1.0, foreground_margin=-2, **common))
 
 
