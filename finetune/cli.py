@@ -21,7 +21,7 @@ def _run_method(command: str, args: argparse.Namespace) -> int:
     try:
         if args.config is None:
             args.config, why = default_recipe(command, method, args)
-            print(f"{command}: recipe {args.config} ({why}; --config to use another)", file=sys.stderr)
+            print(f"{command}: recipe {args.config} ({why}; --config to use another)")
         cfg = from_args(method.config_class(), args, extra)
         summary = train(method.objective_class()(cfg), cfg, progress=not args.quiet)
     except (ConfigError, TrainingError, ValueError, FileNotFoundError) as exc:
@@ -49,7 +49,9 @@ def default_recipe(command: str, method: Method, args: argparse.Namespace) -> tu
     own = model_recipe(model, command)
     if own is not None:
         return str(own), f"the one {'the embedded model' if model is None else 'the model'} carries"
-    return str(recipe_path(method.recipe)), "the general one, for Stable Diffusion models"
+    general = recipe_path(method.recipe)
+    for_sd = model_recipe(None, command) is not None  # the embedded model carries its own: this one is for SD
+    return str(general), "the command's default" + (", tuned for Stable Diffusion models" if for_sd else "")
 
 
 def register(sub, command: str | None = None) -> None:

@@ -29,7 +29,7 @@ class Task:
     paths: list[Path]          # one per seed
 
     def done(self) -> bool:
-        return all(Path(p).exists() for p in self.paths)
+        return all(Path(p).is_file() for p in self.paths)  # a folder of that name is not an image
 
 
 def write_tasks(pipe, tasks: list[Task], make: Callable, *, rank: int = 0, world: int = 1, skip_done: bool = True,

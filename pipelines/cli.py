@@ -330,9 +330,26 @@ def model_path(args):
 
 
 def device_for(args) -> str:
+    """``--device``, checked (ValueError naming it: a name PyTorch does not know, or a device this machine
+    does not have), or the default: cuda when available, else cpu."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name PyTorch knows; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return name
+    module = {"mps": getattr(torch.backends, "mps", None)}.get(dev.type) or getattr(torch, dev.type, None)
+    available = getattr(module, "is_available", lambda: False)()
+    if not available:
+        raise ValueError(f"--device {name}: this machine has no {dev.type} device PyTorch can use; use --device cpu "
+                         f"(or leave --device out: cuda when there is one, else cpu)")
+    count = getattr(module, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {dev.type} device(s), numbered from 0")
+    return name
 
 
 def _serve(args) -> int:
@@ -553,7 +570,7 @@ def run(args) -> list[Path]:
     req = build_request(args, prompts).check()
 
     rank, world, state = process_state()
-    device = args.device or (str(state.device) if world > 1 else device_for(args))
+    device = device_for(args) if args.device or world == 1 else str(state.device)
     if world == 1:  # under accelerate launch each process keeps the threads it was given
         log.debug("%s CPU threads", apply_threads(args.threads, device))
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,

@@ -27,7 +27,27 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Pat
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise OutputError(f"{flag} {str(path)!r} cannot be written: {reason}; choose another folder") from None
+    remove_stale_temporaries(path)
     return path
+
+
+STALE_SECONDS = 600
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files (``.NAME.png.<pid>-<token>.tmp``) that a writer killed mid-write left in
+    ``folder``: those older than STALE_SECONDS (a live write lasts milliseconds); how many were removed."""
+    import time
+
+    removed = 0
+    for f in Path(folder).glob(".*.png*.tmp"):
+        try:
+            if f.is_file() and time.time() - f.stat().st_mtime > STALE_SECONDS:
+                f.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--output") -> Path:

@@ -9,6 +9,7 @@ writes and the tools around it (image browsers, civitai, ComfyUI importers) read
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, SCHEDULE_SAMPLERS
+
+log = logging.getLogger(__name__)
 
 
 def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float, seed: int,
@@ -70,15 +73,41 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
     return buf.getvalue()
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str | None = None, *, data: bytes | None = None) -> Path:
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None, *, data: bytes | None = None,
+             exclusive: bool = False) -> Path:
     """Write ``image`` with its ``parameters`` chunk (or already-encoded PNG ``data``), atomically (a
-    temporary file, then a rename), so an interrupted run never leaves a truncated image behind."""
+    temporary file of this process, then a rename), so an interrupted run never leaves a truncated image
+    behind; returns where it went. With ``exclusive`` an existing file is never replaced (two servers on
+    one folder): the image takes the next free name. A name that cannot be written (a folder of that
+    name, a file that may not be replaced) gets another, ``NAME-1.png``, ..., with a warning, so a
+    computed image is never lost to its name; a folder that cannot be written at all raises OSError."""
+    import secrets
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png_bytes(image, parameters or "") if data is None else data)
-    os.replace(tmp, path)
-    return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # this writer's own
+    try:
+        with open(tmp, "xb") as f:
+            f.write(png_bytes(image, parameters or "") if data is None else data)
+        for k in range(1000):
+            target = path if k == 0 else path.with_name(f"{path.stem}-{k}{path.suffix}")
+            try:
+                if exclusive:
+                    os.link(tmp, target)  # fails if the name exists: nothing is replaced
+                else:
+                    if target.is_dir():
+                        raise IsADirectoryError(str(target))
+                    os.replace(tmp, target)
+            except (FileExistsError, IsADirectoryError, PermissionError) as exc:
+                if not exclusive or not isinstance(exc, FileExistsError):
+                    log.warning("cannot write %s (%s); writing %s-N%s instead", target, type(exc).__name__,
+                                path.stem, path.suffix)
+                continue
+            return target
+        raise OSError(f"no free name for {path} (tried {path.stem}-1 .. -999)")
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def read_parameters(path: str | Path) -> str | None:

@@ -397,6 +397,7 @@ class Studio:
         self.current: Job | None = None
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "images": 0}
         self._step_seconds = []     # recent jobs' seconds per sampler step, for Retry-After
+        self.write_error: str | None = None  # the last failure to write an image (read-only, full folder)
         self._started = 0.0         # when the running job started (perf_counter)
         self._seq = itertools.count(1)
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -446,6 +447,16 @@ class Studio:
                 if (p / "model_index.json").is_file() or p.suffix == ".safetensors":
                     out[p.name] = str(p)
         return out
+
+    def output_writable(self) -> bool:
+        """Whether a file can be created in the output folder now (the health check's probe)."""
+        import tempfile
+
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.output_dir, prefix=".write-check-"):
+                return True
+        except OSError:
+            return False
 
     def current_model(self) -> str:
         """The name (``models()``) of the model loaded now: every model is named by its path's last part."""
@@ -685,12 +696,23 @@ class Studio:
         extra = {}
         images, files, parameters, seeds = [], [], [], []
 
+        warnings = []
+
         def keep(res, texts):
-            """One batch's images: on disk at once (an interrupted or failed job keeps them), and encoded."""
+            """One batch's images: on disk at once (an interrupted or failed job keeps them), and encoded;
+            a folder that cannot be written (read-only, full) costs the files, not the images."""
             for img, params, s in zip(res.images, texts, res.seeds):
                 data = png_bytes(img, params)
                 path = self.output_dir / f"{self._stamp}-{next(self._seq):05d}-{s}.png"
-                files.append(str(save_png(img, path, data=data)))
+                try:  # exclusive: another server on this folder never overwrites, nor is overwritten
+                    files.append(str(save_png(img, path, data=data, exclusive=True)))
+                except OSError as exc:
+                    self.write_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+                    log.warning("could not write %s (%s); the image is in the answer only", path, self.write_error)
+                    files.append(None)
+                    if not warnings:
+                        warnings.append(f"the output folder {self.output_dir} could not be written "
+                                        f"({self.write_error}); the images are in this answer only")
                 images.append(base64.b64encode(data).decode("ascii"))
                 parameters.append(params)
                 seeds.append(s)
@@ -718,7 +740,7 @@ class Studio:
         seconds = time.perf_counter() - t0
         return {"images": images, "parameters": parameters, "seeds": seeds, "files": files,
                 "model": pipe.model.name, "model_name": self.current_model(), "job": job.id,
-                "seconds": round(seconds, 3), **extra}
+                "seconds": round(seconds, 3), **({"warnings": warnings} if warnings else {}), **extra}
 
 
 async def _client_gone(request: Request):
@@ -819,6 +841,7 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
     @app.get("/api/health")
     async def health():
         return {"status": "ok", "model": studio.pipe.model.name, "queue": studio.waiting(),
+                "output_dir_writable": studio.output_writable(), "output_error": studio.write_error,
                 "queue_size": studio.limits.queue_size, "busy": studio.current is not None, "worker": studio.worker, **studio.counts}
 
     @app.get("/api/models")

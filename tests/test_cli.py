@@ -310,3 +310,50 @@ def test_a_bad_model_config_is_a_one_line_error(sd1_dir, tmp_path, capsys, file,
     err = capsys.readouterr().err
     assert f"{model / file.split('/')[0]}" in err and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "--device 'banana' is not a device name PyTorch knows"),
+    ("cuda" if not __import__("torch").cuda.is_available() else "cuda:99", "--device cuda"),
+])
+def test_a_device_this_machine_lacks_is_a_clear_error(tmp_path, capsys, device, message):
+    for argv in (["generate", "a red circle", "--output", str(tmp_path / "x.png")],
+                 ["serve", "--output-dir", str(tmp_path / "s")], ["eval", "--output-dir", str(tmp_path / "e")]):
+        assert main(argv + ["--device", device]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_an_image_that_cannot_take_its_name_takes_another_and_nothing_is_lost(tmp_path, capsys, caplog):
+    """Issue 52 (22): a folder where an image's file goes made a traceback, lost the batch's other images
+    and left a .tmp; --from-file skipped that prompt as done."""
+    out = tmp_path / "out"
+    (out / "00000-2.png").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        assert main(["generate", "a red circle", "--batch-size", "3", "--seed", "1", "--steps", "2",
+                     "--output-dir", str(out), "--quiet"]) == 0
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == ["00000-1.png", "00000-2-1.png", "00000-3.png"], files
+    assert any("cannot write" in r.getMessage() for r in caplog.records)
+    assert not list(out.glob(".*tmp"))
+
+
+def test_exclusive_writes_and_stale_temporaries(tmp_path):
+    import os
+    import time
+
+    from PIL import Image
+
+    from pipelines.outputs import check_output_dir
+    from pipelines.pngmeta import save_png
+
+    img = Image.new("RGB", (8, 8))
+    a = save_png(img, tmp_path / "x.png", "a", exclusive=True)
+    b = save_png(img, tmp_path / "x.png", "b", exclusive=True)  # a second server, the same second
+    assert (a.name, b.name) == ("x.png", "x-1.png")
+    stale, fresh = tmp_path / ".y.png.123-abcd.tmp", tmp_path / ".z.png.456-ef01.tmp"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    check_output_dir(tmp_path)
+    assert not stale.exists() and fresh.exists()

@@ -117,6 +117,6 @@ def test_the_command_says_which_recipe_it_used(tmp_path, capsys):
     from pipelines.cli import main
 
     code = main(["textual-inversion", "--data-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert "recipe" in err and "recipes/textual-inversion.yaml (the one the embedded model carries" in err, err
-    assert code == 2  # and the missing data folder is still a clear error
+    said = capsys.readouterr()
+    assert "recipes/textual-inversion.yaml (the one the embedded model carries" in said.out, said
+    assert code == 2 and "--data-dir" in said.err  # and the missing data folder is still a clear error

@@ -290,3 +290,23 @@ def test_a_queued_model_override_never_leaks_into_other_jobs(tmp_path, sd1_dir):
         assert bad.status_code == 422 and "sd_model_checkpoint" in bad.text
     finally:
         s.stop()
+
+
+def test_an_unwritable_output_folder_costs_the_files_not_the_images(tmp_path, monkeypatch):
+    import errno
+
+    import pipelines.serve as serve_module
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    s = Server(tmp_path / "out", Limits(max_side=64, max_steps=10))
+    try:
+        monkeypatch.setattr(serve_module, "save_png", read_only)
+        r = post(s, "/api/txt2img", {"prompt": PROMPT, "steps": 2, "seed": 1, "batch_size": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["images"]) == 2 and body["files"] == [None, None] and "could not be written" in body["warnings"][0]
+        assert "Read-only" in httpx.get(s.url + "/api/health").json()["output_error"]
+    finally:
+        s.stop()
