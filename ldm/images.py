@@ -14,6 +14,8 @@ from PIL import Image, UnidentifiedImageError
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     """Open an image file and convert it (RGBA, palette and greyscale included) to ``mode``."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image file {str(path)!r} is a folder; give an image file (PNG, JPEG, WebP, ...)")
     if not path.is_file():
         raise ValueError(f"image file {str(path)!r} does not exist")
     return _open(path, mode, repr(str(path)))

@@ -115,6 +115,7 @@ class Model:
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = False     # SDXL base: an empty negative prompt is zeros, not encoded ""
     requires_aesthetics_score: bool = False        # SDXL refiner: the added conditions end in an aesthetic score
+    vae_file: Path | None = None                   # the VAE that replaced the model's own (load_model's vae)
 
     @property
     def device(self) -> torch.device:
@@ -328,6 +329,7 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     attention), sdpa, or xformers. ``vae`` replaces the model's VAE (ldm.checkpoints.load_vae).
     """
     path = resolve_model_path(name_or_path)
+    vae_file = None if vae is None else Path(vae)  # what the PNG records (``vae`` names the module below)
     torch_dtype = resolve_dtype(dtype, device)
     device = torch.device(device)
     if device.type == "cpu" and torch_dtype == torch.float16:
@@ -372,7 +374,8 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     return Model(unet, vae, loaded.get("text_encoder"), loaded.get("tokenizer"), schedule, name, path,
                  sampling, text_encoder_2=loaded.get("text_encoder_2"), tokenizer_2=loaded.get("tokenizer_2"),
                  force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
-                 requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+                 requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+                 vae_file=vae_file)
 
 
 def _directory(path: Path, allow_pickle: bool, torch_dtype) -> dict:

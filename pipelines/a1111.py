@@ -332,12 +332,19 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             return _error(422, [("image", "required: a base64 PNG")])
         if data.startswith("data:"):
             data = data.partition(",")[2]
+        import binascii
         import io
+
+        from PIL import UnidentifiedImageError
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
                 text = im.info.get("parameters") or ""
+        except (binascii.Error, ValueError):
+            return _error(422, [("image", "not valid base64")])
+        except UnidentifiedImageError:
+            return _error(422, [("image", "not an image format Pillow reads (PNG, JPEG, WebP, ...)")])
         except Exception as exc:
-            return _error(422, [("image", f"not a readable image: {exc}")])
+            return _error(422, [("image", f"not a readable image: {type(exc).__name__}")])
         return {"info": text, "items": {"parameters": text} if text else {},
                 "parameters": parse_parameters(text) if text else {}}
 

@@ -401,6 +401,9 @@ def _convert(args) -> int:
     from ldm.models import DTYPES, load_model
 
     try:
+        if not args.input.exists():
+            raise ValueError(f"{str(args.input)!r} does not exist; give a model directory, a single-file checkpoint "
+                             "or a LoRA file to convert")
         if args.input.is_file() and _is_lora(args.input):
             return _convert_lora(args)
         to_file = args.output.suffix == ".safetensors"
@@ -481,6 +484,8 @@ def _plugins():
 def read_prompt_file(path: Path, flag: str = "--from-file") -> list[str]:
     """One prompt a line; blank lines and #-lines skipped. A missing, binary or empty file is an
     error naming the file and the flag."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a text file with one prompt a line")
     if not path.is_file():
         raise ValueError(f"{flag} {str(path)!r} does not exist")
     try:
@@ -502,7 +507,7 @@ def _prompts(args) -> list[str]:
         if args.prompt:
             raise ValueError("give either a prompt or --from-file, not both")
         return read_prompt_file(args.from_file)
-    if not args.prompt:
+    if args.prompt is None:  # "" is a prompt (unconditional, as over HTTP and in A1111); none given is not
         raise ValueError("no prompt: give one as an argument or use --from-file")
     return [args.prompt]
 

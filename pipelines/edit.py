@@ -96,12 +96,15 @@ def check_edit(pipe: Pipeline, ed: Edit, req: Request | None = None) -> list[tup
     """Every problem an edit can be checked for before any sampling (EditError naming the value, or
     RequestError for the request's sizes); returns the token layouts of its pairs."""
     check_sizes(ed, req)
+    problems = []  # by field name: the HTTP body's key, and --field-name on the command line
     if ed.inversion not in INVERSIONS:
-        raise EditError(f"--inversion must be one of {', '.join(INVERSIONS)}, got {ed.inversion!r}")
-    if not isinstance(ed.inner_steps, int) or ed.inner_steps < 1:
-        raise EditError(f"--inner-steps must be an integer >= 1, got {ed.inner_steps!r}")
+        problems.append(("inversion", f"must be one of {', '.join(INVERSIONS)}, got {ed.inversion!r}"))
+    if isinstance(ed.inner_steps, bool) or not isinstance(ed.inner_steps, int) or ed.inner_steps < 1:
+        problems.append(("inner_steps", f"must be an integer >= 1, got {ed.inner_steps!r}"))
     if isinstance(ed.inner_lr, bool) or not isinstance(ed.inner_lr, (int, float)) or not 0 < ed.inner_lr <= 1:
-        raise EditError(f"--inner-lr must be a number in (0, 1], got {ed.inner_lr!r}")
+        problems.append(("inner_lr", f"must be a number in (0, 1], got {ed.inner_lr!r}"))
+    if problems:
+        raise RequestError(problems)
     m = pipe.model
     tokenizer = m.tokenizer if m.tokenizer is not None else m.tokenizer_2
     layouts = []

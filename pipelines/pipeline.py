@@ -58,6 +58,31 @@ def _generators(seeds) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+_HASHES: dict[tuple[str, float, int], str] = {}
+
+
+def short_hash(path: Path) -> str:
+    """A file's SHA-256, first 12 hex digits (A1111's short hash of LoRA and embedding files); each file
+    read once per change."""
+    import hashlib
+
+    path = Path(path)
+    if path.is_dir():  # a LoRA directory: its weights file
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            return "unknown"
+        path = files[0]
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime, st.st_size)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()[:12]
+    return _HASHES[key]
+
+
 def _check_lora_arch(path: Path, model: Model) -> None:
     """A LoRA made for SDXL (a second text encoder, or the U-Net's added-condition layers) on an SD 1.x/2.x
     model, or the reverse, is an error naming both, before any weight is touched."""
@@ -95,6 +120,7 @@ class Pipeline:
         self.vae_slice_size = vae_slice_size
         self.refiner: Pipeline | None = None  # SDXL: a refiner that takes over at a request's refiner_start
         self._adapters: set[str] = set()  # embedding and LoRA files applied, by resolved path
+        self._embedding_files: dict[str, Path] = {}  # token -> the embedding file that added it
         self._clip: tuple = (None, None)  # (resolved directory, ldm.clip_guidance.ClipTower) for CLIP guidance
 
     @classmethod
@@ -162,6 +188,7 @@ class Pipeline:
                 add_concept(m.tokenizer_2, m.text_encoder_2, name, vectors["clip_g"])
             else:
                 add_concept(m.tokenizer, m.text_encoder, name, vectors)
+            self._embedding_files[name] = Path(path).resolve()
         return list(embeds)
 
     def load_lora(self, path) -> None:
@@ -191,6 +218,7 @@ class Pipeline:
                     loader.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix=prefix)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
+        self._adapters.add(f"lora:{(path / kwargs['weight_name'] if 'weight_name' in kwargs else path).resolve()}")
 
     def _contexts(self, r: Resolved, n_steps: int, negative: bool = True):
         """The U-Net's text conditioning for a request: ``cond_at(step) -> context`` (the batch's context
@@ -349,8 +377,30 @@ class Pipeline:
                                       "CLIP guidance scale": st.get("clip_guidance_scale"),
                                       "Cache interval": st.get("cache_interval"), "Cache depth": st.get("cache_depth"),
                                       "Hires steps": st.get("hires_steps"), "Hires upscaler": upscaler,
-                                      "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start")})
+                                      "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start"),
+                                      **self.adapter_parameters(f"{p} {n}")})
                 for k, (p, n, s) in enumerate(zip(res.prompts, res.negative_prompts, res.seeds))]
+
+    def adapter_parameters(self, text: str = "") -> dict:
+        """What A1111 records of the files applied: ``VAE`` (a replaced VAE's file name), ``Lora hashes``
+        (every LoRA applied) and ``TI hashes`` (the embeddings whose tokens ``text``, the prompt and
+        negative prompt, uses), each "name: hash, ..." with A1111's short hash (the first 12 hex
+        digits of the file's SHA-256)."""
+        import re
+
+        out = {}
+        if self.model.vae_file is not None:
+            out["VAE"] = self.model.vae_file.name
+        loras = [f"{Path(k[5:]).stem}: {short_hash(Path(k[5:]))}" for k in sorted(self._adapters)
+                 if k.startswith("lora:")]
+        used = {f for token, f in self._embedding_files.items()
+                if re.search(rf"(?<![\w<]){re.escape(token)}(?![\w>])", text)}
+        tis = [f"{f.stem}: {short_hash(f)}" for f in sorted(used)]
+        if loras:
+            out["Lora hashes"] = ", ".join(loras)
+        if tis:
+            out["TI hashes"] = ", ".join(tis)
+        return out
 
     def _slice(self, batch: int) -> int | None:
         if self.vae_slice_size:

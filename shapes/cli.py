@@ -44,6 +44,12 @@ def _eval(args) -> int:
     from .evaluate import evaluate
 
     try:
+        for flag, value, least in (("--seen", args.seen, 0), ("--heldout", args.heldout, 0),
+                                   ("--batch-size", args.batch_size, 1)):
+            if value < least:
+                raise ValueError(f"{flag} must be {least} or more, got {value}")
+        if args.seen == 0 and args.heldout == 0:
+            raise ValueError("--seen 0 and --heldout 0 leave nothing to judge; ask for some prompts of either")
         check_output_dir(args.output_dir)
         pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args))
         report = evaluate(pipe, seen=args.seen, heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,

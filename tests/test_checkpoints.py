@@ -372,3 +372,23 @@ def test_files_of_the_wrong_kind_are_named(tiny, tmp_path):
         with pytest.raises(ModelError, match=f"is {re.escape(what)}.*not a textual-inversion embedding"):
             read_embeddings(f)
     assert list(read_embeddings(emb)) == ["<x>"]
+
+
+def test_png_parameters_record_the_lora_vae_and_embeddings_used(tiny, tmp_path):
+    import hashlib
+
+    from ldm.embeddings import write_embeddings
+    from pipelines.pngmeta import parse_parameters
+
+    d = tiny["sd1"][0]
+    lora = _random_lora(d, tmp_path, sdxl=False)
+    pipe = Pipeline.from_pretrained(d, vae=d / "vae")
+    emb = write_embeddings(tmp_path / "star.safetensors", {"<star>": torch.zeros(1, pipe.model.text_encoder.config.hidden_size)})
+    pipe.load_embedding(emb)
+    pipe.load_lora(lora)
+    res = pipe.text_to_image(["a <star> circle", "a red circle"], steps=2, seed=1)
+    with_ti, without = (parse_parameters(t) for t in pipe.infotexts(res))
+    sha = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()[:12]  # noqa: E731
+    assert with_ti["Lora hashes"] == without["Lora hashes"] == f"pytorch_lora_weights: {sha(lora)}"
+    assert with_ti["TI hashes"] == f"star: {sha(emb)}" and "TI hashes" not in without
+    assert with_ti["VAE"] == "vae"

@@ -263,10 +263,11 @@ def test_real_image_errors(sd1_pipe, real_image):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image]), Request(sampler="euler", steps=4))
     with pytest.raises(RequestError, match="width: applies without an image"):
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image]), Request(width=64))
-    with pytest.raises(EditError, match="--inversion"):
+    with pytest.raises(RequestError, match="inversion: must be one of") as bad:
         edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inversion="nti"))
+    assert bad.value.problems[0][0] == "inversion" and bad.value.for_cli().startswith("--inversion must be")
     for lr in (0, -0.01, "0.01"):
-        with pytest.raises(EditError, match="--inner-lr must be a number"):
+        with pytest.raises(RequestError, match="inner_lr: must be a number"):
             edit(sd1_pipe, Edit(SRC, TGT, images=[real_image], inner_lr=lr))
 
 

@@ -310,3 +310,11 @@ def test_an_unwritable_output_folder_costs_the_files_not_the_images(tmp_path, mo
         assert "Read-only" in httpx.get(s.url + "/api/health").json()["output_error"]
     finally:
         s.stop()
+
+
+def test_edit_and_png_info_name_their_fields(server):
+    r = post(server, "/api/edit", {"source_prompt": PROMPT, "target_prompt": "a large red square on a blue background",
+                                   "inversion": "nti"})
+    assert r.status_code == 422 and fields(r) == ["inversion"] and "--" not in r.text, r.text
+    r = post(server, "/sdapi/v1/png-info", {"image": b64(b"not an image at all")})
+    assert r.status_code == 422 and "BytesIO" not in r.text and "not an image format" in r.text, r.text
