@@ -33,7 +33,7 @@ class Limits:
     """What one request may ask for. The command line's are the pipeline's own bounds; ``ldm serve``
     sets tighter ones from its flags."""
     max_side: int = 4096          # width and height, pixels
-    max_batch: int | None = None  # images per prompt
+    max_batch: int | None = 256   # images per prompt at once (more: n_iter batches one after another)
     max_steps: int | None = None  # sampling steps
     lora_dir: Path | None = None  # LoRA entries are names of files in this folder (else paths) ...
     lora_paths: bool = True       # ... and without one, whether they may be paths (not over HTTP)
@@ -197,10 +197,12 @@ class Request:
             add(("clip_model", f"{str(self.clip_model)!r} is not a directory (an open_clip model directory)"))
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
             add(("seed", f"must be an integer from 0 to 2**63 - 1, got {self.seed!r}"))
-        if not isinstance(self.batch_size, int) or self.batch_size < 1 or (
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1 or (
                 lim.max_batch is not None and self.batch_size > lim.max_batch):
             top = f"between 1 and {lim.max_batch}" if lim.max_batch is not None else ">= 1"
-            add(("batch_size", f"must be {top}, got {self.batch_size}"))
+            more = "; for more images run several batches one after another (n_iter)" if (
+                isinstance(self.batch_size, int) and lim.max_batch is not None and self.batch_size > lim.max_batch) else ""
+            add(("batch_size", f"must be {top}, got {self.batch_size!r}{more}"))
         n_images = len(prompts) * (self.batch_size if isinstance(self.batch_size, int) else 1) * (
             self.n_iter if isinstance(self.n_iter, int) else 1)
         if lim.max_images is not None and n_images > lim.max_images:
