@@ -128,19 +128,20 @@ class Pipeline:
         slice_size = kwargs.pop("vae_slice_size", None)
         return cls(load_model(name_or_path, **kwargs), vae_slice_size=slice_size)
 
-    def compile(self, *, regional: bool = False) -> "Pipeline":
+    def compile(self, *, regional: bool = False, backend: str = "inductor") -> "Pipeline":
         """torch.compile the U-Net and the VAE's decoder (in place; the first generation after it pays
         the compile time). ``regional``: compile only the U-Net's repeated transformer blocks, once each
-        (diffusers' compile_repeated_blocks: shorter compile, less gain). Measured on the embedded
-        model, CPU, batch 16: docs/benchmarks.md."""
+        (diffusers' compile_repeated_blocks: shorter compile, less gain). ``backend``: torch.compile's
+        (the tests trace the whole U-Net with ``aot_eager``, which skips inductor's code generation).
+        Measured on the embedded model, CPU, batch 16: docs/benchmarks.md."""
         import torch
 
         m = self.model
         if regional and hasattr(m.unet, "compile_repeated_blocks"):
-            m.unet.compile_repeated_blocks(fullgraph=True)
+            m.unet.compile_repeated_blocks(fullgraph=True, backend=backend)
         else:
-            m.unet = torch.compile(m.unet)
-        m.vae.decoder = torch.compile(m.vae.decoder)
+            m.unet = torch.compile(m.unet, backend=backend)
+        m.vae.decoder = torch.compile(m.vae.decoder, backend=backend)
         return self
 
     # --- shared pieces --------------------------------------------------------------------------

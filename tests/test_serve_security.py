@@ -318,3 +318,39 @@ def test_edit_and_png_info_name_their_fields(server):
     assert r.status_code == 422 and fields(r) == ["inversion"] and "--" not in r.text, r.text
     r = post(server, "/sdapi/v1/png-info", {"image": b64(b"not an image at all")})
     assert r.status_code == 422 and "BytesIO" not in r.text and "not an image format" in r.text, r.text
+
+
+def test_interrupt_keeps_the_batches_that_finished(tmp_path):
+    import threading
+
+    s = Server(tmp_path / "out", Limits(max_side=64, max_batch=8, max_steps=150, queue_size=2))
+    try:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=post(s, "/sdapi/v1/txt2img", {
+            "prompt": PROMPT, "steps": 150, "n_iter": 4, "seed": 3, "width": 64, "height": 64})))
+        t.start()
+        _wait(lambda: httpx.get(s.url + "/api/progress").json()["step"] > 150, what="the first batch to finish")
+        assert httpx.post(s.url + "/sdapi/v1/interrupt").status_code == 200
+        t.join(60)
+        body = out["r"].json()
+        assert out["r"].status_code == 200 and 1 <= len(body["images"]) < 4, (out["r"].status_code, len(body["images"]))
+        assert len(list((tmp_path / "out").glob("*.png"))) == len(body["images"])
+    finally:
+        s.stop()
+
+
+def test_a_broken_model_switch_answers_json_with_the_reason(tmp_path):
+    import json
+
+    models = tmp_path / "models"
+    (models / "broken").mkdir(parents=True)
+    (models / "broken" / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+    s = Server(tmp_path / "out", Limits(max_side=64, max_steps=10), models_dir=models)
+    try:
+        r = post(s, "/sdapi/v1/options", {"sd_model_checkpoint": "broken"})
+        assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+        assert "broken" in r.json()["error"] and "incomplete" in r.json()["error"], r.text
+        ok = post(s, "/api/txt2img", {"prompt": PROMPT, "steps": 2})  # still serving, on the model it had
+        assert ok.status_code == 200 and ok.json()["model"] == "shapes-model"
+    finally:
+        s.stop()
