@@ -204,6 +204,31 @@ def _wait(cond, timeout=30.0, what="condition"):
         time.sleep(0.05)
 
 
+def start_ldm_serve(argv: list[str]) -> tuple[subprocess.Popen, str]:
+    """``ldm serve`` as a process on a free loopback port, with ``argv``'s flags; (process, base URL)
+    once it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(url + "/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            assert proc.poll() is None, proc.stdout.read()
+            return False
+
+    try:
+        _wait(up, timeout=90, what="ldm serve to start")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
 def _raw_post(url: str, path: str, body: dict) -> socket.socket:
     """Send a POST and keep the connection open without reading: closing the socket later is a client
     that goes away (a closed browser tab) at a moment the test chooses."""
@@ -251,23 +276,10 @@ def test_ldm_serve_runs_jobs_in_the_main_thread_and_stops_on_sigterm(tmp_path, c
     error; SIGTERM ends the process cleanly."""
     import signal
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    a, url = start_ldm_serve(["--max-steps", "50", "--output-dir", str(tmp_path / "a")])
+    port = int(url.rsplit(":", 1)[1])
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--max-steps", "50"]
-    a = subprocess.Popen(cmd + ["--output-dir", str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(url + "/api/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                assert a.poll() is None, a.stdout.read()
-                return False
-
-        _wait(up, timeout=90, what="ldm serve to start")
         assert httpx.get(url + "/api/health").json()["worker"] == "MainThread"
         r = httpx.post(url + "/api/txt2img", json={"prompt": PROMPT, "steps": 3, "seed": 1}, timeout=60)
         assert r.status_code == 200 and len(list((tmp_path / "a").glob("*.png"))) == 1, r.text

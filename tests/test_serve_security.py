@@ -13,7 +13,7 @@ import zlib
 import httpx
 import pytest
 from PIL import Image
-from test_serve import PROMPT, Server, post
+from test_serve import PROMPT, Server, _raw_post, _wait, post, start_ldm_serve
 
 from pipelines.serve import Limits, Security
 
@@ -169,27 +169,6 @@ def test_serve_refuses_unsafe_or_bad_flags_before_loading(capsys, tmp_path, argv
     assert message in err and "Traceback" not in err, err
 
 
-def _raw_post(url, path, body):
-    """A POST whose client can be closed mid-request (the server then sees the client go away)."""
-    import json
-    import socket
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    sock = socket.create_connection((u.hostname, u.port))
-    data = json.dumps(body).encode()
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
-
-
-def _wait(cond, timeout=60, what="it"):
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_clients_that_left_hold_no_queue_slot_and_retry_after_is_measured(tmp_path):
     s = Server(tmp_path / "out", Limits(max_side=64, max_batch=8, max_steps=100000, queue_size=2))
     try:
@@ -217,27 +196,10 @@ def test_clients_that_left_hold_no_queue_slot_and_retry_after_is_measured(tmp_pa
 
 def test_sigterm_answers_the_running_job_and_exits_promptly(tmp_path):
     import signal
-    import socket
-    import subprocess
-    import sys
     import threading
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--max-steps",
-                             "100000", "--output-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_ldm_serve(["--max-steps", "100000", "--output-dir", str(tmp_path)])
     try:
-        def up():
-            try:
-                return httpx.get(url + "/api/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                assert proc.poll() is None, proc.stdout.read()
-                return False
-
-        _wait(up, timeout=90, what="ldm serve to start")
         answer = {}
         t = threading.Thread(target=lambda: answer.update(r=httpx.post(
             url + "/api/txt2img", json={"prompt": PROMPT, "steps": 999, "batch_size": 8}, timeout=60)))
