@@ -357,3 +357,19 @@ def test_exclusive_writes_and_stale_temporaries(tmp_path):
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     check_output_dir(tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--seen", "-1"], "--seen must be 0 or more, got -1"),
+    (["eval", "--seen", "0", "--heldout", "0"], "leave nothing to judge"),
+    (["generate", "--from-file", "{dir}"], "--from-file '{dir}' is a folder"),
+    (["img2img", "a red circle", "--image", "{dir}", "--output", "{dir}/x.png"], "'{dir}' is a folder"),
+    (["convert", "missing.safetensors", "{dir}/out"], "'missing.safetensors' does not exist; give a model directory"),
+])
+def test_smaller_bad_inputs_name_the_problem(tmp_path, capsys, argv, message):
+    argv = [a.format(dir=tmp_path) for a in argv]
+    if argv[0] == "eval":
+        argv += ["--output-dir", str(tmp_path / "e")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(dir=tmp_path) in err and "Traceback" not in err, err
