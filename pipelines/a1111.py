@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS, parse_sampler
 from ldm.samplers import SAMPLERS
@@ -62,8 +62,18 @@ SETTINGS_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
 
 class Txt2ImgPayload(BaseModel):
     """A1111's StableDiffusionProcessingTxt2Img fields that this project runs; any other is accepted
-    and ignored with a warning (A1111's clients send many)."""
+    and ignored with a warning (A1111's clients send many). Types are A1111's (lax: ``"20"`` is 20 steps,
+    as its clients may send), but a boolean is never a number: ``"steps": true`` is refused."""
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info):
+        flag = info.field_name == "inpainting_mask_invert"  # an int that A1111 uses as a flag: true is 1
+        if isinstance(value, bool) and not flag and cls.model_fields[info.field_name].annotation in (
+                int, float, int | None, float | None):
+            raise ValueError("a number is expected, not true or false")
+        return value
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = 50

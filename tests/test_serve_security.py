@@ -316,3 +316,10 @@ def test_a_broken_model_switch_answers_json_with_the_reason(tmp_path):
         assert ok.status_code == 200 and ok.json()["model"] == "shapes-model"
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("body, field", [({"steps": True}, "steps"), ({"cfg_scale": False}, "cfg_scale"),
+                                         ({"n_iter": True}, "n_iter")])
+def test_a1111_booleans_are_not_numbers(server, body, field):
+    r = post(server, "/sdapi/v1/txt2img", {"prompt": PROMPT, "width": 64, "height": 64, **body})
+    assert r.status_code == 422 and fields(r) == [field], r.text
