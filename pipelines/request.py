@@ -22,8 +22,11 @@ import torch
 from ldm.guidance import scale_problem
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
-KINDS = ("txt2img", "img2img", "inpaint")
-HIRES_UPSCALERS = ("latent", "lanczos")
+from .options import HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
+
+# options checked here by rules of their own (the server's limits, the model's factor, one bound of
+# guidance); every other option's plain check comes from its line in pipelines.options
+SPECIAL = frozenset({"steps", "guidance", "batch_size", "width", "height", "clip_skip", "seed", "subseed"})
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.8, "inpaint": 1.0}
 MAX_SEED = 2**63
 
@@ -86,41 +89,41 @@ class Request:
     one" (seed). ``seeds`` gives every image's seed explicitly (one per prompt x batch_size)."""
     prompt: str | list[str] = ""
     kind: str = "txt2img"                 # txt2img | img2img | inpaint
-    negative: str | list[str] | None = ""
-    sampler: str | None = None            # ours or A1111's name ("DPM++ 2M", "DPM++ 2M Karras")
-    steps: int | None = None
-    guidance: float | None = None         # classifier-free guidance scale; 1 turns it off
-    guidance_rescale: float = 0.0         # phi of Lin et al. 2023, 0 to 1
-    eta: float = 0.0                      # stochasticity of ddim / euler-a, 0 to 1
-    seed: int | None = None
+    negative: str | list[str] | None = OPTIONS["negative"].default
+    sampler: str | None = OPTIONS["sampler"].default      # ours or A1111's name ("DPM++ 2M", "DPM++ 2M Karras")
+    steps: int | None = OPTIONS["steps"].default
+    guidance: float | None = OPTIONS["guidance"].default  # classifier-free guidance scale; 1 turns it off
+    guidance_rescale: float = OPTIONS["guidance_rescale"].default  # phi of Lin et al. 2023, 0 to 1
+    eta: float = OPTIONS["eta"].default   # stochasticity of ddim / euler-a, 0 to 1
+    seed: int | None = OPTIONS["seed"].default
     seeds: list[int] | None = None
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    strength: float | None = None         # img2img / inpaint; None: 0.8 / 1.0
+    width: int | None = OPTIONS["width"].default
+    height: int | None = OPTIONS["height"].default
+    batch_size: int = OPTIONS["batch_size"].default
+    strength: float | None = OPTIONS["strength"].default  # img2img / inpaint; None: 0.8 / 1.0
     image: Any = None                     # PIL image or (1, 3, H, W) tensor in [-1, 1]
     mask: Any = None                      # PIL image or tensor in [0, 1], white = repaint
     latents: torch.Tensor | None = None   # txt2img: start from these instead of fresh noise
     embeddings: list[tuple[Path, str | None]] = field(default_factory=list)  # (file, token or None)
     lora: list[str | Path] = field(default_factory=list)
-    prompt_2: str | list[str] | None = None    # SDXL: the second text encoder's prompt (default: prompt)
-    negative_2: str | list[str] | None = None  # SDXL: the second encoder's negative prompt (default: negative)
-    n_iter: int = 1                     # batches run one after another (A1111's batch count)
-    subseed: int | None = None          # variation seed (A1111): the noise is slerped towards this seed's
-    subseed_strength: float = 0.0       # ... by this fraction, 0 to 1
-    hires_scale: float | None = None    # hires fix: generate, upscale by this factor, then image-to-image
-    hires_strength: float = 0.7         # ... at this strength (A1111's default denoising strength)
-    hires_steps: int | None = None      # ... with this many steps (default: steps)
-    hires_upscaler: str = "latent"      # latent (bilinear on the latents) | lanczos (on the decoded image)
-    cache_interval: int = 1             # DeepCache: the whole U-Net every N-th evaluation, the shallow branch between
-    cache_depth: int = 1                # ... the resolution levels recomputed in between (1: the outermost; 0: its last layer only)
-    clip_skip: int = 1                  # A1111's numbering: 1 = the model's usual text layer, 2 = one before, ...
-    schedule: str | None = None         # noise schedule (ldm.schedule.SCHEDULES or A1111's names); None: default
-    clip_guidance_scale: float = 0.0    # CLIP guidance (ldm.clip_guidance): the loss's scale; 0 turns it off
-    clip_model: str | Path | None = None  # ... an open_clip directory (default: the embedded model's own CLIP)
-    clip_cutouts: int = 4               # ... random crops per image per step
-    refiner_start: float | None = None  # with a refiner (Pipeline.refiner): the fraction of the schedule the
-                                        # base denoises before the refiner takes over (SDXL's 0.8)
+    prompt_2: str | list[str] | None = OPTIONS["prompt_2"].default      # SDXL: the second text encoder's prompt
+    negative_2: str | list[str] | None = OPTIONS["negative_2"].default  # SDXL: the second encoder's negative prompt
+    n_iter: int = OPTIONS["n_iter"].default                 # batches run one after another (A1111's batch count)
+    subseed: int | None = OPTIONS["subseed"].default        # variation seed (A1111): the noise is slerped towards
+    subseed_strength: float = OPTIONS["subseed_strength"].default  # ... this seed's by this fraction, 0 to 1
+    hires_scale: float | None = OPTIONS["hires_scale"].default  # hires fix: generate, upscale by this factor, img2img
+    hires_strength: float = OPTIONS["hires_strength"].default   # ... at this strength (A1111's default)
+    hires_steps: int | None = OPTIONS["hires_steps"].default    # ... with this many steps (default: steps)
+    hires_upscaler: str = OPTIONS["hires_upscaler"].default     # latent (bilinear on the latents) | lanczos
+    cache_interval: int = OPTIONS["cache_interval"].default  # DeepCache: the whole U-Net every N-th evaluation
+    cache_depth: int = OPTIONS["cache_depth"].default        # ... the resolution levels recomputed in between
+    clip_skip: int = OPTIONS["clip_skip"].default            # A1111's numbering: 1 = the model's usual text layer
+    schedule: str | None = OPTIONS["schedule"].default       # noise schedule (ldm.schedule.SCHEDULES or A1111's)
+    clip_guidance_scale: float = OPTIONS["clip_guidance_scale"].default  # CLIP guidance's scale; 0 turns it off
+    clip_model: str | Path | None = OPTIONS["clip_model"].default  # ... an open_clip directory (default: embedded)
+    clip_cutouts: int = OPTIONS["clip_cutouts"].default       # ... random crops per image per step
+    refiner_start: float | None = OPTIONS["refiner_start"].default  # with a refiner (Pipeline.refiner): the
+                                        # fraction of the schedule the base denoises before the refiner (SDXL's 0.8)
 
     # --- checks that need no model ---------------------------------------------------------------
     def prompts(self) -> list[str]:
@@ -154,45 +157,28 @@ class Request:
                 add(("steps", f"must be between 1 and {lim.max_steps}, got {self.steps}"))
         if self.guidance is not None and (msg := scale_problem(self.guidance)):
             add(("guidance", f"{msg}, got {self.guidance!r}"))
-        if not 0 <= self.guidance_rescale <= 1:
-            add(("guidance_rescale", f"must be between 0 and 1, got {self.guidance_rescale}"))
-        if not 0 <= self.eta <= 1:
-            add(("eta", f"must be between 0 and 1, got {self.eta}"))
-        elif self.eta and sampler in SAMPLERS and not SAMPLERS[sampler].takes_eta:
+        for name, option in OPTIONS.items():  # the plain type, range and choice checks, from the table
+            if name not in SPECIAL and (self.kind in option.kinds or getattr(self, name) != option.default):
+                if (msg := option.problem(getattr(self, name))) is not None:
+                    add((name, msg))
+        if self.eta and not OPTIONS["eta"].problem(self.eta) and sampler in SAMPLERS and not SAMPLERS[sampler].takes_eta:
             add(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
         if schedule not in (None, "default") and sampler in SAMPLERS and sampler not in SCHEDULE_SAMPLERS:
             add(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, not {sampler}"))
-        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
-            add(("n_iter", f"must be an integer >= 1, got {self.n_iter!r}"))
-        if not 0 <= self.subseed_strength <= 1:
-            add(("subseed_strength", f"must be between 0 and 1, got {self.subseed_strength}"))
         if self.subseed is not None and not (isinstance(self.subseed, int) and 0 <= self.subseed < MAX_SEED):
             add(("subseed", f"must be an integer from 0 to 2**63 - 1, got {self.subseed!r}"))
+        for name, option in OPTIONS.items():  # an option given to a kind it does not apply to
+            if self.kind not in option.kinds and name not in ("width", "height", "strength") and \
+                    getattr(self, name) != option.default:
+                add((name, f"applies to {' and '.join(KIND_WORDS[k] for k in option.kinds)}"))
         if self.hires_scale is not None:
-            if self.kind != "txt2img":
-                add(("hires_scale", "applies to text-to-image"))
-            elif not 1 <= self.hires_scale <= 8:
-                add(("hires_scale", f"must be between 1 and 8, got {self.hires_scale}"))
-            if not 0 < self.hires_strength <= 1:
-                add(("hires_strength", f"must be in (0, 1], got {self.hires_strength}"))
-            if self.hires_steps is not None and (not isinstance(self.hires_steps, int) or self.hires_steps < 1 or (
-                    lim.max_steps is not None and self.hires_steps > lim.max_steps)):
-                add(("hires_steps", f"must be an integer from 1 to {lim.max_steps or 'the schedule length'}, "
-                                    f"got {self.hires_steps!r}"))
-            if self.hires_upscaler not in HIRES_UPSCALERS:
-                add(("hires_upscaler", f"must be one of {', '.join(HIRES_UPSCALERS)}, got {self.hires_upscaler!r}"))
+            if self.hires_steps is not None and lim.max_steps is not None and isinstance(self.hires_steps, int) \
+                    and self.hires_steps > lim.max_steps:
+                add(("hires_steps", f"must be an integer from 1 to {lim.max_steps}, got {self.hires_steps!r}"))
             if self.refiner_start is not None:
                 add(("hires_scale", "does not combine with a refiner"))
-        for name, low in (("cache_interval", 1), ("cache_depth", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                add((name, f"must be an integer >= {low}, got {v!r}"))
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             add(("clip_skip", f"must be an integer from 1 (the usual layer) to 12, got {self.clip_skip!r}"))
-        if not (isinstance(self.clip_guidance_scale, (int, float)) and self.clip_guidance_scale >= 0):
-            add(("clip_guidance_scale", f"must be >= 0 (0 turns it off), got {self.clip_guidance_scale!r}"))
-        if isinstance(self.clip_cutouts, bool) or not isinstance(self.clip_cutouts, int) or self.clip_cutouts < 1:
-            add(("clip_cutouts", f"must be an integer >= 1, got {self.clip_cutouts!r}"))
         if self.clip_model is not None and not Path(self.clip_model).is_dir():
             add(("clip_model", f"{str(self.clip_model)!r} is not a directory (an open_clip model directory)"))
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
@@ -214,14 +200,7 @@ class Request:
             v = getattr(self, name)
             if v is not None and (msg := _size_problem(name, v, factor, lim.max_side)):
                 add((name, msg))
-        if self.refiner_start is not None:
-            if not 0 < self.refiner_start < 1:
-                add(("refiner_start", f"must be between 0 and 1 (exclusive), got {self.refiner_start}"))
-            if self.kind != "txt2img":
-                add(("refiner_start", "applies to text-to-image"))
         if self.kind in ("img2img", "inpaint"):
-            if self.strength is not None and not 0 < self.strength <= 1:
-                add(("strength", f"must be in (0, 1], got {self.strength}"))
             if self.image is None:
                 add(("image", "required for " + self.kind))
             else:

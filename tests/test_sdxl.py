@@ -124,7 +124,7 @@ def test_refiner_start_without_a_refiner_or_out_of_range_is_an_error(ours):
 
     with pytest.raises(ValueError, match="no refiner is loaded"):
         ours.generate(Request(PROMPT, steps=4, seed=0, refiner_start=0.8))
-    with pytest.raises(RequestError, match="refiner_start: must be between 0 and 1"):
+    with pytest.raises(RequestError, match=r"refiner_start: must be in \(0, 1\), got 1.5"):
         ours.generate(Request(PROMPT, steps=4, seed=0, refiner_start=1.5))
 
 

@@ -1,0 +1,152 @@
+"""The generation request's options, declared once.
+
+Each option is one line: its type, default, help, bounds, AUTOMATIC1111's name for it, and which
+front ends show it. From this table come the command line's flags (``add_flags``), the HTTP API's
+JSON bodies (pipelines.serve builds them), the names in A1111's error answers (pipelines.a1111), the
+defaults of :class:`pipelines.request.Request` and the plain range checks of its ``validate`` (the
+checks that need the model or the server's limits stay there). No torch here: ``ldm --help`` stays
+quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm.names import SAMPLER_NAMES, SCHEDULES
+
+KINDS = ("txt2img", "img2img", "inpaint")
+KIND_WORDS = {"txt2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting"}
+HIRES_UPSCALERS = ("latent", "lanczos")
+MODEL_DEFAULT = "default: the model's sampling.json, else "
+
+
+@dataclass(frozen=True)
+class Option:
+    type: type                          # int, float, str or Path
+    default: Any
+    help: str
+    low: float | None = None            # bounds of a number: low <= v (low < v with open_low) ...
+    high: float | None = None           # ... v <= high (v < high with open_high)
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] | None = None
+    a1111: str | None = None            # A1111's payload name, where it has one
+    metavar: str | None = None
+    cli: bool = True                    # a flag of ldm generate / img2img / inpaint
+    http: bool = True                   # a field of the HTTP API's bodies (/api/txt2img, /api/img2img)
+    kinds: tuple[str, ...] = KINDS      # the request kinds it applies to
+
+    def problem(self, value) -> str | None:
+        """The plain check of ``value`` against this option's type, bounds and choices; None when it
+        passes (None passes where None is the default: "the model's default")."""
+        if value is None and self.default is None:
+            return None
+        if self.type in (int, float):
+            whole = self.type is int
+            number = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+            if not number or not math.isfinite(value) or not self._inside(value):
+                if self.low is not None and self.high is not None:
+                    return f"must be {self._span()}, got {value!r}"
+                what = "an integer" if whole else "a number"
+                bound = "" if self.low is None else f" {'>' if self.open_low else '>='} {self.low:g}"
+                return f"must be {what}{bound}, got {value!r}"
+        elif self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        return None
+
+    def _inside(self, v) -> bool:
+        if self.low is not None and (v <= self.low if self.open_low else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.open_high else v <= self.high)
+
+    def _span(self) -> str:
+        """"between 0 and 1" for a closed range, "in (0, 1]" for a half-open one."""
+        if not self.open_low and not self.open_high:
+            return f"between {self.low:g} and {self.high:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+OPTIONS: dict[str, Option] = {
+    "negative": Option(str, "", "negative prompt (what the unconditional branch is given)", a1111="negative_prompt"),
+    "prompt_2": Option(str, None, "SDXL: the second text encoder's prompt (default: the prompt)"),
+    "negative_2": Option(str, None, "SDXL: the second text encoder's negative prompt (default: --negative)"),
+    "sampler": Option(str, None, f"{', '.join(SAMPLER_NAMES)}, or A1111's names (\"DPM++ 2M Karras\"); "
+                                 f"{MODEL_DEFAULT}ddim", a1111="sampler_name", metavar="NAME"),
+    "schedule": Option(str, None, f"noise schedule: {', '.join(SCHEDULES)} (A1111's schedule type; default: the "
+                                  "model's timestep spacing)", a1111="scheduler", metavar="NAME"),
+    "steps": Option(int, None, f"sampling steps ({MODEL_DEFAULT}30)", low=1),
+    "guidance": Option(float, None, f"classifier-free guidance scale; 1 turns guidance off ({MODEL_DEFAULT}7.5)",
+                       a1111="cfg_scale"),
+    "guidance_rescale": Option(float, 0.0, "guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)", low=0, high=1),
+    "eta": Option(float, 0.0, "stochasticity of ddim, euler-a and the SDE samplers (default 0 for ddim; the others "
+                              "use 1)", low=0, high=1, a1111="eta"),
+    "seed": Option(int, None, "seed of the first image; image i gets seed+i (default: random; 0 with --from-file)"),
+    "subseed": Option(int, None, "variation seed (A1111): image i gets subseed+i"),
+    "subseed_strength": Option(float, 0.0, "how far each image's noise moves towards its variation seed's, 0 to 1 "
+                                           "(default 0)", low=0, high=1, metavar="F"),
+    "width": Option(int, None, "multiple of 8 (default: the model's native size)", kinds=("txt2img",)),
+    "height": Option(int, None, "multiple of 8 (default: the model's native size)", kinds=("txt2img",)),
+    "batch_size": Option(int, 1, "images per prompt, made in one batch (default 1)"),
+    "n_iter": Option(int, 1, "batches per prompt, one after another (A1111's batch count; default 1)", low=1,
+                     metavar="N"),
+    "strength": Option(float, None, "how far to noise the image, in (0, 1] (default 0.8 for img2img, 1 for "
+                                    "inpaint)", low=0, high=1, open_low=True, a1111="denoising_strength",
+                       kinds=("img2img", "inpaint")),
+    "hires_scale": Option(float, None, "hires fix: generate, upscale by S (e.g. 2), then image-to-image at the larger "
+                                       "size", low=1, high=8, a1111="hr_scale", metavar="S", kinds=("txt2img",)),
+    "hires_strength": Option(float, 0.7, "the hires pass's denoising strength (default 0.7, A1111's)", low=0, high=1,
+                             open_low=True, a1111="denoising_strength", metavar="F", kinds=("txt2img",)),
+    "hires_steps": Option(int, None, "the hires pass's steps (default: --steps)", low=1, a1111="hr_second_pass_steps",
+                          metavar="N", kinds=("txt2img",)),
+    "hires_upscaler": Option(str, "latent", "upscale the latents (bilinear) or the decoded image (Lanczos); default "
+                                            "latent", choices=HIRES_UPSCALERS, a1111="hr_upscaler",
+                             kinds=("txt2img",)),
+    "refiner_start": Option(float, None, "the fraction of the schedule the base denoises before the refiner "
+                                         "(default 0.8 with --refiner)", low=0, high=1, open_low=True, open_high=True,
+                            metavar="F", http=False, kinds=("txt2img",)),
+    "cache_interval": Option(int, 1, "DeepCache: the whole U-Net every N-th step, only its shallow blocks between "
+                                     "(default 1: off)", low=1, metavar="N"),
+    "cache_depth": Option(int, 1, "DeepCache: the resolution levels recomputed between full steps (default 1: the "
+                                  "outermost; 0: only the last layer of the last up block)", low=0, metavar="K"),
+    "clip_skip": Option(int, 1, "text-encoder layer, A1111's numbering: 1 = the model's usual one, 2 = one before, ...",
+                        a1111="override_settings.CLIP_stop_at_last_layers", metavar="N"),
+    "clip_guidance_scale": Option(float, 0.0, "CLIP guidance: follow the gradient of a CLIP loss of the decoded image "
+                                              "against the prompt, at scale S (default 0: off; try 50-200)", low=0,
+                                  metavar="S", http=False),
+    "clip_model": Option(Path, None, "the open_clip model for CLIP guidance (default: the embedded model's own CLIP)",
+                         metavar="DIR", http=False),
+    "clip_cutouts": Option(int, 4, "CLIP guidance: random crops per image per step (default 4)", low=1, metavar="N",
+                           http=False),
+}
+
+# the sampling options every generating command and ldm edit take, and the controls they share
+SAMPLING = ("sampler", "schedule", "steps", "guidance")
+CONTROLS = ("cache_interval", "cache_depth", "clip_skip", "clip_guidance_scale", "clip_model", "clip_cutouts")
+
+
+def options_for(kind: str, surface: str = "cli") -> list[str]:
+    """The options of a request ``kind`` a surface (cli, http) shows, in the table's order."""
+    return [name for name, o in OPTIONS.items() if kind in o.kinds and getattr(o, surface)]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, names, defaults: dict | None = None, helps: dict | None = None) -> None:
+    """A flag per option in ``names``, typed, with its help and default (``defaults`` / ``helps`` for a
+    command whose default or wording differs, as img2img's strength)."""
+    for name in names:
+        o = OPTIONS[name]
+        kwargs = dict(default=(defaults or {}).get(name, o.default), help=(helps or {}).get(name, o.help))
+        if o.choices is not None:
+            kwargs["choices"] = list(o.choices)
+        if o.type is not str or o.choices is None:
+            kwargs["type"] = o.type
+        if o.metavar:
+            kwargs["metavar"] = o.metavar
+        parser.add_argument(flag(name), dest=name, **kwargs)
