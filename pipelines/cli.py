@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from ldm.locate import ModelError, default_model_path
-from ldm.names import DEFAULT_INVERSION, INVERSIONS, SAMPLER_NAMES, SCHEDULES
+from ldm.names import DEFAULT_INVERSION, INVERSIONS
 
+from .options import DEFAULT_STRENGTH, EDIT_OPTIONS, SAMPLING, add_flags, options_for
 from .outputs import check_output_dir, check_output_file
 
 # nothing here imports torch at module level: `ldm --help` and every core command's --help answer
@@ -26,26 +27,10 @@ def _common(p: argparse.ArgumentParser):
     model_args(p)
     output_args(p)
     p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
-    p.add_argument("--negative", default="", help="negative prompt (what the unconditional branch is given)")
-    p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
-    p.add_argument("--negative-2", default=None,
-                   help="SDXL: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
                                                   "each image is written as soon as it is made, a rerun skips images already "
                                                   "written, and under `accelerate launch` the prompts are spread over "
                                                   "the processes")
-    p.add_argument("--batch-size", type=int, default=1, help="images per prompt, made in one batch (default 1)")
-    p.add_argument("--n-iter", type=int, default=1, metavar="N",
-                   help="batches per prompt, one after another (A1111's batch count; default 1)")
-    p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed+i (default: random; 0 with --from-file)")
-    p.add_argument("--subseed", type=int, default=None, help="variation seed (A1111): image i gets subseed+i")
-    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="F",
-                   help="how far each image's noise moves towards its variation seed's, 0 to 1 (default 0)")
-    sampling_args(p)
-    p.add_argument("--guidance-rescale", type=float, default=0.0,
-                   help="guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)")
-    p.add_argument("--eta", type=float, default=0.0, help="stochasticity of ddim, euler-a and the SDE samplers (default 0 for ddim; the others use 1)")
-    control_args(p)
     speed_args(p)
     p.add_argument("--vae-slicing", type=int, default=None, metavar="N",
                    help="decode N images at a time (default: 1 at a time for batches over 4)")
@@ -84,24 +69,6 @@ def output_args(p: argparse.ArgumentParser):
     out.add_argument("--output-dir", type=Path, help="write each image into this folder (default: outputs/)")
 
 
-def control_args(p: argparse.ArgumentParser):
-    """Step caching, CLIP layer, CLIP guidance (generation and editing alike)."""
-    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
-                   help="DeepCache: the whole U-Net every N-th step, only its shallow blocks between (default 1: off)")
-    p.add_argument("--cache-depth", type=int, default=1, metavar="K",
-                   help="DeepCache: the resolution levels recomputed between full steps (default 1: the outermost; "
-                        "0: only the last layer of the last up block)")
-    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
-                   help="text-encoder layer, A1111's numbering: 1 = the model's usual one, 2 = one before, ...")
-    p.add_argument("--clip-guidance-scale", type=float, default=0.0, metavar="S",
-                   help="CLIP guidance: follow the gradient of a CLIP loss of the decoded image against the prompt, "
-                        "at scale S (default 0: off; try 50-200)")
-    p.add_argument("--clip-model", type=Path, default=None, metavar="DIR",
-                   help="the open_clip model for CLIP guidance (default: the embedded model's own CLIP)")
-    p.add_argument("--clip-cutouts", type=int, default=4, metavar="N",
-                   help="CLIP guidance: random crops per image per step (default 4)")
-
-
 def speed_args(p: argparse.ArgumentParser, compile_note: str = "; pays off over many images"):
     p.add_argument("--compile", nargs="?", const="full", default=None, choices=["full", "blocks"],
                    help="torch.compile the U-Net and VAE decoder (full), or only the U-Net's repeated blocks "
@@ -116,16 +83,7 @@ def threads_arg(p: argparse.ArgumentParser):
 
 
 def sampling_args(p: argparse.ArgumentParser):
-    model_default = "the model's sampling.json, else %s"
-    p.add_argument("--sampler", default=None, metavar="NAME",
-                   help=f"{', '.join(SAMPLER_NAMES)}, or A1111's names (\"DPM++ 2M Karras\"); "
-                        "default: " + model_default % "ddim")
-    p.add_argument("--schedule", default=None, metavar="NAME",
-                   help=f"noise schedule: {', '.join(SCHEDULES)} (A1111's schedule type; default: the model's "
-                        "timestep spacing)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: " + model_default % "30)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale; 1 turns guidance off (default: " + model_default % "7.5)")
+    add_flags(p, SAMPLING)
 
 
 CORE_COMMANDS = ("generate", "img2img", "inpaint", "edit", "convert", "serve")
@@ -138,29 +96,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image")
     _common(g)
-    g.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
-    g.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size)")
-    g.add_argument("--hires-scale", type=float, default=None, metavar="S",
-                   help="hires fix: generate, upscale by S (e.g. 2), then image-to-image at the larger size")
-    g.add_argument("--hires-strength", type=float, default=0.7, metavar="F",
-                   help="the hires pass's denoising strength (default 0.7, A1111's)")
-    g.add_argument("--hires-steps", type=int, default=None, metavar="N", help="the hires pass's steps (default: --steps)")
-    g.add_argument("--hires-upscaler", default="latent", choices=["latent", "lanczos"],
-                   help="upscale the latents (bilinear) or the decoded image (Lanczos); default latent")
+    add_flags(g, options_for("txt2img"))  # every request option, from pipelines/options.py
     g.add_argument("--refiner", default=None, metavar="DIR",
                    help="SDXL: a refiner model that finishes the schedule from --refiner-start on")
-    g.add_argument("--refiner-start", type=float, default=None, metavar="F",
-                   help="the fraction of the schedule the base denoises before the refiner (default 0.8 "
-                        "with --refiner)")
     i = sub.add_parser("img2img", help="image to image (SDEdit)")
     _common(i)
     i.add_argument("--image", type=Path, required=True, help="the input image")
-    i.add_argument("--strength", type=float, default=0.8, help="how far to noise the image, in (0, 1] (default 0.8)")
+    add_flags(i, options_for("img2img"), defaults={"strength": DEFAULT_STRENGTH["img2img"]},
+              helps={"strength": "how far to noise the image, in (0, 1] (default 0.8)"})
     n = sub.add_parser("inpaint", help="repaint the white part of a mask")
     _common(n)
     n.add_argument("--image", type=Path, required=True, help="the input image")
     n.add_argument("--mask", type=Path, required=True, help="a mask the image's size: white = repaint, black = keep")
-    n.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1)")
+    add_flags(n, options_for("inpaint"), defaults={"strength": DEFAULT_STRENGTH["inpaint"]},
+              helps={"strength": "how far to noise the image, in (0, 1] (default 1)"})
     e = sub.add_parser("edit", help="edit by prompt-to-prompt: a source and a target prompt sampled together, or "
                                     "a real image (--image) inverted first")
     _edit_args(e)
@@ -253,12 +202,10 @@ def _edit_args(e: argparse.ArgumentParser):
                    help="also write the source image (with --image: its reconstruction)")
     model_args(e)
     output_args(e)
-    e.add_argument("--negative", default="", help="negative prompt")
-    e.add_argument("--seed", type=int, help="seed of the shared noise (without --image; default: random)")
-    e.add_argument("--width", type=int, help="without --image: multiple of 8 (default: the model's native size)")
-    e.add_argument("--height", type=int, help="without --image: multiple of 8 (default: the model's native size)")
-    sampling_args(e)
-    control_args(e)
+    add_flags(e, EDIT_OPTIONS, helps={
+        "seed": "seed of the shared noise (without --image; default: random)",
+        "width": "without --image: multiple of 8 (default: the model's native size)",
+        "height": "without --image: multiple of 8 (default: the model's native size)"})
     threads_arg(e)
 
 
@@ -286,12 +233,8 @@ def _run_edit(args) -> list[Path]:
     if args.token and len(args.token) != len(args.embedding):
         raise ValueError(f"got {len(args.token)} --token for {len(args.embedding)} --embedding")
     image = load_image(args.image) if args.image is not None else None
-    req = Request(prompt=args.source_prompt, negative=args.negative, sampler=args.sampler, schedule=args.schedule,
-                  steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
-                  clip_skip=args.clip_skip, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
-                  clip_guidance_scale=args.clip_guidance_scale, clip_model=args.clip_model,
-                  clip_cutouts=args.clip_cutouts, embeddings=list(zip(args.embedding, args.token or [None] *
-                                                                       len(args.embedding))),
+    req = Request(prompt=args.source_prompt, **{name: getattr(args, name) for name in EDIT_OPTIONS},
+                  embeddings=list(zip(args.embedding, args.token or [None] * len(args.embedding))),
                   lora=list(args.lora)).check()
     ed = Edit(args.source_prompt, args.target_prompt, cross_replace=args.cross_replace,
               self_replace=args.self_replace, reweight=parse_reweight(args.reweight), blend_words=args.blend_words,
@@ -538,19 +481,10 @@ def build_request(args, prompts: list[str]):
     seed = args.seed
     if seed is None and args.from_file:
         seed = 0  # a fixed default, so that a rerun names the same files and skips those already written
-    return Request(prompt=prompts[0], kind=kind, negative=args.negative, sampler=args.sampler,
-                   schedule=getattr(args, "schedule", None), steps=args.steps,
-                   guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, seed=seed,
-                   width=getattr(args, "width", None), height=getattr(args, "height", None),
-                   batch_size=args.batch_size, strength=getattr(args, "strength", None), image=image, mask=mask,
-                   n_iter=args.n_iter, subseed=args.subseed, subseed_strength=args.subseed_strength,
-                   clip_skip=args.clip_skip, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
-                   clip_guidance_scale=args.clip_guidance_scale, clip_model=args.clip_model,
-                   clip_cutouts=args.clip_cutouts, hires_scale=getattr(args, "hires_scale", None),
-                   hires_strength=getattr(args, "hires_strength", 0.7), hires_steps=getattr(args, "hires_steps", None),
-                   hires_upscaler=getattr(args, "hires_upscaler", "latent"),
-                   embeddings=list(zip(args.embedding, tokens)), lora=list(args.lora), prompt_2=args.prompt_2,
-                   negative_2=args.negative_2, refiner_start=refiner_start(args))
+    options = {name: getattr(args, name) for name in options_for(kind)}  # the flags add_flags made
+    options.update(seed=seed, refiner_start=refiner_start(args) if kind == "txt2img" else None)
+    return Request(prompt=prompts[0], kind=kind, image=image, mask=mask, embeddings=list(zip(args.embedding, tokens)),
+                   lora=list(args.lora), **options)
 
 
 def run(args) -> list[Path]:

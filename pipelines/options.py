@@ -20,6 +20,7 @@ from ldm.names import SAMPLER_NAMES, SCHEDULES
 
 KINDS = ("txt2img", "img2img", "inpaint")
 KIND_WORDS = {"txt2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting"}
+DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.8, "inpaint": 1.0}  # a request's strength when it gives none
 HIRES_UPSCALERS = ("latent", "lanczos")
 MODEL_DEFAULT = "default: the model's sampling.json, else "
 
@@ -126,6 +127,7 @@ OPTIONS: dict[str, Option] = {
 # the sampling options every generating command and ldm edit take, and the controls they share
 SAMPLING = ("sampler", "schedule", "steps", "guidance")
 CONTROLS = ("cache_interval", "cache_depth", "clip_skip", "clip_guidance_scale", "clip_model", "clip_cutouts")
+EDIT_OPTIONS = ("negative", "seed", "width", "height", *SAMPLING, *CONTROLS)  # ldm edit's (and /api/edit's)
 
 
 def options_for(kind: str, surface: str = "cli") -> list[str]:

@@ -22,12 +22,11 @@ import torch
 from ldm.guidance import scale_problem
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
-from .options import HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
+from .options import DEFAULT_STRENGTH, HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
 
 # options checked here by rules of their own (the server's limits, the model's factor, one bound of
 # guidance); every other option's plain check comes from its line in pipelines.options
 SPECIAL = frozenset({"steps", "guidance", "batch_size", "width", "height", "clip_skip", "seed", "subseed"})
-DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.8, "inpaint": 1.0}
 MAX_SEED = 2**63
 
 
