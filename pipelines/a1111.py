@@ -34,16 +34,14 @@ from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLER
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
+from .options import OPTIONS
 from .pngmeta import parse_parameters
 
 log = logging.getLogger("ldm.serve.a1111")
 
-# our Request's field -> A1111's payload name (for error messages)
-FIELD_NAMES = {"prompt": "prompt", "negative": "negative_prompt", "sampler": "sampler_name", "schedule": "scheduler",
-               "guidance": "cfg_scale", "strength": "denoising_strength", "image": "init_images",
-               "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
-               "hires_strength": "denoising_strength", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
-               "eta": "eta"}
+# our Request's field -> A1111's payload name (for error messages), as pipelines/options.py declares them
+FIELD_NAMES = {"prompt": "prompt", "image": "init_images",
+               **{name: o.a1111 for name, o in OPTIONS.items() if o.a1111 is not None}}
 
 # A1111's payload fields that have no effect here, with the value that means "off"; another value is
 # ignored with a warning

@@ -117,11 +117,10 @@ OPTIONS: dict[str, Option] = {
                         a1111="override_settings.CLIP_stop_at_last_layers", metavar="N"),
     "clip_guidance_scale": Option(float, 0.0, "CLIP guidance: follow the gradient of a CLIP loss of the decoded image "
                                               "against the prompt, at scale S (default 0: off; try 50-200)", low=0,
-                                  metavar="S", http=False),
+                                  metavar="S"),
     "clip_model": Option(Path, None, "the open_clip model for CLIP guidance (default: the embedded model's own CLIP)",
-                         metavar="DIR", http=False),
-    "clip_cutouts": Option(int, 4, "CLIP guidance: random crops per image per step (default 4)", low=1, metavar="N",
-                           http=False),
+                         metavar="DIR", http=False),  # a path on the server: never a client's to give
+    "clip_cutouts": Option(int, 4, "CLIP guidance: random crops per image per step (default 4)", low=1, metavar="N"),
 }
 
 # the sampling options every generating command and ldm edit take, and the controls they share

@@ -48,7 +48,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ldm.images import decode_image
 from ldm.names import DEFAULT_INVERSION, SCHEDULES
@@ -57,6 +57,7 @@ from ldm.samplers import SAMPLERS
 from . import request as rq
 from .a1111 import add_routes
 from .limits import Limits
+from .options import EDIT_OPTIONS, OPTIONS, options_for
 from .outputs import check_output_dir
 from .pngmeta import png_bytes, save_png
 
@@ -230,69 +231,37 @@ async def _refuse(send, status: int, message: str, headers: dict | None = None):
 
 
 # --- requests ---------------------------------------------------------------------------------------
-class Txt2Img(BaseModel):
-    """The parameters of ``ldm generate``, under the same names; unset ones take the model's defaults
-    (its sampling.json and native size). Types are strict: ``true`` is not a number of steps."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    prompt: str
-    negative: str = ""
-    prompt_2: str | None = None     # SDXL: the second text encoder's prompt (default: prompt)
-    negative_2: str | None = None   # SDXL: the second text encoder's negative prompt (default: negative)
-    sampler: str | None = None
-    steps: int | None = None
-    guidance: float | None = None  # bounds: Request.validate (ldm.guidance.scale_problem)
-    guidance_rescale: float = Field(0.0, ge=0, le=1)
-    eta: float = Field(0.0, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    schedule: str | None = None
-    clip_skip: int = 1
-    cache_interval: int = 1
-    cache_depth: int = 1
-    subseed: int | None = Field(None, ge=0, lt=2**63)
-    subseed_strength: float = Field(0.0, ge=0, le=1)
-    hires_scale: float | None = None
-    hires_strength: float = 0.7
-    hires_steps: int | None = None
-    hires_upscaler: str = "latent"
-    lora: list[str] = Field(default_factory=list)
+def _body_fields(names) -> dict:
+    """pydantic fields of the declared options ``names`` (pipelines.options): type, default, help."""
+    fields = {}
+    for name in names:
+        o = OPTIONS[name]
+        tp = str if o.type is Path else o.type
+        fields[name] = (tp | None if o.default is None else tp, Field(o.default, description=o.help))
+    return fields
 
 
-class Img2Img(Txt2Img):
-    """``ldm img2img``: the image as base64 (a ``data:image/...;base64,`` prefix is accepted)."""
-    image: str
-    strength: float = Field(0.8, gt=0, le=1)
+_STRICT = ConfigDict(extra="forbid", strict=True)  # strict: `true` is not a number of steps, "7" not a seed
+_LORA = (list[str], Field(default_factory=list, description="LoRA files of the server's --lora-dir, by name"))
 
-
-class EditBody(BaseModel):
-    """``ldm edit``'s parameters under the same names: a source and a target prompt sampled together,
-    or with ``image`` (base64) a real image inverted then edited."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    source_prompt: str
-    target_prompt: str | None = None
-    image: str | None = None
-    inversion: str = DEFAULT_INVERSION
-    inner_steps: int = Field(10, ge=1, le=100)
-    inner_lr: float = Field(1e-2, gt=0, le=1)
-    cross_replace: float = Field(0.8, ge=0, le=1)
-    self_replace: float = Field(0.4, ge=0, le=1)
-    reweight: dict[str, float] = Field(default_factory=dict)
-    blend_words: list[str] = Field(default_factory=list)
-    negative: str = ""
-    sampler: str | None = None
-    schedule: str | None = None
-    steps: int | None = None
-    guidance: float | None = None  # bounds: Request.validate (ldm.guidance.scale_problem)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    width: int | None = None
-    height: int | None = None
-    clip_skip: int = 1
-    clip_guidance_scale: float = Field(0.0, ge=0)
-    lora: list[str] = Field(default_factory=list)
-
+# The bodies of /api/txt2img, /api/img2img and /api/edit: the request's options as pipelines/options.py
+# declares them (under the command line's names), and what each route adds
+Txt2Img = create_model("Txt2Img", __config__=_STRICT, __doc__="The parameters of ``ldm generate``, under the same "
+                       "names; unset ones take the model's defaults (its sampling.json and native size).",
+                       prompt=(str, ...), **_body_fields(options_for("txt2img", "http")), lora=_LORA)
+Img2Img = create_model("Img2Img", __config__=_STRICT, __doc__="``ldm img2img``: the image as base64 (a "
+                       "``data:image/...;base64,`` prefix is accepted).",
+                       prompt=(str, ...), image=(str, ...), **_body_fields(options_for("img2img", "http")),
+                       lora=_LORA)
+EditBody = create_model(
+    "EditBody", __config__=_STRICT, __doc__="``ldm edit``'s parameters under the same names: a source and a target "
+    "prompt sampled together, or with ``image`` (base64) a real image inverted then edited.",
+    source_prompt=(str, ...), target_prompt=(str | None, None), image=(str | None, None),
+    inversion=(str, DEFAULT_INVERSION), inner_steps=(int, Field(10, ge=1, le=100)),
+    inner_lr=(float, Field(1e-2, gt=0, le=1)),
+    cross_replace=(float, Field(0.8, ge=0, le=1)), self_replace=(float, Field(0.4, ge=0, le=1)),
+    reweight=(dict[str, float], Field(default_factory=dict)), blend_words=(list[str], Field(default_factory=list)),
+    **_body_fields(n for n in EDIT_OPTIONS if OPTIONS[n].http), lora=_LORA)
 
 # EditBody's fields that configure the edit itself (pipelines.edit.Edit); the rest are the Request's
 EDIT_FIELDS = frozenset({"inversion", "inner_steps", "inner_lr", "cross_replace", "self_replace", "reweight",
@@ -345,14 +314,10 @@ def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple
 
 
 # --- the worker ----------------------------------------------------------------------------------
-HIRES_FIELDS = {"hires_scale", "hires_strength", "hires_steps", "hires_upscaler"}
-
-
-def to_request(kind: str, body: Txt2Img, image=None) -> rq.Request:
+def to_request(kind: str, body: BaseModel, image=None) -> rq.Request:
     """The API's JSON body as the one generation request every front end builds: its fields are the
-    request's, under the same names (the hires fields apply to text-to-image only)."""
-    fields = body.model_dump(exclude={"image"} | (set() if kind == "txt2img" else HIRES_FIELDS))
-    return rq.Request(kind=kind, image=image, **fields)
+    request's, under the same names."""
+    return rq.Request(kind=kind, image=image, **body.model_dump(exclude={"image"}))
 
 
 class Job:
