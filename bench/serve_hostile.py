@@ -14,7 +14,6 @@ import base64
 import io
 import json
 import struct
-import subprocess
 import sys
 import time
 import zlib

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS, parse_sampler
+from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
@@ -183,10 +183,8 @@ def _eta_for(sampler: str | None, eta: float | None) -> float:
     that take it, so it is dropped for the others instead of refused."""
     if eta is None or sampler is None:
         return 0.0
-    try:
-        return eta if SAMPLERS[parse_sampler(sampler)[0]].takes_eta else 0.0
-    except ValueError:
-        return 0.0
+    ours, _ = rq.Request(sampler=sampler).sampler_schedule()  # None for an unknown name (refused later)
+    return eta if ours is not None and not any(f == "eta" for f, _ in rq.sampler_fit(ours, None, eta)) else 0.0
 
 
 def _problems_as_a1111(response):

@@ -165,7 +165,7 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
                  torch.stack([marks(tt, w) for (_, tt), w in zip(layouts, per_pair)]))
     f = m.vae_factor
     latent_size = (r.height // f, r.width // f)
-    steps = pipe._steps(r.sampler, r.steps, r.schedule)
+    steps = pipe.timesteps(r.sampler, r.steps, r.schedule)
     timing = {}
     uncond_at, inverted, cached, trajectory = None, 0, 0, None
     if real:
@@ -175,23 +175,23 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
         x = torch.cat([noise, noise])
     else:
         gens = _generators(r.seeds)
-        x = pipe._noise(torch.empty(pipe._latent_shape(2 * n, r.width, r.height)), r, gens)
+        x = pipe.prepare_noise(torch.empty(pipe.latent_shape(2 * n, r.width, r.height)), r, gens)
     clock = {"step": 0}
     control = AttentionEdit(clock=clock, n_steps=r.steps, mappers=mappers, has_source=has_source,
                             cross_replace=ed.cross_replace, self_replace=ed.self_replace, reweight=reweight,
                             blend_source=None if blend is None else blend[0],
                             blend_target=None if blend is None else blend[1], latent_size=latent_size)
-    denoise = pipe._denoiser(r, pipe._empty_concat(2 * n, r.width, r.height), clock, uncond_at=uncond_at)
+    denoise = pipe.denoiser(r, pipe.extra_inputs(2 * n, r.width, r.height), clock, uncond_at=uncond_at)
     if trajectory is not None:  # direct inversion: the source rows kept on the image's trajectory
         denoise = retrace(denoise, trajectory, steps, clock, n)
     if blend is not None:
         denoise = local_blend(denoise, control)
     t0 = time.perf_counter()
     with control_attention(m.unet, control):
-        x = pipe._sample(denoise, x.to(m.device), steps, r, _generators(r.seeds), callback, clock)
+        x = pipe.sample(denoise, x.to(m.device), steps, r, _generators(r.seeds), callback, clock)
     if blend is not None:
         x = denoise.finish(x)
-    res = pipe._finish(x, r)
+    res = pipe.decode_latents(x, r)
     timing["sampling_s"] = time.perf_counter() - t0
     settings = dict(res.settings, cross_replace=ed.cross_replace, self_replace=ed.self_replace)
     if real:
@@ -237,10 +237,10 @@ def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
         inv = m.schedule.inversion_steps(steps)
         with torch.no_grad():
             plain = dataclasses.replace(sub, guidance=1.0, request=dataclasses.replace(r.request, clip_guidance_scale=0.0))
-            path = ddim_trajectory(pipe._denoiser(plain), z, inv)
+            path = ddim_trajectory(pipe.denoiser(plain), z, inv)
         got = None
         if ed.inversion == "null-text" and r.guidance != 1.0:
-            cond_at, uncond = pipe._contexts(sub, r.steps)
+            cond_at, uncond = pipe.encode_prompt(sub, r.steps)
             got = null_text_inversion(unet_net(m.unet), m.schedule.prediction_type, path, steps, cond_at(0), uncond,
                                       r.guidance, inner_steps=ed.inner_steps, lr=float(ed.inner_lr))
         for j, i in enumerate(todo):
@@ -255,12 +255,12 @@ def _invert(pipe: Pipeline, ed: Edit, r: Resolved, n: int, steps):
         trajectory = [torch.cat([levels[i][k] for i in range(n)]) for k in range(len(levels[0]))]
     uncond_at = None
     if ed.inversion == "npi":  # the source prompt as the unconditional prompt of source and target alike
-        cond_at, _ = pipe._contexts(r, r.steps, negative=False)
+        cond_at, _ = pipe.encode_prompt(r, r.steps, negative=False)
         c = cond_at(0)
         npi = {k: torch.cat([v[:n], v[:n]]) for k, v in c.items()}
         uncond_at = lambda step: npi  # noqa: E731
     elif ed.inversion == "null-text" and r.guidance != 1.0:
-        _, uncond = pipe._contexts(r, r.steps)
+        _, uncond = pipe.encode_prompt(r, r.steps)
         per_step = [torch.cat([torch.cat([embeds[i][s] for i in range(n)])] * 2) for s in range(r.steps)]
         uncond_at = lambda step: {**uncond, "encoder_hidden_states": per_step[min(step, r.steps - 1)]}  # noqa: E731
     return noise, uncond_at, trajectory, len(todo), n - len(todo)

@@ -113,7 +113,17 @@ def _check_lora_arch(path: Path, model: Model) -> None:
 class Pipeline:
     """The generation front of a Stable-Diffusion-layout model: :meth:`generate` runs a
     :class:`~pipelines.request.Request`; ``text_to_image``, ``image_to_image`` and ``inpaint`` are
-    keyword shorthands that build one."""
+    keyword shorthands that build one.
+
+    Its steps are public, for what builds on them (editing, control) as diffusers' pipelines read:
+      1. ``encode_prompt(r, n_steps)``: the text conditioning at each sampler step, and the negative's;
+      2. ``timesteps(sampler, steps, schedule)``: the sampler's grid of the model's schedule;
+      3. ``latent_shape(n, w, h)`` and ``prepare_noise(like, r, generators)``: the starting latents, one
+         generator per image (with A1111's variation seeds); ``extra_inputs`` for inpainting U-Nets;
+      4. ``denoiser(r, ...)``: one guided denoising evaluation ``denoise(x, t) -> x0``, with its hooks
+         (``clock`` for attention control, ``uncond_at`` for inverted unconditional contexts, caching);
+      5. ``sample(denoise, x, steps, r, generators, callback)``: the sampler over those steps;
+      6. ``decode_latents(latents, r)``: the VAE's images and the Result that carries them."""
 
     def __init__(self, model: Model, vae_slice_size: int | None = None):
         self.model = model
@@ -221,7 +231,7 @@ class Pipeline:
             raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
         self._adapters.add(f"lora:{(path / kwargs['weight_name'] if 'weight_name' in kwargs else path).resolve()}")
 
-    def _contexts(self, r: Resolved, n_steps: int, negative: bool = True):
+    def encode_prompt(self, r: Resolved, n_steps: int, negative: bool = True):
         """The U-Net's text conditioning for a request: ``cond_at(step) -> context`` (the batch's context
         at sampler step ``step``, which changes with prompt editing and alternation) and the negative
         prompts' context (None without ``negative``).
@@ -276,7 +286,7 @@ class Pipeline:
                 uncond = batch([by_key[k] for k in zip(r.negatives, r.negatives_2)], neg=True)
         return cond_at, uncond
 
-    def _denoiser(self, r: Resolved, concat=None, clock: dict | None = None, n_steps: int | None = None,
+    def denoiser(self, r: Resolved, concat=None, clock: dict | None = None, n_steps: int | None = None,
                   uncond_at: Callable[[int], dict] | None = None) -> Callable:
         """The guided denoiser of a request; with a ``clock`` ({"step": i}, advanced by ``_sample``) the
         conditioning follows the prompts' editing schedule over ``n_steps`` steps. ``uncond_at(step)``
@@ -298,7 +308,7 @@ class Pipeline:
             uncond_at = None
         if concat is not None:
             extra["concat"] = concat
-        cond_at, uncond = self._contexts(r, n_steps or r.steps, negative=guidance_scale != 1.0)
+        cond_at, uncond = self.encode_prompt(r, n_steps or r.steps, negative=guidance_scale != 1.0)
         with_concat = (lambda u: u) if concat is None else (lambda u: {**u, "concat": concat})
         if uncond is not None:
             uncond = with_concat(uncond)
@@ -335,11 +345,11 @@ class Pipeline:
             self._clip = (key, load_clip(path, self.model))
         return self._clip[1]
 
-    def _steps(self, sampler: str, steps: int, schedule: str = "default") -> Steps:
+    def timesteps(self, sampler: str, steps: int, schedule: str = "default") -> Steps:
         return self.model.schedule.steps(steps, schedule=schedule, **get_sampler(sampler).grid)
 
     @torch.no_grad()
-    def _sample(self, denoise, x, steps: Steps, r: Resolved, generators, callback, clock: dict | None = None,
+    def sample(self, denoise, x, steps: Steps, r: Resolved, generators, callback, clock: dict | None = None,
                 first: int = 0):
         """Run the request's sampler; ``clock["step"]`` follows the steps (from ``first``), for prompt
         editing."""
@@ -359,7 +369,7 @@ class Pipeline:
             kwargs["eta"] = r.eta
         return spec.fn(denoise, x, steps, callback=callback, **kwargs)
 
-    def _finish(self, latents, r: Resolved) -> Result:
+    def decode_latents(self, latents, r: Resolved) -> Result:
         pixels = autoencoder.decode(self.model.vae, latents, self._slice(latents.shape[0]))
         return Result(pixels, latents, list(r.seeds), list(r.prompts), list(r.negatives), r.settings())
 
@@ -408,7 +418,7 @@ class Pipeline:
             return self.vae_slice_size
         return 1 if batch > 4 else None  # large batches decode one image at a time
 
-    def _latent_shape(self, n, width, height):
+    def latent_shape(self, n, width, height):
         f = self.model.vae_factor
         return (n, self.model.unet.config.out_channels, height // f, width // f)
 
@@ -442,7 +452,7 @@ class Pipeline:
                       [s for x in results for s in x.seeds], [p for x in results for p in x.prompts],
                       [n for x in results for n in x.negative_prompts], first.settings)
 
-    def _noise(self, like: torch.Tensor, r: Resolved, gens) -> torch.Tensor:
+    def prepare_noise(self, like: torch.Tensor, r: Resolved, gens) -> torch.Tensor:
         """The starting noise of each image from its seed; with variation seeds (A1111's subseed) the
         spherical interpolation (Shoemake 1985) of that noise towards the subseed's by subseed_strength,
         which keeps a Gaussian's norm where the two are near-orthogonal, as independent noises are."""
@@ -488,55 +498,55 @@ class Pipeline:
     def _text_to_image(self, r: Resolved, gens, callback) -> Result:
         n = len(r.prompts)
         clock = {"step": 0}
-        denoise = self._denoiser(r, self._empty_concat(n, r.width, r.height), clock)
+        denoise = self.denoiser(r, self.extra_inputs(n, r.width, r.height), clock)
         latents = r.request.latents
         if latents is None:
             # (B, 4, H/8, W/8): unit-variance noise is x_T at the first level (alpha_bar ~ 0)
-            latents = self._noise(torch.empty(self._latent_shape(n, r.width, r.height)), r, gens)
+            latents = self.prepare_noise(torch.empty(self.latent_shape(n, r.width, r.height)), r, gens)
         x = latents.to(self.model.device, torch.float32)
-        steps = self._steps(r.sampler, r.steps, r.schedule)
+        steps = self.timesteps(r.sampler, r.steps, r.schedule)
         if r.request.hires_scale is not None:
-            return self._hires(self._sample(denoise, x, steps, r, gens, callback, clock), r, callback)
+            return self._hires(self.sample(denoise, x, steps, r, gens, callback, clock), r, callback)
         if r.request.refiner_start is None:
-            return self._finish(self._sample(denoise, x, steps, r, gens, callback, clock), r)
+            return self.decode_latents(self.sample(denoise, x, steps, r, gens, callback, clock), r)
         if self.refiner is None:
             raise ValueError("refiner_start: no refiner is loaded (Pipeline.refiner; --refiner on the command line)")
         k = steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps)
-        x = self._sample(denoise, x, steps.head(k), r, gens, callback, clock)
+        x = self.sample(denoise, x, steps.head(k), r, gens, callback, clock)
         return self.refiner._refine(x, r, gens, callback, first=k)
 
     def _refine(self, x, r: Resolved, gens, callback, first: int) -> Result:
         """The refiner's part of a base + refiner run (diffusers' denoising_start): the steps of its own
         grid below the base's cutoff, from the base's latents as they are (no noise added)."""
-        steps = self._steps(r.sampler, r.steps, r.schedule)
+        steps = self.timesteps(r.sampler, r.steps, r.schedule)
         mine = steps.tail(steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps))
         clock = {"step": first}
-        denoise = self._denoiser(r, clock=clock)
+        denoise = self.denoiser(r, clock=clock)
 
         def offset(i, xi, x0):  # the progress callback counts on from the base's steps
             if callback is not None:
                 callback(first + i, xi, x0)
 
-        res = self._finish(self._sample(denoise, x, mine, r, gens, offset, clock, first), r)
+        res = self.decode_latents(self.sample(denoise, x, mine, r, gens, offset, clock, first), r)
         res.settings.update(refiner=self.model.name, refiner_start=r.request.refiner_start)
         return res
 
-    def _empty_concat(self, n, width, height):
+    def extra_inputs(self, n, width, height):
         """A 9-channel inpainting U-Net asked for plain text-to-image gets an all-masked image."""
         if not self.model.is_inpainting:
             return None
-        shape = self._latent_shape(n, width, height)
+        shape = self.latent_shape(n, width, height)
         mask = torch.ones(shape[0], 1, *shape[2:])
         masked = autoencoder.encode(self.model.vae, torch.zeros(1, 3, height, width, device=self.model.device))
         return torch.cat([mask.to(masked), masked.expand(n, -1, -1, -1)], dim=1)
 
     def _strength_steps(self, r: Resolved) -> Steps:
         """The last ``run_steps`` of the request's ``steps`` (pipelines.request.strength_steps)."""
-        return self._steps(r.sampler, r.steps, r.schedule).tail(r.steps - r.run_steps)
+        return self.timesteps(r.sampler, r.steps, r.schedule).tail(r.steps - r.run_steps)
 
     def _image_to_image(self, r: Resolved, gens, callback) -> Result:
         z0 = self.encode_image(r.request.image).expand(len(r.prompts), -1, -1, -1)
-        return self._finish(self._sdedit(z0, r, gens, callback), r)
+        return self.decode_latents(self._sdedit(z0, r, gens, callback), r)
 
     def _sdedit(self, z0: torch.Tensor, r: Resolved, gens, callback) -> torch.Tensor:
         """SDEdit from latents z0 (B, 4, h, w): noised to the first of the last ``run_steps`` levels,
@@ -545,9 +555,9 @@ class Pipeline:
         if len(sched_steps) == 0:
             return z0.clone()
         clock = {"step": 0}
-        denoise = self._denoiser(r, self._empty_concat(len(r.prompts), r.width, r.height), clock, r.run_steps)
-        x = q_sample(z0, self._noise(z0, r, gens), sched_steps.alpha_bars[0])
-        return self._sample(denoise, x, sched_steps, r, gens, callback, clock)
+        denoise = self.denoiser(r, self.extra_inputs(len(r.prompts), r.width, r.height), clock, r.run_steps)
+        x = q_sample(z0, self.prepare_noise(z0, r, gens), sched_steps.alpha_bars[0])
+        return self.sample(denoise, x, sched_steps, r, gens, callback, clock)
 
     def _hires(self, z: torch.Tensor, r: Resolved, callback) -> Result:
         """A1111's hires fix: the first pass's latents upscaled (bilinear on the latents, or Lanczos on
@@ -569,7 +579,7 @@ class Pipeline:
             if callback is not None:
                 callback(r.steps + i, xi, x0)
 
-        res = self._finish(self._sdedit(z, second, _generators(r.seeds), later), second)
+        res = self.decode_latents(self._sdedit(z, second, _generators(r.seeds), later), second)
         res.settings.update(r.settings(), width=r.width, height=r.height)
         return res
 
@@ -581,7 +591,7 @@ class Pipeline:
         mask_t = self._mask_tensor(r.request.mask)
         z0 = self.encode_image(img_t).expand(n, -1, -1, -1)
         lat_hw = z0.shape[-2:]
-        noise = self._noise(z0, r, gens)
+        noise = self.prepare_noise(z0, r, gens)
         concat = None
         if self.model.is_inpainting:
             binary = (mask_t >= 0.5).float()
@@ -589,17 +599,17 @@ class Pipeline:
             m_lat = F.interpolate(binary, size=lat_hw)  # nearest, as the inpainting models were trained
             concat = torch.cat([m_lat.to(masked), masked], dim=1).expand(n, -1, -1, -1)
         clock = {"step": 0}
-        denoise = self._denoiser(r, concat, clock, r.run_steps)
+        denoise = self.denoiser(r, concat, clock, r.run_steps)
         # at full strength the start is pure noise, as in text-to-image (and diffusers' inpainting);
         # below it the image noised to the first level
         x = noise.clone() if r.run_steps == r.steps else q_sample(z0, noise, sched_steps.alpha_bars[0])
         if not self.model.is_inpainting:
             keep = 1 - F.interpolate(mask_t, size=lat_hw, mode="area").to(z0)  # (1, 1, h, w), 1 = keep
             denoise = blend_known(denoise, z0, keep, noise)
-        x = self._sample(denoise, x, sched_steps, r, gens, callback, clock)
+        x = self.sample(denoise, x, sched_steps, r, gens, callback, clock)
         if not self.model.is_inpainting:
             x = keep * z0 + (1 - keep) * x  # the kept region is the image's own latents, clean
-        return self._finish(x, r)
+        return self.decode_latents(x, r)
 
     @staticmethod
     def _mask_tensor(mask) -> torch.Tensor:
@@ -618,6 +628,6 @@ class Pipeline:
         steps and guidance maps back to ``image`` (exactly in the limit of many steps)."""
         r = Request(prompt, "img2img", "", "ddim", steps, guidance_scale, image=image, strength=1.0).resolve(self.model)
         z0 = self.encode_image(image)
-        denoise = self._denoiser(r, self._empty_concat(1, r.width, r.height))
-        inv = self.model.schedule.inversion_steps(self._steps("ddim", steps))
+        denoise = self.denoiser(r, self.extra_inputs(1, r.width, r.height))
+        inv = self.model.schedule.inversion_steps(self.timesteps("ddim", steps))
         return invert_ddim(denoise, z0, inv, callback=callback)

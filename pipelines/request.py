@@ -160,10 +160,8 @@ class Request:
             if name not in SPECIAL and (self.kind in option.kinds or getattr(self, name) != option.default):
                 if (msg := option.problem(getattr(self, name))) is not None:
                     add((name, msg))
-        if self.eta and not OPTIONS["eta"].problem(self.eta) and sampler in SAMPLERS and not SAMPLERS[sampler].takes_eta:
-            add(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
-        if schedule not in (None, "default") and sampler in SAMPLERS and sampler not in SCHEDULE_SAMPLERS:
-            add(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, not {sampler}"))
+        if sampler in SAMPLERS:  # named here; else checked in resolve, against the model's default sampler
+            problems += sampler_fit(sampler, schedule, self.eta)
         if self.subseed is not None and not (isinstance(self.subseed, int) and 0 <= self.subseed < MAX_SEED):
             add(("subseed", f"must be an integer from 0 to 2**63 - 1, got {self.subseed!r}"))
         for name, option in OPTIONS.items():  # an option given to a kind it does not apply to
@@ -269,11 +267,7 @@ class Request:
         sampler, implied = parse_sampler(sampler)  # sampling.json may name it as A1111 does ("DPM++ 2M Karras")
         spec = get_sampler(sampler)
         schedule = schedule or implied or "default"
-        if self.eta and not spec.takes_eta:
-            problems.append(("eta", f"applies to the {_eta_samplers()} samplers, not {sampler}"))
-        if schedule != "default" and sampler not in SCHEDULE_SAMPLERS:
-            problems.append(("schedule", f"the {schedule} schedule applies to the {_schedule_samplers()} samplers, "
-                                         f"not {sampler}"))
+        problems += sampler_fit(sampler, schedule, self.eta)
         try:  # the schedule's own bound (the model's training timesteps)
             model.schedule.steps(steps, schedule=schedule, **spec.grid)
         except ValueError as exc:
@@ -404,12 +398,18 @@ def lora_files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors"}
 
 
-def _schedule_samplers() -> str:
-    return ", ".join(SCHEDULE_SAMPLERS)
-
-
-def _eta_samplers() -> str:
-    return ", ".join(n for n, s in SAMPLERS.items() if s.takes_eta)
+def sampler_fit(sampler: str, schedule: str | None, eta) -> list[tuple[str, str]]:
+    """The one rule of what a sampler takes: eta only the stochastic samplers, a sigma schedule only the
+    samplers that run on one (an eta that is not a number is the eta option's own problem)."""
+    problems = []
+    number = isinstance(eta, (int, float)) and not isinstance(eta, bool)
+    if number and eta and not SAMPLERS[sampler].takes_eta:
+        problems.append(("eta", f"applies to the {', '.join(n for n, s in SAMPLERS.items() if s.takes_eta)} samplers, "
+                                f"not {sampler}"))
+    if schedule not in (None, "default") and sampler not in SCHEDULE_SAMPLERS:
+        problems.append(("schedule", f"the {schedule} schedule applies to the {', '.join(SCHEDULE_SAMPLERS)} "
+                                     f"samplers, not {sampler}"))
+    return problems
 
 
 def _image_size(image) -> tuple[int, int]:
