@@ -36,6 +36,9 @@ def unet_net(unet) -> Callable:
                                           "time_ids": context["time_ids"].to(x.device, dtype)}
         if "timestep_cond" in context:  # (B, D): the guidance-scale input of a guidance-distilled U-Net
             extra["timestep_cond"] = context["timestep_cond"].to(x.device, dtype)
+        if "down_residuals" in context:  # ControlNet (ldm.control): added to the skip connections and middle block
+            extra["down_block_additional_residuals"] = [r.to(dtype) for r in context["down_residuals"]]
+            extra["mid_block_additional_residual"] = context["mid_residual"].to(dtype)
         t = t.to(x.device) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float32, device=x.device)
         out = unet(inp.to(dtype), t, encoder_hidden_states=context["encoder_hidden_states"].to(dtype), **extra).sample
         return out.float()

@@ -13,7 +13,8 @@ from pathlib import Path
 from ldm.locate import ModelError, default_model_path
 from ldm.names import DEFAULT_INVERSION, INVERSIONS
 
-from .options import DEFAULT_STRENGTH, EDIT_OPTIONS, SAMPLING, add_flags, options_for
+from .options import (CONTROL_OPTIONS, DEFAULT_STRENGTH, EDIT_OPTIONS, PREPROCESSORS, RESIZE_MODES, SAMPLING,
+                      add_control_flags, add_flags, control_units, options_for)
 from .outputs import check_output_dir, check_output_file
 
 # nothing here imports torch at module level: `ldm --help` and every core command's --help answer
@@ -27,6 +28,7 @@ def _common(p: argparse.ArgumentParser):
     model_args(p)
     output_args(p)
     p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
+    add_control_flags(p)
     p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
                                                   "each image is written as soon as it is made, a rerun skips images already "
                                                   "written, and under `accelerate launch` the prompts are spread over "
@@ -86,7 +88,7 @@ def sampling_args(p: argparse.ArgumentParser):
     add_flags(p, SAMPLING)
 
 
-CORE_COMMANDS = ("generate", "img2img", "inpaint", "edit", "convert", "serve")
+CORE_COMMANDS = ("generate", "img2img", "inpaint", "edit", "convert", "serve", "control-preview")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -114,6 +116,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                     "a real image (--image) inverted first")
     _edit_args(e)
     e.set_defaults(job=_run_edit)
+    v = sub.add_parser("control-preview", help="write the control map a ControlNet would read from an image "
+                                               "(check a preprocessor before generating)")
+    v.add_argument("image", type=Path, help="the control image")
+    v.add_argument("--output", type=Path, required=True, help="the map, a .png file")
+    v.add_argument("--control-preprocessor", default=CONTROL_OPTIONS["preprocessor"].default,
+                   choices=list(PREPROCESSORS), help=CONTROL_OPTIONS["preprocessor"].help)
+    v.add_argument("--width", type=int, default=None, help="fit the map to this width (with --height)")
+    v.add_argument("--height", type=int, default=None, help="fit the map to this height (with --width)")
+    v.add_argument("--control-resize", default=CONTROL_OPTIONS["resize"].default, choices=list(RESIZE_MODES),
+                   help=CONTROL_OPTIONS["resize"].help)
+    v.set_defaults(func=_control_preview)
     c = sub.add_parser("convert", help="a single-file checkpoint (A1111 / ComfyUI layout) to a diffusers directory, "
                                        "a diffusers directory to a single file, or a LoRA between diffusers' "
                                        "and kohya's layouts")
@@ -339,6 +352,27 @@ def _serve(args) -> int:
     return 0
 
 
+def _control_preview(args) -> int:
+    from ldm.control import fit, preprocess
+    from ldm.images import load_image
+
+    from .pngmeta import save_png
+
+    try:
+        check_output_file(args.output)
+        if (args.width is None) != (args.height is None):
+            raise ValueError("give --width and --height together (or neither: the image's own size)")
+        out = preprocess(load_image(args.image), args.control_preprocessor)
+        if args.width is not None:
+            out = fit(out, args.width, args.height, args.control_resize)
+        written = save_png(out, args.output, f"control map: {args.control_preprocessor} of {args.image.name}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
+
+
 def _convert(args) -> int:
     from ldm.checkpoints import to_directory, to_single_file
     from ldm.models import DTYPES, load_model
@@ -484,7 +518,7 @@ def build_request(args, prompts: list[str]):
     options = {name: getattr(args, name) for name in options_for(kind)}  # the flags add_flags made
     options.update(seed=seed, refiner_start=refiner_start(args) if kind == "txt2img" else None)
     return Request(prompt=prompts[0], kind=kind, image=image, mask=mask, embeddings=list(zip(args.embedding, tokens)),
-                   lora=list(args.lora), **options)
+                   lora=list(args.lora), controls=control_units(args), **options)
 
 
 def run(args) -> list[Path]:

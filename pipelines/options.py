@@ -129,6 +129,27 @@ CONTROLS = ("cache_interval", "cache_depth", "clip_skip", "clip_guidance_scale",
 EDIT_OPTIONS = ("negative", "seed", "width", "height", *SAMPLING, *CONTROLS)  # ldm edit's (and /api/edit's)
 
 
+# One ControlNet unit's options (ldm.control); a request holds a list of units, the command line repeats the
+# group (--controlnet ... --control-image ... for each, the i-th of every flag belonging to the i-th unit)
+CONTROL_MODES = ("balanced", "prompt", "control")
+PREPROCESSORS = ("none", "canny", "threshold", "invert")
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
+CONTROL_OPTIONS: dict[str, Option] = {
+    "weight": Option(float, 1.0, "the ControlNet's weight (its residuals' scale; default 1)", low=0),
+    "start": Option(float, 0.0, "the fraction of the schedule the ControlNet starts acting at (default 0)", low=0,
+                    high=1),
+    "end": Option(float, 1.0, "the fraction of the schedule it stops acting after (default 1)", low=0, high=1),
+    "mode": Option(str, "balanced", "balanced; prompt (A1111's 'My prompt is more important'); control ('ControlNet "
+                                    "is more important', diffusers' guess mode)", choices=CONTROL_MODES),
+    "preprocessor": Option(str, "none", "how the control image becomes the map: none (it is the map), canny "
+                                        "(OpenCV's edges), threshold (white where brighter than mid-grey), invert",
+                           choices=PREPROCESSORS),
+    "resize": Option(str, "just-resize", "fitting the control image to the request's size: just-resize, "
+                                         "crop-and-resize (cover, centre crop), resize-and-fill (fit, black margins)",
+                     choices=RESIZE_MODES),
+}
+
+
 def options_for(kind: str, surface: str = "cli") -> list[str]:
     """The options of a request ``kind`` a surface (cli, http) shows, in the table's order."""
     return [name for name, o in OPTIONS.items() if kind in o.kinds and getattr(o, surface)]
@@ -136,6 +157,34 @@ def options_for(kind: str, surface: str = "cli") -> list[str]:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def add_control_flags(parser: argparse.ArgumentParser) -> None:
+    """--controlnet and --control-image, and a --control-<option> per unit option, each repeatable: the
+    i-th of each belongs to the i-th --controlnet (one given once applies to all)."""
+    parser.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                        help="a ControlNet (diffusers directory); repeat the group for several")
+    parser.add_argument("--control-image", action="append", default=[], type=Path, metavar="IMG",
+                        help="the control image of the matching --controlnet")
+    for name, o in CONTROL_OPTIONS.items():
+        kwargs = dict(choices=list(o.choices)) if o.choices else dict(type=o.type)
+        parser.add_argument(f"--control-{name}", dest=f"control_{name}", action="append", default=[],
+                            help=o.help, **kwargs)
+
+
+def control_units(args) -> list[dict]:
+    """The units the command line's control flags give: one dict per --controlnet of every unit option."""
+    n = len(args.controlnet)
+    if len(args.control_image) != n:
+        raise ValueError(f"got {len(args.control_image)} --control-image for {n} --controlnet; give one each")
+    units = [{"model": m, "image": img} for m, img in zip(args.controlnet, args.control_image)]
+    for name, o in CONTROL_OPTIONS.items():
+        given = getattr(args, f"control_{name}")
+        if len(given) not in (0, 1, n) or (given and not n):
+            raise ValueError(f"got {len(given)} --control-{name} for {n} --controlnet; give one, or one each")
+        for i, u in enumerate(units):
+            u[name] = given[i] if len(given) == n else given[0] if given else o.default
+    return units
 
 
 def add_flags(parser: argparse.ArgumentParser, names, defaults: dict | None = None, helps: dict | None = None) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from ldm import autoencoder
 from ldm.clip_guidance import clip_guided
 from ldm.deepcache import DeepCache
+from ldm.control import controlled
 from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.embeddings import add_concept, read_embeddings
 from ldm.guidance import guidance_embedding, guidance_input_dim, guided
@@ -132,6 +133,7 @@ class Pipeline:
         self._adapters: set[str] = set()  # embedding and LoRA files applied, by resolved path
         self._embedding_files: dict[str, Path] = {}  # token -> the embedding file that added it
         self._clip: tuple = (None, None)  # (resolved directory, ldm.clip_guidance.ClipTower) for CLIP guidance
+        self._controlnets: dict[str, torch.nn.Module] = {}  # ControlNets loaded, by resolved path
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "Pipeline":
@@ -316,6 +318,18 @@ class Pipeline:
         q = r.request
         if q.cache_interval > 1:  # DeepCache (ldm.deepcache): the deep blocks every cache_interval-th evaluation
             net = DeepCache(m.unet, q.cache_interval, q.cache_depth).wrap(net)
+        if q.controls:  # ControlNet (ldm.control): each unit's residuals added at every evaluation
+            units = self.control_units(r)
+            if clock is None:
+                clock = {"step": 0}
+            net = controlled(net, units, clock, n_steps or r.steps)
+            if any(u.mode == "control" for u in units):  # which rows are conditional (guess mode's half)
+                n = len(prompts)
+                extra["control_rows"] = torch.ones(n)
+                plain_concat = with_concat
+                with_concat = lambda u: {**plain_concat(u), "control_rows": torch.zeros(n)}  # noqa: E731
+                if uncond is not None:
+                    uncond = {**uncond, "control_rows": torch.zeros(n)}
         fns = {}  # one guided function (its batched context built once) per distinct conditioning
 
         def model_fn(x, t):
@@ -334,6 +348,49 @@ class Pipeline:
             denoise = clip_guided(denoise, lambda z: autoencoder.decode_with_grad(m.vae, z), guide,
                                   q.clip_guidance_scale, _generators(r.seeds))
         return denoise
+
+    def load_controlnet(self, path):
+        """A ControlNet (diffusers' directory, safetensors) in the U-Net's dtype on its device, loaded once;
+        one made for another architecture is a ModelError naming both."""
+        from diffusers import ControlNetModel
+
+        from ldm.control import check_fits
+
+        if isinstance(path, torch.nn.Module):
+            return path
+        key = str(Path(path).resolve())
+        if key not in self._controlnets:
+            m = self.model
+            try:
+                net = ControlNetModel.from_pretrained(key, use_safetensors=True, torch_dtype=m.unet.dtype)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"could not load the ControlNet in {str(path)!r}: {exc}") from None
+            try:
+                check_fits(net, m.unet, repr(str(path)), m.arch)
+            except ValueError as exc:
+                raise ModelError(str(exc)) from None
+            self._controlnets[key] = net.to(m.device).eval().requires_grad_(False)
+        return self._controlnets[key]
+
+    def control_units(self, r: Resolved) -> list:
+        """The request's ControlNet units (ldm.control.Unit): each model loaded, each control image
+        preprocessed and fitted to the request's size."""
+        from ldm.control import Unit, fit, preprocess, to_tensor01
+        from ldm.images import load_image
+
+        units = []
+        for u in r.request.controls:
+            image = u["image"]
+            if isinstance(image, torch.Tensor):
+                tensor = image
+            else:
+                image = load_image(image) if isinstance(image, (str, Path)) else image
+                mapped = preprocess(image, u.get("preprocessor", "none"))
+                tensor = to_tensor01(fit(mapped, r.width, r.height, u.get("resize", "just-resize")))
+            units.append(Unit(self.load_controlnet(u["model"]), tensor, weight=float(u.get("weight", 1.0)),
+                              start=float(u.get("start", 0.0)), end=float(u.get("end", 1.0)),
+                              mode=u.get("mode", "balanced")))
+        return units
 
     def clip_tower(self, clip_dir=None):
         """The CLIP used for CLIP guidance (``clip_dir``, default the embedded model's own), loaded once."""
@@ -520,6 +577,8 @@ class Pipeline:
         grid below the base's cutoff, from the base's latents as they are (no noise added)."""
         steps = self.timesteps(r.sampler, r.steps, r.schedule)
         mine = steps.tail(steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps))
+        if r.request.controls:  # ControlNets are the base's: the refiner runs without them (as in A1111)
+            r = dataclasses.replace(r, request=dataclasses.replace(r.request, controls=[]))
         clock = {"step": first}
         denoise = self.denoiser(r, clock=clock)
 

@@ -22,7 +22,7 @@ import torch
 from ldm.guidance import scale_problem
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
-from .options import DEFAULT_STRENGTH, HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
+from .options import CONTROL_OPTIONS, DEFAULT_STRENGTH, HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
 
 # options checked here by rules of their own (the server's limits, the model's factor, one bound of
 # guidance); every other option's plain check comes from its line in pipelines.options
@@ -123,6 +123,8 @@ class Request:
     clip_cutouts: int = OPTIONS["clip_cutouts"].default       # ... random crops per image per step
     refiner_start: float | None = OPTIONS["refiner_start"].default  # with a refiner (Pipeline.refiner): the
                                         # fraction of the schedule the base denoises before the refiner (SDXL's 0.8)
+    controls: list[dict] = field(default_factory=list)  # ControlNet units: {"model", "image", and the options of
+                                                         # pipelines.options.CONTROL_OPTIONS} (ldm.control)
 
     # --- checks that need no model ---------------------------------------------------------------
     def prompts(self) -> list[str]:
@@ -211,6 +213,10 @@ class Request:
                     add(("mask", f"is {mw}x{mh} but the image is {w}x{h}; they must be the same size"))
             if self.kind == "inpaint" and self.mask is None:
                 add(("mask", "required for inpaint"))
+        for i, unit in enumerate(self.controls):
+            problems += control_problems(unit, i)
+        if self.controls and self.cache_interval > 1:
+            add(("cache_interval", "DeepCache does not combine with ControlNet yet; use cache_interval 1"))
         files = lora_files(lim.lora_dir) if self.lora and lim.lora_dir is not None else {}
         for entry in self.lora:
             if lim.lora_dir is not None:
@@ -396,6 +402,31 @@ def hires_size(side: int, scale: float, factor: int = 8) -> int:
 def lora_files(folder: Path) -> dict[str, Path]:
     """The LoRA files of a folder by name."""
     return {p.name: p for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors"}
+
+
+def control_problems(unit: dict, index: int) -> list[tuple[str, str]]:
+    """The problems of one ControlNet unit, by its command-line names (controlnet, control_image,
+    control_<option>); ``index`` says which unit when there are several."""
+    which = f" (unit {index})" if index else ""
+    problems = []
+    unknown = sorted(set(unit) - {"model", "image", *CONTROL_OPTIONS})
+    if unknown:
+        problems.append(("controlnet", f"unknown unit field(s) {', '.join(unknown)}{which}"))
+    model = unit.get("model")
+    if model is None or not (isinstance(model, torch.nn.Module) or Path(model).is_dir()):
+        problems.append(("controlnet", f"{str(model)!r} is not a ControlNet directory (diffusers' layout){which}"))
+    image = unit.get("image")
+    if image is None:
+        problems.append(("control_image", f"required: the control image of each ControlNet{which}"))
+    elif isinstance(image, (str, Path)) and not Path(image).is_file():
+        problems.append(("control_image", f"{str(image)!r} is not an image file{which}"))
+    for name, option in CONTROL_OPTIONS.items():
+        if (msg := option.problem(unit.get(name, option.default))) is not None:
+            problems.append((f"control_{name}", msg + which))
+    start, end = unit.get("start", 0.0), unit.get("end", 1.0)
+    if not any(f in ("control_start", "control_end") for f, _ in problems) and not start < end:
+        problems.append(("control_start", f"must be below control_end: {start} >= {end}{which}"))
+    return problems
 
 
 def sampler_fit(sampler: str, schedule: str | None, eta) -> list[tuple[str, str]]:

@@ -1,0 +1,201 @@
+"""ControlNet at generation (ldm.control): our images against diffusers' ControlNet pipelines on tiny
+random weights (every ControlNet weight re-drawn, zero convolutions included, so the control acts),
+the modes, the preprocessors, the command line and the errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.models import ModelError, load_model
+from pipelines.pipeline import Pipeline
+from pipelines.request import Request
+
+PROMPT = "a red circle"
+
+
+def random_controlnet(model_dir: Path, out: Path, seed: int) -> Path:
+    from diffusers import ControlNetModel
+
+    unet = load_model(model_dir).unet
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.normal_(0, 0.1)
+    cn.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nets(sd1_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cn")
+    return random_controlnet(sd1_dir, d / "a", 0), random_controlnet(sd1_dir, d / "b", 1)
+
+
+@pytest.fixture(scope="module")
+def control_images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(((rng.random((64, 64, 3)) > 0.5) * 255).astype(np.uint8)) for _ in range(2)]
+
+
+def _np(pixels):
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def _reference(cls, model_dir, controlnet):
+    from diffusers import ControlNetModel, DDIMScheduler
+
+    if isinstance(controlnet, (list, tuple)):
+        controlnet = [ControlNetModel.from_pretrained(c) for c in controlnet]
+    else:
+        controlnet = ControlNetModel.from_pretrained(controlnet)
+    ref = cls.from_pretrained(model_dir, controlnet=controlnet, safety_checker=None) if "XL" not in cls.__name__ \
+        else cls.from_pretrained(model_dir, controlnet=controlnet)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+@pytest.mark.parametrize("unit", [dict(weight=0.7), dict(weight=1.2, start=0.2, end=0.8), dict(mode="control")])
+def test_text_to_image_with_a_controlnet_matches_diffusers(sd1_dir, nets, control_images, unit):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    ref = _reference(StableDiffusionControlNetPipeline, sd1_dir, nets[0])
+    gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    expect = ref(PROMPT, image=control_images[0], num_inference_steps=6, guidance_scale=5.0, generator=gens,
+                 num_images_per_prompt=2, controlnet_conditioning_scale=unit.get("weight", 1.0),
+                 control_guidance_start=unit.get("start", 0.0), control_guidance_end=unit.get("end", 1.0),
+                 guess_mode=unit.get("mode") == "control", output_type="np", height=64, width=64).images
+    ours = Pipeline.from_pretrained(sd1_dir)
+    got = _np(ours.generate(Request(PROMPT, steps=6, guidance=5.0, seed=3, batch_size=2, sampler="ddim",
+                                    controls=[{"model": str(nets[0]), "image": control_images[0], **unit}])).pixels)
+    plain = _np(ours.text_to_image(PROMPT, steps=6, guidance_scale=5.0, seed=3, batch_size=2, sampler="ddim").pixels)
+    assert np.abs(got - plain).max() > 2e-2  # the control acts
+    assert np.abs(got - expect).max() <= 2 / 255
+
+
+def test_two_controlnets_at_once_match_diffusers_multicontrolnet(sd1_dir, nets, control_images):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    ref = _reference(StableDiffusionControlNetPipeline, sd1_dir, list(nets))
+    expect = ref(PROMPT, image=control_images, num_inference_steps=5, guidance_scale=4.0,
+                 generator=[torch.Generator().manual_seed(7)], controlnet_conditioning_scale=[0.8, 0.5],
+                 control_guidance_start=[0.0, 0.3], control_guidance_end=[1.0, 0.9], output_type="np",
+                 height=64, width=64).images
+    units = [{"model": str(nets[0]), "image": control_images[0], "weight": 0.8},
+             {"model": str(nets[1]), "image": control_images[1], "weight": 0.5, "start": 0.3, "end": 0.9}]
+    got = _np(Pipeline.from_pretrained(sd1_dir).generate(Request(PROMPT, steps=5, guidance=4.0, seed=7, sampler="ddim",
+                                                                   controls=units)).pixels)
+    assert np.abs(got - expect).max() <= 2 / 255
+
+
+def test_image_to_image_with_a_controlnet_matches_diffusers(sd1_dir, nets, control_images, monkeypatch):
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    init = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8))
+    ref = _reference(StableDiffusionControlNetImg2ImgPipeline, sd1_dir, nets[0])
+    expect = ref(PROMPT, image=init, control_image=control_images[0], strength=0.7, num_inference_steps=10,
+                 guidance_scale=5.0, generator=[torch.Generator().manual_seed(2)], output_type="np",
+                 controlnet_conditioning_scale=0.8).images  # (this pipeline's default; ours is 1)
+    got = _np(Pipeline.from_pretrained(sd1_dir).generate(Request(
+        PROMPT, kind="img2img", image=init, strength=0.7, steps=10, guidance=5.0, seed=2, sampler="ddim",
+        controls=[{"model": str(nets[0]), "image": control_images[0], "weight": 0.8}])).pixels)
+    assert np.abs(got - expect).max() <= 2 / 255
+
+
+def test_sdxl_with_a_controlnet_matches_diffusers(sdxl_dir, tmp_path, control_images):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    net = random_controlnet(sdxl_dir, tmp_path / "xl", 2)
+    ref = _reference(StableDiffusionXLControlNetPipeline, sdxl_dir, net)
+    ours = Pipeline.from_pretrained(sdxl_dir)
+    w, h = ours.default_size()
+    image = control_images[0].resize((w, h))
+    expect = ref(PROMPT, image=image, num_inference_steps=4, guidance_scale=5.0, height=h, width=w,
+                 generator=[torch.Generator().manual_seed(4)], controlnet_conditioning_scale=0.9,
+                 output_type="np").images
+    got = _np(ours.generate(Request(PROMPT, steps=4, guidance=5.0, seed=4, sampler="ddim",
+                                    controls=[{"model": str(net), "image": image, "weight": 0.9}])).pixels)
+    assert np.abs(got - expect).max() <= 2 / 255
+    with pytest.raises(ModelError, match=r"was made for another model \(text width 32.* than this sdxl model \(SDXL"):
+        ours.load_controlnet(_sd1_net(tmp_path))
+
+
+def _sd1_net(tmp_path):
+    from ldm.tiny import build_checkpoint
+
+    d = build_checkpoint(tmp_path / "sd1", "sd1", seed=5)
+    return random_controlnet(d, tmp_path / "sd1cn", 0)
+
+
+def test_prompt_mode_scales_each_residual_as_a1111(sd1_dir, nets, control_images):
+    from ldm.control import SOFT_INJECTION, Unit, residuals
+
+    pipe = Pipeline.from_pretrained(sd1_dir)
+    net = pipe.load_controlnet(nets[0])
+    image = torch.from_numpy(np.asarray(control_images[0], dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    x, ctx = torch.randn(2, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 77, net.config.cross_attention_dim)}
+    plain, mid = residuals(Unit(net, image, 0.6), x, 500.0, ctx)
+    soft, soft_mid = residuals(Unit(net, image, 0.6, mode="prompt"), x, 500.0, ctx)
+    k = len(plain)
+    for i, (a, b) in enumerate(zip(plain, soft)):
+        torch.testing.assert_close(b, a * SOFT_INJECTION ** (k - i))
+    torch.testing.assert_close(soft_mid, mid)
+
+
+def test_preprocessors_and_resize_modes():
+    import cv2
+
+    from ldm.control import fit, preprocess
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((40, 60, 3)) * 255).astype(np.uint8))
+    canny = np.asarray(preprocess(img, "canny"))
+    assert (canny[..., 0] == cv2.Canny(np.asarray(img.convert("L")), 100, 200)).all()
+    grey = np.asarray(img.convert("L"))
+    assert (np.asarray(preprocess(img, "threshold"))[..., 0] == np.where(grey > 127, 255, 0)).all()
+    assert (np.asarray(preprocess(img, "invert")) == 255 - np.asarray(img)).all()
+    for mode in ("just-resize", "crop-and-resize", "resize-and-fill"):
+        assert fit(img, 64, 64, mode).size == (64, 64)
+    filled = np.asarray(fit(img, 64, 64, "resize-and-fill"))
+    assert filled[:5].max() == 0 and filled[-5:].max() == 0  # black margins above and below a wide image
+
+
+@pytest.mark.parametrize("unit, field, message", [
+    ({"weight": float("nan")}, "control_weight", "must be a number >= 0, got nan"),
+    ({"weight": -1.0}, "control_weight", "must be a number >= 0"),
+    ({"start": 0.8, "end": 0.3}, "control_start", "must be below control_end"),
+    ({"preprocessor": "depth"}, "control_preprocessor", "must be one of none, canny, threshold, invert"),
+    ({"mode": "strict"}, "control_mode", "must be one of balanced, prompt, control"),
+    ({"image": None}, "control_image", "required"),
+    ({"model": "/no/such/controlnet"}, "controlnet", "is not a ControlNet directory"),
+])
+def test_bad_units_are_named_before_any_work(nets, control_images, unit, field, message):
+    u = {"model": str(nets[0]), "image": control_images[0], **unit}
+    problems = dict(Request(PROMPT, controls=[u]).validate())
+    assert field in problems and message in problems[field], problems
+
+
+def test_the_command_line_runs_a_controlnet_as_the_python_api(sd1_dir, nets, control_images, tmp_path, capsys):
+    from pipelines.cli import main
+
+    control_images[0].save(tmp_path / "map.png")
+    out = tmp_path / "x.png"
+    assert main(["generate", PROMPT, "--model", str(sd1_dir), "--controlnet", str(nets[0]), "--control-image",
+                 str(tmp_path / "map.png"), "--control-weight", "0.6", "--control-end", "0.7", "--steps", "4",
+                 "--seed", "9", "--sampler", "ddim", "--output", str(out), "--quiet"]) == 0
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    api = Pipeline.from_pretrained(sd1_dir).generate(Request(PROMPT, steps=4, seed=9, sampler="ddim", controls=[
+        {"model": str(nets[0]), "image": tmp_path / "map.png", "weight": 0.6, "end": 0.7}])).images[0]
+    assert np.abs(got - np.asarray(api, dtype=np.int16)).max() <= 1
+    assert main(["generate", PROMPT, "--model", str(sd1_dir), "--controlnet", str(nets[0]), "--controlnet",
+                 str(nets[1]), "--control-image", str(tmp_path / "map.png"), "--output", str(out), "--quiet"]) == 2
+    assert "got 1 --control-image for 2 --controlnet" in capsys.readouterr().err
+    assert main(["control-preview", str(tmp_path / "map.png"), "--control-preprocessor", "canny", "--output",
+                 str(tmp_path / "edges.png")]) == 0
+    assert Image.open(tmp_path / "edges.png").size == (64, 64)
