@@ -156,6 +156,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "among (/sdapi/v1/options sd_model_checkpoint)")
     s.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion embeddings, all loaded at start")
     s.add_argument("--lora-dir", type=Path, help="folder of LoRA .safetensors files a request may pick by name")
+    s.add_argument("--controlnet-dir", type=Path, help="folder of ControlNets (diffusers directories) a request's "
+                                                       "controls may pick by name")
     from .limits import Limits  # the limits' flags, from their one declaration
 
     for f in dataclasses.fields(Limits):
@@ -336,6 +338,7 @@ def _serve(args) -> int:
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=limits,
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, models_dir=args.models_dir,
+                        controlnet_dir=args.controlnet_dir,
                         load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle,
                                          config=args.model_config, vae=args.vae),
                         worker_thread=False, compile=args.compile)  # serve() runs the jobs in this (main) thread

@@ -446,6 +446,7 @@ class Pipeline:
                                       "Cache interval": st.get("cache_interval"), "Cache depth": st.get("cache_depth"),
                                       "Hires steps": st.get("hires_steps"), "Hires upscaler": upscaler,
                                       "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start"),
+                                      **{k: v for k, v in st.items() if k.startswith("ControlNet ")},
                                       **self.adapter_parameters(f"{p} {n}")})
                 for k, (p, n, s) in enumerate(zip(res.prompts, res.negative_prompts, res.seeds))]
 

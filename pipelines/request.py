@@ -365,6 +365,15 @@ class Resolved:
                      hires_steps=q.hires_steps)
         if self.strength is not None:
             s["strength"] = self.strength
+        for i, u in enumerate(q.controls):  # as A1111's ControlNet extension writes its units
+            model = u.get("model")
+            name = Path(model).name if isinstance(model, (str, Path)) else type(model).__name__
+            mode = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                    "control": "ControlNet is more important"}[u.get("mode", "balanced")]
+            s[f"ControlNet {i}"] = (f"Module: {u.get('preprocessor', 'none')}, Model: {name}, "
+                                    f"Weight: {u.get('weight', 1.0):g}, Resize Mode: {u.get('resize', 'just-resize')}, "
+                                    f"Guidance Start: {u.get('start', 0.0):g}, Guidance End: {u.get('end', 1.0):g}, "
+                                    f"Control Mode: {mode}")
         return s
 
     def with_task(self, prompt: str, seeds: list[int]) -> "Resolved":

@@ -57,7 +57,7 @@ from ldm.samplers import SAMPLERS
 from . import request as rq
 from .a1111 import add_routes
 from .limits import Limits
-from .options import EDIT_OPTIONS, OPTIONS, options_for
+from .options import CONTROL_OPTIONS, EDIT_OPTIONS, OPTIONS, options_for
 from .outputs import check_output_dir
 from .pngmeta import png_bytes, save_png
 
@@ -244,15 +244,23 @@ def _body_fields(names) -> dict:
 _STRICT = ConfigDict(extra="forbid", strict=True)  # strict: `true` is not a number of steps, "7" not a seed
 _LORA = (list[str], Field(default_factory=list, description="LoRA files of the server's --lora-dir, by name"))
 
+ControlUnitBody = create_model(
+    "ControlUnit", __config__=_STRICT, __doc__="One ControlNet unit: a ControlNet of the server's --controlnet-dir "
+    "by name, its control image as base64, and the unit's options (pipelines.options.CONTROL_OPTIONS).",
+    model=(str, ...), image=(str, ...),
+    **{name: (o.type, Field(o.default, description=o.help)) for name, o in CONTROL_OPTIONS.items()})
+_CONTROLS = (list[ControlUnitBody], Field(default_factory=list, description="ControlNet units (ldm.control)"))
+
 # The bodies of /api/txt2img, /api/img2img and /api/edit: the request's options as pipelines/options.py
 # declares them (under the command line's names), and what each route adds
 Txt2Img = create_model("Txt2Img", __config__=_STRICT, __doc__="The parameters of ``ldm generate``, under the same "
                        "names; unset ones take the model's defaults (its sampling.json and native size).",
-                       prompt=(str, ...), **_body_fields(options_for("txt2img", "http")), lora=_LORA)
+                       prompt=(str, ...), **_body_fields(options_for("txt2img", "http")), lora=_LORA,
+                       controls=_CONTROLS)
 Img2Img = create_model("Img2Img", __config__=_STRICT, __doc__="``ldm img2img``: the image as base64 (a "
                        "``data:image/...;base64,`` prefix is accepted).",
                        prompt=(str, ...), image=(str, ...), **_body_fields(options_for("img2img", "http")),
-                       lora=_LORA)
+                       lora=_LORA, controls=_CONTROLS)
 EditBody = create_model(
     "EditBody", __config__=_STRICT, __doc__="``ldm edit``'s parameters under the same names: a source and a target "
     "prompt sampled together, or with ``image`` (base64) a real image inverted then edited.",
@@ -314,10 +322,11 @@ def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple
 
 
 # --- the worker ----------------------------------------------------------------------------------
-def to_request(kind: str, body: BaseModel, image=None) -> rq.Request:
+def to_request(kind: str, body: BaseModel, image=None, controls: list | None = None) -> rq.Request:
     """The API's JSON body as the one generation request every front end builds: its fields are the
-    request's, under the same names."""
-    return rq.Request(kind=kind, image=image, **body.model_dump(exclude={"image"}))
+    request's, under the same names (``controls``: its units with their files and images resolved)."""
+    return rq.Request(kind=kind, image=image, controls=controls or [],
+                      **body.model_dump(exclude={"image", "controls"}))
 
 
 class Job:
@@ -343,6 +352,7 @@ class Studio:
 
     def __init__(self, model_path, *, output_dir, limits: Limits | None = None, device: str = "cpu",
                  embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None, worker_thread: bool = True,
+                 controlnet_dir=None,
                  models_dir=None, compile: str | None = None):
         self.model_path = self._start_model = str(model_path)
         self.models_dir = Path(models_dir) if models_dir else None
@@ -354,7 +364,9 @@ class Studio:
         self.load_kwargs = load_kwargs or {}
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
         self.lora_dir = Path(lora_dir) if lora_dir else None
-        for name, d in (("--embeddings-dir", self.embeddings_dir), ("--lora-dir", self.lora_dir)):
+        self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
+        for name, d in (("--embeddings-dir", self.embeddings_dir), ("--lora-dir", self.lora_dir),
+                        ("--controlnet-dir", self.controlnet_dir)):
             if d is not None and not d.is_dir():
                 raise ValueError(f"{name} {str(d)!r} is not a folder")
         self.queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_size)
@@ -376,6 +388,30 @@ class Studio:
             self._thread.start()
 
     # model --------------------------------------------------------------------------------------
+    def controlnets(self) -> dict[str, Path]:
+        """The ControlNets of --controlnet-dir by name (diffusers directories)."""
+        if self.controlnet_dir is None:
+            return {}
+        return {p.name: p for p in sorted(self.controlnet_dir.iterdir()) if (p / "config.json").is_file()}
+
+    def read_controls(self, units: list) -> list[dict]:
+        """A body's ControlNet units with their models named in --controlnet-dir (never paths: without the
+        folder any unit is refused with the same answer) and their images decoded (size from the header
+        first); BadRequest naming the field otherwise. Run off the event loop (it decodes)."""
+        out = []
+        known = self.controlnets()
+        for i, unit in enumerate(units):
+            which = f" (unit {i})" if i else ""
+            if self.controlnet_dir is None:
+                raise BadRequest("controls", "this server takes ControlNets by name from its --controlnet-dir, "
+                                             "and was started without one")
+            if unit.model not in known:
+                raise BadRequest("controls", f"no ControlNet {short_repr(unit.model)} in the server's "
+                                             f"--controlnet-dir{which}; available: {', '.join(known) or 'none'}")
+            image = self.read_image(unit.image, "controls")
+            out.append({**unit.model_dump(exclude={"model", "image"}), "model": known[unit.model], "image": image})
+        return out
+
     def lora_files(self) -> dict[str, Path]:
         return {} if self.lora_dir is None else rq.lora_files(self.lora_dir)
 
@@ -462,6 +498,7 @@ class Studio:
                 "schedules": list(SCHEDULES),
                 "embeddings": [{"file": f, "tokens": t} for f, t in self.embeddings.items()],
                 "lora": list(self.lora_files()),
+                "controlnets": list(self.controlnets()),
                 "limits": asdict(self.limits)}
 
     # checks -------------------------------------------------------------------------------------
@@ -821,7 +858,11 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
 
     @app.post("/api/txt2img")
     async def txt2img(req: Txt2Img, request: Request):
-        return await execute(studio, to_request("txt2img", req), request)
+        try:
+            controls = await run_in_threadpool(studio.read_controls, req.controls) if req.controls else []
+        except BadRequest as exc:
+            return _error(422, [(exc.field, exc.message)])
+        return await execute(studio, to_request("txt2img", req, controls=controls), request)
 
     @app.post("/api/edit")
     async def edit(body: EditBody, request: Request):
@@ -849,9 +890,10 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
     async def img2img(req: Img2Img, request: Request):
         try:
             image = await run_in_threadpool(studio.read_image, req.image)  # decoding never blocks the server
+            controls = await run_in_threadpool(studio.read_controls, req.controls) if req.controls else []
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        return await execute(studio, to_request("img2img", req, image), request)
+        return await execute(studio, to_request("img2img", req, image, controls), request)
 
     return app
 

@@ -199,3 +199,49 @@ def test_the_command_line_runs_a_controlnet_as_the_python_api(sd1_dir, nets, con
     assert main(["control-preview", str(tmp_path / "map.png"), "--control-preprocessor", "canny", "--output",
                  str(tmp_path / "edges.png")]) == 0
     assert Image.open(tmp_path / "edges.png").size == (64, 64)
+
+
+def test_png_parameters_record_each_unit_as_a1111(sd1_dir, nets, control_images):
+    from pipelines.pngmeta import parse_parameters
+
+    pipe = Pipeline.from_pretrained(sd1_dir)
+    res = pipe.generate(Request(PROMPT, steps=2, seed=1, controls=[
+        {"model": str(nets[0]), "image": control_images[0], "weight": 0.5, "preprocessor": "threshold",
+         "start": 0.1, "mode": "control"}]))
+    unit = parse_parameters(pipe.infotexts(res)[0])["ControlNet 0"]
+    assert unit == ("Module: threshold, Model: a, Weight: 0.5, Resize Mode: just-resize, Guidance Start: 0.1, "
+                    "Guidance End: 1, Control Mode: ControlNet is more important")
+
+
+def test_controls_over_http_equal_the_python_api(tmp_path, control_images):
+    import base64
+    import io
+
+    import httpx
+    from test_serve import Server, post
+
+    from ldm.models import default_model_path
+    from pipelines.serve import Limits
+
+    folder = tmp_path / "controlnets"
+    random_controlnet(default_model_path(), folder / "silhouette", 3)
+    buf = io.BytesIO()
+    control_images[0].save(buf, format="PNG")
+    unit = {"model": "silhouette", "image": base64.b64encode(buf.getvalue()).decode(), "weight": 0.7, "end": 0.8}
+    s = Server(tmp_path / "out", Limits(max_side=64, max_steps=20), controlnet_dir=folder)
+    try:
+        assert httpx.get(s.url + "/api/models").json()["controlnets"] == ["silhouette"]
+        r = post(s, "/api/txt2img", {"prompt": "a large red star on a blue background", "steps": 4, "seed": 5,
+                                     "controls": [unit]})
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=np.int16)
+        api = Pipeline.from_pretrained(default_model_path()).generate(Request(
+            "a large red star on a blue background", steps=4, seed=5, controls=[
+                {"model": folder / "silhouette", "image": control_images[0], "weight": 0.7, "end": 0.8}])).images[0]
+        assert np.abs(got - np.asarray(api, dtype=np.int16)).max() <= 1
+        bad = post(s, "/api/txt2img", {"prompt": "a star", "controls": [{**unit, "model": "/etc"}]})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "controls"
+        bad = post(s, "/api/txt2img", {"prompt": "a star", "controls": [{**unit, "weight": -1.0}]})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "control_weight", bad.text
+    finally:
+        s.stop()

@@ -32,7 +32,7 @@ def test_the_http_bodies_hold_the_options_that_are_http_ones():
     from pipelines.serve import EditBody, Img2Img, Txt2Img
 
     for model, kind in ((Txt2Img, "txt2img"), (Img2Img, "img2img")):
-        fields = set(model.model_fields) - {"prompt", "image", "lora"}
+        fields = set(model.model_fields) - {"prompt", "image", "lora", "controls"}
         assert fields == set(options_for(kind, "http")), model
         for name in fields:
             assert model.model_fields[name].default == OPTIONS[name].default
