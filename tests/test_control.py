@@ -245,3 +245,24 @@ def test_controls_over_http_equal_the_python_api(tmp_path, control_images):
         assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "control_weight", bad.text
     finally:
         s.stop()
+
+
+def test_inpainting_with_a_controlnet_matches_diffusers(sd1_dir, nets, control_images, monkeypatch):
+    """An ordinary checkpoint (the kept region blended back at every step) with a ControlNet, against
+    diffusers' StableDiffusionControlNetInpaintPipeline; a mask on the 8-pixel latent cells."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:40, 16:56] = 255
+    ref = _reference(StableDiffusionControlNetInpaintPipeline, sd1_dir, nets[0])
+    expect = ref(PROMPT, image=image, mask_image=Image.fromarray(mask), control_image=control_images[0],
+                 strength=1.0, num_inference_steps=6, guidance_scale=5.0, height=64, width=64,
+                 controlnet_conditioning_scale=0.9, generator=[torch.Generator().manual_seed(3)],
+                 output_type="np").images
+    got = _np(Pipeline.from_pretrained(sd1_dir).generate(Request(
+        PROMPT, kind="inpaint", image=image, mask=Image.fromarray(mask), strength=1.0, steps=6, guidance=5.0,
+        seed=3, sampler="ddim", controls=[{"model": str(nets[0]), "image": control_images[0], "weight": 0.9}])).pixels)
+    assert np.abs(got - expect).max() <= 2 / 255
