@@ -163,3 +163,47 @@ def to_tensor01(image) -> torch.Tensor:
     import numpy as np
 
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+# --- single files ------------------------------------------------------------------------------------
+def hint_channels(state: dict) -> tuple[int, ...]:
+    """The conditioning embedding's widths (diffusers' conditioning_embedding_out_channels) read off a
+    ControlNet's weights, in either layout."""
+    if "controlnet_cond_embedding.conv_in.weight" in state:  # diffusers: conv_in, then pairs of blocks
+        widths = [state["controlnet_cond_embedding.conv_in.weight"].shape[0]]
+        k = 1
+        while f"controlnet_cond_embedding.blocks.{k}.weight" in state:
+            widths.append(state[f"controlnet_cond_embedding.blocks.{k}.weight"].shape[0])
+            k += 2
+        return tuple(widths)
+    hint = {int(key.split(".")[1]): v for key, v in state.items()
+            if key.startswith("input_hint_block.") and key.endswith(".weight")}
+    convs = [hint[i] for i in sorted(hint)][:-1]  # the last is the zero convolution to the model's width
+    return tuple(c.shape[0] for c in convs[0::2])
+
+
+def controlnet_from_single_file(path, unet, dtype=None):
+    """A ControlNet from one .safetensors file: diffusers' layout (``time_embedding...``, ``controlnet_...``
+    keys) or the original one of lllyasviel's ``control_*.safetensors`` (``control_model.`` keys, or the
+    same without the prefix), converted by diffusers' own converter; its structure is the U-Net's encoder
+    (ControlNetModel.from_unet), so no config file is needed. ValueError naming the file when the
+    weights do not fit this U-Net."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    prefix = "control_model."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    channels = hint_channels(state)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels,
+                                    load_weights_from_unet=False)
+    if "time_embedding.linear_1.weight" not in state:  # the original layout
+        state = convert_controlnet_checkpoint(state, dict(net.config))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"ControlNet {str(path)!r} does not fit this model's U-Net "
+                         f"({str(exc).splitlines()[0]})") from None
+    return net.to(dtype) if dtype is not None else net

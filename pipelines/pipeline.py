@@ -362,8 +362,13 @@ class Pipeline:
         if key not in self._controlnets:
             m = self.model
             try:
-                net = ControlNetModel.from_pretrained(key, use_safetensors=True, torch_dtype=m.unet.dtype)
-            except (OSError, ValueError) as exc:
+                if Path(key).is_file():  # one .safetensors file, diffusers' or the original layout
+                    from ldm.control import controlnet_from_single_file
+
+                    net = controlnet_from_single_file(key, m.unet, m.unet.dtype)
+                else:
+                    net = ControlNetModel.from_pretrained(key, use_safetensors=True, torch_dtype=m.unet.dtype)
+            except (OSError, ValueError, KeyError) as exc:
                 raise ModelError(f"could not load the ControlNet in {str(path)!r}: {exc}") from None
             try:
                 check_fits(net, m.unet, repr(str(path)), m.arch)

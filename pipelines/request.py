@@ -422,8 +422,10 @@ def control_problems(unit: dict, index: int) -> list[tuple[str, str]]:
     if unknown:
         problems.append(("controlnet", f"unknown unit field(s) {', '.join(unknown)}{which}"))
     model = unit.get("model")
-    if model is None or not (isinstance(model, torch.nn.Module) or Path(model).is_dir()):
-        problems.append(("controlnet", f"{str(model)!r} is not a ControlNet directory (diffusers' layout){which}"))
+    if model is None or not (isinstance(model, torch.nn.Module) or Path(model).is_dir() or
+                             Path(model).suffix == ".safetensors" and Path(model).is_file()):
+        problems.append(("controlnet", f"{str(model)!r} is neither a ControlNet directory (diffusers' layout) nor "
+                                       f"a .safetensors file{which}"))
     image = unit.get("image")
     if image is None:
         problems.append(("control_image", f"required: the control image of each ControlNet{which}"))

@@ -392,7 +392,8 @@ class Studio:
         """The ControlNets of --controlnet-dir by name (diffusers directories)."""
         if self.controlnet_dir is None:
             return {}
-        return {p.name: p for p in sorted(self.controlnet_dir.iterdir()) if (p / "config.json").is_file()}
+        return {p.name: p for p in sorted(self.controlnet_dir.iterdir())
+                if (p / "config.json").is_file() or p.suffix == ".safetensors"}
 
     def read_controls(self, units: list) -> list[dict]:
         """A body's ControlNet units with their models named in --controlnet-dir (never paths: without the

@@ -173,7 +173,7 @@ def test_preprocessors_and_resize_modes():
     ({"preprocessor": "depth"}, "control_preprocessor", "must be one of none, canny, threshold, invert"),
     ({"mode": "strict"}, "control_mode", "must be one of balanced, prompt, control"),
     ({"image": None}, "control_image", "required"),
-    ({"model": "/no/such/controlnet"}, "controlnet", "is not a ControlNet directory"),
+    ({"model": "/no/such/controlnet"}, "controlnet", "is neither a ControlNet directory"),
 ])
 def test_bad_units_are_named_before_any_work(nets, control_images, unit, field, message):
     u = {"model": str(nets[0]), "image": control_images[0], **unit}
@@ -266,3 +266,52 @@ def test_inpainting_with_a_controlnet_matches_diffusers(sd1_dir, nets, control_i
         PROMPT, kind="inpaint", image=image, mask=Image.fromarray(mask), strength=1.0, steps=6, guidance=5.0,
         seed=3, sampler="ddim", controls=[{"model": str(nets[0]), "image": control_images[0], "weight": 0.9}])).pixels)
     assert np.abs(got - expect).max() <= 2 / 255
+
+
+def _original_layout(state: dict, unet_config: dict) -> dict:
+    """A diffusers ControlNet's weights in the original layout of lllyasviel's files (control_model.
+    input_blocks..., zero_convs, input_hint_block, middle_block_out), written with this project's own
+    U-Net key mapping (ldm.checkpoints), so that reading it back goes through diffusers' converter: two
+    independent mappings that must agree."""
+    from ldm.checkpoints import _unet_key
+
+    layers = unet_config["layers_per_block"]
+    up_attn = [t.startswith("CrossAttn") for t in unet_config["up_block_types"]]
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    out = {}
+    for key, value in state.items():
+        if key.startswith("controlnet_cond_embedding."):
+            rest = key[len("controlnet_cond_embedding."):]
+            part, _, tail = rest.rpartition(".")
+            index = 0 if part == "conv_in" else 2 * (len(blocks) + 1) if part == "conv_out" else \
+                2 * (int(part.split(".")[1]) + 1)
+            name = f"input_hint_block.{index}.{tail}"
+        elif key.startswith("controlnet_down_blocks."):
+            name = f"zero_convs.{key.split('.')[1]}.0.{key.split('.')[-1]}"
+        elif key.startswith("controlnet_mid_block."):
+            name = f"middle_block_out.0.{key.split('.')[-1]}"
+        else:
+            name = _unet_key(key, layers, up_attn)
+        out["control_model." + name] = value.contiguous()
+    return out
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_single_file_controlnets_load_to_the_same_weights(sd1_dir, nets, tmp_path, layout):
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    ref = ControlNetModel.from_pretrained(nets[0])
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if layout == "original":
+        state = _original_layout(state, dict(load_model(sd1_dir).unet.config))
+        assert all(k.startswith("control_model.") for k in state) and not any("down_blocks" in k for k in state)
+    file = tmp_path / f"control_{layout}.safetensors"
+    save_file(state, str(file))
+    pipe = Pipeline.from_pretrained(sd1_dir)
+    loaded = pipe.load_controlnet(file).state_dict()
+    want = ref.state_dict()
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
+    with pytest.raises(ModelError, match="does not fit this model's U-Net"):
+        save_file({k: v[..., :1].contiguous() if v.ndim > 1 else v for k, v in state.items()}, str(tmp_path / "bad.safetensors"))
+        pipe.load_controlnet(tmp_path / "bad.safetensors")
