@@ -20,7 +20,9 @@ in the log; bad values get a 422 that names the field as A1111 names it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+from pathlib import Path
 import logging
 import time
 
@@ -28,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS
 from ldm.samplers import SAMPLERS
@@ -103,8 +105,75 @@ class Img2ImgPayload(Txt2ImgPayload):
     inpainting_mask_invert: int = 0
 
 
+CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "Balanced": "balanced",
+                 "My prompt is more important": "prompt", "ControlNet is more important": "control"}
+RESIZE_MODES = {0: "just-resize", 1: "crop-and-resize", 2: "resize-and-fill", "Just Resize": "just-resize",
+                "Crop and Resize": "crop-and-resize", "Resize and Fill": "resize-and-fill"}
+# A1111's ControlNet modules that mean one of ours (its preprocessor names; "invert (from white bg & black line)")
+MODULES = {"none": "none", "canny": "canny", "threshold": "threshold", "invert": "invert",
+           "invert (from white bg & black line)": "invert"}
+UNIT_IGNORED = ("mask", "low_vram", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "hr_option")
+
+
+def controlnet_args(payload: BaseModel) -> list | None:
+    """The units of A1111's ControlNet extension in a payload (``alwayson_scripts: {"ControlNet": {"args":
+    [unit, ...]}}``, the script name in any case), or None."""
+    scripts = (payload.model_extra or {}).get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        return None
+    for name, value in scripts.items():
+        if name.lower() == "controlnet":
+            return (value or {}).get("args", []) if isinstance(value, dict) else []
+    return None
+
+
+def control_units(args: list, known: dict, bad_request) -> list[dict]:
+    """A1111's ControlNet units as this project's (pipelines.options.CONTROL_OPTIONS), images still base64:
+    a model named as A1111 lists them ("name [hash]", with or without its extension) from the server's
+    --controlnet-dir; modes and resize modes by A1111's numbers or names; fields with no effect here are
+    ignored with a warning; a bad value is ``bad_request`` naming the unit's field."""
+    units = []
+    stems = {Path(n).stem: n for n in known}
+    for i, raw in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(raw, dict):
+            raise bad_request(where, "a unit is a JSON object")
+        if not raw.get("enabled", True):
+            continue
+        image = raw.get("image") or raw.get("input_image")
+        if isinstance(image, dict):  # {"image": ..., "mask": ...}, as the extension also takes it
+            image = image.get("image")
+        if not image:
+            raise bad_request(f"{where}.image", "required: the unit's control image as base64")
+        model = str(raw.get("model", "None")).split(" [")[0]
+        name = model if model in known else stems.get(Path(model).stem)
+        if name is None:
+            raise bad_request(f"{where}.model", f"no ControlNet {model!r} in the server's --controlnet-dir; "
+                                                f"available: {', '.join(known) or 'none'}")
+        module = raw.get("module", "none")
+        if module not in MODULES:
+            raise bad_request(f"{where}.module", f"{module!r} is not a preprocessor here; use one of "
+                                                 f"{', '.join(MODULES)}")
+        mode = CONTROL_MODES.get(raw.get("control_mode", 0))
+        resize = RESIZE_MODES.get(raw.get("resize_mode", "Crop and Resize"))
+        if mode is None or resize is None:
+            field = "control_mode" if mode is None else "resize_mode"
+            raise bad_request(f"{where}.{field}", f"{raw.get(field)!r} is not one of A1111's values")
+        ignored = [k for k in UNIT_IGNORED if raw.get(k) not in (None, False, "", 512, 64, -1, "Both")]
+        if ignored:
+            log.warning("ControlNet unit %d: %s ignored (no effect here)", i, ", ".join(ignored))
+        units.append({"model": name, "image": image, "weight": raw.get("weight", 1.0),
+                      "start": raw.get("guidance_start", 0.0), "end": raw.get("guidance_end", 1.0),
+                      "mode": mode, "preprocessor": MODULES[module], "resize": resize})
+    return units
+
+
 def _warn_ignored(payload: BaseModel):
     fields = dict(payload.model_extra or {})
+    scripts = fields.get("alwayson_scripts")
+    if isinstance(scripts, dict):  # the ControlNet script runs here; any other is ignored
+        rest = {k: v for k, v in scripts.items() if k.lower() != "controlnet"}
+        fields["alwayson_scripts"] = rest if rest else {}
     if fields.get("sampler_index") in (None, payload.sampler_name):  # the old name of sampler_name
         fields.pop("sampler_index", None)
     ignored = [k for k, v in fields.items() if k not in INERT or v != INERT[k] and v not in (None, [], {}, "")]
@@ -221,10 +290,11 @@ def answer(result: dict, payload: BaseModel, req: rq.Request, studio) -> dict:
     return {"images": result["images"], "parameters": payload.model_dump(), "info": json.dumps(info)}
 
 
-def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_request):
-    """The routes on ``app``, over the studio's queue: ``execute``, ``call_on_worker``, ``error`` and the
-    ``bad_request`` exception are pipelines.serve's (handed in, so that this module imports none of it)."""
-    _error, BadRequest = error, bad_request
+def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_request, control_unit):
+    """The routes on ``app``, over the studio's queue: ``execute``, ``call_on_worker``, ``error``, the
+    ``bad_request`` exception and the ``control_unit`` body are pipelines.serve's (handed in, so that this
+    module imports none of it)."""
+    _error, BadRequest, ControlUnit = error, bad_request, control_unit
 
     async def generate(payload: Txt2ImgPayload, request: Request, kind: str, image=None, mask=None):
         payload = payload.model_copy(update={"eta": _eta_for(payload.sampler_name, payload.eta)})
@@ -232,6 +302,18 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         model = o.get("sd_model_checkpoint")  # the job's own model, switched and restored on the worker
         restore = (payload.model_extra or {}).get("override_settings_restore_afterwards", True)
         req = to_request(payload, kind, image, mask)
+        units = controlnet_args(payload)
+        if units:
+            try:
+                controls = control_units(units, studio.controlnets(), BadRequest)
+                if controls:  # decoded off the event loop, sizes read from the headers first
+                    body = [ControlUnit(**u) for u in controls]
+                    req = dataclasses.replace(req, controls=await run_in_threadpool(studio.read_controls, body))
+            except BadRequest as exc:
+                return _error(422, [(exc.field, exc.message)])
+            except ValidationError as exc:
+                return _error(422, [("alwayson_scripts.controlnet.args", f"a unit's value has the wrong type: "
+                                                                       f"{exc.errors()[0].get('msg')}")])
         result = await execute(studio, req, request, model=None if model is None else str(model),
                                restore_model=restore is not False,
                                interrupted=lambda: {"images": [], "parameters": [], "seeds": [], "model": None})
@@ -260,6 +342,41 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
         return await generate(payload, request, "inpaint" if mask is not None else "img2img", image, mask)
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models():
+        return {"model_list": list(studio.controlnets())}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules():
+        return {"module_list": list(MODULES)}
+
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": 2}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(body: dict):
+        """The control maps of images by a module (the preview A1111's ControlNet extension gives)."""
+        from ldm.control import preprocess
+        from .pngmeta import png_bytes
+
+        module = body.get("controlnet_module", "none")
+        images = body.get("controlnet_input_images") or body.get("controlnet_images") or []
+        if module not in MODULES:
+            return _error(422, [("controlnet_module", f"{module!r} is not a preprocessor here; use one of "
+                                                      f"{', '.join(MODULES)}")])
+        if not isinstance(images, list) or not images:
+            return _error(422, [("controlnet_input_images", "required: a list of base64 images")])
+
+        def detect():
+            return [base64.b64encode(png_bytes(preprocess(studio.read_image(im, "controlnet_input_images"),
+                                                          MODULES[module]), "")).decode("ascii") for im in images]
+        try:
+            maps = await run_in_threadpool(detect)
+        except BadRequest as exc:
+            return _error(422, [(exc.field, exc.message)])
+        return {"images": maps, "info": "Success"}
 
     @app.get("/sdapi/v1/samplers")
     async def samplers():

@@ -855,7 +855,8 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
     async def progress():
         return studio.progress()
 
-    add_routes(app, studio, execute=execute, call_on_worker=call_on_worker, error=_error, bad_request=BadRequest)
+    add_routes(app, studio, execute=execute, call_on_worker=call_on_worker, error=_error, bad_request=BadRequest,
+               control_unit=ControlUnitBody)
 
     @app.post("/api/txt2img")
     async def txt2img(req: Txt2Img, request: Request):

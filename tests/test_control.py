@@ -315,3 +315,42 @@ def test_single_file_controlnets_load_to_the_same_weights(sd1_dir, nets, tmp_pat
     with pytest.raises(ModelError, match="does not fit this model's U-Net"):
         save_file({k: v[..., :1].contiguous() if v.ndim > 1 else v for k, v in state.items()}, str(tmp_path / "bad.safetensors"))
         pipe.load_controlnet(tmp_path / "bad.safetensors")
+
+
+def test_a1111_controlnet_units_from_webuiapi_equal_the_python_api(tmp_path, control_images):
+    """A1111's ControlNet extension API as its clients speak it (webuiapi's ControlNetUnit in
+    alwayson_scripts; /controlnet/model_list, module_list, detect): the unit's image equals the Python
+    API's for the same settings."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from test_serve import Server
+
+    from ldm.models import default_model_path
+    from pipelines.serve import Limits
+
+    folder = tmp_path / "controlnets"
+    random_controlnet(default_model_path(), folder / "silhouette", 3)
+    s = Server(tmp_path / "out", Limits(max_side=64, max_steps=20), controlnet_dir=folder)
+    try:
+        host, port = s.url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port), sampler="DDIM", steps=4)
+        assert api.controlnet_model_list() == ["silhouette"]
+        assert "canny" in api.controlnet_module_list()
+        unit = webuiapi.ControlNetUnit(image=control_images[0], module="threshold", model="silhouette [0123abcd]",
+                                       weight=0.6, guidance_start=0.1, guidance_end=0.9, control_mode=2,
+                                       resize_mode="Just Resize")
+        r = api.txt2img(prompt="a large red star on a blue background", seed=5, steps=4, cfg_scale=5, width=64,
+                        height=64, eta=0, controlnet_units=[unit])  # (webuiapi's eta is 1: DDIM would be stochastic)
+        api_image = Pipeline.from_pretrained(default_model_path()).generate(Request(
+            "a large red star on a blue background", steps=4, seed=5, guidance=5.0, sampler="ddim", controls=[
+                {"model": folder / "silhouette", "image": control_images[0], "weight": 0.6, "start": 0.1, "end": 0.9,
+                 "mode": "control", "preprocessor": "threshold"}])).images[0]
+        got = np.asarray(r.image.convert("RGB"), dtype=np.int16)
+        assert np.abs(got - np.asarray(api_image, dtype=np.int16)).max() <= 1
+        assert "ControlNet 0" in r.info["infotexts"][0]
+        maps = api.controlnet_detect([control_images[0]], module="invert")
+        assert len(maps.images) == 1 and maps.images[0].size == control_images[0].size
+        bad = webuiapi.ControlNetUnit(image=control_images[0], model="nope")
+        with pytest.raises(RuntimeError, match=r"422.*args\[0\]\.model: no ControlNet"):
+            api.txt2img(prompt="a star", steps=2, width=64, height=64, controlnet_units=[bad])
+    finally:
+        s.stop()
