@@ -73,28 +73,35 @@ def residuals(u: Unit, x: torch.Tensor, t, context: dict) -> tuple[list[torch.Te
     """One unit's residuals for the batch ``x`` (B, 4, h, w)."""
     cn = u.net
     dtype = cn.dtype
-    rows = context.get("control_rows")
     b = x.shape[0]
-    image = u.image.to(x.device, dtype)
-    if image.shape[0] != b:  # one control image per request (or per image of a batch), repeated over CFG's halves
-        image = image.repeat(b // image.shape[0], 1, 1, 1)
-    take = torch.arange(b, device=x.device)
+    image = u._batched.get(b) if hasattr(u, "_batched") else None
+    if image is None:  # one control image per request (or per image), repeated over CFG's halves: once per size
+        image = u.image.to(x.device, dtype)
+        if image.shape[0] != b:
+            image = image.repeat(b // image.shape[0], 1, 1, 1)
+        u._batched = {**getattr(u, "_batched", {}), b: image}
+    rows = context.get("control_rows")
+    take = None  # all rows
     if u.mode == "control" and rows is not None:  # the conditional half only (diffusers' guess mode)
         take = torch.nonzero(rows.to(x.device) > 0.5).flatten()
+
+    def pick(v):
+        return v if take is None else v[take]
+
     t_in = t.to(x.device) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float32, device=x.device)
     if t_in.ndim:
-        t_in = t_in[take]
+        t_in = pick(t_in)
     extra = {}
     if "text_embeds" in context:  # SDXL: the ControlNet takes the U-Net's added conditions too
-        extra["added_cond_kwargs"] = {"text_embeds": context["text_embeds"][take].to(x.device, dtype),
-                                      "time_ids": context["time_ids"][take].to(x.device, dtype)}
-    down, mid = cn(x[take].to(dtype), t_in, encoder_hidden_states=context["encoder_hidden_states"][take].to(dtype),
-                   controlnet_cond=image[take], conditioning_scale=u.weight, guess_mode=u.mode == "control",
+        extra["added_cond_kwargs"] = {"text_embeds": pick(context["text_embeds"]).to(x.device, dtype),
+                                      "time_ids": pick(context["time_ids"]).to(x.device, dtype)}
+    down, mid = cn(pick(x).to(dtype), t_in, encoder_hidden_states=pick(context["encoder_hidden_states"]).to(dtype),
+                   controlnet_cond=pick(image), conditioning_scale=u.weight, guess_mode=u.mode == "control",
                    return_dict=False, **extra)
     if u.mode == "prompt":
         k = len(down)
         down = [d * SOFT_INJECTION ** (k - i) for i, d in enumerate(down)]
-    if len(take) != b:  # the unconditional rows get no residual
+    if take is not None and len(take) != b:  # the unconditional rows get no residual
         def full(r):
             out = torch.zeros((b, *r.shape[1:]), dtype=r.dtype, device=r.device)
             out[take] = r
