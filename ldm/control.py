@@ -1,4 +1,5 @@
-"""ControlNet (Zhang et al. 2023): spatial conditioning added to the U-Net's skip connections.
+"""ControlNet (Zhang et al. 2023) and T2I-Adapter (Mou et al. 2023): spatial conditioning added to
+the U-Net's skip connections (ControlNet) or inside its down blocks (T2I-Adapter).
 
 A ControlNet is a trainable copy of the U-Net's encoder that reads a control image (edges, a
 silhouette, a pose) and returns one residual per skip connection and one for the middle block; the
@@ -214,3 +215,38 @@ def controlnet_from_single_file(path, unet, dtype=None):
         raise ValueError(f"ControlNet {str(path)!r} does not fit this model's U-Net "
                          f"({str(exc).splitlines()[0]})") from None
     return net.to(dtype) if dtype is not None else net
+
+
+# --- T2I-Adapter ---------------------------------------------------------------------------------------
+def adapter_features(adapters: list[tuple[torch.nn.Module, torch.Tensor, float]]) -> list[torch.Tensor]:
+    """The summed features of T2I-Adapters, each ``(adapter, image (1, C, H, W) in [0, 1], weight)``: one
+    tensor per U-Net down block, computed once per request (they do not depend on the timestep), as
+    diffusers' MultiAdapter sums them."""
+    total = None
+    for adapter, image, weight in adapters:
+        feats = [f * weight for f in adapter(image.to(adapter.device, adapter.dtype))]
+        total = feats if total is None else [a + b for a, b in zip(total, feats)]
+    return total
+
+
+def adapted(net: Callable, features: list[torch.Tensor]) -> Callable:
+    """``net`` with the adapters' ``features`` added inside the down blocks at every evaluation, repeated
+    over the batch (the images of a request and the halves of the guided batch)."""
+    cache = {}
+
+    def f(x: torch.Tensor, t, context: dict) -> torch.Tensor:
+        b = x.shape[0]
+        if b not in cache:
+            cache[b] = [v.repeat(b // v.shape[0], 1, 1, 1) for v in features]
+        return net(x, t, {**context, "adapter_features": list(cache[b])})
+
+    return f
+
+
+def check_adapter_fits(adapter, unet, name: str, model_arch: str) -> None:
+    """A T2I-Adapter whose feature widths are not the U-Net's block widths is a ValueError naming both."""
+    theirs = list(unet.config.get("block_out_channels", ()))
+    mine = list(adapter.config.get("channels", ()))
+    if mine[:len(theirs)] != theirs[:len(mine)] or not mine:
+        raise ValueError(f"T2I-Adapter {name} makes features of widths {mine}, but this {model_arch} model's U-Net "
+                         f"blocks are {theirs} wide; use an adapter made for it")

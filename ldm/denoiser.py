@@ -36,6 +36,8 @@ def unet_net(unet) -> Callable:
                                           "time_ids": context["time_ids"].to(x.device, dtype)}
         if "timestep_cond" in context:  # (B, D): the guidance-scale input of a guidance-distilled U-Net
             extra["timestep_cond"] = context["timestep_cond"].to(x.device, dtype)
+        if "adapter_features" in context:  # T2I-Adapter (ldm.control): added inside the down blocks (a new list
+            extra["down_intrablock_additional_residuals"] = [f.to(dtype) for f in context["adapter_features"]]  # a call)
         if "down_residuals" in context:  # ControlNet (ldm.control): added to the skip connections and middle block
             extra["down_block_additional_residuals"] = [r.to(dtype) for r in context["down_residuals"]]
             extra["mid_block_additional_residual"] = context["mid_residual"].to(dtype)

@@ -14,7 +14,7 @@ from ldm.locate import ModelError, default_model_path
 from ldm.names import DEFAULT_INVERSION, INVERSIONS
 
 from .options import (CONTROL_OPTIONS, DEFAULT_STRENGTH, EDIT_OPTIONS, PREPROCESSORS, RESIZE_MODES, SAMPLING,
-                      add_control_flags, add_flags, control_units, options_for)
+                      add_flags, add_unit_flags, options_for, unit_lists)
 from .outputs import check_output_dir, check_output_file
 
 # nothing here imports torch at module level: `ldm --help` and every core command's --help answer
@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser):
     model_args(p)
     output_args(p)
     p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
-    add_control_flags(p)
+    add_unit_flags(p)
     p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
                                                   "each image is written as soon as it is made, a rerun skips images already "
                                                   "written, and under `accelerate launch` the prompts are spread over "
@@ -521,7 +521,7 @@ def build_request(args, prompts: list[str]):
     options = {name: getattr(args, name) for name in options_for(kind)}  # the flags add_flags made
     options.update(seed=seed, refiner_start=refiner_start(args) if kind == "txt2img" else None)
     return Request(prompt=prompts[0], kind=kind, image=image, mask=mask, embeddings=list(zip(args.embedding, tokens)),
-                   lora=list(args.lora), controls=control_units(args), **options)
+                   lora=list(args.lora), **unit_lists(args), **options)
 
 
 def run(args) -> list[Path]:

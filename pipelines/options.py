@@ -159,32 +159,52 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_control_flags(parser: argparse.ArgumentParser) -> None:
-    """--controlnet and --control-image, and a --control-<option> per unit option, each repeatable: the
-    i-th of each belongs to the i-th --controlnet (one given once applies to all)."""
-    parser.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                        help="a ControlNet (diffusers directory); repeat the group for several")
-    parser.add_argument("--control-image", action="append", default=[], type=Path, metavar="IMG",
-                        help="the control image of the matching --controlnet")
-    for name, o in CONTROL_OPTIONS.items():
-        kwargs = dict(choices=list(o.choices)) if o.choices else dict(type=o.type)
-        parser.add_argument(f"--control-{name}", dest=f"control_{name}", action="append", default=[],
-                            help=o.help, **kwargs)
+ADAPTER_OPTIONS: dict[str, Option] = {
+    "weight": Option(float, 1.0, "the T2I-Adapter's weight (its features' scale; default 1)", low=0),
+}
+
+# the unit groups a request holds: (its Request field, the model flag, the image flag, its options)
+UNIT_GROUPS = {
+    "control": ("controls", "--controlnet", "--control-image", CONTROL_OPTIONS,
+                "a ControlNet (diffusers directory or .safetensors file); repeat the group for several"),
+    "adapter": ("adapters", "--adapter", "--adapter-image", ADAPTER_OPTIONS,
+                "a T2I-Adapter (diffusers directory); repeat the group for several"),
+}
 
 
-def control_units(args) -> list[dict]:
-    """The units the command line's control flags give: one dict per --controlnet of every unit option."""
-    n = len(args.controlnet)
-    if len(args.control_image) != n:
-        raise ValueError(f"got {len(args.control_image)} --control-image for {n} --controlnet; give one each")
-    units = [{"model": m, "image": img} for m, img in zip(args.controlnet, args.control_image)]
-    for name, o in CONTROL_OPTIONS.items():
-        given = getattr(args, f"control_{name}")
-        if len(given) not in (0, 1, n) or (given and not n):
-            raise ValueError(f"got {len(given)} --control-{name} for {n} --controlnet; give one, or one each")
-        for i, u in enumerate(units):
-            u[name] = given[i] if len(given) == n else given[0] if given else o.default
-    return units
+def add_unit_flags(parser: argparse.ArgumentParser) -> None:
+    """For each unit group (ControlNet, T2I-Adapter): the model and image flags and a --<group>-<option>
+    per unit option, each repeatable: the i-th of each belongs to the i-th unit (one given once applies to
+    all)."""
+    for group, (_, model_flag, image_flag, options, help_) in UNIT_GROUPS.items():
+        parser.add_argument(model_flag, dest=f"{group}_models", action="append", default=[], metavar="DIR",
+                            help=help_)
+        parser.add_argument(image_flag, dest=f"{group}_images", action="append", default=[], type=Path,
+                            metavar="IMG", help=f"the image of the matching {model_flag}")
+        for name, o in options.items():
+            kwargs = dict(choices=list(o.choices)) if o.choices else dict(type=o.type)
+            parser.add_argument(f"--{group}-{name}", dest=f"{group}_{name}", action="append", default=[],
+                                help=o.help, **kwargs)
+
+
+def unit_lists(args) -> dict[str, list[dict]]:
+    """The units the command line's unit flags give, by Request field: one dict per model flag with the
+    unit's model, image and every option."""
+    out = {}
+    for group, (field, model_flag, image_flag, options, _) in UNIT_GROUPS.items():
+        models, images = getattr(args, f"{group}_models", []), getattr(args, f"{group}_images", [])
+        n = len(models)
+        if len(images) != n:
+            raise ValueError(f"got {len(images)} {image_flag} for {n} {model_flag}; give one each")
+        units = [{"model": m, "image": img} for m, img in zip(models, images)]
+        for name, o in options.items():
+            given = getattr(args, f"{group}_{name}")
+            if len(given) not in (0, 1, n) or (given and not n):
+                raise ValueError(f"got {len(given)} --{group}-{name} for {n} {model_flag}; give one, or one each")
+            for i, u in enumerate(units):
+                u[name] = given[i] if len(given) == n else given[0] if given else o.default
+        out[field] = units
+    return out
 
 
 def add_flags(parser: argparse.ArgumentParser, names, defaults: dict | None = None, helps: dict | None = None) -> None:

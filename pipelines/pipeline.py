@@ -22,7 +22,7 @@ from PIL import Image
 from ldm import autoencoder
 from ldm.clip_guidance import clip_guided
 from ldm.deepcache import DeepCache
-from ldm.control import controlled
+from ldm.control import adapted, controlled
 from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.embeddings import add_concept, read_embeddings
 from ldm.guidance import guidance_embedding, guidance_input_dim, guided
@@ -318,6 +318,8 @@ class Pipeline:
         q = r.request
         if q.cache_interval > 1:  # DeepCache (ldm.deepcache): the deep blocks every cache_interval-th evaluation
             net = DeepCache(m.unet, q.cache_interval, q.cache_depth).wrap(net)
+        if q.adapters:  # T2I-Adapter (ldm.control): its features, computed once, added at every evaluation
+            net = adapted(net, self.adapter_features(r))
         if q.controls:  # ControlNet (ldm.control): each unit's residuals added at every evaluation
             units = self.control_units(r)
             if clock is None:
@@ -396,6 +398,47 @@ class Pipeline:
                               start=float(u.get("start", 0.0)), end=float(u.get("end", 1.0)),
                               mode=u.get("mode", "balanced")))
         return units
+
+    def load_adapter(self, path):
+        """A T2I-Adapter (diffusers' directory, safetensors) in the U-Net's dtype on its device, loaded once;
+        one for another architecture is a ModelError naming both."""
+        from diffusers import T2IAdapter
+
+        from ldm.control import check_adapter_fits
+
+        if isinstance(path, torch.nn.Module):
+            return path
+        key = str(Path(path).resolve())
+        if key not in self._controlnets:
+            m = self.model
+            try:
+                net = T2IAdapter.from_pretrained(key, use_safetensors=True, torch_dtype=m.unet.dtype)
+                check_adapter_fits(net, m.unet, repr(str(path)), m.arch)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"could not use the T2I-Adapter in {str(path)!r}: {exc}") from None
+            self._controlnets[key] = net.to(m.device).eval().requires_grad_(False)
+        return self._controlnets[key]
+
+    @torch.no_grad()
+    def adapter_features(self, r: Resolved) -> list:
+        """The request's T2I-Adapter features (ldm.control.adapter_features): each image resized to the
+        request's size (Lanczos, as diffusers does), grey for a one-channel adapter."""
+        from ldm.control import adapter_features, to_tensor01
+        from ldm.images import load_image
+
+        units = []
+        for u in r.request.adapters:
+            adapter = self.load_adapter(u["model"])
+            image = u["image"]
+            if not isinstance(image, torch.Tensor):
+                image = load_image(image) if isinstance(image, (str, Path)) else image
+                image = image.resize((r.width, r.height), Image.LANCZOS)
+                if adapter.config.get("in_channels", 3) == 1:  # a one-channel adapter (sketch): the grey image
+                    image = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255.0)[None, None]
+                else:
+                    image = to_tensor01(image)
+            units.append((adapter, image, float(u.get("weight", 1.0))))
+        return adapter_features(units)
 
     def clip_tower(self, clip_dir=None):
         """The CLIP used for CLIP guidance (``clip_dir``, default the embedded model's own), loaded once."""

@@ -22,7 +22,7 @@ import torch
 from ldm.guidance import scale_problem
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
-from .options import CONTROL_OPTIONS, DEFAULT_STRENGTH, HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
+from .options import DEFAULT_STRENGTH, UNIT_GROUPS, HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
 
 # options checked here by rules of their own (the server's limits, the model's factor, one bound of
 # guidance); every other option's plain check comes from its line in pipelines.options
@@ -125,6 +125,7 @@ class Request:
                                         # fraction of the schedule the base denoises before the refiner (SDXL's 0.8)
     controls: list[dict] = field(default_factory=list)  # ControlNet units: {"model", "image", and the options of
                                                          # pipelines.options.CONTROL_OPTIONS} (ldm.control)
+    adapters: list[dict] = field(default_factory=list)  # T2I-Adapter units: {"model", "image", "weight"}
 
     # --- checks that need no model ---------------------------------------------------------------
     def prompts(self) -> list[str]:
@@ -213,10 +214,11 @@ class Request:
                     add(("mask", f"is {mw}x{mh} but the image is {w}x{h}; they must be the same size"))
             if self.kind == "inpaint" and self.mask is None:
                 add(("mask", "required for inpaint"))
-        for i, unit in enumerate(self.controls):
-            problems += control_problems(unit, i)
-        if self.controls and self.cache_interval > 1:
-            add(("cache_interval", "DeepCache does not combine with ControlNet yet; use cache_interval 1"))
+        for group, (name, _, _, options, _) in UNIT_GROUPS.items():
+            for i, unit in enumerate(getattr(self, name)):
+                problems += unit_problems(unit, i, group, options)
+        if (self.controls or self.adapters) and self.cache_interval > 1:
+            add(("cache_interval", "DeepCache does not combine with ControlNet or T2I-Adapter yet; use cache_interval 1"))
         files = lora_files(lim.lora_dir) if self.lora and lim.lora_dir is not None else {}
         for entry in self.lora:
             if lim.lora_dir is not None:
@@ -413,30 +415,35 @@ def lora_files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors"}
 
 
-def control_problems(unit: dict, index: int) -> list[tuple[str, str]]:
-    """The problems of one ControlNet unit, by its command-line names (controlnet, control_image,
-    control_<option>); ``index`` says which unit when there are several."""
+def unit_problems(unit: dict, index: int, group: str, options: dict) -> list[tuple[str, str]]:
+    """The problems of one ControlNet or T2I-Adapter unit (``group`` control or adapter), by its
+    command-line names (controlnet / adapter, <group>_image, <group>_<option>); ``index`` says which unit
+    when there are several."""
     which = f" (unit {index})" if index else ""
+    model_field = "controlnet" if group == "control" else "adapter"
+    what = "ControlNet" if group == "control" else "T2I-Adapter"
     problems = []
-    unknown = sorted(set(unit) - {"model", "image", *CONTROL_OPTIONS})
+    unknown = sorted(set(unit) - {"model", "image", *options})
     if unknown:
-        problems.append(("controlnet", f"unknown unit field(s) {', '.join(unknown)}{which}"))
+        problems.append((model_field, f"unknown unit field(s) {', '.join(unknown)}{which}"))
     model = unit.get("model")
+    files = group == "control"  # a ControlNet may be one .safetensors file
     if model is None or not (isinstance(model, torch.nn.Module) or Path(model).is_dir() or
-                             Path(model).suffix == ".safetensors" and Path(model).is_file()):
-        problems.append(("controlnet", f"{str(model)!r} is neither a ControlNet directory (diffusers' layout) nor "
-                                       f"a .safetensors file{which}"))
+                             files and Path(model).suffix == ".safetensors" and Path(model).is_file()):
+        problems.append((model_field, f"{str(model)!r} is neither a {what} directory (diffusers' layout)"
+                                      f"{' nor a .safetensors file' if files else ''}{which}"))
     image = unit.get("image")
     if image is None:
-        problems.append(("control_image", f"required: the control image of each ControlNet{which}"))
+        problems.append((f"{group}_image", f"required: the image of each {what}{which}"))
     elif isinstance(image, (str, Path)) and not Path(image).is_file():
-        problems.append(("control_image", f"{str(image)!r} is not an image file{which}"))
-    for name, option in CONTROL_OPTIONS.items():
+        problems.append((f"{group}_image", f"{str(image)!r} is not an image file{which}"))
+    for name, option in options.items():
         if (msg := option.problem(unit.get(name, option.default))) is not None:
-            problems.append((f"control_{name}", msg + which))
-    start, end = unit.get("start", 0.0), unit.get("end", 1.0)
-    if not any(f in ("control_start", "control_end") for f, _ in problems) and not start < end:
-        problems.append(("control_start", f"must be below control_end: {start} >= {end}{which}"))
+            problems.append((f"{group}_{name}", msg + which))
+    if group == "control":
+        start, end = unit.get("start", 0.0), unit.get("end", 1.0)
+        if not any(f in ("control_start", "control_end") for f, _ in problems) and not start < end:
+            problems.append(("control_start", f"must be below control_end: {start} >= {end}{which}"))
     return problems
 
 

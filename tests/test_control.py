@@ -354,3 +354,51 @@ def test_a1111_controlnet_units_from_webuiapi_equal_the_python_api(tmp_path, con
             api.txt2img(prompt="a star", steps=2, width=64, height=64, controlnet_units=[bad])
     finally:
         s.stop()
+
+
+def random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    from diffusers import T2IAdapter
+
+    channels = list(load_model(model_dir).unet.config.block_out_channels)
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=8,
+                         adapter_type="full_adapter")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.1)
+    adapter.save_pretrained(out)
+    return out
+
+
+def test_a_t2i_adapter_matches_diffusers_and_runs_from_the_command_line(sd1_dir, control_images, tmp_path):
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    from pipelines.cli import main
+
+    adapter = random_adapter(sd1_dir, tmp_path / "adapter", 0)
+    ref = StableDiffusionAdapterPipeline.from_pretrained(sd1_dir, adapter=T2IAdapter.from_pretrained(adapter),
+                                                         safety_checker=None)
+    from diffusers import DDIMScheduler
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expect = ref(PROMPT, image=control_images[0], num_inference_steps=6, guidance_scale=5.0, height=64, width=64,
+                 generator=[torch.Generator().manual_seed(i) for i in (3, 4)], num_images_per_prompt=2,
+                 adapter_conditioning_scale=0.8, output_type="np").images
+    ours = Pipeline.from_pretrained(sd1_dir)
+    req = dict(steps=6, guidance=5.0, seed=3, batch_size=2, sampler="ddim")
+    got = _np(ours.generate(Request(PROMPT, **req, adapters=[{"model": str(adapter), "image": control_images[0],
+                                                               "weight": 0.8}])).pixels)
+    plain = _np(ours.generate(Request(PROMPT, **req)).pixels)
+    assert np.abs(got - plain).max() > 2e-2 and np.abs(got - expect).max() <= 2 / 255
+    # the command line: --adapter DIR --adapter-image IMG --adapter-weight W
+    control_images[0].save(tmp_path / "map.png")
+    out = tmp_path / "out"
+    assert main(["generate", PROMPT, "--model", str(sd1_dir), "--adapter", str(adapter), "--adapter-image",
+                 str(tmp_path / "map.png"), "--adapter-weight", "0.8", "--steps", "6", "--guidance", "5",
+                 "--seed", "3", "--batch-size", "2", "--sampler", "ddim", "--output-dir", str(out), "--quiet"]) == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2
+    cli = np.asarray(Image.open(files[0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(cli - np.round(got[0] * 255).astype(np.int16)).max() <= 1
+    problems = dict(Request(PROMPT, adapters=[{"model": str(adapter), "image": None, "weight": -1.0}]).validate())
+    assert "required" in problems["adapter_image"] and "must be a number >= 0" in problems["adapter_weight"]
