@@ -351,33 +351,35 @@ class Pipeline:
                                   q.clip_guidance_scale, _generators(r.seeds))
         return denoise
 
-    def load_controlnet(self, path):
-        """A ControlNet (diffusers' directory, safetensors) in the U-Net's dtype on its device, loaded once;
-        one made for another architecture is a ModelError naming both."""
-        from diffusers import ControlNetModel
-
-        from ldm.control import check_fits
-
+    def _conditioner(self, path, what: str, load: Callable):
+        """A ControlNet or T2I-Adapter (``load(path, unet) -> module``, which raises ValueError or OSError for
+        a file that does not fit) in the U-Net's dtype on its device, loaded once per path."""
         if isinstance(path, torch.nn.Module):
             return path
         key = str(Path(path).resolve())
         if key not in self._controlnets:
             m = self.model
             try:
-                if Path(key).is_file():  # one .safetensors file, diffusers' or the original layout
-                    from ldm.control import controlnet_from_single_file
-
-                    net = controlnet_from_single_file(key, m.unet, m.unet.dtype)
-                else:
-                    net = ControlNetModel.from_pretrained(key, use_safetensors=True, torch_dtype=m.unet.dtype)
+                net = load(key, m.unet)
             except (OSError, ValueError, KeyError) as exc:
-                raise ModelError(f"could not load the ControlNet in {str(path)!r}: {exc}") from None
-            try:
-                check_fits(net, m.unet, repr(str(path)), m.arch)
-            except ValueError as exc:
-                raise ModelError(str(exc)) from None
-            self._controlnets[key] = net.to(m.device).eval().requires_grad_(False)
+                raise ModelError(f"could not use the {what} in {str(path)!r}: {exc}") from None
+            self._controlnets[key] = net.to(m.device, m.unet.dtype).eval().requires_grad_(False)
         return self._controlnets[key]
+
+    def load_controlnet(self, path):
+        """A ControlNet: a diffusers directory or one .safetensors file (diffusers' or the original layout);
+        one made for another architecture is a ModelError naming both."""
+        from diffusers import ControlNetModel
+
+        from ldm.control import check_fits, controlnet_from_single_file
+
+        def load(key, unet):
+            net = controlnet_from_single_file(key, unet) if Path(key).is_file() else \
+                ControlNetModel.from_pretrained(key, use_safetensors=True)
+            check_fits(net, unet, repr(key), self.model.arch)
+            return net
+
+        return self._conditioner(path, "ControlNet", load)
 
     def control_units(self, r: Resolved) -> list:
         """The request's ControlNet units (ldm.control.Unit): each model loaded, each control image
@@ -400,24 +402,18 @@ class Pipeline:
         return units
 
     def load_adapter(self, path):
-        """A T2I-Adapter (diffusers' directory, safetensors) in the U-Net's dtype on its device, loaded once;
-        one for another architecture is a ModelError naming both."""
+        """A T2I-Adapter (diffusers' directory, safetensors); one for another architecture is a ModelError
+        naming both."""
         from diffusers import T2IAdapter
 
         from ldm.control import check_adapter_fits
 
-        if isinstance(path, torch.nn.Module):
-            return path
-        key = str(Path(path).resolve())
-        if key not in self._controlnets:
-            m = self.model
-            try:
-                net = T2IAdapter.from_pretrained(key, use_safetensors=True, torch_dtype=m.unet.dtype)
-                check_adapter_fits(net, m.unet, repr(str(path)), m.arch)
-            except (OSError, ValueError) as exc:
-                raise ModelError(f"could not use the T2I-Adapter in {str(path)!r}: {exc}") from None
-            self._controlnets[key] = net.to(m.device).eval().requires_grad_(False)
-        return self._controlnets[key]
+        def load(key, unet):
+            net = T2IAdapter.from_pretrained(key, use_safetensors=True)
+            check_adapter_fits(net, unet, repr(key), self.model.arch)
+            return net
+
+        return self._conditioner(path, "T2I-Adapter", load)
 
     @torch.no_grad()
     def adapter_features(self, r: Resolved) -> list:
