@@ -622,6 +622,7 @@ class Pipeline:
         grid below the base's cutoff, from the base's latents as they are (no noise added)."""
         steps = self.timesteps(r.sampler, r.steps, r.schedule)
         mine = steps.tail(steps.split_at(r.request.refiner_start, self.model.schedule.num_train_timesteps))
+        units = {k: v for k, v in r.settings().items() if k.startswith("ControlNet ")}  # the base's, recorded
         if r.request.controls:  # ControlNets are the base's: the refiner runs without them (as in A1111)
             r = dataclasses.replace(r, request=dataclasses.replace(r.request, controls=[]))
         clock = {"step": first}
@@ -632,7 +633,7 @@ class Pipeline:
                 callback(first + i, xi, x0)
 
         res = self.decode_latents(self.sample(denoise, x, mine, r, gens, offset, clock, first), r)
-        res.settings.update(refiner=self.model.name, refiner_start=r.request.refiner_start)
+        res.settings.update(refiner=self.model.name, refiner_start=r.request.refiner_start, **units)
         return res
 
     def extra_inputs(self, n, width, height):

@@ -402,3 +402,26 @@ def test_a_t2i_adapter_matches_diffusers_and_runs_from_the_command_line(sd1_dir,
     assert np.abs(cli - np.round(got[0] * 255).astype(np.int16)).max() <= 1
     problems = dict(Request(PROMPT, adapters=[{"model": str(adapter), "image": None, "weight": -1.0}]).validate())
     assert "required" in problems["adapter_image"] and "must be a number >= 0" in problems["adapter_weight"]
+
+
+def test_a_controlnet_with_hires_fix_compile_and_a_refiner(sd1_dir, sdxl_dir, refiner_dir, nets, control_images,
+                                                            tmp_path):
+    """The hires pass is controlled too (the map fitted to its size); a compiled pipeline (the whole U-Net
+    traced, aot_eager) gives the eager images; an SDXL refiner stage runs without the base's ControlNet,
+    which would not fit it."""
+    unit = {"model": str(nets[0]), "image": control_images[0], "weight": 1.0}
+    pipe = Pipeline.from_pretrained(sd1_dir)
+    hires = dict(steps=4, seed=2, sampler="ddim", hires_scale=2.0, hires_strength=0.6)
+    a = pipe.generate(Request(PROMPT, controls=[unit], **hires)).pixels
+    b = pipe.generate(Request(PROMPT, **hires)).pixels
+    assert a.shape[-1] == 128 and (a - b).abs().max() > 2e-2
+    eager = pipe.generate(Request(PROMPT, steps=3, seed=1, sampler="ddim", controls=[unit])).pixels
+    compiled = Pipeline.from_pretrained(sd1_dir).compile(backend="aot_eager")
+    torch.testing.assert_close(compiled.generate(Request(PROMPT, steps=3, seed=1, sampler="ddim",
+                                                         controls=[unit])).pixels, eager, rtol=0, atol=1e-4)
+    base = Pipeline.from_pretrained(sdxl_dir)
+    base.refiner = Pipeline.from_pretrained(refiner_dir)
+    w, h = base.default_size()
+    xl = {"model": str(random_controlnet(sdxl_dir, tmp_path / "xl", 5)), "image": control_images[0].resize((w, h))}
+    out = base.generate(Request(PROMPT, steps=4, seed=0, sampler="ddim", refiner_start=0.5, controls=[xl]))
+    assert out.settings.get("refiner") and "ControlNet 0" in base.infotexts(out)[0]
