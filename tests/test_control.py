@@ -339,7 +339,9 @@ def test_a1111_controlnet_units_from_webuiapi_equal_the_python_api(tmp_path, con
                                        weight=0.6, guidance_start=0.1, guidance_end=0.9, control_mode=2,
                                        resize_mode="Just Resize")
         r = api.txt2img(prompt="a large red star on a blue background", seed=5, steps=4, cfg_scale=5, width=64,
-                        height=64, eta=0, controlnet_units=[unit])  # (webuiapi's eta is 1: DDIM would be stochastic)
+                        height=64, eta=0, controlnet_units=[unit],  # (webuiapi's eta is 1: DDIM would be stochastic)
+                        alwayson_scripts={})  # a dict of our own: webuiapi puts the units into its shared default
+                                              # one, where every later call of the process would send them
         api_image = Pipeline.from_pretrained(default_model_path()).generate(Request(
             "a large red star on a blue background", steps=4, seed=5, guidance=5.0, sampler="ddim", controls=[
                 {"model": folder / "silhouette", "image": control_images[0], "weight": 0.6, "start": 0.1, "end": 0.9,
@@ -351,7 +353,7 @@ def test_a1111_controlnet_units_from_webuiapi_equal_the_python_api(tmp_path, con
         assert len(maps.images) == 1 and maps.images[0].size == control_images[0].size
         bad = webuiapi.ControlNetUnit(image=control_images[0], model="nope")
         with pytest.raises(RuntimeError, match=r"422.*args\[0\]\.model: no ControlNet"):
-            api.txt2img(prompt="a star", steps=2, width=64, height=64, controlnet_units=[bad])
+            api.txt2img(prompt="a star", steps=2, width=64, height=64, controlnet_units=[bad], alwayson_scripts={})
     finally:
         s.stop()
 
