@@ -251,9 +251,8 @@ def _save_images(images: dict[str, list], directory: Path):
 
 
 def prepare_output_dir(output_dir: Path, cfg: TrainConfig) -> int:
-    """Check the output directory (it must be writable: found before any work); returns the step to
-    resume from (0 for a fresh run)."""
-    check_output_dir(output_dir)
+    """The step to resume from in the output directory (0 for a fresh run; train() has checked that the
+    folder can be written)."""
     found = checkpoints(output_dir)
     if cfg.resume:
         return found[-1][0] if found else 0
@@ -304,10 +303,9 @@ def train(objective: Objective, cfg: TrainConfig, *, progress: bool = True) -> d
     its output folder while it lasts: a second run into it is refused (pipelines.outputs.OwnFolder)."""
     from pipelines.outputs import OwnFolder
 
-    output_dir = Path(cfg.output_dir)
+    output_dir = check_output_dir(cfg.output_dir)  # writable: found before any work
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch the main process owns the folder
         return _train(objective, cfg, progress=progress)
-    check_output_dir(output_dir)
     with OwnFolder(output_dir, "training run"):
         return _train(objective, cfg, progress=progress)
 

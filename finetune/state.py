@@ -40,7 +40,7 @@ class StateError(ValueError):
 
 def is_legacy(directory: Path) -> bool:
     """Whether ``directory`` is a checkpoint of the older, pickled layout (no modules.safetensors)."""
-    return not (directory / MODULES).is_file() and any(directory.glob("*.pkl")) | any(directory.glob("*.bin"))
+    return not (directory / MODULES).is_file() and (any(directory.glob("*.pkl")) or any(directory.glob("*.bin")))
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,13 @@ and _end, A1111's guidance start and end) and a mode:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-MODES = ("balanced", "prompt", "control")
+from .names import PREPROCESSORS
+
 SOFT_INJECTION = 0.825  # A1111's per-level factor of "My prompt is more important"
 
 
@@ -40,6 +41,7 @@ class Unit:
     start: float = 0.0            # the fraction of the schedule it starts acting at ...
     end: float = 1.0              # ... and stops after
     mode: str = "balanced"
+    batched: dict = field(default_factory=dict, repr=False)  # the image repeated to each batch size, once
 
     def acts_at(self, step: int, n_steps: int) -> bool:
         """diffusers' controlnet_keep: whether the unit acts at sampler step ``step`` of ``n_steps``."""
@@ -75,12 +77,10 @@ def residuals(u: Unit, x: torch.Tensor, t, context: dict) -> tuple[list[torch.Te
     cn = u.net
     dtype = cn.dtype
     b = x.shape[0]
-    image = u._batched.get(b) if hasattr(u, "_batched") else None
-    if image is None:  # one control image per request (or per image), repeated over CFG's halves: once per size
+    if b not in u.batched:  # one control image per request (or per image), repeated over CFG's halves
         image = u.image.to(x.device, dtype)
-        if image.shape[0] != b:
-            image = image.repeat(b // image.shape[0], 1, 1, 1)
-        u._batched = {**getattr(u, "_batched", {}), b: image}
+        u.batched[b] = image if image.shape[0] == b else image.repeat(b // image.shape[0], 1, 1, 1)
+    image = u.batched[b]
     rows = context.get("control_rows")
     take = None  # all rows
     if u.mode == "control" and rows is not None:  # the conditional half only (diffusers' guess mode)
@@ -146,7 +146,7 @@ def preprocess(image, name: str):
         except ImportError:
             raise ValueError("the canny preprocessor needs OpenCV: pip install opencv-python-headless") from None
         return Image.fromarray(cv2.Canny(grey, 100, 200)).convert("RGB")
-    raise ValueError(f"unknown preprocessor {name!r}")
+    raise ValueError(f"unknown preprocessor {name!r}; use one of {', '.join(PREPROCESSORS)}")
 
 
 def fit(image, width: int, height: int, mode: str):

@@ -15,6 +15,13 @@ SAMPLER_NAMES = tuple(A1111_SAMPLERS)
 SCHEDULE_SAMPLERS = tuple(n for n in SAMPLER_NAMES if n not in ("ddim", "ddpm", "lcm"))
 # noise schedules over sigma (A1111's "Schedule type"); "default" is the spacing of the model's config
 SCHEDULES = ("default", "karras", "exponential", "sgm-uniform")
+# ControlNet units (ldm.control): each control mode and resize mode with its name in A1111's ControlNet
+# extension (in its order: the API's numbers 0, 1, 2), and the preprocessors that need no downloaded weights
+A1111_CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                       "control": "ControlNet is more important"}
+A1111_RESIZE_MODES = {"just-resize": "Just Resize", "crop-and-resize": "Crop and Resize",
+                      "resize-and-fill": "Resize and Fill"}
+PREPROCESSORS = ("none", "canny", "threshold", "invert")
 A1111_SCHEDULES = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential",
                    "sgm-uniform": "SGM Uniform"}
 # A1111's aliases (its samplers' ``aliases``: the k-diffusion function names) and API scheduler names

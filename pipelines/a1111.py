@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from ldm.names import A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS
+from ldm.names import A1111_CONTROL_MODES, A1111_RESIZE_MODES, A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
@@ -105,10 +105,9 @@ class Img2ImgPayload(Txt2ImgPayload):
     inpainting_mask_invert: int = 0
 
 
-CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "Balanced": "balanced",
-                 "My prompt is more important": "prompt", "ControlNet is more important": "control"}
-RESIZE_MODES = {0: "just-resize", 1: "crop-and-resize", 2: "resize-and-fill", "Just Resize": "just-resize",
-                "Crop and Resize": "crop-and-resize", "Resize and Fill": "resize-and-fill"}
+# A1111's control and resize modes, by its numbers (the order of the tables) and by its names
+CONTROL_MODES = {**dict(enumerate(A1111_CONTROL_MODES)), **{v: k for k, v in A1111_CONTROL_MODES.items()}}
+RESIZE_MODES = {**dict(enumerate(A1111_RESIZE_MODES)), **{v: k for k, v in A1111_RESIZE_MODES.items()}}
 # A1111's ControlNet modules that mean one of ours (its preprocessor names; "invert (from white bg & black line)")
 MODULES = {"none": "none", "canny": "canny", "threshold": "threshold", "invert": "invert",
            "invert (from white bg & black line)": "invert"}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldm.names import SAMPLER_NAMES, SCHEDULES
+from ldm.names import A1111_CONTROL_MODES, A1111_RESIZE_MODES, PREPROCESSORS, SAMPLER_NAMES, SCHEDULES
 
 KINDS = ("txt2img", "img2img", "inpaint")
 KIND_WORDS = {"txt2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting"}
@@ -131,9 +131,8 @@ EDIT_OPTIONS = ("negative", "seed", "width", "height", *SAMPLING, *CONTROLS)  # 
 
 # One ControlNet unit's options (ldm.control); a request holds a list of units, the command line repeats the
 # group (--controlnet ... --control-image ... for each, the i-th of every flag belonging to the i-th unit)
-CONTROL_MODES = ("balanced", "prompt", "control")
-PREPROCESSORS = ("none", "canny", "threshold", "invert")
-RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
+CONTROL_MODES = tuple(A1111_CONTROL_MODES)
+RESIZE_MODES = tuple(A1111_RESIZE_MODES)
 CONTROL_OPTIONS: dict[str, Option] = {
     "weight": Option(float, 1.0, "the ControlNet's weight (its residuals' scale; default 1)", low=0),
     "start": Option(float, 0.0, "the fraction of the schedule the ControlNet starts acting at (default 0)", low=0,

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from ldm.guidance import scale_problem
+from ldm.names import A1111_CONTROL_MODES
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
-from .options import DEFAULT_STRENGTH, UNIT_GROUPS, HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS  # noqa: F401  (HIRES_UPSCALERS: the package's name for it)
+from .options import DEFAULT_STRENGTH, KIND_WORDS, KINDS, OPTIONS, UNIT_GROUPS
 
 # options checked here by rules of their own (the server's limits, the model's factor, one bound of
 # guidance); every other option's plain check comes from its line in pipelines.options
@@ -370,8 +371,7 @@ class Resolved:
         for i, u in enumerate(q.controls):  # as A1111's ControlNet extension writes its units
             model = u.get("model")
             name = Path(model).name if isinstance(model, (str, Path)) else type(model).__name__
-            mode = {"balanced": "Balanced", "prompt": "My prompt is more important",
-                    "control": "ControlNet is more important"}[u.get("mode", "balanced")]
+            mode = A1111_CONTROL_MODES[u.get("mode", "balanced")]
             s[f"ControlNet {i}"] = (f"Module: {u.get('preprocessor', 'none')}, Model: {name}, "
                                     f"Weight: {u.get('weight', 1.0):g}, Resize Mode: {u.get('resize', 'just-resize')}, "
                                     f"Guidance Start: {u.get('start', 0.0):g}, Guidance End: {u.get('end', 1.0):g}, "
