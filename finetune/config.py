@@ -79,7 +79,8 @@ BOUNDS: dict[str, Bound] = {
     "vision_layers": AT_LEAST_1, "vision_resnet_layers": AT_LEAST_1, "vision_head_width": AT_LEAST_1,
     "patch_size": AT_LEAST_1, "text_width": AT_LEAST_1, "text_layers": AT_LEAST_1, "text_heads": AT_LEAST_1,
     "context_length": AT_LEAST_1, "text_encoder_layers": Bound(0, why="0: the embeddings and final norm only"), "attention_head_dim": AT_LEAST_1,
-    "uncond_prob": FRACTION, "foreground_weight": AT_LEAST_0, "foreground_margin": Bound(0, why="px to grow the box by"),
+    "uncond_prob": FRACTION, "foreground_weight": AT_LEAST_0, "conditioning_channels": AT_LEAST_1,
+    "size_range": Bound(4, 60, why="a shape's box side in px on the 64 px canvas"), "foreground_margin": Bound(0, why="px to grow the box by"),
 }
 
 
@@ -357,3 +358,33 @@ class DistillConfig(TrainConfig):
     batch_size: int = 32
     learning_rate: float = 1e-4
     checkpoint_every: int = 200
+
+
+@dataclass
+class ControlNetConfig(TrainConfig, DenoisingLossKeys):
+    """``ldm train-controlnet``: a ControlNet (Zhang et al. 2023) or, with ``adapter``, a T2I-Adapter (Mou et
+    al. 2023) trained on a frozen base model."""
+    data_dir: str = ""                  # NAME.png (target), NAME.control.png (condition), NAME.txt (caption)
+    dataset: str = ""                   # or a `datasets` dataset: a save_to_disk folder, a data folder or a name
+    image_column: str = "image"         # the dataset's columns (diffusers' train_controlnet.py names)
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
+    shapes_conditions: list[str] = field(default_factory=list)  # no data: the shapes world, these conditions
+    #                                     (silhouette, canny), shapes at any position and size_range side
+    size_range: list[int] = field(default_factory=lambda: [14, 40])  # shapes world: box side, px (inclusive)
+    num_images: int = 20000             # shapes world: scenes rendered and encoded once
+    adapter: bool = False               # train a T2I-Adapter instead of a ControlNet
+    adapter_type: str = "full_adapter"  # full_adapter | light_adapter | full_adapter_xl (diffusers' T2IAdapter)
+    conditioning_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])  # the ControlNet's
+    #                                     condition embedding (diffusers' conditioning_embedding_out_channels)
+    controlnet_init: str | None = None  # start from this ControlNet (a directory) instead of the U-Net's encoder
+    resolution: int | None = None       # default: the model's native size
+    center_crop: bool = False
+    uncond_prob: float = 0.0            # an empty caption this often (diffusers' proportion_empty_prompts)
+    gradient_checkpointing: bool = False
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_images: list[str] = field(default_factory=list)  # one condition image per prompt (or one for all)
+    max_steps: int = 5000
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    checkpoint_every: int = 500

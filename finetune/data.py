@@ -31,22 +31,26 @@ def _read_mask(mask_path: Path, image: Image.Image) -> Image.Image:
     return mask if mask.size == image.size else mask.resize(image.size, Image.Resampling.BILINEAR)
 
 
-def read_image_folder(directory: str | Path, what: str = "--data-dir"):
+def read_image_folder(directory: str | Path, what: str = "--data-dir", companions: dict[str, str] | None = None):
     """A ``datasets.Dataset`` with columns ``image`` (decoded to RGB PIL images), ``path``,
     ``caption`` (the text of NAME.txt, or None) and ``mask`` (NAME.mask.png as a greyscale image of
     the image's size, or None) for every readable image in ``directory``. An image with an unreadable
-    or misshapen mask is skipped with a warning, like an unreadable image."""
+    or misshapen mask is skipped with a warning, like an unreadable image. ``companions`` (column ->
+    file tag) names the files beside an image instead (default ``{"mask": ".mask"}``; ControlNet
+    training reads ``{"conditioning_image": ".control"}``, NAME.control.png as an RGB image)."""
     import datasets
 
     directory = Path(directory) if directory else None
     if directory is None or not directory.is_dir():
         raise FileNotFoundError(f"{what} {str(directory)!r} is not a folder; point it at a folder of images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
+    companions = companions or {"mask": MASK_TAG}
+    (column, tag), = companions.items()
     listed = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    files = [p for p in listed if not p.stem.endswith(MASK_TAG)]
-    mask_files = {p.stem[:-len(MASK_TAG)]: p for p in listed if p.stem.endswith(MASK_TAG)}
+    files = [p for p in listed if not p.stem.endswith(tag)]
+    mask_files = {p.stem[:-len(tag)]: p for p in listed if p.stem.endswith(tag)}
     for stem in sorted(set(mask_files) - {p.stem for p in files}):
-        log.warning("mask %s has no image %s.* beside it: unused", mask_files[stem], stem)
+        log.warning("%s %s has no image %s.* beside it: unused", column.replace("_", " "), mask_files[stem], stem)
     if not files:
         raise FileNotFoundError(f"{what} {str(directory)!r} holds no images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
@@ -54,7 +58,10 @@ def read_image_folder(directory: str | Path, what: str = "--data-dir"):
     for path in files:
         try:
             img = load_image(path)  # RGBA over white, greyscale and palette images to RGB
-            mask = _read_mask(mask_files[path.stem], img) if path.stem in mask_files else None
+            mask = None
+            if path.stem in mask_files:
+                mask = _read_mask(mask_files[path.stem], img) if column == "mask" else \
+                    load_image(mask_files[path.stem])
         except ValueError as exc:
             log.warning("skipped %s: %s", path, exc)
             continue
@@ -69,8 +76,8 @@ def read_image_folder(directory: str | Path, what: str = "--data-dir"):
     if len(images) < len(files):
         log.warning("%s: using %d of %d images", directory, len(images), len(files))
     features = datasets.Features({"image": datasets.Image(), "path": datasets.Value("string"),
-                                  "caption": datasets.Value("string"), "mask": datasets.Image()})
-    return datasets.Dataset.from_dict({"image": images, "path": paths, "caption": captions, "mask": masks},
+                                  "caption": datasets.Value("string"), column: datasets.Image()})
+    return datasets.Dataset.from_dict({"image": images, "path": paths, "caption": captions, column: masks},
                                       features=features)
 
 

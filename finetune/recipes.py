@@ -57,6 +57,12 @@ METHODS = {
          "prior_loss_weight", "num_class_images", "sample_batch_size", "train_text_encoder", "text_encoder_lr",
          "lora_rank", "lora_alpha", "resolution", "center_crop", "random_flip", "mask_weight",
          "gradient_checkpointing", "validation_prompts") + LOOP_FLAGS),
+    "train-controlnet": Method(
+        "train a ControlNet (Zhang et al. 2023) or, with --adapter, a T2I-Adapter on a frozen base model",
+        "finetune.controlnet", "ControlNetConfig", "ControlNetObjective", "controlnet.yaml",
+        ("data_dir", "dataset", "image_column", "conditioning_image_column", "caption_column", "adapter",
+         "adapter_type", "controlnet_init", "resolution", "center_crop", "uncond_prob", "gradient_checkpointing",
+         "validation_prompts", "validation_images") + LOOP_FLAGS),
 }
 
 DISTILL = Method("guidance and progressive distillation into a few-step student (Meng et al. 2023; "

@@ -125,10 +125,14 @@ def check_fits(controlnet, unet, name: str, model_arch: str) -> None:
 
 
 # --- control images ----------------------------------------------------------------------------------
-def preprocess(image, name: str):
-    """The control map of a PIL image by preprocessor ``name`` (RGB out): none, canny (OpenCV's Canny at
-    thresholds 100 / 200 on the grey image, as the shapes world's canny condition and A1111's default),
-    threshold (white where the grey level is above 127), invert."""
+CANNY_THRESHOLDS = (100, 200)  # OpenCV Canny's low / high hysteresis thresholds by default (A1111's too)
+
+
+def preprocess(image, name: str, thresholds: tuple[float, float] | None = None):
+    """The control map of a PIL image by preprocessor ``name`` (RGB out): none, canny (OpenCV's Canny on
+    the RGB image, the strongest channel's gradient at each pixel, as A1111's annotator runs it, at
+    ``thresholds`` (low, high), default CANNY_THRESHOLDS; the shapes world's canny condition), threshold
+    (white where the grey level is above 127), invert."""
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -137,15 +141,18 @@ def preprocess(image, name: str):
         return image
     if name == "invert":
         return ImageOps.invert(image)
-    grey = np.asarray(image.convert("L"))
     if name == "threshold":
+        grey = np.asarray(image.convert("L"))
         return Image.fromarray(np.where(grey > 127, 255, 0).astype(np.uint8)).convert("RGB")
     if name == "canny":
         try:
             import cv2
         except ImportError:
             raise ValueError("the canny preprocessor needs OpenCV: pip install opencv-python-headless") from None
-        return Image.fromarray(cv2.Canny(grey, 100, 200)).convert("RGB")
+        low, high = thresholds or CANNY_THRESHOLDS
+        if not (0 <= low <= high):
+            raise ValueError(f"canny thresholds {low:g} / {high:g}: give 0 <= low <= high")
+        return Image.fromarray(cv2.Canny(np.ascontiguousarray(np.asarray(image)), low, high)).convert("RGB")
     raise ValueError(f"unknown preprocessor {name!r}; use one of {', '.join(PREPROCESSORS)}")
 
 

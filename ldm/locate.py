@@ -16,3 +16,24 @@ EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-model"
 def default_model_path() -> Path | None:
     """The embedded default model shipped inside the package, when it is installed."""
     return EMBEDDED_MODEL if (EMBEDDED_MODEL / "model_index.json").is_file() else None
+
+
+EMBEDDED_CONTROLNETS = {"shapes": Path(__file__).parent / "assets" / "shapes-controlnet"}  # name -> directory
+
+
+def embedded_controlnet(name: str) -> str | None:
+    """The directory of the embedded ControlNet called ``name``, when it is installed."""
+    d = EMBEDDED_CONTROLNETS.get(str(name))
+    return str(d) if d is not None and (d / "config.json").is_file() else None
+
+
+def locate_controlnet(path: str) -> str:
+    """``path`` itself when it exists, else the embedded ControlNet of that name (``shapes``: the embedded
+    model's, silhouette and canny conditions); ModelError naming both otherwise."""
+    if Path(path).expanduser().exists():
+        return str(Path(path).expanduser())
+    if (embedded := embedded_controlnet(path)) is not None:
+        return embedded
+    names = ", ".join(n for n, d in EMBEDDED_CONTROLNETS.items() if (d / "config.json").is_file())
+    raise ModelError(f"ControlNet {str(path)!r}: no such file or folder"
+                     + (f", and not an embedded one ({names})" if names else ""))

@@ -111,7 +111,7 @@ RESIZE_MODES = {**dict(enumerate(A1111_RESIZE_MODES)), **{v: k for k, v in A1111
 # A1111's ControlNet modules that mean one of ours (its preprocessor names; "invert (from white bg & black line)")
 MODULES = {"none": "none", "canny": "canny", "threshold": "threshold", "invert": "invert",
            "invert (from white bg & black line)": "invert"}
-UNIT_IGNORED = ("mask", "low_vram", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "hr_option")
+UNIT_IGNORED = ("mask", "low_vram", "processor_res", "pixel_perfect", "hr_option")
 
 
 def controlnet_args(payload: BaseModel) -> list | None:
@@ -161,9 +161,14 @@ def control_units(args: list, known: dict, bad_request) -> list[dict]:
         ignored = [k for k in UNIT_IGNORED if raw.get(k) not in (None, False, "", 512, 64, -1, "Both")]
         if ignored:
             log.warning("ControlNet unit %d: %s ignored (no effect here)", i, ", ".join(ignored))
-        units.append({"model": name, "image": image, "weight": raw.get("weight", 1.0),
-                      "start": raw.get("guidance_start", 0.0), "end": raw.get("guidance_end", 1.0),
-                      "mode": mode, "preprocessor": MODULES[module], "resize": resize})
+        unit = {"model": name, "image": image, "weight": raw.get("weight", 1.0),
+                "start": raw.get("guidance_start", 0.0), "end": raw.get("guidance_end", 1.0),
+                "mode": mode, "preprocessor": MODULES[module], "resize": resize}
+        if MODULES[module] == "canny":  # the extension's threshold_a / _b are canny's (-1 or absent: its default)
+            for key, ours in (("threshold_a", "canny_low"), ("threshold_b", "canny_high")):
+                if raw.get(key) not in (None, -1):
+                    unit[ours] = raw[key]
+        units.append(unit)
     return units
 
 
@@ -368,9 +373,13 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         if not isinstance(images, list) or not images:
             return _error(422, [("controlnet_input_images", "required: a list of base64 images")])
 
+        low, high = (body.get(f"controlnet_threshold_{k}", -1) for k in "ab")  # canny's, as in a unit
+        thresholds = (100.0 if low in (None, -1) else low, 200.0 if high in (None, -1) else high)
+
         def detect():
             return [base64.b64encode(png_bytes(preprocess(studio.read_image(im, "controlnet_input_images"),
-                                                          MODULES[module]), "")).decode("ascii") for im in images]
+                                                          MODULES[module], thresholds), "")).decode("ascii")
+                    for im in images]
         try:
             maps = await run_in_threadpool(detect)
         except BadRequest as exc:

@@ -143,6 +143,10 @@ CONTROL_OPTIONS: dict[str, Option] = {
     "preprocessor": Option(str, "none", "how the control image becomes the map: none (it is the map), canny "
                                         "(OpenCV's edges), threshold (white where brighter than mid-grey), invert",
                            choices=PREPROCESSORS),
+    "canny_low": Option(float, 100.0, "canny: the low hysteresis threshold (default 100; A1111's threshold_a)",
+                        low=0, high=1000),
+    "canny_high": Option(float, 200.0, "canny: the high hysteresis threshold (default 200; A1111's threshold_b)",
+                         low=0, high=1000),
     "resize": Option(str, "just-resize", "fitting the control image to the request's size: just-resize, "
                                          "crop-and-resize (cover, centre crop), resize-and-fill (fit, black margins)",
                      choices=RESIZE_MODES),

@@ -27,6 +27,7 @@ from ldm.denoiser import blend_known, make_denoiser, unet_net
 from ldm.embeddings import add_concept, read_embeddings
 from ldm.guidance import guidance_embedding, guidance_input_dim, guided
 from ldm.images import to_pil, to_tensor
+from ldm.locate import locate_controlnet
 from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
 from ldm.samplers import get_sampler, invert_ddim, randn_like, slerp
@@ -363,7 +364,8 @@ class Pipeline:
                 net = load(key, m.unet)
             except (OSError, ValueError, KeyError) as exc:
                 raise ModelError(f"could not use the {what} in {str(path)!r}: {exc}") from None
-            self._controlnets[key] = net.to(m.device, m.unet.dtype).eval().requires_grad_(False)
+            net = net.to(m.device) if net.dtype == m.unet.dtype else net.to(m.device, m.unet.dtype)  # (no
+            self._controlnets[key] = net.eval().requires_grad_(False)  # cast when none is needed: diffusers warns)
         return self._controlnets[key]
 
     def load_controlnet(self, path):
@@ -379,6 +381,8 @@ class Pipeline:
             check_fits(net, unet, repr(key), self.model.arch)
             return net
 
+        if not isinstance(path, torch.nn.Module):
+            path = locate_controlnet(path)  # a path, or an embedded ControlNet's name (shapes)
         return self._conditioner(path, "ControlNet", load)
 
     def control_units(self, r: Resolved) -> list:
@@ -394,7 +398,8 @@ class Pipeline:
                 tensor = image
             else:
                 image = load_image(image) if isinstance(image, (str, Path)) else image
-                mapped = preprocess(image, u.get("preprocessor", "none"))
+                mapped = preprocess(image, u.get("preprocessor", "none"),
+                                    (u.get("canny_low", 100.0), u.get("canny_high", 200.0)))
                 tensor = to_tensor01(fit(mapped, r.width, r.height, u.get("resize", "just-resize")))
             units.append(Unit(self.load_controlnet(u["model"]), tensor, weight=float(u.get("weight", 1.0)),
                               start=float(u.get("start", 0.0)), end=float(u.get("end", 1.0)),

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ldm.guidance import scale_problem
+from ldm.locate import embedded_controlnet
 from ldm.names import A1111_CONTROL_MODES
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
@@ -375,7 +376,9 @@ class Resolved:
             s[f"ControlNet {i}"] = (f"Module: {u.get('preprocessor', 'none')}, Model: {name}, "
                                     f"Weight: {u.get('weight', 1.0):g}, Resize Mode: {u.get('resize', 'just-resize')}, "
                                     f"Guidance Start: {u.get('start', 0.0):g}, Guidance End: {u.get('end', 1.0):g}, "
-                                    f"Control Mode: {mode}")
+                                    f"Control Mode: {mode}"
+                                    + (f", Threshold A: {u.get('canny_low', 100.0):g}, Threshold B: "
+                                       f"{u.get('canny_high', 200.0):g}" if u.get("preprocessor") == "canny" else ""))
         return s
 
     def with_task(self, prompt: str, seeds: list[int]) -> "Resolved":
@@ -428,6 +431,8 @@ def unit_problems(unit: dict, index: int, group: str, options: dict) -> list[tup
         problems.append((model_field, f"unknown unit field(s) {', '.join(unknown)}{which}"))
     model = unit.get("model")
     files = group == "control"  # a ControlNet may be one .safetensors file
+    if files and isinstance(model, str) and not Path(model).exists():
+        model = embedded_controlnet(model) or model  # the name of an embedded one (shapes)
     if model is None or not (isinstance(model, torch.nn.Module) or Path(model).is_dir() or
                              files and Path(model).suffix == ".safetensors" and Path(model).is_file()):
         problems.append((model_field, f"{str(model)!r} is neither a {what} directory (diffusers' layout)"
@@ -444,6 +449,9 @@ def unit_problems(unit: dict, index: int, group: str, options: dict) -> list[tup
         start, end = unit.get("start", 0.0), unit.get("end", 1.0)
         if not any(f in ("control_start", "control_end") for f, _ in problems) and not start < end:
             problems.append(("control_start", f"must be below control_end: {start} >= {end}{which}"))
+        low, high = unit.get("canny_low", 100.0), unit.get("canny_high", 200.0)
+        if not any(f.startswith("control_canny") for f, _ in problems) and low > high:
+            problems.append(("control_canny_low", f"must not be above control_canny_high: {low:g} > {high:g}{which}"))
     return problems
 
 

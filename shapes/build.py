@@ -1,8 +1,9 @@
 """``ldm build-shapes-model``: the whole embedded model from scratch, with the recipes in configs/:
 the VAE (nine stages, each from the one before: four recipes, the last two again, then the decoder
 recipe three more times on noised latents), then the
-CLIP, then the U-Net on their latents and text states; ``--install`` copies the result (fp32 weights,
-the CLIP's image tower in fp16) into the package as the default model."""
+CLIP, then the U-Net on their latents and text states, then the ControlNet on that model (the recipe
+the model carries for ``ldm train-controlnet``); ``--install`` copies the result (fp32 weights, the
+CLIP's image tower in fp16) into the package as the default model and its ControlNet."""
 
 from __future__ import annotations
 
@@ -30,15 +31,30 @@ STAGES = (("vae", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae.yaml"
           ("vae-noisy-2", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
           ("vae-noisy-3", "finetune.vae", "VAEConfig", "VAEObjective", "shapes-vae-decoder.yaml"),
           ("clip", "finetune.clip", "CLIPConfig", "CLIPObjective", "shapes-clip.yaml"),
-          ("model", "finetune.unet", "UNetConfig", "UNetObjective", "shapes-unet.yaml"))
+          ("model", "finetune.unet", "UNetConfig", "UNetObjective", "shapes-unet.yaml"),
+          ("controlnet", "finetune.controlnet", "ControlNetConfig", "ControlNetObjective", "model:train-controlnet"))
+# "model:NAME": the recipe the embedded model carries for command NAME (ldm/assets/shapes-model/recipes), the one
+# `ldm train-controlnet` runs on it with no --config
 # a stage's own values over its recipe (``--set`` overrides go over these): the last three decoder
 # passes decode the posterior mean plus 3 x its std x noise, so that latents a little off the
 # encoder's, as a U-Net's are, decode as the shapes they were meant to be (docs/shapes-model.md)
 STAGE_VALUES = {f"vae-noisy-{i}": {"latent_noise": 3.0} for i in (1, 2, 3)}
 
 
+def stage_recipe(recipe: str) -> Path:
+    """A stage's recipe file: a name in configs/, or ``model:COMMAND``, the embedded model's own."""
+    from ldm.models import model_recipe
+
+    if recipe.startswith("model:"):
+        path = model_recipe(None, recipe.removeprefix("model:"))
+        if path is None:
+            raise FileNotFoundError(f"the embedded model carries no recipe {recipe.removeprefix('model:')}.yaml")
+        return path
+    return recipe_path(recipe)
+
+
 def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool, overrides: dict | None = None):
-    values = read_yaml(recipe_path(recipe))
+    values = read_yaml(stage_recipe(recipe))
     values.update(STAGE_VALUES.get(stage, {}))
     values.update((overrides or {}).get(stage, {}))
     values.update(output_dir=str(out / stage), resume=resume, overwrite=not resume)
@@ -47,6 +63,8 @@ def build_stage_config(cls, recipe: str, out: Path, stage: str, resume: bool, ov
         values.update(init_vae=str(out / vae_stages[vae_stages.index(stage) - 1]))
     if stage == "model":
         values.update(vae_dir=str(out / vae_stages[-1]), clip_dir=str(out / "clip"))
+    if stage == "controlnet":  # on the build's own model
+        values.update(model=str(out / "model"))
     return build_config(cls, values, recipe)
 
 
@@ -119,7 +137,29 @@ def _build(out: Path, configs: dict, *, install: bool, resume: bool, progress: b
         log.info("%s: %.0f s", stage, summary[stage]["seconds"])
     if install:
         install_model(out / "model", out / "clip" / "clip")
+        install_controlnet(out / "controlnet")
     return summary
+
+
+def install_controlnet(directory: Path, target: Path | None = None) -> Path:
+    """Copy a trained ControlNet (config.json and its weights) into the package as the embedded one."""
+    from ldm.locate import EMBEDDED_CONTROLNETS
+
+    target = Path(target or EMBEDDED_CONTROLNETS["shapes"])
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy(Path(directory) / name, tmp / name)
+    values = json.loads((tmp / "config.json").read_text())
+    values["_name_or_path"] = target.name
+    (tmp / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    log.info("installed %s", target)
+    return target
 
 
 def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, clip_target: Path | None = None):
@@ -130,7 +170,7 @@ def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, c
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
-    from ldm.models import EMBEDDED_MODEL, SAMPLING_FILE
+    from ldm.models import EMBEDDED_MODEL, RECIPES_DIR, SAMPLING_FILE
     from ldm.tokenizer import write_clip_tokenizer
 
     from .clip import CONFIG_FILE, EMBEDDED_CLIP, VISUAL_FILE
@@ -154,6 +194,8 @@ def install_model(model_dir: Path, clip_dir: Path, target: Path | None = None, c
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     if (model_dir / SAMPLING_FILE).is_file():
         shutil.copy(model_dir / SAMPLING_FILE, tmp / SAMPLING_FILE)
+    if (target / RECIPES_DIR).is_dir():  # the recipes the model carries are the package's, not the build's
+        shutil.copytree(target / RECIPES_DIR, tmp / RECIPES_DIR)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ldm.locate import ModelError
+from shapes import world as shapes_world
 from pipelines.cli import device_for, model_path, sampling_args
 from pipelines.outputs import check_output_dir
 
@@ -24,6 +25,23 @@ def register(sub, command: str | None = None) -> None:
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
+    c = sub.add_parser("eval-controlnet", help="judge a ControlNet of the shapes model: placement, attributes, "
+                                               "control against prompt (JSON report and grids)")
+    c.add_argument("--controlnet", default="shapes", help="ControlNet directory or file (default: the embedded one)")
+    c.add_argument("--model", default=None, help="base model directory (default: the embedded shapes model)")
+    c.add_argument("--output-dir", type=Path, default=Path("eval-controlnet"), help="where report.json and grids go")
+    c.add_argument("--n", type=int, default=128, help="scenes judged per condition (default 128)")
+    c.add_argument("--conditions", nargs="+", default=list(shapes_world.CONDITIONS),
+                   choices=shapes_world.CONDITIONS, help="conditions to judge (default: all)")
+    c.add_argument("--curve", type=int, default=32, help="star-as-circle cases per point of the control-against-"
+                   "prompt curve (default 32; 0: skip it)")
+    c.add_argument("--no-baseline", action="store_true", help="skip the uncontrolled arm (chance placement)")
+    sampling_args(c)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--device", default=None)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_eval_controlnet)
     _register_demos(sub)
     b = sub.add_parser("build-shapes-model", help="train the embedded shapes model from scratch (VAE, CLIP, U-Net)")
     b.add_argument("--output-dir", type=Path, default=Path("runs/shapes"), help="work directory (default runs/shapes)")
@@ -33,7 +51,7 @@ def register(sub, command: str | None = None) -> None:
     b.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one stage's recipe key (repeatable), e.g. --set vae-decoder-2.latent_noise=3 "
                         "or --set model.max_steps=3000; stages: vae, vae-refine, vae-stars, vae-decoder, "
-                        "vae-stars-2, vae-decoder-2, vae-noisy-1, vae-noisy-2, vae-noisy-3, clip, model")
+                        "vae-stars-2, vae-decoder-2, vae-noisy-1, vae-noisy-2, vae-noisy-3, clip, model, controlnet")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_build)
 
@@ -66,6 +84,45 @@ def _eval(args) -> int:
         clip = f" clip_score {r['clip_score']:.1f}" if "clip_score" in r else ""
         print(f"{split}: all-correct {r.get('all_correct', 0):.3f} of {r['n']} ({attrs}){clip}")
     print(f"report: {args.output_dir / 'report.json'}, grid: {args.output_dir / 'grid.png'}")
+    return 0
+
+
+def _eval_controlnet(args) -> int:
+    from pipelines.pipeline import Pipeline
+
+    from . import control_eval
+
+    try:
+        if args.n < 1 or args.curve < 0 or args.batch_size < 1:
+            raise ValueError("--n and --batch-size must be 1 or more, --curve 0 or more")
+        check_output_dir(args.output_dir)
+        pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args))
+        net = pipe.load_controlnet(args.controlnet)
+        sampling = dict(zip(("sampler", "steps", "guidance_scale"),
+                            pipe.sampling_settings(args.sampler, args.steps, args.guidance)), schedule=args.schedule)
+        report = {"controlnet": str(args.controlnet), **sampling, "placement": []}
+        for kind in args.conditions:
+            report["placement"].append(control_eval.placement(
+                pipe, net, n=args.n, seed=args.seed, kind=kind, batch_size=args.batch_size,
+                with_baseline=not args.no_baseline, progress=not args.quiet, **sampling))
+        if args.curve:
+            report["control_vs_prompt"] = control_eval.control_vs_prompt(
+                pipe, net, n=args.curve, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, **sampling)
+        control_eval.write(report, args.output_dir)
+    except (ValueError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in report["placement"]:
+        for arm in ("controlled", "uncontrolled"):
+            if arm in p:
+                r = p[arm]
+                print(f"{p['condition']:>10} {arm:>12}: IoU >= {control_eval.IOU_GOAL} in {r['placed']:.3f} "
+                      f"(mean IoU {r['mean_iou']:.3f}); colour and background {r['color_and_background']:.3f}, "
+                      f"shape {r['shape']:.3f} of {p['n']}")
+    for row in report.get("control_vs_prompt", []):
+        print(f"star silhouette, prompt 'circle', {row['mode']:>8} weight {row['weight']:.1f}: "
+              f"star {row['star']:.3f} circle {row['circle']:.3f}")
+    print(f"report: {args.output_dir / 'report.json'}")
     return 0
 
 

@@ -126,6 +126,41 @@ def render_mask(scene: Scene) -> Image.Image:
     return img
 
 
+CONDITIONS = ("silhouette", "canny")  # the control images of a scene (ControlNet training and judging)
+
+
+def render_condition(scene: Scene, kind: str) -> Image.Image:
+    """The RGB control image of ``scene``: ``silhouette`` (the shape white on black, render_mask) or
+    ``canny`` (OpenCV's Canny edges of its render at the default thresholds, what ``--control-preprocessor
+    canny`` makes of it)."""
+    if kind == "silhouette":
+        return render_mask(scene).convert("RGB")
+    if kind == "canny":
+        from ldm.control import preprocess
+
+        return preprocess(render(scene), "canny")
+    raise ValueError(f"unknown condition {kind!r}; expected one of {', '.join(CONDITIONS)}")
+
+
+def size_class(side: int) -> str:
+    """The size word of a box side: small up to SMALL_MAX (the detector's rule), else large."""
+    return "small" if side <= SMALL_MAX else "large"
+
+
+def free_scene(seed: int, index: int, lo: int = 14, hi: int = 40, split: str = "train") -> Scene:
+    """Scene ``index`` of a seeded stream whose box side is uniform in [lo, hi] (sizes between the
+    world's two classes too, named by size_class) anywhere on the canvas (MARGIN from the edges): the
+    placements a control image asks for."""
+    if not MARGIN * 2 < lo <= hi <= CANVAS - 2 * MARGIN:
+        raise ValueError(f"box sides {lo}..{hi}: give {2 * MARGIN} < lo <= hi <= {CANVAS - 2 * MARGIN}")
+    rng = np.random.default_rng([seed, index, 97])
+    combos = combinations(split)
+    _, color, shape, bg = combos[int(rng.integers(len(combos)))]
+    s = int(rng.integers(lo, hi + 1))
+    x0, y0 = (int(v) for v in rng.integers(MARGIN, CANVAS - MARGIN - s + 1, size=2))
+    return Scene(size_class(s), color, shape, bg, s, x0, y0)
+
+
 OFF_PALETTE_DISTANCE = 60.0  # an off-palette colour is at least this RGB distance from every palette colour
 
 

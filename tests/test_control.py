@@ -156,7 +156,7 @@ def test_preprocessors_and_resize_modes():
     rng = np.random.default_rng(0)
     img = Image.fromarray((rng.random((40, 60, 3)) * 255).astype(np.uint8))
     canny = np.asarray(preprocess(img, "canny"))
-    assert (canny[..., 0] == cv2.Canny(np.asarray(img.convert("L")), 100, 200)).all()
+    assert (canny[..., 0] == cv2.Canny(np.asarray(img.convert("RGB")), 100, 200)).all()  # A1111's: on RGB
     grey = np.asarray(img.convert("L"))
     assert (np.asarray(preprocess(img, "threshold"))[..., 0] == np.where(grey > 127, 255, 0)).all()
     assert (np.asarray(preprocess(img, "invert")) == 255 - np.asarray(img)).all()
@@ -174,6 +174,8 @@ def test_preprocessors_and_resize_modes():
     ({"mode": "strict"}, "control_mode", "must be one of balanced, prompt, control"),
     ({"image": None}, "control_image", "required"),
     ({"model": "/no/such/controlnet"}, "controlnet", "is neither a ControlNet directory"),
+    ({"preprocessor": "canny", "canny_low": 150.0, "canny_high": 50.0}, "control_canny_low", "must not be above"),
+    ({"canny_high": -3.0}, "control_canny_high", "must be a number >= 0"),
 ])
 def test_bad_units_are_named_before_any_work(nets, control_images, unit, field, message):
     u = {"model": str(nets[0]), "image": control_images[0], **unit}
@@ -324,8 +326,11 @@ def test_a1111_controlnet_units_from_webuiapi_equal_the_python_api(tmp_path, con
     webuiapi = pytest.importorskip("webuiapi")
     from test_serve import Server
 
+    from ldm.control import preprocess
     from ldm.models import default_model_path
+    from pipelines.a1111 import control_units
     from pipelines.serve import Limits
+    from shapes import world as shapes
 
     folder = tmp_path / "controlnets"
     random_controlnet(default_model_path(), folder / "silhouette", 3)
@@ -349,8 +354,15 @@ def test_a1111_controlnet_units_from_webuiapi_equal_the_python_api(tmp_path, con
         got = np.asarray(r.image.convert("RGB"), dtype=np.int16)
         assert np.abs(got - np.asarray(api_image, dtype=np.int16)).max() <= 1
         assert "ControlNet 0" in r.info["infotexts"][0]
+        units = control_units([{"image": "x", "model": "silhouette", "module": "canny", "threshold_a": 50,
+                                "threshold_b": 150}, {"image": "x", "model": "silhouette", "module": "canny",
+                                                      "threshold_a": -1}], {"silhouette": None}, None)
+        assert (units[0]["canny_low"], units[0]["canny_high"]) == (50, 150) and "canny_low" not in units[1]
         maps = api.controlnet_detect([control_images[0]], module="invert")
         assert len(maps.images) == 1 and maps.images[0].size == control_images[0].size
+        star = shapes.render(shapes.Scene("large", "red", "star", "blue", 30, 10, 12))  # canny at A1111's thresholds
+        maps = api.controlnet_detect([star], module="canny", threshold_a=50, threshold_b=150)
+        assert np.array_equal(np.asarray(maps.images[0].convert("RGB")), np.asarray(preprocess(star, "canny", (50, 150))))
         bad = webuiapi.ControlNetUnit(image=control_images[0], model="nope")
         with pytest.raises(RuntimeError, match=r"422.*args\[0\]\.model: no ControlNet"):
             api.txt2img(prompt="a star", steps=2, width=64, height=64, controlnet_units=[bad], alwayson_scripts={})

@@ -36,12 +36,15 @@ def test_the_build_chains_its_vae_stages_on_the_codec_split():
     from pathlib import Path
 
     from finetune.clip import CLIPConfig
+    from finetune.config import ControlNetConfig
     from finetune.unet import UNetConfig
     from finetune.vae import VAEConfig
     from shapes.build import STAGES, build_stage_config
 
     out = Path("/build")
-    cfgs = {stage: build_stage_config({"VAEConfig": VAEConfig, "CLIPConfig": CLIPConfig, "UNetConfig": UNetConfig}[cls],
+    classes = {"VAEConfig": VAEConfig, "CLIPConfig": CLIPConfig, "UNetConfig": UNetConfig,
+               "ControlNetConfig": ControlNetConfig}
+    cfgs = {stage: build_stage_config(classes[cls],
                                       recipe, out, stage, resume=False)
             for stage, _, cls, _, recipe in STAGES}
     vae = [s for s in cfgs if s.startswith("vae")]
@@ -54,6 +57,8 @@ def test_the_build_chains_its_vae_stages_on_the_codec_split():
     assert [cfgs[s].latent_noise for s in vae if cfgs[s].decoder_only] == [0.0, 0.0, 3.0, 3.0, 3.0]
     assert cfgs["clip"].text_encoder_layers == 0
     assert cfgs["model"].vae_dir == str(out / "vae-noisy-3") and cfgs["model"].clip_dir == str(out / "clip")
+    # the ControlNet trains on the build's model with the recipe `ldm train-controlnet` runs on the embedded one
+    assert cfgs["controlnet"].model == str(out / "model") and cfgs["controlnet"].shapes_conditions == ["silhouette", "canny"]
 
 
 def test_build_help_names_every_stage_of_the_build():

@@ -152,6 +152,8 @@ TINY = {
                  text_width=32, text_layers=1, text_heads=2),
     "model": dict(max_steps=3, batch_size=4, num_images=40, block_out_channels=[32, 32], norm_num_groups=8,
                   checkpoint_every=3, validation_every=0),
+    "controlnet": dict(max_steps=2, batch_size=4, num_images=40, conditioning_channels=[4, 8, 8, 16],
+                       checkpoint_every=2),
 }
 
 
@@ -169,8 +171,8 @@ def test_tiny_build_runs_every_stage_and_diffusers_runs_the_result(tiny_build):
 
     out, summary = tiny_build
     assert list(summary) == ["vae", "vae-refine", "vae-stars", "vae-decoder", "vae-stars-2", "vae-decoder-2",
-                             "vae-noisy-1", "vae-noisy-2", "vae-noisy-3", "clip", "model"]
-    assert [summary[s]["steps"] for s in summary] == [3, 2, 2, 2, 1, 1, 1, 1, 1, 3, 3]
+                             "vae-noisy-1", "vae-noisy-2", "vae-noisy-3", "clip", "model", "controlnet"]
+    assert [summary[s]["steps"] for s in summary] == [3, 2, 2, 2, 1, 1, 1, 1, 1, 3, 3, 2]
     # each VAE stage starts from the one before (its tiny shape, not the recipe's full one)
     first = AutoencoderKL.from_pretrained(str(out / "vae" / "vae"))
     refined = AutoencoderKL.from_pretrained(str(out / "vae-noisy-3" / "vae"))
@@ -241,6 +243,22 @@ def test_install_copies_fp32_weights_and_the_recipes_sampling_defaults(tiny_buil
         assert json.loads((tmp_path / "model" / part / "config.json").read_text())["_name_or_path"] == f"model/{part}"
     pipe = Pipeline.from_pretrained(tmp_path / "model")
     assert pipe.sampling_settings() == ("ddim", 30, guidance)
+    # the ControlNet stage trained on the build's own model, from the recipe the model carries; installed,
+    # it runs on the installed model, and a reinstall keeps the recipes the model carries
+    from diffusers import ControlNetModel
+
+    from shapes.build import install_controlnet
+    from shapes import world as shapes
+
+    net = install_controlnet(out / "controlnet", target=tmp_path / "controlnet")
+    assert ControlNetModel.from_pretrained(net).config.block_out_channels == [32, 32]
+    cond = shapes.render_condition(shapes.free_scene(0, 0), "silhouette")
+    res = pipe.text_to_image("a red circle", steps=2, controls=[{"model": str(net), "image": cond}])
+    assert np.isfinite(res.pixels.numpy()).all()
+    (tmp_path / "model" / "recipes").mkdir()
+    (tmp_path / "model" / "recipes" / "dreambooth.yaml").write_text("max_steps: 5\n")
+    install_model(out / "model", out / "clip" / "clip", target=tmp_path / "model", clip_target=tmp_path / "clip")
+    assert (tmp_path / "model" / "recipes" / "dreambooth.yaml").read_text() == "max_steps: 5\n"
 
 
 def test_unet_oversampling_ends_each_batch_with_the_asked_scenes(tiny_build):
