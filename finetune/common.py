@@ -42,6 +42,9 @@ class Oversampling:
         return combos
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "cubic")
+
+
 def coverage_weights(coverage: torch.Tensor, weight: float) -> torch.Tensor:
     """denoising_loss's ``weight`` from (..., h, w) maps of how much of each latent pixel a region
     covers (0 to 1): 1 + ``weight`` x the coverage, each map divided by its mean (so every image's
@@ -53,16 +56,26 @@ def coverage_weights(coverage: torch.Tensor, weight: float) -> torch.Tensor:
 
 def denoising_loss(unet, latents, hidden, schedule: NoiseSchedule, generator: torch.Generator,
                    snr_gamma: float = 0.0, reduce: bool = True, weight: torch.Tensor | None = None,
-                   noise_offset: float = 0.0):
+                   noise_offset: float = 0.0, timestep_sampling: str = "uniform"):
     """Noise ``latents`` (B, 4, h, w) at uniform random timesteps and score the U-Net's prediction
     against the true target of its parameterisation; per-sample losses when ``reduce`` is False.
     ``hidden``: the text states (B, L, D), or a whole conditioning dict (ldm.text.text_context).
     ``weight``: a per-latent-pixel weight of the squared error (broadcast to (B, 4, h, w)), e.g. a
     region of each image weighted more; None is uniform. ``noise_offset``: kohya's offset noise, a
     per-sample, per-channel constant (``noise_offset`` x a standard normal) added to the noise, so
-    the model learns to move an image's mean too (0: none, and no extra random numbers drawn)."""
+    the model learns to move an image's mean too (0: none, and no extra random numbers drawn).
+    ``timestep_sampling``: ``uniform``, or ``cubic``, t = (1 - u^3) T for uniform u (Mou et al. 2023,
+    T2I-Adapter, sec. 3.4): most steps at high noise, where an image's layout is decided, which is what a
+    control image steers."""
     b = latents.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
+    n_t = schedule.num_train_timesteps
+    if timestep_sampling == "uniform":
+        t = torch.randint(0, n_t, (b,), generator=generator)
+    elif timestep_sampling == "cubic":
+        u = torch.rand((b,), generator=generator)
+        t = ((1 - u ** 3) * n_t).long().clamp(0, n_t - 1)
+    else:
+        raise ValueError(f"timestep_sampling {timestep_sampling!r} is unknown; use {' or '.join(TIMESTEP_SAMPLINGS)}")
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)

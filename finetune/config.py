@@ -131,6 +131,8 @@ class TrainConfig:
 
     def __post_init__(self):  # every key's range, once, when the recipe is built (before any work)
         check_ranges(self)
+        if getattr(self, "timestep_sampling", "uniform") not in ("uniform", "cubic"):
+            raise ConfigError(f"timestep_sampling {self.timestep_sampling!r} is unknown; use uniform or cubic")
 
 
 def _unquote(text: str) -> str:
@@ -268,10 +270,12 @@ class DenoisingLossKeys:
     DreamBooth and the shapes U-Net stage."""
     snr_gamma: float = 0.0              # min-SNR-gamma weighting (Hang et al. 2023; 0: plain MSE, as the papers)
     noise_offset: float = 0.0           # offset noise, as kohya's --noise_offset (0: none; 0.05-0.1 usual)
+    timestep_sampling: str = "uniform"  # uniform | cubic (most steps at high noise: T2I-Adapter's, for control)
 
     def loss_keys(self) -> dict:
         """The keys as denoising_loss's keyword arguments."""
-        return {"snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset}
+        return {"snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset,
+                "timestep_sampling": self.timestep_sampling}
 
 
 @dataclass

@@ -312,7 +312,8 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
                 controls = control_units(units, studio.controlnets(), BadRequest)
                 if controls:  # decoded off the event loop, sizes read from the headers first
                     body = [ControlUnit(**u) for u in controls]
-                    req = dataclasses.replace(req, controls=await run_in_threadpool(studio.read_controls, body))
+                    controls, adapters = await run_in_threadpool(studio.read_controls, body)
+                    req = dataclasses.replace(req, controls=controls, adapters=adapters)
             except BadRequest as exc:
                 return _error(422, [(exc.field, exc.message)])
             except ValidationError as exc:

@@ -245,8 +245,8 @@ _STRICT = ConfigDict(extra="forbid", strict=True)  # strict: `true` is not a num
 _LORA = (list[str], Field(default_factory=list, description="LoRA files of the server's --lora-dir, by name"))
 
 ControlUnitBody = create_model(
-    "ControlUnit", __config__=_STRICT, __doc__="One ControlNet unit: a ControlNet of the server's --controlnet-dir "
-    "by name, its control image as base64, and the unit's options (pipelines.options.CONTROL_OPTIONS).",
+    "ControlUnit", __config__=_STRICT, __doc__="One ControlNet unit: a ControlNet (or T2I-Adapter) of the server's "
+    "--controlnet-dir by name, its control image as base64, and the unit's options (pipelines.options.CONTROL_OPTIONS).",
     model=(str, ...), image=(str, ...),
     **{name: (o.type, Field(o.default, description=o.help)) for name, o in CONTROL_OPTIONS.items()})
 _CONTROLS = (list[ControlUnitBody], Field(default_factory=list, description="ControlNet units (ldm.control)"))
@@ -322,10 +322,23 @@ def _validation_problems(exc: RequestValidationError, known: list[str]) -> tuple
 
 
 # --- the worker ----------------------------------------------------------------------------------
-def to_request(kind: str, body: BaseModel, image=None, controls: list | None = None) -> rq.Request:
+def is_adapter(path: Path) -> bool:
+    """Whether a model of --controlnet-dir is a T2I-Adapter (its config.json's class), not a ControlNet."""
+    import json
+
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("_class_name") == "T2IAdapter"
+    except (OSError, ValueError):
+        return False
+
+
+def to_request(kind: str, body: BaseModel, image=None, units: tuple | None = None) -> rq.Request:
     """The API's JSON body as the one generation request every front end builds: its fields are the
-    request's, under the same names (``controls``: its units with their files and images resolved)."""
-    return rq.Request(kind=kind, image=image, controls=controls or [],
+    request's, under the same names (``units``: read_controls' ControlNet and T2I-Adapter units, their files
+    and images resolved)."""
+    controls, adapters = units or ([], [])
+    return rq.Request(kind=kind, image=image, controls=controls, adapters=adapters,
                       **body.model_dump(exclude={"image", "controls"}))
 
 
@@ -389,17 +402,22 @@ class Studio:
 
     # model --------------------------------------------------------------------------------------
     def controlnets(self) -> dict[str, Path]:
-        """The ControlNets of --controlnet-dir by name (diffusers directories)."""
+        """The ControlNets and T2I-Adapters of --controlnet-dir by name (diffusers directories, ControlNet
+        files), as A1111's ControlNet extension lists both in one folder."""
         if self.controlnet_dir is None:
             return {}
         return {p.name: p for p in sorted(self.controlnet_dir.iterdir())
                 if (p / "config.json").is_file() or p.suffix == ".safetensors"}
 
-    def read_controls(self, units: list) -> list[dict]:
-        """A body's ControlNet units with their models named in --controlnet-dir (never paths: without the
-        folder any unit is refused with the same answer) and their images decoded (size from the header
-        first); BadRequest naming the field otherwise. Run off the event loop (it decodes)."""
-        out = []
+    def read_controls(self, units: list) -> tuple[list[dict], list[dict]]:
+        """A body's units with their models named in --controlnet-dir (never paths: without the folder any
+        unit is refused with the same answer) and their images decoded (size from the header first), as
+        (ControlNet units, T2I-Adapter units): a unit whose model is a T2I-Adapter (its config names
+        T2IAdapter) is an adapter unit, its image preprocessed here; it takes a weight and a preprocessor,
+        not a schedule or a mode. BadRequest naming the field otherwise. Run off the event loop (it decodes)."""
+        from ldm.control import preprocess
+
+        controls, adapters = [], []
         known = self.controlnets()
         for i, unit in enumerate(units):
             which = f" (unit {i})" if i else ""
@@ -410,8 +428,20 @@ class Studio:
                 raise BadRequest("controls", f"no ControlNet {short_repr(unit.model)} in the server's "
                                              f"--controlnet-dir{which}; available: {', '.join(known) or 'none'}")
             image = self.read_image(unit.image, "controls")
-            out.append({**unit.model_dump(exclude={"model", "image"}), "model": known[unit.model], "image": image})
-        return out
+            options = unit.model_dump(exclude={"model", "image"})
+            if not is_adapter(known[unit.model]):
+                controls.append({**options, "model": known[unit.model], "image": image})
+                continue
+            schedule = [k for k in ("start", "end", "mode") if options[k] != CONTROL_OPTIONS[k].default]
+            if schedule:
+                raise BadRequest("controls", f"{short_repr(unit.model)} is a T2I-Adapter: it acts at every step "
+                                             f"with its weight; {', '.join(schedule)} apply to ControlNets only{which}")
+            try:
+                mapped = preprocess(image, options["preprocessor"], (options["canny_low"], options["canny_high"]))
+            except ValueError as exc:
+                raise BadRequest("controls", f"{exc}{which}") from None
+            adapters.append({"model": known[unit.model], "image": mapped, "weight": options["weight"]})
+        return controls, adapters
 
     def lora_files(self) -> dict[str, Path]:
         return {} if self.lora_dir is None else rq.lora_files(self.lora_dir)
@@ -861,10 +891,10 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
     @app.post("/api/txt2img")
     async def txt2img(req: Txt2Img, request: Request):
         try:
-            controls = await run_in_threadpool(studio.read_controls, req.controls) if req.controls else []
+            units = await run_in_threadpool(studio.read_controls, req.controls) if req.controls else None
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        return await execute(studio, to_request("txt2img", req, controls=controls), request)
+        return await execute(studio, to_request("txt2img", req, units=units), request)
 
     @app.post("/api/edit")
     async def edit(body: EditBody, request: Request):
@@ -892,10 +922,10 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
     async def img2img(req: Img2Img, request: Request):
         try:
             image = await run_in_threadpool(studio.read_image, req.image)  # decoding never blocks the server
-            controls = await run_in_threadpool(studio.read_controls, req.controls) if req.controls else []
+            units = await run_in_threadpool(studio.read_controls, req.controls) if req.controls else None
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        return await execute(studio, to_request("img2img", req, image, controls), request)
+        return await execute(studio, to_request("img2img", req, image, units), request)
 
     return app
 

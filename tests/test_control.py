@@ -245,6 +245,20 @@ def test_controls_over_http_equal_the_python_api(tmp_path, control_images):
         assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "controls"
         bad = post(s, "/api/txt2img", {"prompt": "a star", "controls": [{**unit, "weight": -1.0}]})
         assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "control_weight", bad.text
+        # a T2I-Adapter in the same folder (as A1111 lists both) is a unit of the same field
+        random_adapter(default_model_path(), folder / "sketch", 4)
+        ad = {"model": "sketch", "image": unit["image"], "weight": 0.6, "preprocessor": "invert"}
+        r = post(s, "/api/txt2img", {"prompt": "a large red star on a blue background", "steps": 4, "seed": 5,
+                                     "controls": [ad]})
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=np.int16)
+        inverted = Image.fromarray(255 - np.asarray(control_images[0].convert("RGB")))
+        api = Pipeline.from_pretrained(default_model_path()).generate(Request(
+            "a large red star on a blue background", steps=4, seed=5, adapters=[
+                {"model": folder / "sketch", "image": inverted, "weight": 0.6}])).images[0]
+        assert np.abs(got - np.asarray(api, dtype=np.int16)).max() <= 1
+        bad = post(s, "/api/txt2img", {"prompt": "a star", "controls": [{**ad, "end": 0.5}]})
+        assert bad.status_code == 422 and "T2I-Adapter" in bad.json()["detail"][0]["message"], bad.text
     finally:
         s.stop()
 

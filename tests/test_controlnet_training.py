@@ -154,3 +154,25 @@ def test_bad_data_is_named_before_training(sd1_dir, pairs_dir, tmp_path):
         _run(_cfg(sd1_dir, tmp_path / "o3"))
     with pytest.raises(ConfigError, match="shapes_conditions: depth unknown"):
         _run(_cfg(sd1_dir, tmp_path / "o4", shapes_conditions=["depth"]))
+
+
+def test_cubic_timestep_sampling_draws_mostly_high_noise():
+    """t = (1 - u^3) T: P(t >= T/2) = P(u^3 <= 1/2) = 0.5^(1/3) = 0.794 (uniform: 0.5)."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    def unet(xt, t, hidden):
+        seen.append(t)
+        return SimpleNamespace(sample=torch.zeros_like(xt))
+
+    from ldm.schedule import SD1_SCHEDULER, NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(SD1_SCHEDULER)
+    x, h = torch.zeros(20000, 1, 1, 1), torch.zeros(20000, 1, 1)
+    for how, want in (("cubic", 0.5 ** (1 / 3)), ("uniform", 0.5)):
+        seen.clear()
+        denoising_loss(unet, x, h, schedule, torch.Generator().manual_seed(0), timestep_sampling=how)
+        assert (seen[0] >= 500).float().mean().item() == pytest.approx(want, abs=0.01)
+    with pytest.raises(ConfigError, match="timestep_sampling 'cosine' is unknown"):
+        build(ControlNetConfig, {"timestep_sampling": "cosine"})
