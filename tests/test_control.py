@@ -453,3 +453,31 @@ def test_a_controlnet_with_hires_fix_compile_and_a_refiner(sd1_dir, sdxl_dir, re
     xl = {"model": str(random_controlnet(sdxl_dir, tmp_path / "xl", 5)), "image": control_images[0].resize((w, h))}
     out = base.generate(Request(PROMPT, steps=4, seed=0, sampler="ddim", refiner_start=0.5, controls=[xl]))
     assert out.settings.get("refiner") and "ControlNet 0" in base.infotexts(out)[0]
+
+
+def test_an_sdxl_t2i_adapter_matches_diffusers(sdxl_dir, control_images, tmp_path):
+    """SDXL's adapter layout (full_adapter_xl: pixel-unshuffle by 16, one downsampling block) on the tiny SDXL
+    U-Net, against diffusers' StableDiffusionXLAdapterPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter
+
+    torch.manual_seed(5)
+    channels = list(load_model(sdxl_dir).unet.config.block_out_channels)
+    adapter = T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=16,
+                         adapter_type="full_adapter_xl")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.1)
+    adapter.save_pretrained(tmp_path / "xl-adapter")
+    ref = StableDiffusionXLAdapterPipeline.from_pretrained(sdxl_dir, adapter=T2IAdapter.from_pretrained(tmp_path / "xl-adapter"))
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline.from_pretrained(sdxl_dir)
+    w, h = ours.default_size()
+    expect = ref(PROMPT, image=control_images[0].resize((w, h)), num_inference_steps=4, guidance_scale=5.0, height=h,
+                 width=w, generator=[torch.Generator().manual_seed(4)], adapter_conditioning_scale=0.9,
+                 output_type="np").images
+    req = dict(steps=4, guidance=5.0, seed=4, sampler="ddim")
+    got = _np(ours.generate(Request(PROMPT, **req, adapters=[{"model": str(tmp_path / "xl-adapter"),
+                                                               "image": control_images[0], "weight": 0.9}])).pixels)
+    plain = _np(ours.generate(Request(PROMPT, **req)).pixels)
+    assert np.abs(got - plain).max() > 2e-2 and np.abs(got - expect).max() <= 2 / 255
