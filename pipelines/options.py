@@ -186,7 +186,7 @@ def add_unit_flags(parser: argparse.ArgumentParser) -> None:
                             metavar="IMG", help=f"the image of the matching {model_flag}")
         for name, o in options.items():
             kwargs = dict(choices=list(o.choices)) if o.choices else dict(type=o.type)
-            parser.add_argument(f"--{group}-{name}", dest=f"{group}_{name}", action="append", default=[],
+            parser.add_argument(f"--{group}-{name.replace('_', '-')}", dest=f"{group}_{name}", action="append", default=[],
                                 help=o.help, **kwargs)
 
 
@@ -203,7 +203,8 @@ def unit_lists(args) -> dict[str, list[dict]]:
         for name, o in options.items():
             given = getattr(args, f"{group}_{name}")
             if len(given) not in (0, 1, n) or (given and not n):
-                raise ValueError(f"got {len(given)} --{group}-{name} for {n} {model_flag}; give one, or one each")
+                raise ValueError(f"got {len(given)} --{group}-{name.replace('_', '-')} for {n} {model_flag}; "
+                                 "give one, or one each")
             for i, u in enumerate(units):
                 u[name] = given[i] if len(given) == n else given[0] if given else o.default
         out[field] = units

@@ -219,8 +219,6 @@ class Request:
         for group, (name, _, _, options, _) in UNIT_GROUPS.items():
             for i, unit in enumerate(getattr(self, name)):
                 problems += unit_problems(unit, i, group, options)
-        if (self.controls or self.adapters) and self.cache_interval > 1:
-            add(("cache_interval", "DeepCache does not combine with ControlNet or T2I-Adapter yet; use cache_interval 1"))
         files = lora_files(lim.lora_dir) if self.lora and lim.lora_dir is not None else {}
         for entry in self.lora:
             if lim.lora_dir is not None:

@@ -50,6 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ldm.locate import EMBEDDED_CONTROLNETS, EMBEDDED_MODEL, embedded_controlnet
 from ldm.images import decode_image
 from ldm.names import DEFAULT_INVERSION, SCHEDULES
 from ldm.samplers import SAMPLERS
@@ -404,10 +405,13 @@ class Studio:
     def controlnets(self) -> dict[str, Path]:
         """The ControlNets and T2I-Adapters of --controlnet-dir by name (diffusers directories, ControlNet
         files), as A1111's ControlNet extension lists both in one folder."""
+        own = {}
+        if Path(self._start_model).resolve() == EMBEDDED_MODEL.resolve():  # the embedded model's own ControlNet
+            own = {name: Path(d) for name in EMBEDDED_CONTROLNETS if (d := embedded_controlnet(name))}
         if self.controlnet_dir is None:
-            return {}
-        return {p.name: p for p in sorted(self.controlnet_dir.iterdir())
-                if (p / "config.json").is_file() or p.suffix == ".safetensors"}
+            return own
+        return own | {p.name: p for p in sorted(self.controlnet_dir.iterdir())
+                      if (p / "config.json").is_file() or p.suffix == ".safetensors"}
 
     def read_controls(self, units: list) -> tuple[list[dict], list[dict]]:
         """A body's units with their models named in --controlnet-dir (never paths: without the folder any
@@ -421,7 +425,7 @@ class Studio:
         known = self.controlnets()
         for i, unit in enumerate(units):
             which = f" (unit {i})" if i else ""
-            if self.controlnet_dir is None:
+            if not known:
                 raise BadRequest("controls", "this server takes ControlNets by name from its --controlnet-dir, "
                                              "and was started without one")
             if unit.model not in known:

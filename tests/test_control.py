@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.locate import embedded_controlnet
 from ldm.models import ModelError, load_model
 from pipelines.pipeline import Pipeline
 from pipelines.request import Request
@@ -232,7 +233,8 @@ def test_controls_over_http_equal_the_python_api(tmp_path, control_images):
     unit = {"model": "silhouette", "image": base64.b64encode(buf.getvalue()).decode(), "weight": 0.7, "end": 0.8}
     s = Server(tmp_path / "out", Limits(max_side=64, max_steps=20), controlnet_dir=folder)
     try:
-        assert httpx.get(s.url + "/api/models").json()["controlnets"] == ["silhouette"]
+        own = ["shapes"] if embedded_controlnet("shapes") else []  # the embedded model's own, when installed
+        assert httpx.get(s.url + "/api/models").json()["controlnets"] == own + ["silhouette"]
         r = post(s, "/api/txt2img", {"prompt": "a large red star on a blue background", "steps": 4, "seed": 5,
                                      "controls": [unit]})
         assert r.status_code == 200, r.text
@@ -352,7 +354,7 @@ def test_a1111_controlnet_units_from_webuiapi_equal_the_python_api(tmp_path, con
     try:
         host, port = s.url.removeprefix("http://").split(":")
         api = webuiapi.WebUIApi(host=host, port=int(port), sampler="DDIM", steps=4)
-        assert api.controlnet_model_list() == ["silhouette"]
+        assert api.controlnet_model_list() == (["shapes"] if embedded_controlnet("shapes") else []) + ["silhouette"]
         assert "canny" in api.controlnet_module_list()
         unit = webuiapi.ControlNetUnit(image=control_images[0], module="threshold", model="silhouette [0123abcd]",
                                        weight=0.6, guidance_start=0.1, guidance_end=0.9, control_mode=2,

@@ -109,3 +109,37 @@ def test_image_to_image_inpainting_and_sdxl_run_with_the_cache(sd1_pipe, inpaint
         assert torch.isfinite(out.pixels).all()
         assert torch.isfinite(xl.text_to_image("a star", steps=4, seed=1, cache_interval=2,
                                                cache_depth=depth).pixels).all()
+
+
+@pytest.mark.parametrize("depth", [1, 0])
+def test_a_controlnet_feeds_the_shallow_branch_between_full_evaluations(depth, sd1_dir, tmp_path):
+    """With a ControlNet the residuals are computed at every evaluation and added where the U-Net reads
+    them: a partial evaluation on the full one's input and unit is exactly the full output, and with the
+    unit's weight changed it changes (the shallow skip connections take the fresh residuals), though the
+    deep features are the cached ones."""
+    from test_control import random_controlnet
+
+    from ldm.control import Unit, controlled
+    from pipelines.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(sd1_dir)
+    m = pipe.model
+    net = pipe.load_controlnet(random_controlnet(sd1_dir, tmp_path / "cn", 0))
+    ctx = _context(m, 2)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    unit = Unit(net, image, weight=1.0)
+    cache = DeepCache(m.unet, interval=3, depth=depth)
+    f = controlled(cache.wrap(unet_net(m.unet)), [unit], {"step": 0}, 10)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = f(x, 500.0, ctx)
+        again = f(x, 500.0, ctx)
+        unit.weight = 0.3
+        weaker = f(x, 500.0, ctx)
+        plain = controlled(unet_net(m.unet), [unit], {"step": 0}, 10)(x, 500.0, ctx)
+    assert torch.equal(full, again)
+    assert not torch.equal(weaker, full) and not torch.equal(weaker, plain)
+    assert all("forward" not in vars(b) for b in cache.deep)
+    res = pipe.text_to_image("a red circle", steps=4, seed=0, cache_interval=2,
+                             controls=[{"model": net, "image": Image.new("RGB", (64, 64), "white")}])
+    assert torch.isfinite(res.pixels).all()

@@ -360,6 +360,32 @@ def test_the_page_in_a_headless_browser(server):
                                    "document.getElementById('status').className == 'error'", timeout=120000)
             assert page.locator(".card").count() == 4, page.inner_text("#status")
             assert "Edit source: " + PROMPT in page.inner_text(".card pre >> nth=0")
+            # a control unit (a ControlNet of the server's folder): its map previewed, shown beside the result
+            import tempfile
+
+            from test_control import random_controlnet
+
+            from shapes import world as shapes
+            tmp = Path(tempfile.mkdtemp())
+            server.studio.controlnet_dir = tmp / "controlnets"  # read at each request, as the folder's listing
+            random_controlnet(default_model_path(), tmp / "controlnets" / "cn", 3)
+            shapes.render(shapes.Scene("large", "red", "star", "blue", 30, 20, 6)).save(tmp / "star.png")
+            page.reload()
+            page.wait_for_function("!document.getElementById('add-unit').disabled")
+            page.fill("#prompt", PROMPT)
+            page.click("#add-unit")
+            page.select_option(".unit-model", "cn")
+            page.set_input_files(".unit-file", str(tmp / "star.png"))
+            page.select_option(".unit-pre", "canny")
+            page.wait_for_function("document.querySelector('.unit-map').src.startsWith('data:')", timeout=30000)
+            page.fill(".unit-weight", "0.5")
+            page.fill("#steps", "4")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('.card img').length > 0", timeout=60000)
+            assert page.locator(".card >> nth=0").locator("img.map").count() == 1
+            text = page.inner_text(".card pre >> nth=0")
+            assert 'ControlNet 0: "Module: canny, Model: cn, Weight: 0.5' in text or \
+                "ControlNet 0: Module: canny, Model: cn, Weight: 0.5" in text, text
         finally:
             browser.close()
 
