@@ -122,6 +122,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--output", type=Path, required=True, help="the map, a .png file")
     v.add_argument("--control-preprocessor", default=CONTROL_OPTIONS["preprocessor"].default,
                    choices=list(PREPROCESSORS), help=CONTROL_OPTIONS["preprocessor"].help)
+    for key in ("canny_low", "canny_high"):
+        o = CONTROL_OPTIONS[key]
+        v.add_argument("--control-" + key.replace("_", "-"), dest="control_" + key, type=o.type, default=o.default,
+                       help=o.help)
     v.add_argument("--width", type=int, default=None, help="fit the map to this width (with --height)")
     v.add_argument("--height", type=int, default=None, help="fit the map to this height (with --width)")
     v.add_argument("--control-resize", default=CONTROL_OPTIONS["resize"].default, choices=list(RESIZE_MODES),
@@ -365,7 +369,8 @@ def _control_preview(args) -> int:
         check_output_file(args.output)
         if (args.width is None) != (args.height is None):
             raise ValueError("give --width and --height together (or neither: the image's own size)")
-        out = preprocess(load_image(args.image), args.control_preprocessor)
+        out = preprocess(load_image(args.image), args.control_preprocessor,
+                         (args.control_canny_low, args.control_canny_high))
         if args.width is not None:
             out = fit(out, args.width, args.height, args.control_resize)
         written = save_png(out, args.output, f"control map: {args.control_preprocessor} of {args.image.name}")
