@@ -176,7 +176,7 @@ def test_preprocessors_and_resize_modes():
     ({"image": None}, "control_image", "required"),
     ({"model": "/no/such/controlnet"}, "controlnet", "is neither a ControlNet directory"),
     ({"preprocessor": "canny", "canny_low": 150.0, "canny_high": 50.0}, "control_canny_low", "must not be above"),
-    ({"canny_high": -3.0}, "control_canny_high", "must be a number >= 0"),
+    ({"canny_high": -3.0}, "control_canny_high", "must be between 0 and 1000, got -3.0"),
 ])
 def test_bad_units_are_named_before_any_work(nets, control_images, unit, field, message):
     u = {"model": str(nets[0]), "image": control_images[0], **unit}
