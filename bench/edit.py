@@ -48,16 +48,6 @@ METHODS = ("regenerate", "ddim-inversion", "img2img-0.6", "p2p", "null-text+p2p"
 ATTRS = ("size", "color", "shape", "background")
 
 
-def iou(a, b) -> float:
-    if a is None or b is None:
-        return 0.0
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
-    inter = ix * iy
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
 def target_of(scene: tuple, kind: str, rng: np.random.Generator) -> tuple:
     """A seen (size, colour, shape, background) that differs from ``scene`` in ``kind`` only."""
     size, color, shape, bg = scene
@@ -90,7 +80,7 @@ def parts(src_read, out_read, target: tuple, kind: str) -> tuple[bool, bool, boo
     as the source's, the box kept (IoU >= 0.8)."""
     asked = getattr(out_read, kind) == target[ATTRS.index(kind)]
     others = all(getattr(out_read, a) == getattr(src_read, a) for a in ATTRS if a != kind)
-    return asked, others, iou(src_read.box, out_read.box) >= 0.8
+    return asked, others, world.box_iou(src_read.box, out_read.box) >= 0.8
 
 
 def blend_words(src: tuple, tgt: tuple, kind: str) -> list[str]:
@@ -122,7 +112,7 @@ def perfect_edit_ceiling(vae, scenes: list, rendered: list, all_cases: dict) -> 
         out[kind] = {
             "real": float(np.mean([success(a, b, t, kind) for a, b, t in zip(src_reads, reads, tgts)])),
             "generated-like": float(np.mean([success(a, b, t, kind) for a, b, t in zip(src_rt_reads, reads, tgts)])),
-            "generated-like box IoU >= 0.8": float(np.mean([iou(a.box, b.box) >= 0.8
+            "generated-like box IoU >= 0.8": float(np.mean([world.box_iou(a.box, b.box) >= 0.8
                                                             for a, b in zip(src_rt_reads, reads)])),
         }
     for key in ("real", "generated-like"):

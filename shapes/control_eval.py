@@ -31,17 +31,6 @@ def condition_box(scene: shapes.Scene) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
 
 
-def box_iou(a, b) -> float:
-    """IoU of two inclusive pixel boxes (x0, y0, x1, y1); 0 when either is None."""
-    if a is None or b is None:
-        return 0.0
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
-    inter = ix * iy
-    area = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
-    return inter / area
-
-
 def eval_scenes(n: int, seed: int = 0) -> list[shapes.Scene]:
     """``n`` scenes of seen pairs at free positions and sizes (a stream apart from training's)."""
     return [shapes.free_scene(10_000 + seed, i, *EVAL_SIZES) for i in range(n)]
@@ -83,7 +72,7 @@ def placement(pipe, controlnet, *, n: int = 128, seed: int = 0, kind: str = "sil
         rows = []
         for sc, img in zip(scenes, imgs):
             r = shapes.detect(img)
-            iou = box_iou(r.box, condition_box(sc))
+            iou = shapes.box_iou(r.box, condition_box(sc))
             rows.append({"prompt": sc.caption, "box": condition_box(sc), "read_box": r.box, "iou": round(iou, 4),
                          "color": r.color == sc.color, "background": r.background == sc.background,
                          "shape": r.shape == sc.shape})

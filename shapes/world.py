@@ -157,8 +157,7 @@ def free_scene(seed: int, index: int, lo: int = 14, hi: int = 40, split: str = "
     combos = combinations(split)
     _, color, shape, bg = combos[int(rng.integers(len(combos)))]
     s = int(rng.integers(lo, hi + 1))
-    x0, y0 = (int(v) for v in rng.integers(MARGIN, CANVAS - MARGIN - s + 1, size=2))
-    return Scene(size_class(s), color, shape, bg, s, x0, y0)
+    return Scene(size_class(s), color, shape, bg, s, *_corner(rng, s))
 
 
 OFF_PALETTE_DISTANCE = 60.0  # an off-palette colour is at least this RGB distance from every palette colour
@@ -176,8 +175,13 @@ def place(rng: np.random.Generator, size: str, color: str, shape: str, backgroun
     """Draw the box side and position for a scene with these attributes."""
     lo, hi = SIZES[size]
     s = int(rng.integers(lo, hi + 1))
+    return Scene(size, color, shape, background, s, *_corner(rng, s))
+
+
+def _corner(rng: np.random.Generator, s: int) -> tuple[int, int]:
+    """The top-left corner of an s-px box, uniform with MARGIN px to every edge."""
     x0, y0 = (int(v) for v in rng.integers(MARGIN, CANVAS - MARGIN - s + 1, size=2))
-    return Scene(size, color, shape, background, s, x0, y0)
+    return x0, y0
 
 
 def combinations(split: str = "train", *, sizes=None, colors=None, shapes=None,
@@ -340,8 +344,19 @@ def detect(image) -> Reading:
         iou = (t & crop).sum() / max((t | crop).sum(), 1)
         if iou > best:
             best, shape = iou, kind
-    size = "small" if max(w, h) <= SMALL_MAX else "large"
+    size = size_class(max(w, h))
     return Reading(background, color, shape, size, (int(x0), int(y0), int(x1), int(y1)))
+
+
+def box_iou(a, b) -> float:
+    """IoU of two inclusive pixel boxes (x0, y0, x1, y1), as Reading.box gives them; 0 when either is None."""
+    if a is None or b is None:
+        return 0.0
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    inter = ix * iy
+    area = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return inter / area
 
 
 def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noise: float = 8.0) -> Image.Image:
