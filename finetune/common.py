@@ -12,6 +12,8 @@ from ldm.process import from_x0, q_sample
 from ldm.schedule import NoiseSchedule
 from ldm.text import text_context
 
+from .config import TIMESTEP_SAMPLINGS
+
 
 @dataclass
 class Oversampling:
@@ -40,9 +42,6 @@ class Oversampling:
                              f"{split!r}{f' ({unknown} unknown)' if unknown else ''}; use some of "
                              f"{shapes.ALL_SHAPES} / {tuple(shapes.SIZES)}")
         return combos
-
-
-TIMESTEP_SAMPLINGS = ("uniform", "cubic")
 
 
 def coverage_weights(coverage: torch.Tensor, weight: float) -> torch.Tensor:

@@ -84,9 +84,18 @@ BOUNDS: dict[str, Bound] = {
 }
 
 
+# Recipe keys that take one of a few names, checked with the ranges (before any model loads)
+TIMESTEP_SAMPLINGS = ("uniform", "cubic")  # finetune.common.denoising_loss
+ADAPTER_TYPES = ("full_adapter", "light_adapter", "full_adapter_xl")  # diffusers' T2IAdapter
+CHOICES: dict[str, tuple[str, ...]] = {"timestep_sampling": TIMESTEP_SAMPLINGS, "adapter_type": ADAPTER_TYPES}
+
+
 def check_ranges(cfg) -> None:
-    """Every key of ``cfg`` that BOUNDS names, in range; ConfigError naming the first one that is not."""
+    """Every key of ``cfg`` that BOUNDS names, in range, and every key CHOICES names, one of its names;
+    ConfigError naming the first one that is not."""
     for f in fields(cfg):
+        if f.name in CHOICES and getattr(cfg, f.name) not in CHOICES[f.name]:
+            raise ConfigError(f"{f.name} {getattr(cfg, f.name)!r} is unknown; use {' or '.join(CHOICES[f.name])}")
         bound = BOUNDS.get(f.name)
         value = getattr(cfg, f.name)
         if bound is None or value is None or isinstance(value, (bool, str)):
@@ -131,8 +140,6 @@ class TrainConfig:
 
     def __post_init__(self):  # every key's range, once, when the recipe is built (before any work)
         check_ranges(self)
-        if getattr(self, "timestep_sampling", "uniform") not in ("uniform", "cubic"):
-            raise ConfigError(f"timestep_sampling {self.timestep_sampling!r} is unknown; use uniform or cubic")
 
 
 def _unquote(text: str) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ldm.text import size_ids
+from shapes import world as shapes
 
 from .common import TextCache, denoising_loss
 from .config import ConfigError, ControlNetConfig
@@ -32,7 +33,6 @@ from .loop import Objective, sample_offset
 log = logging.getLogger(__name__)
 
 CONTROL_TAG = ".control"  # NAME.control.png beside NAME.png: that image's condition
-ADAPTER_TYPES = ("full_adapter", "light_adapter", "full_adapter_xl")
 
 
 def read_dataset(cfg: ControlNetConfig):
@@ -42,7 +42,7 @@ def read_dataset(cfg: ControlNetConfig):
     import datasets
 
     if cfg.data_dir:
-        data = read_image_folder(cfg.data_dir, "data_dir", companions={"conditioning_image": CONTROL_TAG})
+        data = read_image_folder(cfg.data_dir, "data_dir", companion=("conditioning_image", CONTROL_TAG))
         missing = [p for p, c in zip(data["path"], data["conditioning_image"]) if c is None]
         if missing:
             raise ConfigError(f"data_dir: {len(missing)} image(s) have no condition beside them, e.g. "
@@ -78,8 +78,6 @@ def build_adapter(cfg: ControlNetConfig, unet):
     """A T2I-Adapter whose features fit ``unet``'s down blocks (their widths, the VAE's factor 8)."""
     from diffusers import T2IAdapter
 
-    if cfg.adapter_type not in ADAPTER_TYPES:
-        raise ConfigError(f"adapter_type {cfg.adapter_type!r} is unknown; use one of {', '.join(ADAPTER_TYPES)}")
     is_xl = unet.config.get("addition_embed_type") == "text_time"
     if is_xl != (cfg.adapter_type == "full_adapter_xl"):
         raise ConfigError(f"adapter_type {cfg.adapter_type!r} does not fit this {'SDXL' if is_xl else 'SD 1.x/2.x'} "
@@ -123,14 +121,13 @@ class ControlNetObjective(Objective):
         else:
             net = ControlNetModel.from_unet(m.unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_channels))
         net.requires_grad_(True).train()
-        if cfg.gradient_checkpointing:
-            net.enable_gradient_checkpointing() if hasattr(net, "enable_gradient_checkpointing") else None
+        if cfg.gradient_checkpointing:  # diffusers' T2IAdapter has none (enabling it would raise): the U-Net's
+            if net._supports_gradient_checkpointing:
+                net.enable_gradient_checkpointing()
             m.unet.enable_gradient_checkpointing()
         return {self.kind: net}
 
     def _setup_shapes(self):
-        from shapes import world as shapes
-
         cfg = self.cfg
         unknown = sorted(set(cfg.shapes_conditions) - set(shapes.CONDITIONS))
         if unknown:
@@ -163,8 +160,6 @@ class ControlNetObjective(Objective):
             i = int(rng.integers(len(self.latents)))
             idx.append(i)
             if self.data is None:
-                from shapes import world as shapes
-
                 sc = self.scenes[i]
                 kind = cfg.shapes_conditions[int(rng.integers(len(cfg.shapes_conditions)))]
                 cap = shapes.partial_caption(sc, rng, 0.15)
@@ -196,7 +191,8 @@ class ControlNetObjective(Objective):
             feats = net(cond)
 
             def controlled(xt, t, hidden, **extra):
-                return unet(xt, t, hidden, down_intrablock_additional_residuals=[f for f in feats], **extra)
+                # a new list per call: the U-Net pops the features it adds
+                return unet(xt, t, hidden, down_intrablock_additional_residuals=list(feats), **extra)
         else:
             def controlled(xt, t, hidden, **extra):
                 down, mid = net(xt, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False, **extra)
@@ -222,8 +218,6 @@ class ControlNetObjective(Objective):
             return [(p, load_image(images[0] if len(images) == 1 else images[i]))
                     for i, p in enumerate(cfg.validation_prompts)]
         if self.data is None:
-            from shapes import world as shapes
-
             out = []
             for i in range(4):
                 sc = shapes.free_scene(cfg.seed + 1, i, *cfg.size_range)
@@ -242,13 +236,13 @@ class ControlNetObjective(Objective):
         pipe = Pipeline(self.model)
         tiles = []
         try:
+            key = "adapters" if self.cfg.adapter else "controls"
             with torch.no_grad():
                 for prompt, cond in self.validation_pairs():
-                    unit = {"model": net, "image": cond.convert("RGB")}
-                    key = "adapters" if self.cfg.adapter else "controls"
+                    cond = cond.convert("RGB")
                     res = pipe.text_to_image(prompt, seed=self.cfg.seed, batch_size=1, width=self.resolution,
-                                             height=self.resolution, **{key: [unit]})
-                    tiles += [cond.convert("RGB").resize(res.images[0].size), res.images[0]]
+                                             height=self.resolution, **{key: [{"model": net, "image": cond}]})
+                    tiles += [cond.resize(res.images[0].size), res.images[0]]
         finally:
             net.train(was)
         return {"samples": [make_grid(tiles, cols=2)]}  # each row: the condition, then the result

@@ -31,26 +31,25 @@ def _read_mask(mask_path: Path, image: Image.Image) -> Image.Image:
     return mask if mask.size == image.size else mask.resize(image.size, Image.Resampling.BILINEAR)
 
 
-def read_image_folder(directory: str | Path, what: str = "--data-dir", companions: dict[str, str] | None = None):
+def read_image_folder(directory: str | Path, what: str = "--data-dir", companion: tuple[str, str] = ("mask", MASK_TAG)):
     """A ``datasets.Dataset`` with columns ``image`` (decoded to RGB PIL images), ``path``,
     ``caption`` (the text of NAME.txt, or None) and ``mask`` (NAME.mask.png as a greyscale image of
     the image's size, or None) for every readable image in ``directory``. An image with an unreadable
-    or misshapen mask is skipped with a warning, like an unreadable image. ``companions`` (column ->
-    file tag) names the files beside an image instead (default ``{"mask": ".mask"}``; ControlNet
-    training reads ``{"conditioning_image": ".control"}``, NAME.control.png as an RGB image)."""
+    or misshapen mask is skipped with a warning, like an unreadable image. ``companion`` (column, file
+    tag) names the file beside an image instead (default the mask; ControlNet training reads
+    ``("conditioning_image", ".control")``, NAME.control.png as an RGB image of any size)."""
     import datasets
 
     directory = Path(directory) if directory else None
     if directory is None or not directory.is_dir():
         raise FileNotFoundError(f"{what} {str(directory)!r} is not a folder; point it at a folder of images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
-    companions = companions or {"mask": MASK_TAG}
-    (column, tag), = companions.items()
+    column, tag = companion
     listed = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     files = [p for p in listed if not p.stem.endswith(tag)]
-    mask_files = {p.stem[:-len(tag)]: p for p in listed if p.stem.endswith(tag)}
-    for stem in sorted(set(mask_files) - {p.stem for p in files}):
-        log.warning("%s %s has no image %s.* beside it: unused", column.replace("_", " "), mask_files[stem], stem)
+    side_files = {p.stem[:-len(tag)]: p for p in listed if p.stem.endswith(tag)}
+    for stem in sorted(set(side_files) - {p.stem for p in files}):
+        log.warning("%s %s has no image %s.* beside it: unused", column.replace("_", " "), side_files[stem], stem)
     if not files:
         raise FileNotFoundError(f"{what} {str(directory)!r} holds no images "
                                 f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
@@ -58,10 +57,8 @@ def read_image_folder(directory: str | Path, what: str = "--data-dir", companion
     for path in files:
         try:
             img = load_image(path)  # RGBA over white, greyscale and palette images to RGB
-            mask = None
-            if path.stem in mask_files:
-                mask = _read_mask(mask_files[path.stem], img) if column == "mask" else \
-                    load_image(mask_files[path.stem])
+            side = side_files.get(path.stem)
+            mask = None if side is None else _read_mask(side, img) if column == "mask" else load_image(side)
         except ValueError as exc:
             log.warning("skipped %s: %s", path, exc)
             continue

@@ -125,6 +125,12 @@ def test_an_adapter_trains_and_runs(sd1_dir, pairs_dir, tmp_path):
     res = pipe.text_to_image("a red circle", steps=2, seed=0, adapters=[{"model": str(out), "image": cond}]).pixels
     assert adapter.config.channels == list(pipe.model.unet.config.block_out_channels)
     assert not torch.equal(base, res)
+    for adapter in (True, False):  # gradient checkpointing: the U-Net's (and the ControlNet's; an adapter has none)
+        _run(_cfg(sd1_dir, tmp_path / f"gc-{adapter}", data_dir=str(pairs_dir), adapter=adapter, max_steps=1,
+                  gradient_checkpointing=True))
+        assert (tmp_path / f"gc-{adapter}" / "diffusion_pytorch_model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="adapter_type 'huge' is unknown"):
+        build(ControlNetConfig, {"adapter_type": "huge"})
     with pytest.raises(ConfigError, match="full_adapter_xl.*SD 1"):
         _run(_cfg(sd1_dir, tmp_path / "bad", data_dir=str(pairs_dir), adapter=True, adapter_type="full_adapter_xl"))
 
