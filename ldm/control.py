@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .names import PREPROCESSORS
+from .names import CANNY_THRESHOLDS, PREPROCESSORS
 
 SOFT_INJECTION = 0.825  # A1111's per-level factor of "My prompt is more important"
 
@@ -125,9 +125,6 @@ def check_fits(controlnet, unet, name: str, model_arch: str) -> None:
 
 
 # --- control images ----------------------------------------------------------------------------------
-CANNY_THRESHOLDS = (100, 200)  # OpenCV Canny's low / high hysteresis thresholds by default (A1111's too)
-
-
 def preprocess(image, name: str, thresholds: tuple[float, float] | None = None):
     """The control map of a PIL image by preprocessor ``name`` (RGB out): none, canny (OpenCV's Canny on
     the RGB image, the strongest channel's gradient at each pixel, as A1111's annotator runs it, at

@@ -22,6 +22,7 @@ A1111_CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more impo
 A1111_RESIZE_MODES = {"just-resize": "Just Resize", "crop-and-resize": "Crop and Resize",
                       "resize-and-fill": "Resize and Fill"}
 PREPROCESSORS = ("none", "canny", "threshold", "invert")
+CANNY_THRESHOLDS = (100.0, 200.0)  # canny's low / high hysteresis thresholds by default (A1111's too)
 A1111_SCHEDULES = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential",
                    "sgm-uniform": "SGM Uniform"}
 # A1111's aliases (its samplers' ``aliases``: the k-diffusion function names) and API scheduler names

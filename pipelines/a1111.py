@@ -36,7 +36,7 @@ from ldm.names import A1111_CONTROL_MODES, A1111_RESIZE_MODES, A1111_SAMPLERS, A
 from ldm.samplers import SAMPLERS
 
 from . import request as rq
-from .options import OPTIONS
+from .options import OPTIONS, canny_thresholds
 from .pngmeta import parse_parameters
 
 log = logging.getLogger("ldm.serve.a1111")
@@ -126,6 +126,12 @@ def controlnet_args(payload: BaseModel) -> list | None:
     return None
 
 
+def canny_options(threshold_a, threshold_b) -> dict:
+    """The extension's threshold_a / _b as canny's unit options (pipelines.options): each one given, -1 or
+    absent leaving the default."""
+    return {ours: v for ours, v in (("canny_low", threshold_a), ("canny_high", threshold_b)) if v not in (None, -1)}
+
+
 def control_units(args: list, known: dict, bad_request) -> list[dict]:
     """A1111's ControlNet units as this project's (pipelines.options.CONTROL_OPTIONS), images still base64:
     a model named as A1111 lists them ("name [hash]", with or without its extension) from the server's
@@ -164,10 +170,8 @@ def control_units(args: list, known: dict, bad_request) -> list[dict]:
         unit = {"model": name, "image": image, "weight": raw.get("weight", 1.0),
                 "start": raw.get("guidance_start", 0.0), "end": raw.get("guidance_end", 1.0),
                 "mode": mode, "preprocessor": MODULES[module], "resize": resize}
-        if MODULES[module] == "canny":  # the extension's threshold_a / _b are canny's (-1 or absent: its default)
-            for key, ours in (("threshold_a", "canny_low"), ("threshold_b", "canny_high")):
-                if raw.get(key) not in (None, -1):
-                    unit[ours] = raw[key]
+        if MODULES[module] == "canny":
+            unit.update(canny_options(raw.get("threshold_a"), raw.get("threshold_b")))
         units.append(unit)
     return units
 
@@ -374,8 +378,8 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         if not isinstance(images, list) or not images:
             return _error(422, [("controlnet_input_images", "required: a list of base64 images")])
 
-        low, high = (body.get(f"controlnet_threshold_{k}", -1) for k in "ab")  # canny's, as in a unit
-        thresholds = (100.0 if low in (None, -1) else low, 200.0 if high in (None, -1) else high)
+        thresholds = canny_thresholds(canny_options(body.get("controlnet_threshold_a"),
+                                                    body.get("controlnet_threshold_b")))
 
         def detect():
             return [base64.b64encode(png_bytes(preprocess(studio.read_image(im, "controlnet_input_images"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldm.names import A1111_CONTROL_MODES, A1111_RESIZE_MODES, PREPROCESSORS, SAMPLER_NAMES, SCHEDULES
+from ldm.names import A1111_CONTROL_MODES, A1111_RESIZE_MODES, CANNY_THRESHOLDS, PREPROCESSORS, SAMPLER_NAMES, SCHEDULES
 
 KINDS = ("txt2img", "img2img", "inpaint")
 KIND_WORDS = {"txt2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting"}
@@ -143,10 +143,10 @@ CONTROL_OPTIONS: dict[str, Option] = {
     "preprocessor": Option(str, "none", "how the control image becomes the map: none (it is the map), canny "
                                         "(OpenCV's edges), threshold (white where brighter than mid-grey), invert",
                            choices=PREPROCESSORS),
-    "canny_low": Option(float, 100.0, "canny: the low hysteresis threshold (default 100; A1111's threshold_a)",
-                        low=0, high=1000),
-    "canny_high": Option(float, 200.0, "canny: the high hysteresis threshold (default 200; A1111's threshold_b)",
-                         low=0, high=1000),
+    "canny_low": Option(float, CANNY_THRESHOLDS[0], f"canny: the low hysteresis threshold (default "
+                                                    f"{CANNY_THRESHOLDS[0]:g}; A1111's threshold_a)", low=0, high=1000),
+    "canny_high": Option(float, CANNY_THRESHOLDS[1], f"canny: the high hysteresis threshold (default "
+                                                     f"{CANNY_THRESHOLDS[1]:g}; A1111's threshold_b)", low=0, high=1000),
     "resize": Option(str, "just-resize", "fitting the control image to the request's size: just-resize, "
                                          "crop-and-resize (cover, centre crop), resize-and-fill (fit, black margins)",
                      choices=RESIZE_MODES),
@@ -164,7 +164,13 @@ def flag(name: str) -> str:
 
 ADAPTER_OPTIONS: dict[str, Option] = {
     "weight": Option(float, 1.0, "the T2I-Adapter's weight (its features' scale; default 1)", low=0),
+    **{k: CONTROL_OPTIONS[k] for k in ("preprocessor", "canny_low", "canny_high")},  # the map, as a ControlNet's
 }
+
+
+def canny_thresholds(unit: dict) -> tuple[float, float]:
+    """A unit's (canny_low, canny_high), the declared defaults where it gives none."""
+    return tuple(float(unit.get(k, CONTROL_OPTIONS[k].default)) for k in ("canny_low", "canny_high"))
 
 # the unit groups a request holds: (its Request field, the model flag, the image flag, its options)
 UNIT_GROUPS = {

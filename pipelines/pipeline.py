@@ -35,6 +35,7 @@ from ldm.schedule import Steps
 from ldm.prompts import prompt_schedule, text_at
 from ldm.text import pad_contexts, prompt_context, size_ids
 
+from .options import canny_thresholds
 from .pngmeta import format_parameters
 from .request import Request, Resolved, hires_size, sampling_defaults, strength_steps
 
@@ -398,8 +399,7 @@ class Pipeline:
                 tensor = image
             else:
                 image = load_image(image) if isinstance(image, (str, Path)) else image
-                mapped = preprocess(image, u.get("preprocessor", "none"),
-                                    (u.get("canny_low", 100.0), u.get("canny_high", 200.0)))
+                mapped = preprocess(image, u.get("preprocessor", "none"), canny_thresholds(u))
                 tensor = to_tensor01(fit(mapped, r.width, r.height, u.get("resize", "just-resize")))
             units.append(Unit(self.load_controlnet(u["model"]), tensor, weight=float(u.get("weight", 1.0)),
                               start=float(u.get("start", 0.0)), end=float(u.get("end", 1.0)),
@@ -422,9 +422,10 @@ class Pipeline:
 
     @torch.no_grad()
     def adapter_features(self, r: Resolved) -> list:
-        """The request's T2I-Adapter features (ldm.control.adapter_features): each image resized to the
-        request's size (Lanczos, as diffusers does), grey for a one-channel adapter."""
-        from ldm.control import adapter_features, to_tensor01
+        """The request's T2I-Adapter features (ldm.control.adapter_features): each image preprocessed as a
+        ControlNet's, resized to the request's size (Lanczos, as diffusers does), grey for a one-channel
+        adapter."""
+        from ldm.control import adapter_features, preprocess, to_tensor01
         from ldm.images import load_image
 
         units = []
@@ -433,6 +434,7 @@ class Pipeline:
             image = u["image"]
             if not isinstance(image, torch.Tensor):
                 image = load_image(image) if isinstance(image, (str, Path)) else image
+                image = preprocess(image, u.get("preprocessor", "none"), canny_thresholds(u))
                 image = image.resize((r.width, r.height), Image.LANCZOS)
                 if adapter.config.get("in_channels", 3) == 1:  # a one-channel adapter (sketch): the grey image
                     image = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255.0)[None, None]

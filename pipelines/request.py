@@ -24,7 +24,7 @@ from ldm.locate import embedded_controlnet
 from ldm.names import A1111_CONTROL_MODES
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
-from .options import DEFAULT_STRENGTH, KIND_WORDS, KINDS, OPTIONS, UNIT_GROUPS
+from .options import DEFAULT_STRENGTH, KIND_WORDS, KINDS, OPTIONS, UNIT_GROUPS, canny_thresholds
 
 # options checked here by rules of their own (the server's limits, the model's factor, one bound of
 # guidance); every other option's plain check comes from its line in pipelines.options
@@ -375,8 +375,8 @@ class Resolved:
                                     f"Weight: {u.get('weight', 1.0):g}, Resize Mode: {u.get('resize', 'just-resize')}, "
                                     f"Guidance Start: {u.get('start', 0.0):g}, Guidance End: {u.get('end', 1.0):g}, "
                                     f"Control Mode: {mode}"
-                                    + (f", Threshold A: {u.get('canny_low', 100.0):g}, Threshold B: "
-                                       f"{u.get('canny_high', 200.0):g}" if u.get("preprocessor") == "canny" else ""))
+                                    + (", Threshold A: {:g}, Threshold B: {:g}".format(*canny_thresholds(u))
+                                       if u.get("preprocessor") == "canny" else ""))
         return s
 
     def with_task(self, prompt: str, seeds: list[int]) -> "Resolved":
@@ -447,9 +447,10 @@ def unit_problems(unit: dict, index: int, group: str, options: dict) -> list[tup
         start, end = unit.get("start", 0.0), unit.get("end", 1.0)
         if not any(f in ("control_start", "control_end") for f, _ in problems) and not start < end:
             problems.append(("control_start", f"must be below control_end: {start} >= {end}{which}"))
-        low, high = unit.get("canny_low", 100.0), unit.get("canny_high", 200.0)
-        if not any(f.startswith("control_canny") for f, _ in problems) and low > high:
-            problems.append(("control_canny_low", f"must not be above control_canny_high: {low:g} > {high:g}{which}"))
+    if not any(f.startswith(f"{group}_canny") for f, _ in problems):  # both in range: in order?
+        low, high = canny_thresholds(unit)
+        if low > high:
+            problems.append((f"{group}_canny_low", f"must not be above {group}_canny_high: {low:g} > {high:g}{which}"))
     return problems
 
 

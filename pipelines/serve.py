@@ -58,7 +58,7 @@ from ldm.samplers import SAMPLERS
 from . import request as rq
 from .a1111 import add_routes
 from .limits import Limits
-from .options import CONTROL_OPTIONS, EDIT_OPTIONS, OPTIONS, options_for
+from .options import ADAPTER_OPTIONS, CONTROL_OPTIONS, EDIT_OPTIONS, OPTIONS, options_for
 from .outputs import check_output_dir
 from .pngmeta import png_bytes, save_png
 
@@ -417,10 +417,9 @@ class Studio:
         """A body's units with their models named in --controlnet-dir (never paths: without the folder any
         unit is refused with the same answer) and their images decoded (size from the header first), as
         (ControlNet units, T2I-Adapter units): a unit whose model is a T2I-Adapter (its config names
-        T2IAdapter) is an adapter unit, its image preprocessed here; it takes a weight and a preprocessor,
-        not a schedule or a mode. BadRequest naming the field otherwise. Run off the event loop (it decodes)."""
-        from ldm.control import preprocess
-
+        T2IAdapter) is an adapter unit with the options adapters take (pipelines.options.ADAPTER_OPTIONS); a
+        schedule or a mode set for one is an error. BadRequest naming the field otherwise. Run off the event loop (it
+        decodes)."""
         controls, adapters = [], []
         known = self.controlnets()
         for i, unit in enumerate(units):
@@ -436,15 +435,13 @@ class Studio:
             if not is_adapter(known[unit.model]):
                 controls.append({**options, "model": known[unit.model], "image": image})
                 continue
-            schedule = [k for k in ("start", "end", "mode") if options[k] != CONTROL_OPTIONS[k].default]
-            if schedule:
+            # (resize too is a ControlNet's only, but A1111's units always send one: an adapter's image is resized
+            # as diffusers resizes it, whatever the unit says)
+            foreign = [k for k in ("start", "end", "mode") if options[k] != CONTROL_OPTIONS[k].default]
+            if foreign:
                 raise BadRequest("controls", f"{short_repr(unit.model)} is a T2I-Adapter: it acts at every step "
-                                             f"with its weight; {', '.join(schedule)} apply to ControlNets only{which}")
-            try:
-                mapped = preprocess(image, options["preprocessor"], (options["canny_low"], options["canny_high"]))
-            except ValueError as exc:
-                raise BadRequest("controls", f"{exc}{which}") from None
-            adapters.append({"model": known[unit.model], "image": mapped, "weight": options["weight"]})
+                                             f"with its weight; {', '.join(foreign)} apply to ControlNets only{which}")
+            adapters.append({**{k: options[k] for k in ADAPTER_OPTIONS}, "model": known[unit.model], "image": image})
         return controls, adapters
 
     def lora_files(self) -> dict[str, Path]:
