@@ -11,10 +11,14 @@
   ``to`` after step ``when`` (a number with a point is a fraction of the steps, an integer a step),
   ``[to:when]`` adds ``to`` after it, ``[from::when]`` removes ``from``; ``[a|b|c]`` alternates
   every step.
+- Extra networks (``lora_tags``): ``<lora:NAME:WEIGHT>`` (or ``<lora:NAME:TE:UNET>``, ``te=`` / ``unet=``
+  named) applies a LoRA file at that weight and is removed from the text the encoder reads, before
+  anything else is parsed (A1111's ``extra_networks.parse_prompt``); ``<lyco:...>`` is the same.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 BREAK = ("BREAK", -1.0)
@@ -29,6 +33,42 @@ _ATTENTION = re.compile(r"""
 :
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's re_extra_net
+LORA_TYPES = ("lora", "lyco")  # tag types read as LoRA files (A1111 reads lyco tags with its LoRA code)
+
+
+def strip_extra_networks(prompt: str) -> str:
+    """The prompt without its ``<type:args>`` tags: the text the encoder reads."""
+    return _EXTRA_NETWORK.sub("", prompt) if "<" in prompt else prompt
+
+
+def lora_tags(prompt: str) -> list[tuple[str, float, float]]:
+    """The LoRA tags of a prompt as (name, text-encoder weight, U-Net weight), in order, read as A1111's
+    LoRA code reads ``<lora:NAME[:TE[:UNET]]>`` (``te=`` and ``unet=`` named; the U-Net's weight is the
+    text encoder's unless given; ``dyn=`` is accepted and ignored). Raises ValueError naming the tag
+    for a weight that is not a number or a tag of a type other than LoRA (hypernetworks are not
+    supported)."""
+    out = []
+    for m in _EXTRA_NETWORK.finditer(prompt):
+        kind, args = m.group(1), m.group(2).split(":")
+        if kind not in LORA_TYPES:
+            raise ValueError(f"{m.group(0)}: extra networks of type {kind!r} are not supported; LoRA is, as "
+                             "<lora:NAME:WEIGHT>")
+        positional = [a for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        unknown = sorted(set(named) - {"te", "unet", "dyn"})
+        if unknown or not positional or not positional[0].strip():
+            raise ValueError(f"{m.group(0)}: write <lora:NAME:WEIGHT> (or <lora:NAME:TE:UNET>)"
+                             + (f"; {', '.join(unknown)}= is not a LoRA argument" if unknown else ""))
+        try:
+            te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
+            unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
+        except ValueError:
+            raise ValueError(f"{m.group(0)}: a LoRA's weight is a number, as in <lora:{positional[0]}:0.8>") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise ValueError(f"{m.group(0)}: a LoRA's weight must be finite")
+        out.append((positional[0].strip(), te, unet))
+    return out
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -228,7 +268,9 @@ def _text(node, step: int, whens: dict) -> str:
 def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """[(end_at_step, text)]: the prompt's text up to and including each step (steps count from 1),
     A1111's ``get_learned_conditioning_prompt_schedules``. A prompt without editing is [(steps,
-    prompt)]; brackets that form no group are kept as characters."""
+    prompt)]; brackets that form no group are kept as characters. Extra-network tags are removed
+    first."""
+    prompt = strip_extra_networks(prompt)
     if "[" not in prompt:
         return [(steps, prompt)]
     tree = _Parser(prompt).prompt("")

@@ -92,6 +92,38 @@ def build_checkpoint(directory: str | Path, kind: str = "sd1", size: str = "tiny
     return directory
 
 
+def random_lora(model_dir: str | Path, out_dir: str | Path, sdxl: bool, seed: int = 0, std: float = 0.2,
+                name: str = "pytorch_lora_weights.safetensors") -> Path:
+    """A LoRA of rank 4 for the model of ``model_dir`` on the U-Net's attention and every text encoder's
+    that has attention layers (the embedded model's has none),
+    with random non-zero up weights (std ``std``), saved by diffusers' ``save_lora_weights`` as
+    ``out_dir/name``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from .models import load_model
+
+    m = load_model(model_dir)
+    torch.manual_seed(seed)
+    m.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {"unet_lora_layers": m.unet}
+    for part in ("text_encoder", "text_encoder_2"):
+        enc = getattr(m, part)
+        if enc is not None and any(n.endswith("q_proj") for n, _ in enc.named_modules()):
+            enc.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+            layers[f"{part}_lora_layers"] = enc
+    for mod in layers.values():
+        for n, p in mod.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=std)
+    layers = {k: convert_state_dict_to_diffusers(get_peft_model_state_dict(v)) for k, v in layers.items()}
+    (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
+        str(out_dir), weight_name=name, safe_serialization=True, **layers)
+    return Path(out_dir) / name
+
+
 def _text_encoder(cls, width: int, s: dict, context_length: int, act: str, pad_token_id: int):
     from transformers import CLIPTextConfig
 

@@ -484,6 +484,44 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         return {"info": text, "items": {"parameters": text} if text else {},
                 "parameters": parse_parameters(text) if text else {}}
 
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        folder = studio.lora_dir
+        return [{"name": path.stem, "alias": path.stem, "path": str(path.relative_to(folder)), "metadata": {}}
+                for path in studio.lora_files().values()]
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        from ldm.embeddings import read_embeddings
+
+        loaded = {}
+        for file, tokens in studio.embeddings.items():
+            try:
+                vectors = read_embeddings(studio.embeddings_dir / file)
+            except Exception:  # changed on disk since it was loaded: name it without its shape
+                vectors = {}
+            for token in tokens:
+                v = vectors.get(token)
+                v = v["clip_g"] if isinstance(v, dict) else v
+                loaded[token] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                 "shape": None if v is None else int(v.shape[-1]),
+                                 "vectors": None if v is None else int(v.shape[0])}
+        skipped = {Path(f).stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                  "vectors": None} for f in studio.skipped_embeddings}
+        return {"loaded": loaded, "skipped": skipped}
+
+    @app.post("/sdapi/v1/refresh-embeddings")
+    async def refresh_embeddings():
+        return await call_on_worker(studio, studio.load_embeddings)  # None, or the error's answer
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        return None  # --lora-dir is read at each request: nothing is cached to refresh
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints():
+        return None  # --models-dir is read at each request: nothing is cached to refresh
+
     @app.get("/sdapi/v1/scripts")
     async def scripts():
         return {"txt2img": [], "img2img": []}

@@ -29,6 +29,9 @@ def _common(p: argparse.ArgumentParser):
     output_args(p)
     p.add_argument("--grid", action="store_true", help="also write grid.png of all images into --output-dir")
     add_unit_flags(p)
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="folder of LoRA .safetensors files that <lora:NAME:WEIGHT> tags in a prompt name (as A1111's "
+                        "models/Lora)")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
                                                   "each image is written as soon as it is made, a rerun skips images already "
                                                   "written, and under `accelerate launch` the prompts are spread over "
@@ -61,7 +64,7 @@ def model_args(p: argparse.ArgumentParser):
     p.add_argument("--token", action="append", default=[], metavar="NAME",
                    help="the token of the matching --embedding (default: the name stored in the file)")
     p.add_argument("--lora", action="append", default=[], type=Path, metavar="FILE",
-                   help="LoRA weights in diffusers' format (ldm dreambooth --lora-rank writes them); repeatable")
+                   help="LoRA weights (diffusers' or kohya's layout) applied at weight 1; repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -537,6 +540,7 @@ def run(args) -> list[Path]:
     from .batch import Task, write_tasks
     from .pipeline import Pipeline
     from .processes import apply_threads, my_share, process_state
+    from .request import Limits
 
     # everything that can be checked without the model, before it loads
     prompts = _prompts(args)
@@ -548,7 +552,8 @@ def run(args) -> list[Path]:
     out_dir = args.output_dir or (None if args.output else Path("outputs"))
     if out_dir is not None:
         check_output_dir(out_dir, "--output-dir" if args.output_dir else "the default --output-dir")
-    req = build_request(args, prompts).check()
+    limits = Limits(lora_dir=args.lora_dir)
+    req = build_request(args, prompts).check(limits)
 
     rank, world, state = process_state()
     device = device_for(args) if args.device or world == 1 else str(state.device)
@@ -557,13 +562,14 @@ def run(args) -> list[Path]:
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle, config=args.model_config, vae=args.vae,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
+    pipe.lora_dir = args.lora_dir
     if args.compile:
         pipe.compile(regional=args.compile == "blocks")
     if getattr(args, "refiner", None):
         pipe.refiner = Pipeline.from_pretrained(args.refiner, device=device, dtype=args.dtype,
                                                 allow_pickle=args.allow_pickle, attention=args.attention,
                                                 vae_slice_size=args.vae_slicing)
-    resolved = pipe.resolve(req)
+    resolved = pipe.resolve(req, limits)
     if args.seed is None and not args.from_file:
         log.info("seed %d", resolved.seeds[0])
     tasks = []

@@ -28,6 +28,7 @@ from ldm.attention_control import (AttentionEdit, EditError, align_prompts, cont
 from ldm.denoiser import unet_net
 from ldm.images import to_tensor
 from ldm.names import DEFAULT_INVERSION, INVERSIONS
+from ldm.prompts import strip_extra_networks
 from ldm.inversion import (ddim_trajectory, inversion_key, load_inversion, null_text_inversion, retrace,
                            save_inversion)
 
@@ -103,6 +104,11 @@ def check_edit(pipe: Pipeline, ed: Edit, req: Request | None = None) -> list[tup
         problems.append(("inner_steps", f"must be an integer >= 1, got {ed.inner_steps!r}"))
     if isinstance(ed.inner_lr, bool) or not isinstance(ed.inner_lr, (int, float)) or not 0 < ed.inner_lr <= 1:
         problems.append(("inner_lr", f"must be a number in (0, 1], got {ed.inner_lr!r}"))
+    tagged = [name for pair in ed.pairs() for name, text in zip(("source_prompt", "target_prompt"), pair)
+              if isinstance(text, str) and strip_extra_networks(text) != text]
+    for name in dict.fromkeys(tagged):
+        problems.append((name, "has a <lora:...> tag: an edit aligns the two prompts' words and reads no tags; "
+                               "apply a LoRA with --lora FILE (or the lora field)"))
     if problems:
         raise RequestError(problems)
     m = pipe.model
@@ -136,7 +142,6 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
     layouts = check_edit(pipe, ed, req)
     n = len(layouts)
     pairs = ed.pairs()
-    pipe.apply_adapters(req)
     real = ed.images is not None
     size = dict(zip(("width", "height"), _image_size(ed.images[0]))) if real else {}
     seed_req = dataclasses.replace(req, prompt=[s for s, _ in pairs], kind="txt2img", batch_size=1, n_iter=1,
@@ -145,6 +150,7 @@ def edit(pipe: Pipeline, ed: Edit, req: Request | None = None, callback=None) ->
     both = dataclasses.replace(seed_req, prompt=[s for s, _ in pairs] + [t for _, t in pairs], seeds=seeds + seeds,
                                seed=None)
     r = both.resolve(m)
+    pipe.apply_adapters(r)
     if real and (r.sampler != "ddim" or r.eta):
         raise RequestError([("sampler", f"editing a real image retraces its DDIM inversion: use ddim at eta 0, "
                                         f"not {r.sampler} at eta {r.eta}")])

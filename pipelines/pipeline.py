@@ -32,12 +32,12 @@ from ldm.models import Model, ModelError, load_model
 from ldm.process import q_sample
 from ldm.samplers import get_sampler, invert_ddim, randn_like, slerp
 from ldm.schedule import Steps
-from ldm.prompts import prompt_schedule, text_at
+from ldm.prompts import prompt_schedule, strip_extra_networks, text_at
 from ldm.text import pad_contexts, prompt_context, size_ids
 
 from .options import canny_thresholds
 from .pngmeta import format_parameters
-from .request import Request, Resolved, hires_size, sampling_defaults, strength_steps
+from .request import Limits, Request, Resolved, hires_size, sampling_defaults, strength_steps
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,14 @@ class Pipeline:
         self.model = model
         self.vae_slice_size = vae_slice_size
         self.refiner: Pipeline | None = None  # SDXL: a refiner that takes over at a request's refiner_start
-        self._adapters: set[str] = set()  # embedding and LoRA files applied, by resolved path
+        self._adapters: set[str] = set()  # embedding files applied, by resolved path and token
         self._embedding_files: dict[str, Path] = {}  # token -> the embedding file that added it
         self._clip: tuple = (None, None)  # (resolved directory, ldm.clip_guidance.ClipTower) for CLIP guidance
         self._controlnets: dict[str, torch.nn.Module] = {}  # ControlNets loaded, by resolved path
+        self.lora_dir: Path | None = None  # the folder that <lora:NAME:WEIGHT> tags in prompts name files of
+        self._lora_names: dict[Path, str] = {}  # LoRA files loaded as peft adapters: resolved path -> name
+        self._pinned_loras: dict[Path, tuple[float, float]] = {}  # load_lora's: active in every generation
+        self._active_loras: dict[Path, tuple[float, float]] = {}  # the set in force (set_loras)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "Pipeline":
@@ -170,21 +174,75 @@ class Pipeline:
         return self.model.native_size, self.model.native_size
 
     def resolve(self, req: Request, limits=None) -> Resolved:
-        return req.resolve(self.model, limits)
+        """The request for this model, under ``limits`` (default: this pipeline's ``lora_dir`` for the
+        prompts' ``<lora:NAME:WEIGHT>`` tags)."""
+        return req.resolve(self.model, limits if limits is not None else Limits(lora_dir=self.lora_dir))
 
-    def apply_adapters(self, req: Request) -> None:
-        """Load the request's embeddings and LoRA files that this model does not have yet."""
+    def apply_adapters(self, r: Resolved | Request) -> None:
+        """Load the request's embeddings and LoRA files that this model does not have yet, and make its
+        LoRA set (``Resolved.loras``: files at their weights; a Request's ``lora`` files at weight 1) the
+        active one, with the LoRA files loaded by ``load_lora`` itself."""
+        req = r.request if isinstance(r, Resolved) else r
         for file, token in req.embeddings:
             key = f"embedding:{Path(file).resolve()}:{token}"
             if key not in self._adapters:
                 tokens = self.load_embedding(file, token)
                 log.info("embedding %s: %s", file, ", ".join(tokens))
                 self._adapters.add(key)
-        for file in req.lora:
-            key = f"lora:{Path(file).resolve()}"
-            if key not in self._adapters:
-                self.load_lora(file)
-                self._adapters.add(key)
+        loras = r.loras if isinstance(r, Resolved) else [(Path(f), 1.0, 1.0) for f in req.lora]
+        self.set_loras({**self._pinned_loras, **{Path(f).resolve(): (te, unet) for f, te, unet in loras}})
+
+    def _lora_name(self, path: Path) -> str:
+        """The adapter name of a LoRA file, loading it (on the U-Net and text encoders) the first time."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        key = Path(path).resolve()
+        if key in self._lora_names:
+            return self._lora_names[key]
+        path = Path(path)
+        kwargs = {}
+        if path.is_file():
+            kwargs["weight_name"], path = path.name, path.parent
+        elif not path.is_dir():
+            raise ModelError(f"LoRA file {str(path)!r} does not exist")
+        m = self.model
+        _check_lora_arch(key, m)
+        name = f"lora{len(self._lora_names)}"
+        loader = StableDiffusionXLPipeline if m.is_sdxl else StableDiffusionPipeline
+        try:  # diffusers' reader converts kohya's layout (lora_unet_..., lora_te_...) to its own
+            state, alphas = loader.lora_state_dict(str(path), use_safetensors=True, unet_config=m.unet.config,
+                                                   **kwargs)
+            if not any(k.startswith("unet.") for k in state) and any(k.startswith(("down_blocks", "up_blocks",
+                                                                                     "mid_block")) for k in state):
+                state = {f"unet.{k}": v for k, v in state.items()}
+            loader.load_lora_into_unet(state, alphas, unet=m.unet, adapter_name=name)
+            for prefix, encoder in (("text_encoder", m.text_encoder), ("text_encoder_2", m.text_encoder_2)):
+                if encoder is not None and any(k.startswith(prefix + ".") for k in state):
+                    loader.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix=prefix,
+                                                       adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
+        self._lora_names[key] = name
+        return name
+
+    def set_loras(self, weights: dict[Path, tuple[float, float]]) -> None:
+        """Make these LoRA files (loaded here the first time) the active ones at (text-encoder, U-Net)
+        weights, every other LoRA off: peft's adapters, switched, never merged, so weight 0 (or no
+        LoRA) is exactly the model without it."""
+        from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+
+        names = {self._lora_name(f): w for f, w in weights.items()}
+        m = self.model
+        for net, part in ((m.unet, 1), (m.text_encoder, 0), (m.text_encoder_2, 0)):
+            if net is None or not self._lora_names:
+                continue
+            set_adapter_layers(net, enabled=bool(names))
+            if names:
+                set_weights_and_activate_adapters(net, list(names), [w[part] for w in names.values()])
+                for n, p in net.named_parameters():  # peft marks active adapters trainable: not here
+                    if "lora_" in n:
+                        p.requires_grad_(False)
+        self._active_loras = {f: w for f, w in weights.items()}
 
     def load_embedding(self, path, token: str | None = None) -> list[str]:
         """Add the textual-inversion concept(s) of an embedding file (diffusers' or A1111's format,
@@ -206,34 +264,13 @@ class Pipeline:
             self._embedding_files[name] = Path(path).resolve()
         return list(embeds)
 
-    def load_lora(self, path) -> None:
-        """Add LoRA weights in diffusers' format (a ``pytorch_lora_weights.safetensors`` file, or a
-        directory holding one, as ``ldm dreambooth --lora-rank`` writes) to the U-Net and, when the
-        file has them, the text encoder; read from safetensors only."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        path = Path(path)
-        kwargs = {}
-        if path.is_file():
-            kwargs["weight_name"], path = path.name, path.parent
-        elif not path.is_dir():
-            raise ModelError(f"LoRA file {str(path)!r} does not exist")
-        m = self.model
-        _check_lora_arch(path / kwargs["weight_name"] if "weight_name" in kwargs else path, m)
-        loader = StableDiffusionXLPipeline if m.is_sdxl else StableDiffusionPipeline
-        try:  # diffusers' reader converts kohya's layout (lora_unet_..., lora_te_...) to its own
-            state, alphas = loader.lora_state_dict(str(path), use_safetensors=True, unet_config=m.unet.config,
-                                                   **kwargs)
-            if not any(k.startswith("unet.") for k in state) and any(k.startswith(("down_blocks", "up_blocks",
-                                                                                     "mid_block")) for k in state):
-                state = {f"unet.{k}": v for k, v in state.items()}
-            loader.load_lora_into_unet(state, alphas, unet=m.unet)
-            for prefix, encoder in (("text_encoder", m.text_encoder), ("text_encoder_2", m.text_encoder_2)):
-                if encoder is not None and any(k.startswith(prefix + ".") for k in state):
-                    loader.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix=prefix)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"could not load LoRA weights from {str(path)!r}: {exc}") from exc
-        self._adapters.add(f"lora:{(path / kwargs['weight_name'] if 'weight_name' in kwargs else path).resolve()}")
+    def load_lora(self, path, weight: float = 1.0) -> None:
+        """Apply LoRA weights (diffusers' format, as ``ldm dreambooth --lora-rank`` writes them, or
+        kohya's; a file or a directory holding ``pytorch_lora_weights.safetensors``) to the U-Net and,
+        when the file has them, the text encoders, for every generation from now on; read from
+        safetensors only. A request's own LoRA files and ``<lora:...>`` tags come on top."""
+        self._pinned_loras[Path(path).resolve()] = (weight, weight)
+        self.set_loras(self._pinned_loras)
 
     def encode_prompt(self, r: Resolved, n_steps: int, negative: bool = True):
         """The U-Net's text conditioning for a request: ``cond_at(step) -> context`` (the batch's context
@@ -348,7 +385,7 @@ class Pipeline:
 
         denoise = make_denoiser(model_fn, m.schedule.prediction_type)
         if q.clip_guidance_scale > 0:
-            guide = self.clip_tower(q.clip_model).guide(r.prompts, q.clip_cutouts)
+            guide = self.clip_tower(q.clip_model).guide([strip_extra_networks(p) for p in r.prompts], q.clip_cutouts)
             denoise = clip_guided(denoise, lambda z: autoencoder.decode_with_grad(m.vae, z), guide,
                                   q.clip_guidance_scale, _generators(r.seeds))
         return denoise
@@ -511,8 +548,7 @@ class Pipeline:
         out = {}
         if self.model.vae_file is not None:
             out["VAE"] = self.model.vae_file.name
-        loras = [f"{Path(k[5:]).stem}: {short_hash(Path(k[5:]))}" for k in sorted(self._adapters)
-                 if k.startswith("lora:")]
+        loras = [f"{f.stem}: {short_hash(f)}" for f in sorted(self._active_loras)]
         used = {f for token, f in self._embedding_files.items()
                 if re.search(rf"(?<![\w<]){re.escape(token)}(?![\w>])", text)}
         tis = [f"{f.stem}: {short_hash(f)}" for f in sorted(used)]
@@ -546,8 +582,8 @@ class Pipeline:
         first. Image i draws its noise from a generator seeded with its own seed alone, so it equals
         a lone image made with that seed. ``on_batch(result)`` is called as each batch of an n_iter run
         is made (the server writes it then, so an interrupted or failed run keeps the batches before)."""
-        r = req if isinstance(req, Resolved) else req.resolve(self.model)
-        self.apply_adapters(r.request)
+        r = req if isinstance(req, Resolved) else self.resolve(req)
+        self.apply_adapters(r)
         run = {"txt2img": self._text_to_image, "img2img": self._image_to_image, "inpaint": self._inpaint}[r.kind]
         results = []
         for part in r.iterations():  # n_iter batches one after another

@@ -22,6 +22,7 @@ import torch
 from ldm.guidance import scale_problem
 from ldm.locate import embedded_controlnet
 from ldm.names import A1111_CONTROL_MODES
+from ldm.prompts import lora_tags
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
 from .options import DEFAULT_STRENGTH, KIND_WORDS, KINDS, OPTIONS, UNIT_GROUPS, canny_thresholds
@@ -219,22 +220,60 @@ class Request:
         for group, (name, _, _, options, _) in UNIT_GROUPS.items():
             for i, unit in enumerate(getattr(self, name)):
                 problems += unit_problems(unit, i, group, options)
-        files = lora_files(lim.lora_dir) if self.lora and lim.lora_dir is not None else {}
-        for entry in self.lora:
-            if lim.lora_dir is not None:
-                if str(entry) not in files:
-                    add(("lora", f"no LoRA file {str(entry)!r} in the server's --lora-dir; available: "
-                                 f"{', '.join(files) or 'none'}"))
-            elif not lim.lora_paths:  # the same answer whatever the name: nothing said about the server's files
-                add(("lora", "this server takes LoRA files by name from its --lora-dir, and was started "
-                             "without one"))
-                break
-            elif not Path(entry).exists():
-                add(("lora", f"LoRA file {str(entry)!r} does not exist"))
+        problems += self.lora_set(lim)[1]
         for file, _ in self.embeddings:
             if not Path(file).is_file():
                 add(("embedding", f"embedding file {str(file)!r} does not exist"))
         return problems
+
+    def lora_set(self, limits: Limits | None = None) -> tuple[list[tuple[Path, float, float]], list[tuple[str, str]]]:
+        """The LoRA files this request applies, as (file, text-encoder weight, U-Net weight): its ``lora``
+        entries at weight 1, then the ``<lora:NAME:WEIGHT>`` tags of its prompts (A1111's syntax; NAME
+        a file of ``limits.lora_dir``, with or without .safetensors), one weight per file; and the
+        problems found (an unknown name, a bad tag, one file at two weights)."""
+        lim = limits or Limits()
+        problems, chosen = [], {}
+        folder = lora_files(lim.lora_dir) if lim.lora_dir is not None and (
+            self.lora or any("<" in p for p in self.prompts() if isinstance(p, str))) else {}
+
+        def pick(field_name, entry, te, unet):
+            if field_name == "lora" and lim.lora_paths:  # the command line's --lora: a file
+                if not Path(entry).exists():
+                    problems.append(("lora", f"LoRA file {str(entry)!r} does not exist"))
+                    return
+                path = Path(entry)
+            elif lim.lora_dir is not None:
+                path = folder.get(str(entry)) or folder.get(f"{entry}.safetensors")
+                if path is None:
+                    names = sorted({p.stem for p in folder.values()})
+                    problems.append((field_name, f"no LoRA file {str(entry)!r} in the LoRA folder; available: "
+                                                 f"{', '.join(names) or 'none'}"))
+                    return
+            elif not lim.lora_paths:  # the same answer whatever the name: nothing said about the server's files
+                problems.append((field_name, "this server takes LoRA files by name from its --lora-dir, and was "
+                                             "started without one"))
+                return
+            else:
+                problems.append(("prompt", f"<lora:{entry}:...> names a file of a LoRA folder: give --lora-dir"))
+                return
+            key = Path(path).resolve()
+            if key in chosen and chosen[key][1:] != (te, unet):
+                problems.append((field_name, f"LoRA {str(entry)!r} is asked at two weights ({chosen[key][1]:g} and "
+                                             f"{te:g}); give one"))
+                return
+            chosen[key] = (Path(path), te, unet)
+
+        for entry in self.lora:
+            pick("lora", entry, 1.0, 1.0)
+        for text in dict.fromkeys(p for p in self.prompts() if isinstance(p, str)):
+            try:
+                tags = lora_tags(text)
+            except ValueError as exc:
+                problems.append(("prompt", str(exc)))
+                continue
+            for name, te, unet in tags:
+                pick("prompt", name, te, unet)
+        return list(chosen.values()), list(dict.fromkeys(problems))
 
     def sampler_schedule(self, problems: list | None = None) -> tuple[str | None, str | None]:
         """The sampler and schedule in our names (A1111's accepted, "DPM++ 2M Karras" split); a name
@@ -319,6 +358,7 @@ class Request:
             sub = random_seed() if self.subseed is None else self.subseed
             subseeds = [sub + i for i in range(len(seeds))]
         return Resolved(request=self, kind=self.kind, prompts=prompts, negatives=negatives, seeds=seeds,
+                        loras=tuple(self.lora_set(limits)[0]), lora_limits=limits,
                         prompts_2=prompts_2, negatives_2=negatives_2,
                         sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                         guidance_rescale=self.guidance_rescale, clip_skip=self.clip_skip,
@@ -348,6 +388,8 @@ class Resolved:
     subseeds: list[int] | None = None  # variation seeds, one per image (with subseed_strength > 0)
     prompts_2: list[str] = field(default_factory=list)    # SDXL's second encoder (the prompts by default)
     negatives_2: list[str] = field(default_factory=list)
+    loras: tuple = ()       # (file, text-encoder weight, U-Net weight) per LoRA applied (Request.lora_set)
+    lora_limits: Limits | None = None  # ... under these limits (their LoRA folder names the tags' files)
 
     def settings(self) -> dict:
         """What the PNG metadata records."""
@@ -386,7 +428,10 @@ class Resolved:
         neg_2 = self.negatives_2[0] if self.negatives_2 else neg
         prompt_2 = prompt if self.request.prompt_2 is None else self.prompts_2[0]
         subseeds = None if self.subseeds is None else [self.subseeds[0] + s - self.seeds[0] for s in seeds]
-        return dataclasses.replace(self, prompts=[prompt] * n, negatives=[neg] * n, seeds=list(seeds),
+        loras, problems = dataclasses.replace(self.request, prompt=prompt).lora_set(self.lora_limits)
+        if problems:  # this prompt's own <lora:...> tags
+            raise RequestError(problems)
+        return dataclasses.replace(self, prompts=[prompt] * n, loras=tuple(loras), negatives=[neg] * n, seeds=list(seeds),
                                    prompts_2=[prompt_2] * n, negatives_2=[neg_2] * n, subseeds=subseeds)
 
     def progress_steps(self) -> int:
@@ -412,8 +457,8 @@ def hires_size(side: int, scale: float, factor: int = 8) -> int:
 
 
 def lora_files(folder: Path) -> dict[str, Path]:
-    """The LoRA files of a folder by name."""
-    return {p.name: p for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors"}
+    """The LoRA files of a folder and its subfolders (as A1111 lists them) by file name."""
+    return {p.name: p for p in sorted(Path(folder).rglob("*.safetensors")) if p.is_file()}
 
 
 def unit_problems(unit: dict, index: int, group: str, options: dict) -> list[tuple[str, str]]:

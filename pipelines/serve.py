@@ -22,8 +22,9 @@ step if running.
     /sdapi/v1/...          AUTOMATIC1111's API (pipelines/a1111.py), for its existing clients
 
 Embeddings (``--embeddings-dir``) are all loaded at start, as A1111 does: a prompt uses one by its
-token. LoRA files (``--lora-dir``) are chosen per request by name; a request with another set of LoRA
-files than the last reloads the model with that set (a second or two on the embedded model).
+token. LoRA files (``--lora-dir``) are chosen per request, by name in ``lora`` or by ``<lora:NAME:WEIGHT>``
+tags in the prompt (A1111's syntax): each is loaded once as a peft adapter and switched on at its
+weight for the requests that ask for it, off for the others.
 """
 
 from __future__ import annotations
@@ -393,9 +394,9 @@ class Studio:
         self._seq = itertools.count(1)
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
         self.embeddings: dict[str, list[str]] = {}   # file name -> tokens
-        self._lora_loaded: tuple[str, ...] | None = None
+        self.skipped_embeddings: dict[str, str] = {}  # file name -> why it was not loaded
         self.compile_mode = compile  # full | blocks | None: torch.compile each loaded model once
-        self.pipe = self._load(())
+        self.pipe = self._load()
         self._thread, self.worker = None, None
         if worker_thread:
             self._thread = threading.Thread(target=self.work, name="ldm-serve-worker", daemon=True)
@@ -447,29 +448,36 @@ class Studio:
     def lora_files(self) -> dict[str, Path]:
         return {} if self.lora_dir is None else rq.lora_files(self.lora_dir)
 
-    def _load(self, lora: tuple[str, ...]):
-        """The model with every embedding of the folder and the named LoRA files applied."""
+    def _load(self):
+        """The model with every embedding of the folder (LoRA files are switched per request)."""
         from .pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(self.model_path, device=self.device, **self.load_kwargs)
-        embeddings = {}
-        if self.embeddings_dir is not None:
-            for f in sorted(self.embeddings_dir.iterdir()):
-                if f.suffix not in EMBEDDING_SUFFIXES:
-                    continue
-                try:
-                    embeddings[f.name] = pipe.load_embedding(f)
-                except Exception as exc:  # one bad file must not take the server down
-                    log.warning("embedding %s skipped: %s", f, exc)
-        files = self.lora_files()
-        pipe.apply_adapters(rq.Request(lora=[files[name] for name in lora]))  # loaded and recorded as applied
+        self.embeddings, self.skipped_embeddings = {}, {}
+        self.load_embeddings(pipe)
         if self.compile_mode:  # compiled once here and warmed up, so no request pays the compile time
             t0 = time.perf_counter()
             pipe.compile(regional=self.compile_mode == "blocks")
             pipe.text_to_image("warm-up", steps=2, seed=0)
             log.info("compiled (%s) in %.1f s", self.compile_mode, time.perf_counter() - t0)
-        self.embeddings, self._lora_loaded = embeddings, lora
         return pipe
+
+    def load_embeddings(self, pipe=None) -> None:
+        """Load the embedding files of --embeddings-dir that are not loaded yet (at start, and on A1111's
+        refresh-embeddings; run on the worker): ``embeddings`` file name -> tokens, ``skipped_embeddings``
+        file name -> why not (one bad file must not take the server down)."""
+        pipe = pipe or self.pipe
+        if self.embeddings_dir is None:
+            return
+        for f in sorted(self.embeddings_dir.iterdir()):
+            if f.suffix not in EMBEDDING_SUFFIXES or f.name in self.embeddings:
+                continue
+            try:
+                self.embeddings[f.name] = pipe.load_embedding(f)
+                self.skipped_embeddings.pop(f.name, None)
+            except Exception as exc:
+                log.warning("embedding %s skipped: %s", f, exc)
+                self.skipped_embeddings[f.name] = str(exc)
 
     def models(self) -> dict[str, str]:
         """The models a client may switch among, by name: the one given at start and those of
@@ -496,8 +504,8 @@ class Studio:
         return Path(self.model_path).name
 
     def switch_model(self, name: str) -> str:
-        """Load the model called ``name`` (``models()``) in place of the current one, keeping the LoRA
-        set; run on the worker (``call_on_worker``). Raises BadRequest for an unknown name."""
+        """Load the model called ``name`` (``models()``) in place of the current one; run on the
+        worker (``call_on_worker``). Raises BadRequest for an unknown name."""
         models = self.models()
         if name not in models:
             raise BadRequest("sd_model_checkpoint", f"no model {name!r}; available: {', '.join(models)}")
@@ -506,17 +514,11 @@ class Studio:
             previous = self.model_path
             self.model_path = models[name]
             try:
-                self.pipe = self._load(self._lora_loaded or ())
+                self.pipe = self._load()
             except Exception:
                 self.model_path = previous
                 raise
         return name
-
-    def _pipeline(self, lora: tuple[str, ...]):
-        if lora != self._lora_loaded:
-            log.info("reloading the model with LoRA %s", ", ".join(lora) or "none")
-            self.pipe = self._load(lora)
-        return self.pipe
 
     def info(self) -> dict:
         pipe = self.pipe
@@ -715,7 +717,7 @@ class Studio:
         import torch
 
         r = job.resolved
-        pipe = self._pipeline(tuple(str(x) for x in r.request.lora))
+        pipe = self.pipe
         job.steps = r.steps if job.edit is not None else r.progress_steps() * len(r.iterations())
 
         def step(i, x, x0):
@@ -723,9 +725,10 @@ class Studio:
             if job.cancel.is_set():
                 raise Cancelled()
 
+        # the request's LoRA names as files (an edit resolves its request itself); r.loras has them already
         files_by_name = self.lora_files()
         runnable = dataclasses.replace(r, request=dataclasses.replace(r.request, lora=[
-            files_by_name[str(name)] for name in r.request.lora]))
+            files_by_name.get(str(name)) or files_by_name[f"{name}.safetensors"] for name in r.request.lora]))
         t0 = time.perf_counter()
         extra = {}
         images, files, parameters, seeds = [], [], [], []

@@ -10,7 +10,7 @@ import torch
 
 from ldm.checkpoints import detect, load_single_file, to_single_file
 from ldm.models import ModelError, load_model
-from ldm.tiny import build_checkpoint
+from ldm.tiny import build_checkpoint, random_lora
 from pipelines.cli import main
 from pipelines.pipeline import Pipeline
 
@@ -251,32 +251,6 @@ def test_v_prediction_is_read_from_the_weights():
     assert predicts_v(AsV(m.unet), width, top)
 
 
-def _random_lora(model_dir, out_dir, sdxl: bool):
-    """A LoRA of rank 4 on the U-Net and every text encoder, with non-zero up weights, saved by diffusers."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    m = load_model(model_dir)
-    torch.manual_seed(0)
-    m.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = {"unet_lora_layers": m.unet}
-    for name in ("text_encoder", "text_encoder_2"):
-        enc = getattr(m, name)
-        if enc is not None:
-            enc.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-            layers[f"{name}_lora_layers"] = enc
-    for mod in layers.values():
-        for n, p in mod.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.2)
-    layers = {k: convert_state_dict_to_diffusers(get_peft_model_state_dict(v)) for k, v in layers.items()}
-    (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
-        str(out_dir), safe_serialization=True, **layers)
-    return out_dir / "pytorch_lora_weights.safetensors"
-
-
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_a_lora_exported_to_kohyas_layout_reads_back_to_the_same_image(tiny, tmp_path, kind):
     """Ours -> kohya (lora_unet_..., lora_te[12]_..., alpha): read back here through diffusers' kohya
@@ -287,7 +261,7 @@ def test_a_lora_exported_to_kohyas_layout_reads_back_to_the_same_image(tiny, tmp
     from ldm.checkpoints import is_kohya_lora, lora_to_kohya
 
     d = tiny[kind][0]
-    ours_file = _random_lora(d, tmp_path, sdxl=kind == "sdxl")
+    ours_file = random_lora(d, tmp_path, sdxl=kind == "sdxl")
     kohya = lora_to_kohya(load_file(str(ours_file)), dict(load_model(d).unet.config), sdxl=kind == "sdxl")
     assert is_kohya_lora(kohya) and all(k.startswith(("lora_unet_", "lora_te")) for k in kohya)
     if kind == "sdxl":
@@ -312,7 +286,7 @@ def test_a_lora_exported_to_kohyas_layout_reads_back_to_the_same_image(tiny, tmp
 
 def test_convert_takes_a_lora_both_ways(tiny, tmp_path, capsys):
     d = tiny["sd1"][0]
-    ours = _random_lora(d, tmp_path, sdxl=False)
+    ours = random_lora(d, tmp_path, sdxl=False)
     kohya, back = tmp_path / "k.safetensors", tmp_path / "back.safetensors"
     assert main(["convert", str(ours), str(kohya), "--model", str(d)]) == 0
     assert "kohya layout, for sd1" in capsys.readouterr().out
@@ -327,13 +301,13 @@ def test_convert_takes_a_lora_both_ways(tiny, tmp_path, capsys):
 
 
 def test_a_lora_for_another_architecture_is_refused_naming_both(tiny, tmp_path):
-    xl = _random_lora(tiny["sdxl"][0], tmp_path / "xl", sdxl=True)
+    xl = random_lora(tiny["sdxl"][0], tmp_path / "xl", sdxl=True)
     with pytest.raises(ModelError, match="was made for SDXL, but this model is sd1"):
         Pipeline.from_pretrained(tiny["sd1"][0]).load_lora(xl)
 
 
 def test_an_sd1_lora_on_sdxl_is_one_error_naming_both_and_convert_refuses_it(tiny, tmp_path, capsys):
-    sd1 = _random_lora(tiny["sd1"][0], tmp_path / "sd1", sdxl=False)
+    sd1 = random_lora(tiny["sd1"][0], tmp_path / "sd1", sdxl=False)
     with pytest.raises(ModelError, match=r"does not fit this sdxl model: \d+ of its \d+ layers"):
         Pipeline.from_pretrained(tiny["sdxl"][0]).load_lora(sd1)
     out = tmp_path / "k.safetensors"
@@ -381,7 +355,7 @@ def test_png_parameters_record_the_lora_vae_and_embeddings_used(tiny, tmp_path):
     from pipelines.pngmeta import parse_parameters
 
     d = tiny["sd1"][0]
-    lora = _random_lora(d, tmp_path, sdxl=False)
+    lora = random_lora(d, tmp_path, sdxl=False)
     pipe = Pipeline.from_pretrained(d, vae=d / "vae")
     emb = write_embeddings(tmp_path / "star.safetensors", {"<star>": torch.zeros(1, pipe.model.text_encoder.config.hidden_size)})
     pipe.load_embedding(emb)

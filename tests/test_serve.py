@@ -528,3 +528,56 @@ def test_edit_through_the_api(server):
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "cross_replace"
     bad = post(server, "/api/edit", {"source_prompt": PROMPT, "inner_lr": 0})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "inner_lr"
+
+
+def test_a1111_lora_tags_lists_and_refreshes(tmp_path):
+    """``<lora:NAME:WEIGHT>`` in an A1111 prompt applies --lora-dir's file at that weight (the image the
+    pipeline makes in-process for the same request), switched off for the next request; /sdapi/v1/loras
+    and /embeddings answer in A1111's shapes; refresh-embeddings loads a file added since the start."""
+    import torch
+
+    from ldm.embeddings import write_embeddings
+    from ldm.tiny import random_lora
+    from pipelines.pipeline import Pipeline
+    from pipelines.request import Limits as RequestLimits
+    from pipelines.request import Request
+
+    loras, embeds = tmp_path / "Lora", tmp_path / "embeddings"
+    loras.mkdir()
+    embeds.mkdir()
+    random_lora(default_model_path(), loras, sdxl=False, seed=1, std=0.5, name="ink.safetensors")
+    pipe = Pipeline.from_pretrained(default_model_path())
+    width = pipe.model.text_encoder.config.hidden_size
+    write_embeddings(embeds / "dot.safetensors", {"<dot>": torch.zeros(2, width)})
+    s = Server(tmp_path / "out", Limits(max_side=256, max_batch=4, max_steps=50), lora_dir=loras,
+               embeddings_dir=embeds)
+    try:
+        body = {"prompt": f"{PROMPT} <lora:ink:0.6>", "steps": 4, "seed": 5, "sampler_name": "DDIM", "cfg_scale": 5,
+                "width": 64, "height": 64}
+        tagged = post(s, "/sdapi/v1/txt2img", body, timeout=120)
+        assert tagged.status_code == 200, tagged.text
+        info = json.loads(tagged.json()["info"])
+        assert "Lora hashes: " in info["infotexts"][0] and "<lora:ink:0.6>" in info["infotexts"][0]
+        plain = post(s, "/sdapi/v1/txt2img", {**body, "prompt": PROMPT}, timeout=120).json()
+        expect = {}
+        for prompt in (body["prompt"], PROMPT):
+            r = Request(prompt, steps=4, seed=5, sampler="ddim", guidance=5.0).resolve(
+                pipe.model, RequestLimits(lora_dir=loras))
+            expect[prompt] = np.asarray(pipe.generate(r).images[0].convert("RGB"), dtype=np.int16)
+        assert np.abs(pixels(decode(tagged.json()["images"][0])) - expect[body["prompt"]]).max() <= 1
+        assert np.abs(pixels(decode(plain["images"][0])) - expect[PROMPT]).max() <= 1
+        assert np.abs(expect[body["prompt"]] - expect[PROMPT]).max() > 10  # the LoRA shows
+        bad = post(s, "/sdapi/v1/txt2img", {**body, "prompt": f"{PROMPT} <lora:nope:1>"})
+        assert bad.status_code == 422 and "no LoRA file 'nope'" in bad.text and "available: ink" in bad.text
+        listed = httpx.get(s.url + "/sdapi/v1/loras").json()
+        assert listed == [{"name": "ink", "alias": "ink", "path": "ink.safetensors", "metadata": {}}]
+        got = httpx.get(s.url + "/sdapi/v1/embeddings").json()
+        assert got["loaded"]["<dot>"]["vectors"] == 2 and got["loaded"]["<dot>"]["shape"] == width
+        write_embeddings(embeds / "ring.safetensors", {"<ring>": torch.ones(1, width)})
+        assert "<ring>" not in httpx.get(s.url + "/sdapi/v1/embeddings").json()["loaded"]
+        for path in ("/sdapi/v1/refresh-embeddings", "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-checkpoints"):
+            r = httpx.post(s.url + path, timeout=60)
+            assert r.status_code == 200 and r.json() is None, (path, r.text)
+        assert httpx.get(s.url + "/sdapi/v1/embeddings").json()["loaded"]["<ring>"]["vectors"] == 1
+    finally:
+        s.stop()
