@@ -135,3 +135,30 @@ def test_generate_from_file_applies_each_lines_tags(sd1_dir, loras, tmp_path):
     for f, prompt in ((tagged[0], f"{PROMPT} <lora:ink:0.8>"), (plain, PROMPT)):
         img = (_ours(pipe, prompt, loras, seed=seeds[f]).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
         assert np.abs(read[f].astype(float) - img).max() <= 1
+
+
+def test_sdxl_tag_on_a_kohya_file_gives_diffusers_image(sdxl_dir, tmp_path):
+    """SDXL (both text encoders) with the LoRA in kohya's layout (lora_unet_..., lora_te1_/te2_), by tag."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from ldm.checkpoints import lora_to_kohya
+    from ldm.models import load_model
+
+    made = random_lora(sdxl_dir, tmp_path, sdxl=True, seed=4)
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    save_file(lora_to_kohya(load_file(str(made)), dict(load_model(sdxl_dir).unet.config), sdxl=True),
+              str(folder / "xl_style.safetensors"))
+    pipe = Pipeline.from_pretrained(sdxl_dir)
+    base = _ours(pipe, PROMPT, folder)
+    ours = _ours(pipe, f"{PROMPT}<lora:xl_style:0.6>", folder)
+    ref = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(folder), weight_name="xl_style.safetensors", adapter_name="xl_style")
+    ref.set_adapters(["xl_style"], adapter_weights=[0.6])
+    expect = ref(PROMPT, num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(3)).images
+    assert (ours - base).abs().max() > 1e-2
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - expect).max() <= 2 / 255
+    assert torch.equal(_ours(pipe, PROMPT, folder), base)
