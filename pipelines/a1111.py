@@ -29,7 +29,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ldm.names import A1111_CONTROL_MODES, A1111_RESIZE_MODES, A1111_SAMPLERS, A1111_SCHEDULES, ALIASES, SCHEDULE_SAMPLERS
@@ -53,8 +53,7 @@ INERT = {"styles": [], "restore_faces": False, "tiling": False, "do_not_save_sam
          "seed_resize_from_h": 0, "seed_resize_from_w": 0, "firstphase_width": 0, "firstphase_height": 0,
          "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
          "hr_negative_prompt": "", "sampler_index": None, "refiner_checkpoint": None, "refiner_switch_at": None,
-         "image_cfg_scale": None, "inpainting_fill": None, "inpaint_full_res": None, "inpaint_full_res_padding": None,
-         "initial_noise_multiplier": 1, "resize_mode": 0, "include_init_images": False, "infotext": None,
+         "image_cfg_scale": None, "resize_mode": 0, "include_init_images": False, "infotext": None,
          "disable_extra_networks": False, "comments": None, "force_task_id": None, "latent_mask": None,
          "override_settings_restore_afterwards": True}
 SETTINGS_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
@@ -103,6 +102,10 @@ class Img2ImgPayload(Txt2ImgPayload):
     mask: str | None = None
     mask_blur: int = 4
     inpainting_mask_invert: int = 0
+    inpainting_fill: int = 0             # A1111's API default: fill (its UI's: original)
+    inpaint_full_res: bool = True        # A1111's API default: only the masked region
+    inpaint_full_res_padding: int = 0
+    initial_noise_multiplier: float | None = None
 
 
 # A1111's control and resize modes, by its numbers (the order of the tables) and by its names
@@ -201,15 +204,10 @@ def _images(payload: "Img2ImgPayload", studio, bad_request):
     """The payload's init image and mask, decoded, the mask blurred and inverted as asked, both resized
     to the payload's size when it gives one (A1111's resize_mode 0, "just resize")."""
     image = _image(payload.init_images[0], "init_images", studio)
-    mask = None
-    if payload.mask:
-        mask = _image(payload.mask, "mask", studio, "L")
-        if payload.inpainting_mask_invert:
-            mask = ImageOps.invert(mask)
-        if payload.mask_blur > 0:
-            mask = mask.filter(ImageFilter.GaussianBlur(payload.mask_blur))
+    mask = _image(payload.mask, "mask", studio, "L") if payload.mask else None  # inverted and blurred by the pipeline
     size = (payload.width, payload.height)
-    if "width" in payload.model_fields_set or "height" in payload.model_fields_set:
+    only_masked = mask is not None and payload.inpaint_full_res  # the box is worked at the size; the image keeps its
+    if ("width" in payload.model_fields_set or "height" in payload.model_fields_set) and not only_masked:
         limit = studio.limits.max_side
         if max(size) > limit or min(size) < 1:
             raise bad_request("width", f"{size[0]}x{size[1]}: sides must be from 1 to {limit}")
@@ -243,16 +241,30 @@ def to_request(p: Txt2ImgPayload, kind: str = "txt2img", image=None, mask=None) 
                      hires_strength=0.7 if p.denoising_strength is None else p.denoising_strength,
                      hires_steps=p.hr_second_pass_steps or None)
     strength = None
+    inpainting = {}
     if kind != "txt2img":
         strength = 0.75 if p.denoising_strength is None else p.denoising_strength
+        if p.initial_noise_multiplier is not None:
+            inpainting["noise_multiplier"] = p.initial_noise_multiplier
+    if kind == "inpaint":
+        fills = OPTIONS["inpaint_fill"].choices
+        if isinstance(p.inpainting_fill, int) and 0 <= p.inpainting_fill < len(fills):
+            fill = fills[p.inpainting_fill]
+        else:
+            fill = p.inpainting_fill  # refused by the request's check, named
+        inpainting.update(mask_blur=p.mask_blur, mask_invert=bool(p.inpainting_mask_invert), inpaint_fill=fill,
+                          only_masked=bool(p.inpaint_full_res), only_masked_padding=p.inpaint_full_res_padding)
+
     sampler = p.sampler_name or (p.model_extra or {}).get("sampler_index")  # A1111's older name for it
+    sized = kind == "txt2img" or inpainting.get("only_masked", False)
     return rq.Request(prompt=p.prompt, kind=kind, negative=p.negative_prompt, sampler=sampler,
                       schedule=p.scheduler, steps=p.steps, guidance=p.cfg_scale, seed=None if p.seed == -1 else p.seed,
-                      width=p.width if kind == "txt2img" else None, height=p.height if kind == "txt2img" else None,
+                      # the size made, or with only the masked region worked, the size it is worked at
+                      width=p.width if sized else None, height=p.height if sized else None,
                       batch_size=p.batch_size, n_iter=p.n_iter, subseed=None if p.subseed == -1 else p.subseed,
                       subseed_strength=p.subseed_strength, eta=0.0 if p.eta is None else p.eta,
                       clip_skip=int(o.get("CLIP_stop_at_last_layers", 1)), strength=strength, image=image, mask=mask,
-                      **hires)
+                      **hires, **inpainting)
 
 
 def _eta_for(sampler: str | None, eta: float | None) -> float:

@@ -22,6 +22,7 @@ KINDS = ("txt2img", "img2img", "inpaint")
 KIND_WORDS = {"txt2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting"}
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.8, "inpaint": 1.0}  # a request's strength when it gives none
 HIRES_UPSCALERS = ("latent", "lanczos")
+INPAINT_FILLS = ("fill", "original", "latent-noise", "latent-nothing")  # A1111's inpainting_fill 0-3, in order
 MODEL_DEFAULT = "default: the model's sampling.json, else "
 
 
@@ -46,6 +47,8 @@ class Option:
         passes (None passes where None is the default: "the model's default")."""
         if value is None and self.default is None:
             return None
+        if self.type is bool:
+            return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
         if self.type in (int, float):
             whole = self.type is int
             number = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
@@ -89,14 +92,31 @@ OPTIONS: dict[str, Option] = {
     "subseed": Option(int, None, "variation seed (A1111): image i gets subseed+i"),
     "subseed_strength": Option(float, 0.0, "how far each image's noise moves towards its variation seed's, 0 to 1 "
                                            "(default 0)", low=0, high=1, metavar="F"),
-    "width": Option(int, None, "multiple of 8 (default: the model's native size)", kinds=("txt2img",)),
-    "height": Option(int, None, "multiple of 8 (default: the model's native size)", kinds=("txt2img",)),
+    "width": Option(int, None, "multiple of 8 (default: the model's native size); inpaint: with --only-masked",
+                    kinds=("txt2img", "inpaint")),
+    "height": Option(int, None, "multiple of 8 (default: the model's native size); inpaint: with --only-masked",
+                     kinds=("txt2img", "inpaint")),
     "batch_size": Option(int, 1, "images per prompt, made in one batch (default 1)"),
     "n_iter": Option(int, 1, "batches per prompt, one after another (A1111's batch count; default 1)", low=1,
                      metavar="N"),
     "strength": Option(float, None, "how far to noise the image, in (0, 1] (default 0.8 for img2img, 1 for "
                                     "inpaint)", low=0, high=1, open_low=True, a1111="denoising_strength",
                        kinds=("img2img", "inpaint")),
+    "noise_multiplier": Option(float, 1.0, "scale of the starting noise (A1111's initial_noise_multiplier; default 1)",
+                               low=0, high=2, a1111="initial_noise_multiplier", metavar="F", kinds=("img2img", "inpaint")),
+    "mask_blur": Option(int, 4, "blur the mask by a Gaussian of N px and paste the original back outside it, so that "
+                                "unmasked pixels are the input's (default 4, A1111's)", low=0, high=64,
+                        a1111="mask_blur", metavar="N", kinds=("inpaint",)),
+    "mask_invert": Option(bool, False, "repaint where the mask is black instead", a1111="inpainting_mask_invert",
+                          kinds=("inpaint",)),
+    "inpaint_fill": Option(str, "original", "what the masked region starts from: original, fill (the colours around "
+                                            "it), latent-noise, latent-nothing (A1111's masked content)",
+                           choices=INPAINT_FILLS, a1111="inpainting_fill", kinds=("inpaint",)),
+    "only_masked": Option(bool, False, "work on the mask's box (plus --only-masked-padding) at --width x --height "
+                                       "(default: the model's native size) and paste it back (A1111's 'Only masked')",
+                          a1111="inpaint_full_res", kinds=("inpaint",)),
+    "only_masked_padding": Option(int, 32, "px around the mask's box with --only-masked (default 32)", low=0,
+                                  high=4096, a1111="inpaint_full_res_padding", metavar="PX", kinds=("inpaint",)),
     "hires_scale": Option(float, None, "hires fix: generate, upscale by S (e.g. 2), then image-to-image at the larger "
                                        "size", low=1, high=8, a1111="hr_scale", metavar="S", kinds=("txt2img",)),
     "hires_strength": Option(float, 0.7, "the hires pass's denoising strength (default 0.7, A1111's)", low=0, high=1,
@@ -223,6 +243,9 @@ def add_flags(parser: argparse.ArgumentParser, names, defaults: dict | None = No
     for name in names:
         o = OPTIONS[name]
         kwargs = dict(default=(defaults or {}).get(name, o.default), help=(helps or {}).get(name, o.help))
+        if o.type is bool:
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
         if o.choices is not None:
             kwargs["choices"] = list(o.choices)
         if o.type is not str or o.choices is None:

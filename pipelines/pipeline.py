@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ldm import autoencoder
 from ldm.clip_guidance import clip_guided
@@ -535,6 +535,7 @@ class Pipeline:
                                       "Hires steps": st.get("hires_steps"), "Hires upscaler": upscaler,
                                       "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start"),
                                       **{k: v for k, v in st.items() if k.startswith("ControlNet ")},
+                                      **st.get("a1111", {}),
                                       **self.adapter_parameters(f"{p} {n}")})
                 for k, (p, n, s) in enumerate(zip(res.prompts, res.negative_prompts, res.seeds))]
 
@@ -704,7 +705,8 @@ class Pipeline:
             return z0.clone()
         clock = {"step": 0}
         denoise = self.denoiser(r, self.extra_inputs(len(r.prompts), r.width, r.height), clock, r.run_steps)
-        x = q_sample(z0, self.prepare_noise(z0, r, gens), sched_steps.alpha_bars[0])
+        noise = self.prepare_noise(z0, r, gens) * (r.request.noise_multiplier if r.kind != "txt2img" else 1.0)
+        x = q_sample(z0, noise, sched_steps.alpha_bars[0])
         return self.sample(denoise, x, sched_steps, r, gens, callback, clock)
 
     def _hires(self, z: torch.Tensor, r: Resolved, callback) -> Result:
@@ -732,17 +734,50 @@ class Pipeline:
         return res
 
     def _inpaint(self, r: Resolved, gens, callback) -> Result:
+        """Inpainting as A1111 does it (ldm.inpaint): the mask inverted and blurred as asked; with
+        only_masked the mask's box (plus padding, at the working size's aspect ratio) cut out and worked
+        at r.width x r.height; the masked region started from the original, its surroundings' colours,
+        noise or nothing; the latents' mask rounded; the known region's latents kept clean at every step
+        (an ordinary checkpoint) or given as the 9-channel input (an inpainting one); and the result
+        laid over the original by the blurred mask (doubled where the whole image was worked), so
+        that pixels outside it are the input's exactly."""
+        from ldm import inpaint
+
+        q = r.request
         n = len(r.prompts)
         sched_steps = self._strength_steps(r)
-        image = r.request.image
-        img_t = to_tensor(image) if isinstance(image, Image.Image) else image
-        mask_t = self._mask_tensor(r.request.mask)
+        original = q.image if isinstance(q.image, Image.Image) else to_pil(q.image.clamp(-1, 1) / 2 + 0.5)[0]
+        mask = q.mask if isinstance(q.mask, Image.Image) else to_pil(self._mask_tensor(q.mask).expand(-1, 3, -1, -1))[0]
+        mask = mask.convert("L")
+        if q.mask_invert:
+            mask = ImageOps.invert(mask)
+        mask = inpaint.blur_mask(mask, q.mask_blur)
+        region = inpaint.crop_region(mask, q.only_masked_padding, r.width, r.height) if q.only_masked else None
+        if region is not None:  # the box, worked at the working size
+            work = original.convert("RGB").crop(region).resize((r.width, r.height), Image.LANCZOS)
+            work_mask = mask.crop(region).resize((r.width, r.height), Image.LANCZOS)
+            over = mask
+        else:
+            if q.only_masked:  # an empty mask: nothing to repaint, worked whole at its own size
+                log.info("only_masked: the mask is empty; the whole image is worked")
+            work, work_mask = original.convert("RGB"), mask
+            over = mask.point(lambda v: min(255, 2 * v))  # A1111's overlay when the whole image is worked
+        if q.inpaint_fill != "original":
+            work = inpaint.fill_masked(work, work_mask)
+        img_t = to_tensor(work)
         z0 = self.encode_image(img_t).expand(n, -1, -1, -1)
         lat_hw = z0.shape[-2:]
+        repaint = inpaint.latent_mask(work_mask, *lat_hw).to(z0)  # (1, 1, h, w), 1 = repaint
+        keep = 1 - repaint
         noise = self.prepare_noise(z0, r, gens)
+        if q.inpaint_fill == "latent-noise":
+            z0 = z0 * keep + noise * repaint
+        elif q.inpaint_fill == "latent-nothing":
+            z0 = z0 * keep
+        noise = noise * q.noise_multiplier
         concat = None
         if self.model.is_inpainting:
-            binary = (mask_t >= 0.5).float()
+            binary = (to_tensor(work_mask.convert("RGB"))[:, :1] >= 0).float()  # white (>= 0.5) = repaint
             masked = autoencoder.encode(self.model.vae, (img_t * (1 - binary)).to(self.model.device))
             m_lat = F.interpolate(binary, size=lat_hw)  # nearest, as the inpainting models were trained
             concat = torch.cat([m_lat.to(masked), masked], dim=1).expand(n, -1, -1, -1)
@@ -752,12 +787,27 @@ class Pipeline:
         # below it the image noised to the first level
         x = noise.clone() if r.run_steps == r.steps else q_sample(z0, noise, sched_steps.alpha_bars[0])
         if not self.model.is_inpainting:
-            keep = 1 - F.interpolate(mask_t, size=lat_hw, mode="area").to(z0)  # (1, 1, h, w), 1 = keep
             denoise = blend_known(denoise, z0, keep, noise)
         x = self.sample(denoise, x, sched_steps, r, gens, callback, clock)
         if not self.model.is_inpainting:
-            x = keep * z0 + (1 - keep) * x  # the kept region is the image's own latents, clean
-        return self.decode_latents(x, r)
+            x = keep * z0 + repaint * x  # the kept region is the image's own latents, clean
+        res = self.decode_latents(x, r)
+        return dataclasses.replace(res, pixels=self._overlay(res.pixels, original, over, region))
+
+    @staticmethod
+    def _overlay(pixels: torch.Tensor, original: Image.Image, mask: Image.Image, region) -> torch.Tensor:
+        """The generated ``pixels`` (N, 3, h, w) in [0, 1], resized into ``region`` of the original when
+        given, laid over the original by ``mask`` (L, the original's size): the original where it is 0."""
+        base = (to_tensor(original.convert("RGB")) / 2 + 0.5).to(pixels)
+        m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None].to(pixels)
+        gen = pixels
+        if region is not None:
+            x1, y1, x2, y2 = region
+            inner = F.interpolate(pixels, size=(y2 - y1, x2 - x1), mode="bicubic", antialias=True,
+                                  align_corners=False).clamp(0, 1)
+            gen = base.expand(pixels.shape[0], -1, -1, -1).clone()
+            gen[:, :, y1:y2, x1:x2] = inner
+        return gen * m + base * (1 - m)
 
     @staticmethod
     def _mask_tensor(mask) -> torch.Tensor:

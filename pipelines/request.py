@@ -113,6 +113,12 @@ class Request:
     n_iter: int = OPTIONS["n_iter"].default                 # batches run one after another (A1111's batch count)
     subseed: int | None = OPTIONS["subseed"].default        # variation seed (A1111): the noise is slerped towards
     subseed_strength: float = OPTIONS["subseed_strength"].default  # ... this seed's by this fraction, 0 to 1
+    noise_multiplier: float = OPTIONS["noise_multiplier"].default  # img2img / inpaint: the starting noise's scale
+    mask_blur: int = OPTIONS["mask_blur"].default            # inpaint (A1111's way, ldm.inpaint): the mask's blur, px
+    mask_invert: bool = OPTIONS["mask_invert"].default       # ... repaint where the mask is black
+    inpaint_fill: str = OPTIONS["inpaint_fill"].default      # ... what the masked region starts from
+    only_masked: bool = OPTIONS["only_masked"].default       # ... work on the mask's box only, at width x height
+    only_masked_padding: int = OPTIONS["only_masked_padding"].default  # ... grown by this many px
     hires_scale: float | None = OPTIONS["hires_scale"].default  # hires fix: generate, upscale by this factor, img2img
     hires_strength: float = OPTIONS["hires_strength"].default   # ... at this strength (A1111's default)
     hires_steps: int | None = OPTIONS["hires_steps"].default    # ... with this many steps (default: steps)
@@ -174,6 +180,10 @@ class Request:
             if self.kind not in option.kinds and name not in ("width", "height", "strength") and \
                     getattr(self, name) != option.default:
                 add((name, f"applies to {' and '.join(KIND_WORDS[k] for k in option.kinds)}"))
+        if self.kind == "inpaint" and not self.only_masked:
+            for name in ("width", "height"):
+                if getattr(self, name) is not None:
+                    add((name, "inpainting keeps the image's size; a working size applies with only_masked"))
         if self.hires_scale is not None:
             if self.hires_steps is not None and lim.max_steps is not None and isinstance(self.hires_steps, int) \
                     and self.hires_steps > lim.max_steps:
@@ -208,7 +218,8 @@ class Request:
                 add(("image", "required for " + self.kind))
             else:
                 w, h = _image_size(self.image)
-                if w % factor or h % factor:
+                worked_whole = not (self.kind == "inpaint" and self.only_masked)  # else its box is resized
+                if worked_whole and (w % factor or h % factor):
                     add(("image", f"is {w}x{h}; both sides must be multiples of {factor}"))
                 elif max(w, h) > lim.max_side:
                     add(("image", f"is {w}x{h}; sides must be at most {lim.max_side}"))
@@ -330,6 +341,8 @@ class Request:
                 if max(hw, hh) > (limits or Limits()).max_side:
                     problems.append(("hires_scale", f"makes {hw}x{hh}, past the {(limits or Limits()).max_side} "
                                                     "pixel limit"))
+        elif self.kind == "inpaint" and self.only_masked:  # the mask's box is worked at this size
+            width, height = self.width or model.native_size, self.height or model.native_size
         else:
             width, height = _image_size(self.image)
         levels = len(model.unet.config.block_out_channels) if self.cache_interval > 1 else 0
@@ -409,6 +422,16 @@ class Resolved:
                      hires_steps=q.hires_steps)
         if self.strength is not None:
             s["strength"] = self.strength
+        extra = {}  # recorded under A1111's own names
+        if q.kind == "inpaint":
+            extra = {"Mask blur": q.mask_blur, "Masked content": q.inpaint_fill.replace("-", " "),
+                     "Mask mode": "Inpaint not masked" if q.mask_invert else None,
+                     "Inpaint area": "Only masked" if q.only_masked else None,
+                     "Masked area padding": q.only_masked_padding if q.only_masked else None}
+        if q.kind != "txt2img" and q.noise_multiplier != 1:
+            extra["Noise multiplier"] = q.noise_multiplier
+        if any(v is not None for v in extra.values()):
+            s["a1111"] = {k: v for k, v in extra.items() if v is not None}
         for i, u in enumerate(q.controls):  # as A1111's ControlNet extension writes its units
             model = u.get("model")
             name = Path(model).name if isinstance(model, (str, Path)) else type(model).__name__

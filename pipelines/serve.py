@@ -260,8 +260,10 @@ Txt2Img = create_model("Txt2Img", __config__=_STRICT, __doc__="The parameters of
                        prompt=(str, ...), **_body_fields(options_for("txt2img", "http")), lora=_LORA,
                        controls=_CONTROLS)
 Img2Img = create_model("Img2Img", __config__=_STRICT, __doc__="``ldm img2img``: the image as base64 (a "
-                       "``data:image/...;base64,`` prefix is accepted).",
-                       prompt=(str, ...), image=(str, ...), **_body_fields(options_for("img2img", "http")),
+                       "``data:image/...;base64,`` prefix is accepted); with a ``mask`` (white = repaint), ``ldm "
+                       "inpaint`` and its options.",
+                       prompt=(str, ...), image=(str, ...), mask=(str | None, None),
+                       **_body_fields(dict.fromkeys(options_for("img2img", "http") + options_for("inpaint", "http"))),
                        lora=_LORA, controls=_CONTROLS)
 EditBody = create_model(
     "EditBody", __config__=_STRICT, __doc__="``ldm edit``'s parameters under the same names: a source and a target "
@@ -335,13 +337,13 @@ def is_adapter(path: Path) -> bool:
         return False
 
 
-def to_request(kind: str, body: BaseModel, image=None, units: tuple | None = None) -> rq.Request:
+def to_request(kind: str, body: BaseModel, image=None, units: tuple | None = None, mask=None) -> rq.Request:
     """The API's JSON body as the one generation request every front end builds: its fields are the
     request's, under the same names (``units``: read_controls' ControlNet and T2I-Adapter units, their files
     and images resolved)."""
     controls, adapters = units or ([], [])
-    return rq.Request(kind=kind, image=image, controls=controls, adapters=adapters,
-                      **body.model_dump(exclude={"image", "controls"}))
+    return rq.Request(kind=kind, image=image, mask=mask, controls=controls, adapters=adapters,
+                      **body.model_dump(exclude={"image", "mask", "controls"}))
 
 
 class Job:
@@ -533,6 +535,9 @@ class Studio:
                 "embeddings": [{"file": f, "tokens": t} for f, t in self.embeddings.items()],
                 "lora": list(self.lora_files()),
                 "controlnets": list(self.controlnets()),
+                "inpaint": {n: {"default": OPTIONS[n].default, "choices": OPTIONS[n].choices}  # the studio's fields
+                            for n in options_for("inpaint", "http") if "inpaint" in OPTIONS[n].kinds
+                            and "img2img" not in OPTIONS[n].kinds and n not in ("width", "height")},
                 "limits": asdict(self.limits)}
 
     # checks -------------------------------------------------------------------------------------
@@ -926,10 +931,12 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
     async def img2img(req: Img2Img, request: Request):
         try:
             image = await run_in_threadpool(studio.read_image, req.image)  # decoding never blocks the server
+            mask = None if req.mask is None else (await run_in_threadpool(studio.read_image, req.mask, "mask")).convert("L")
             units = await run_in_threadpool(studio.read_controls, req.controls) if req.controls else None
         except BadRequest as exc:
             return _error(422, [(exc.field, exc.message)])
-        return await execute(studio, to_request("img2img", req, image, units), request)
+        return await execute(studio, to_request("inpaint" if mask is not None else "img2img", req, image, units,
+                                                mask), request)
 
     return app
 

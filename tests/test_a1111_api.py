@@ -101,10 +101,17 @@ def test_img2img_and_inpainting(api, pipe):
     mask.paste(255, (16, 16, 48, 48))
     m = api.img2img(images=[base], mask_image=mask, mask_blur=0, prompt="a green star", denoising_strength=1.0, seed=2,
                     steps=8, width=64, height=64, sampler_name="Euler")
-    corner = np.asarray(m.image.convert("RGB"))[:8, :8].astype(int) - np.asarray(base)[:8, :8].astype(int)
-    # outside the mask the image stays, through the VAE round trip (whose decoder's outermost pixels
-    # are its least exact: the single worst value there is 48 with the embedded VAE)
-    assert np.abs(corner).mean() <= 12 and np.percentile(np.abs(corner), 95) <= 40
+    out, src, inside = np.asarray(m.image.convert("RGB")), np.asarray(base), np.asarray(mask) == 255
+    assert np.array_equal(out[~inside], src[~inside])  # outside the mask: the input's pixels, as A1111 pastes them
+    assert np.abs(out[inside].astype(int) - src[inside]).mean() > 5
+    # A1111's inpainting settings, as webuiapi sends them, give the pipeline's own image for the same settings
+    r = api.img2img(images=[base], mask_image=mask, mask_blur=3, inpainting_fill=2, inpaint_full_res=False,
+                    inpainting_mask_invert=1, initial_noise_multiplier=0.9, prompt="a green star", seed=2, steps=8,
+                    denoising_strength=0.9, width=64, height=64, sampler_name="Euler")
+    ours = pipe.inpaint("a green star", base, mask, mask_blur=3, inpaint_fill="latent-noise", mask_invert=True,
+                        noise_multiplier=0.9, strength=0.9, seed=2, steps=8, sampler="euler", guidance_scale=7.0)
+    assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(ours.images[0]))
+    assert "Masked content: latent noise" in r.info["infotexts"][0] and "Noise multiplier: 0.9" in r.info["infotexts"][0]
 
 
 def test_bad_values_are_422_naming_a1111s_field(api):
@@ -142,11 +149,12 @@ def test_progress_and_interrupt(api):
     deadline = time.time() + 60
     while True:
         p = api.get_progress()
-        if p["state"]["sampling_step"] > 0:
+        # (the job before may still be current a moment, loading its model back after override_settings)
+        if p["state"]["sampling_step"] > 0 and p["state"]["sampling_steps"] == 180:
             break
         assert time.time() < deadline
         time.sleep(0.05)
-    assert p["state"]["sampling_steps"] == 180 and 0 < p["progress"] < 1
+    assert 0 < p["progress"] < 1
     api.interrupt()
     t.join(60)
     assert not t.is_alive() and done["r"].images == []

@@ -21,7 +21,7 @@ def test_every_option_is_a_flag_of_its_commands_with_its_default_and_help(kind, 
     for name, o in OPTIONS.items():
         if o.cli and kind in o.kinds:
             a = flags[name]
-            assert a.option_strings == [flag(name)] and a.help
+            assert a.option_strings == [flag(name)] + ([f"--no-{flag(name)[2:]}"] if o.type is bool else []) and a.help
             if name != "strength":  # img2img / inpaint say their own default strength
                 assert a.default == o.default and o.help == a.help, name
         else:
@@ -31,9 +31,9 @@ def test_every_option_is_a_flag_of_its_commands_with_its_default_and_help(kind, 
 def test_the_http_bodies_hold_the_options_that_are_http_ones():
     from pipelines.serve import EditBody, Img2Img, Txt2Img
 
-    for model, kind in ((Txt2Img, "txt2img"), (Img2Img, "img2img")):
-        fields = set(model.model_fields) - {"prompt", "image", "lora", "controls"}
-        assert fields == set(options_for(kind, "http")), model
+    for model, kinds in ((Txt2Img, ("txt2img",)), (Img2Img, ("img2img", "inpaint"))):
+        fields = set(model.model_fields) - {"prompt", "image", "mask", "lora", "controls"}
+        assert fields == {n for kind in kinds for n in options_for(kind, "http")}, model
         for name in fields:
             assert model.model_fields[name].default == OPTIONS[name].default
     assert "clip_model" not in EditBody.model_fields  # a server path is never a client's to give

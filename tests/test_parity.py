@@ -43,8 +43,9 @@ def test_text_to_image_matches_diffusers(pipes, kind, sampler, rescale):
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_inpainting_matches_diffusers(sd1_dir, inpaint_dir, kind, strength, monkeypatch):
     """An ordinary checkpoint (the kept region blended back at every step) and a 9-channel one, against
-    diffusers' StableDiffusionInpaintPipeline; a mask on the 8-pixel latent cells. Its VAE encodes to
-    the posterior mean, as ours does for editing (diffusers would sample)."""
+    diffusers' StableDiffusionInpaintPipeline with the original laid back over the result by diffusers'
+    own apply_overlay (as A1111 does; ours at mask_blur 0); a mask on the 8-pixel latent cells. Its VAE
+    encodes to the posterior mean, as ours does for editing (diffusers would sample)."""
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from PIL import Image
@@ -60,10 +61,12 @@ def test_inpainting_matches_diffusers(sd1_dir, inpaint_dir, kind, strength, monk
     mask[8:40, 16:56] = 255
     expect = ref("a red circle", image=image, mask_image=Image.fromarray(mask), strength=strength,
                  negative_prompt="a square", num_inference_steps=8, guidance_scale=6.0, height=64, width=64,
-                 generator=[torch.Generator().manual_seed(3)], output_type="np").images
+                 generator=[torch.Generator().manual_seed(3)], output_type="pil").images[0]
+    expect = np.asarray(ref.image_processor.apply_overlay(Image.fromarray(mask), image, expect), np.float32) / 255
     got = ours.inpaint("a red circle", image, Image.fromarray(mask), strength=strength, negative_prompt="a square",
-                       steps=8, guidance_scale=6.0, seed=3).pixels.permute(0, 2, 3, 1).numpy()
+                       steps=8, guidance_scale=6.0, seed=3, mask_blur=0).pixels[0].permute(1, 2, 0).numpy()
     assert np.abs(got - expect).max() <= 2 / 255
+    assert np.array_equal(np.round(got * 255)[mask == 0], np.asarray(image)[mask == 0])  # the input's, exactly
 
 
 @pytest.mark.parametrize("kind,sampler,schedule", [

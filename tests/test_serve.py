@@ -581,3 +581,32 @@ def test_a1111_lora_tags_lists_and_refreshes(tmp_path):
         assert httpx.get(s.url + "/sdapi/v1/embeddings").json()["loaded"]["<ring>"]["vectors"] == 1
     finally:
         s.stop()
+
+
+def test_api_img2img_with_a_mask_inpaints_as_the_pipeline(server):
+    """/api/img2img with a ``mask`` is ldm inpaint, its A1111 options included: the pipeline's image for the
+    same request, and the input's pixels outside the blurred mask."""
+    from ldm.inpaint import blur_mask
+    from pipelines.pipeline import Pipeline
+
+    image = Image.fromarray((np.random.default_rng(5).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    body = {"prompt": PROMPT, "image": b64(image), "mask": b64(mask), "steps": 5, "seed": 3, "mask_blur": 2,
+            "inpaint_fill": "fill", "strength": 0.9}
+    r = post(server, "/api/img2img", body, timeout=120)
+    assert r.status_code == 200, r.text
+    got = pixels(decode(r.json()["images"][0]))
+    pipe = Pipeline.from_pretrained(default_model_path())
+    expect = pipe.inpaint(PROMPT, image, mask, steps=5, seed=3, mask_blur=2, inpaint_fill="fill", strength=0.9)
+    assert np.abs(got - pixels(expect.images[0])).max() <= 1
+    outside = np.asarray(blur_mask(mask, 2)) == 0
+    assert np.array_equal(got[outside], pixels(image)[outside])
+    bad = post(server, "/api/img2img", {**body, "mask": None, "inpaint_fill": "fill"})
+    assert bad.status_code == 422 and "inpaint_fill" in bad.text and "applies to inpainting" in bad.text
