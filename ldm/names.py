@@ -7,12 +7,12 @@ Plain data with no torch import, so that the command line can list and check the
 from __future__ import annotations
 
 # our sampler names, in the order they are listed; A1111's names ("label" in its /sdapi/v1/samplers)
-A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun",
+A1111_SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun",
                   "dpm2": "DPM2", "lms": "LMS", "dpmpp-2m": "DPM++ 2M", "dpmpp-2m-sde": "DPM++ 2M SDE",
                   "dpmpp-sde": "DPM++ SDE", "unipc": "UniPC", "lcm": "LCM"}
 SAMPLER_NAMES = tuple(A1111_SAMPLERS)
 # the samplers that take a sigma schedule (all but those with a grid of their own)
-SCHEDULE_SAMPLERS = tuple(n for n in SAMPLER_NAMES if n not in ("ddim", "ddpm", "lcm"))
+SCHEDULE_SAMPLERS = tuple(n for n in SAMPLER_NAMES if n not in ("ddim", "plms", "ddpm", "lcm"))
 # noise schedules over sigma (A1111's "Schedule type"); "default" is the spacing of the model's config
 SCHEDULES = ("default", "karras", "exponential", "sgm-uniform")
 # ControlNet units (ldm.control): each control mode and resize mode with its name in A1111's ControlNet

@@ -92,6 +92,33 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, eta: float 
                  callback)
 
 
+def sample_plms(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, callback: Callback = None) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, pseudo linear multi-step), as diffusers' PNDMScheduler runs it with
+    skip_prk_steps (Stable Diffusion's): every step is a DDIM (eta 0) step taken with a combined noise
+    estimate. The first combines the estimate at the start with the one at the end of a trial step
+    (their mean: one extra network evaluation); later ones the last 2, 3, then 4 estimates of the steps'
+    starts with the Adams-Bashforth weights (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24. The
+    estimates combined are noise estimates, as A1111's (CompVis's) PLMS combines them; on a
+    v-prediction model diffusers' PNDM combines the v outputs instead, so the two differ there."""
+    weights = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+    history: list[torch.Tensor] = []  # the noise estimates at each step's start, newest last
+    n = len(steps)
+    for i, t in enumerate(steps.timesteps):
+        ab_t, ab_s = steps.alpha_bars[i], steps.alpha_bars[i + 1]
+        x0 = denoise(x, t, ab_t)
+        history = (history + [eps_from_x0(x, x0, ab_t)])[-4:]
+        if i == 0 and n > 1:  # the trial step to the next level, and the estimate there
+            trial = ddim_step(x, x0, ab_t, ab_s)
+            eps = (history[0] + eps_from_x0(trial, denoise(trial, steps.timesteps[1], ab_s), ab_s)) / 2
+        else:
+            eps = sum(w * e for w, e in zip(weights[len(history)], reversed(history)))
+        x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+        x = ddim_step(x, x0, ab_t, ab_s)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
 def sample_ddpm(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, generator: Generators = None,
                 callback: Callback = None) -> torch.Tensor:
     """DDPM ancestral sampling: draw x_s from the posterior q(x_s | x_t, x0_hat) (DDPM eq. 6-7),
@@ -397,6 +424,7 @@ class Sampler:
 _K = dict(integer=False, final="zero")
 SAMPLERS = {
     "ddim": Sampler(sample_ddim, dict(integer=True, final="config"), takes_eta=True),
+    "plms": Sampler(sample_plms, dict(integer=True, final="config")),
     "ddpm": Sampler(sample_ddpm, dict(integer=True, final="zero"), stochastic=True),
     "euler": Sampler(sample_euler, _K),
     "euler-a": Sampler(sample_euler_ancestral, _K, takes_eta=True, stochastic=True),
@@ -415,7 +443,7 @@ SAMPLERS = {
 # the diffusers scheduler each sampler matches (and the config it needs); dpmpp-sde's,
 # DPMSolverSDEScheduler, draws its noise from torchsde's Brownian tree, which this project does not use
 DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}), "ddpm": ("DDPMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}), "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
     "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),

@@ -11,6 +11,8 @@ work unchanged: the same routes under ``/sdapi/v1``, payload names and answers.
     POST /sdapi/v1/png-info    the parameters an image carries
     POST /sdapi/v1/interrupt   stop the running job (its request answers with what it had: no images)
     GET  /sdapi/v1/scripts     no scripts (clients ask before they send)
+    GET  /sdapi/v1/loras, /embeddings, /upscalers, /latent-upscale-modes, /memory, /cmd-flags, and empty
+         /prompt-styles, /face-restorers, /hypernetworks; POST /sdapi/v1/refresh-loras, -checkpoints, -embeddings
 
 Requests go through the same :class:`pipelines.request.Request`, limits and queue as ``/api``. Fields
 A1111 accepts that do not apply here (styles, restore_faces, scripts, ...) are ignored with a warning
@@ -235,8 +237,13 @@ def to_request(p: Txt2ImgPayload, kind: str = "txt2img", image=None, mask=None) 
     hires = {}
     if kind == "txt2img" and p.enable_hr:
         scale = p.hr_scale
-        if p.hr_resize_x or p.hr_resize_y:  # a target size instead of a scale
-            scale = max(p.hr_resize_x / p.width, p.hr_resize_y / p.height)
+        if p.hr_resize_x or p.hr_resize_y:  # a target size instead of a scale (0: from the other side)
+            bad = [(n, f"must be 0 (from the other side) or a size from the first pass's {side} px up, got {v}")
+                   for n, v, side in (("hr_resize_x", p.hr_resize_x, p.width), ("hr_resize_y", p.hr_resize_y, p.height))
+                   if v < 0 or 0 < v < side]
+            if bad:
+                raise rq.RequestError(bad)
+            scale = max(p.hr_resize_x / max(p.width, 1), p.hr_resize_y / max(p.height, 1))
         hires = dict(hires_scale=scale, hires_upscaler=_upscaler(p.hr_upscaler),
                      hires_strength=0.7 if p.denoising_strength is None else p.denoising_strength,
                      hires_steps=p.hr_second_pass_steps or None)
@@ -321,7 +328,10 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         o = payload.override_settings or {}
         model = o.get("sd_model_checkpoint")  # the job's own model, switched and restored on the worker
         restore = (payload.model_extra or {}).get("override_settings_restore_afterwards", True)
-        req = to_request(payload, kind, image, mask)
+        try:
+            req = to_request(payload, kind, image, mask)
+        except rq.RequestError as exc:
+            return _error(422, exc.problems)
         units = controlnet_args(payload)
         if units:
             try:
@@ -533,6 +543,42 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     @app.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints():
         return None  # --models-dir is read at each request: nothing is cached to refresh
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():  # the image upscalers of the hires fix (A1111's list holds "None" first)
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for n in ("None", "Lanczos")]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():  # any "Latent ..." name upscales the latents bilinearly here
+        return [{"name": "Latent"}]
+
+    @app.get("/sdapi/v1/memory")
+    async def memory():
+        import psutil
+        import torch
+
+        vm = psutil.virtual_memory()
+        out = {"ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}}
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            out["cuda"] = {"system": {"free": free, "used": total - free, "total": total},
+                           "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+                           "reserved": {"current": torch.cuda.memory_reserved(),
+                                        "peak": torch.cuda.max_memory_reserved()}}
+        else:
+            out["cuda"] = {"error": "no CUDA device"}
+        return out
+
+    @app.get("/sdapi/v1/cmd-flags")
+    async def cmd_flags():  # what a client may read of how the server runs (no paths)
+        return {"api": True, "nowebui": False, "listen": False, "device": str(studio.device or "auto"),
+                "lora_dir": studio.lora_dir is not None, "embeddings_dir": studio.embeddings_dir is not None,
+                "max_side": studio.limits.max_side, "max_batch": studio.limits.max_batch}
+
+    # lists of features this project does not have, answered empty so that clients reading them at start go on
+    for route in ("prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models"):
+        app.add_api_route(f"/sdapi/v1/{route}", lambda: [], methods=["GET"], name=route)
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():

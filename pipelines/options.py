@@ -119,8 +119,9 @@ OPTIONS: dict[str, Option] = {
                                   high=4096, a1111="inpaint_full_res_padding", metavar="PX", kinds=("inpaint",)),
     "hires_scale": Option(float, None, "hires fix: generate, upscale by S (e.g. 2), then image-to-image at the larger "
                                        "size", low=1, high=8, a1111="hr_scale", metavar="S", kinds=("txt2img",)),
-    "hires_strength": Option(float, 0.7, "the hires pass's denoising strength (default 0.7, A1111's)", low=0, high=1,
-                             open_low=True, a1111="denoising_strength", metavar="F", kinds=("txt2img",)),
+    "hires_strength": Option(float, 0.7, "the hires pass's denoising strength (default 0.7, A1111's; 0: the upscaled "
+                                         "image, no second pass)", low=0, high=1, a1111="denoising_strength",
+                             metavar="F", kinds=("txt2img",)),
     "hires_steps": Option(int, None, "the hires pass's steps (default: --steps)", low=1, a1111="hr_second_pass_steps",
                           metavar="N", kinds=("txt2img",)),
     "hires_upscaler": Option(str, "latent", "upscale the latents (bilinear) or the decoded image (Lanczos); default "

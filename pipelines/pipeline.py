@@ -715,15 +715,24 @@ class Pipeline:
         over hires_steps, noise drawn again from each image's seed. The progress callback counts on."""
         q, f = r.request, self.model.vae_factor
         width, height = hires_size(r.width, q.hires_scale, f), hires_size(r.height, q.hires_scale, f)
+        steps = q.hires_steps or r.steps
+        second = dataclasses.replace(r, width=width, height=height, steps=steps, strength=q.hires_strength,
+                                     run_steps=strength_steps(steps, q.hires_strength), subseeds=None)
         if q.hires_upscaler == "latent":
             z = F.interpolate(z, size=(height // f, width // f), mode="bilinear", align_corners=False)
         else:
             pixels = autoencoder.decode(self.model.vae, z, self._slice(z.shape[0]))
             big = [im.resize((width, height), Image.LANCZOS) for im in to_pil(pixels)]
+            if q.hires_strength == 0:  # the upscaled images themselves: no second pass, no second VAE trip
+                res = Result(torch.stack([to_tensor(im)[0] / 2 + 0.5 for im in big]), z, list(r.seeds),
+                             list(r.prompts), list(r.negatives), second.settings())
+                res.settings.update(r.settings(), width=r.width, height=r.height)
+                return res
             z = torch.cat([self.encode_image(im) for im in big])
-        steps = q.hires_steps or r.steps
-        second = dataclasses.replace(r, width=width, height=height, steps=steps, strength=q.hires_strength,
-                                     run_steps=strength_steps(steps, q.hires_strength), subseeds=None)
+        if q.hires_strength == 0:  # the upscaled latents decoded: no second pass
+            res = self.decode_latents(z, second)
+            res.settings.update(r.settings(), width=r.width, height=r.height)
+            return res
 
         def later(i, xi, x0):
             if callback is not None:

@@ -5,6 +5,7 @@ infotexts)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -158,3 +159,34 @@ def test_progress_and_interrupt(api):
     api.interrupt()
     t.join(60)
     assert not t.is_alive() and done["r"].images == []
+
+
+def test_hires_strength_zero_and_hr_resize_values(api, pipe):
+    """A1111's own test sends enable_hr with denoising_strength 0: the upscaled image, no second pass; a
+    resize target below the first pass or negative is a 422 naming it, never a 500."""
+    r = api.txt2img(prompt=PROMPT, seed=3, steps=4, width=64, height=64, enable_hr=True, hr_scale=2,
+                    hr_upscaler="Lanczos", denoising_strength=0, sampler_name="Euler")
+    first = pipe.text_to_image(PROMPT, seed=3, steps=4, sampler="euler", guidance_scale=7.0).images[0]
+    assert r.image.size == (128, 128)
+    assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(first.resize((128, 128), Image.LANCZOS)))
+    for x, y in ((-8, 0), (32, 0), (0, 40)):
+        with pytest.raises(RuntimeError) as e:
+            api.txt2img(prompt=PROMPT, steps=2, width=64, height=64, enable_hr=True, hr_resize_x=x, hr_resize_y=y)
+        assert e.value.args[0] == 422 and ("hr_resize_x" if x else "hr_resize_y") in e.value.args[1]
+
+
+def test_plms_and_the_lists_clients_read_at_start(api, pipe):
+    r = api.txt2img(prompt=PROMPT, seed=4, steps=5, width=64, height=64, sampler_name="PLMS")
+    ours = pipe.text_to_image(PROMPT, seed=4, steps=5, sampler="plms", guidance_scale=7.0).images[0]
+    assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(ours))
+    assert "Sampler: PLMS" in r.info["infotexts"][0]
+    base = api.baseurl
+    for path, check in (("upscalers", lambda v: [u["name"] for u in v] == ["None", "Lanczos"]),
+                        ("latent-upscale-modes", lambda v: v == [{"name": "Latent"}]),
+                        ("memory", lambda v: v["ram"]["total"] > v["ram"]["free"] > 0 and "cuda" in v),
+                        ("cmd-flags", lambda v: v["api"] is True and "/" not in json.dumps(v)),
+                        ("prompt-styles", lambda v: v == []), ("face-restorers", lambda v: v == []),
+                        ("hypernetworks", lambda v: v == []), ("loras", lambda v: v == []),
+                        ("embeddings", lambda v: v == {"loaded": {}, "skipped": {}})):
+        got = httpx.get(f"{base}/{path}", timeout=30)
+        assert got.status_code == 200 and check(got.json()), (path, got.text)

@@ -75,6 +75,7 @@ def test_inpainting_matches_diffusers(sd1_dir, inpaint_dir, kind, strength, monk
     ("sd2", "unipc", "default"), ("sd1", "euler", "karras"), ("sd1", "dpmpp-2m", "karras"),
     ("sd1", "dpm2", "karras"), ("sd1", "lms", "exponential"), ("sd1", "dpmpp-2m", "exponential"),
     ("sd1", "euler", "sgm-uniform"), ("sd2", "dpmpp-2m-sde", "karras"), ("sd1", "unipc", "sgm-uniform"),
+    ("sd1", "plms", "default"),  # (v-prediction: diffusers' PNDM combines v outputs, A1111's PLMS noise estimates)
 ])
 def test_samplers_and_schedules_match_diffusers(pipes, kind, sampler, schedule):
     """Every sampler and schedule against diffusers' StableDiffusionPipeline with the matching scheduler,

@@ -120,7 +120,7 @@ def test_inpaint_on_a_nine_channel_unet_sees_the_masked_image(inpaint_dir):
     (dict(guidance_scale=float("inf")), "guidance: must be a finite number from 0 to 100"),
     (dict(batch_size=0), "batch_size: must be between 1 and 256, got 0"),
     (dict(batch_size=100_000), "batch_size: must be between 1 and 256, got 100000; for more images run several batches"),
-    (dict(sampler="plms"), "unknown sampler 'plms'"),
+    (dict(sampler="pndm-prk"), "unknown sampler 'pndm-prk'"),
     (dict(sampler="ddim", schedule="karras"), "the karras schedule applies to"),
     (dict(sampler="euler", schedule="cosine"), "unknown schedule 'cosine'"),
     (dict(sampler="euler", eta=0.5), "eta: applies to the ddim, euler-a"),

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from ldm.samplers import (SAMPLERS, SCHEDULE_SAMPLERS, invert_ddim, sample_ddim, sample_ddpm, sample_dpm2, sample_dpmpp_2m,
+from ldm.samplers import (SAMPLERS, SCHEDULE_SAMPLERS, invert_ddim, sample_ddim, sample_ddpm, sample_plms, sample_dpm2, sample_dpmpp_2m,
                           sample_dpmpp_2m_sde, sample_dpmpp_sde, sample_euler, sample_euler_ancestral, sample_heun,
                           sample_lcm, sample_lms, sample_unipc)
 from ldm.schedule import NoiseSchedule, Steps
@@ -38,6 +38,7 @@ SCHED = NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_en
 # 200, 0.002 at 1000): the step counts and tolerances below leave that discretisation error room.
 @pytest.mark.parametrize("name,fn,n,tol", [
     ("ddim", sample_ddim, 500, 0.01),
+    ("plms", sample_plms, 100, 0.01),
     ("euler", sample_euler, 500, 0.01),
     ("dpmpp-2m", sample_dpmpp_2m, 200, 0.01),
     ("ddpm", sample_ddpm, 500, 0.01),
@@ -268,4 +269,4 @@ def test_the_sampler_table_and_the_names_agree():
     """ldm.names (torch-free, for the command line) lists exactly the samplers ldm.samplers runs."""
     from ldm.names import A1111_SAMPLERS, SAMPLER_NAMES
     assert tuple(SAMPLERS) == SAMPLER_NAMES == tuple(A1111_SAMPLERS)
-    assert set(SCHEDULE_SAMPLERS) == set(SAMPLERS) - {"ddim", "ddpm", "lcm"}
+    assert set(SCHEDULE_SAMPLERS) == set(SAMPLERS) - {"ddim", "plms", "ddpm", "lcm"}
