@@ -79,7 +79,7 @@ BOUNDS: dict[str, Bound] = {
     "vision_layers": AT_LEAST_1, "vision_resnet_layers": AT_LEAST_1, "vision_head_width": AT_LEAST_1,
     "patch_size": AT_LEAST_1, "text_width": AT_LEAST_1, "text_layers": AT_LEAST_1, "text_heads": AT_LEAST_1,
     "context_length": AT_LEAST_1, "text_encoder_layers": Bound(0, why="0: the embeddings and final norm only"), "attention_head_dim": AT_LEAST_1,
-    "uncond_prob": FRACTION, "foreground_weight": AT_LEAST_0, "conditioning_channels": AT_LEAST_1,
+    "uncond_prob": FRACTION, "shape_swap_prob": FRACTION, "foreground_weight": AT_LEAST_0, "conditioning_channels": AT_LEAST_1,
     "size_range": Bound(4, 60, why="a shape's box side in px on the 64 px canvas"), "foreground_margin": Bound(0, why="px to grow the box by"),
 }
 
@@ -384,6 +384,8 @@ class ControlNetConfig(TrainConfig, DenoisingLossKeys):
     #                                     (silhouette, canny), shapes at any position and size_range side
     size_range: list[int] = field(default_factory=lambda: [14, 40])  # shapes world: box side, px (inclusive)
     num_images: int = 20000             # shapes world: scenes rendered and encoded once
+    shape_swap_prob: float = 0.0        # shapes world: the caption names another shape this often, so that the
+    #                                     condition, not the prompt, decides the shape (control against prompt)
     adapter: bool = False               # train a T2I-Adapter instead of a ControlNet
     adapter_type: str = "full_adapter"  # full_adapter | light_adapter | full_adapter_xl (diffusers' T2IAdapter)
     conditioning_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])  # the ControlNet's

@@ -17,6 +17,7 @@ recipe's ``shapes_conditions`` (the embedded model's ControlNet).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +163,10 @@ class ControlNetObjective(Objective):
             if self.data is None:
                 sc = self.scenes[i]
                 kind = cfg.shapes_conditions[int(rng.integers(len(cfg.shapes_conditions)))]
-                cap = shapes.partial_caption(sc, rng, 0.15)
                 conds.append(torch.from_numpy(np.asarray(shapes.render_condition(sc, kind)).copy()).permute(2, 0, 1))
+                if cfg.shape_swap_prob and rng.random() < cfg.shape_swap_prob:  # the condition's shape, another's name
+                    sc = replace(sc, shape=str(rng.choice([s for s in shapes.SHAPES if s != sc.shape])))
+                cap = shapes.partial_caption(sc, rng, 0.15)
                 sizes.append(None)
             else:
                 row = self.data[i]
@@ -172,7 +175,7 @@ class ControlNetObjective(Objective):
                 sizes.append(self.ids[i])
             prompts.append("" if rng.random() < cfg.uncond_prob else cap)
         return {"latents": self.latents[torch.tensor(idx)], "prompts": prompts, "cond": torch.stack(conds),
-                "sizes": sizes}
+                "sizes": sizes, "index": idx}
 
     def context(self, prompts: list[str], sizes) -> dict:
         ctx = {n: v.to(self.device) for n, v in self.text(prompts).items()}

@@ -182,3 +182,27 @@ def test_cubic_timestep_sampling_draws_mostly_high_noise():
         assert (seen[0] >= 500).float().mean().item() == pytest.approx(want, abs=0.01)
     with pytest.raises(ConfigError, match="timestep_sampling 'cosine' is unknown"):
         build(ControlNetConfig, {"timestep_sampling": "cosine"})
+
+
+@pytest.mark.parametrize("swap", [0.0, 0.5])
+def test_shape_swap_names_another_shape_and_keeps_the_condition(tmp_path, swap):
+    """shape_swap_prob: that often the caption names another shape than the scene's, while the condition
+    (and the target) stay the scene's and the other words stay true; 0 never."""
+    from accelerate import Accelerator
+
+    from ldm.models import default_model_path
+
+    cfg = _cfg(default_model_path(), tmp_path, shapes_conditions=["silhouette"], num_images=64, batch_size=64,
+               shape_swap_prob=swap, uncond_prob=0.0, conditioning_channels=[4, 8, 8, 16])
+    obj = ControlNetObjective(cfg)
+    obj.setup(Accelerator(cpu=True))
+    batch = obj.batch(0, step_generator(0, 0, 0), 0, 1)
+    swapped = 0
+    for k, (i, prompt) in enumerate(zip(batch["index"], batch["prompts"])):
+        sc = obj.scenes[i]
+        assert torch.equal(batch["cond"][k], torch.from_numpy(
+            np.asarray(shapes.render_condition(sc, "silhouette")).copy()).permute(2, 0, 1))
+        named = [s for s in shapes.SHAPES if s in prompt.split()]
+        assert len(named) == 1 and all(w in shapes.SHAPES or w in sc.caption.split() for w in prompt.split())
+        swapped += named[0] != sc.shape
+    assert (swapped == 0) if swap == 0 else (0.3 <= swapped / 64 <= 0.7)
