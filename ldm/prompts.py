@@ -232,27 +232,32 @@ class _Parser:
         return ("seq", ["["] + parts + ["]"])
 
 
-def _when(when: str, steps: int) -> int:
+def _when(when: str, steps: int, base_steps: int | None = None) -> int:
+    """The step after which ``[from:to:when]`` switches, over ``steps``; in a hires pass (``base_steps``, the
+    first pass's steps) the first pass counts first, as A1111 counts: a fraction f is (f - 1) x steps
+    (so 0.5 was over before the pass, 1.5 is its middle), an integer n is n - base_steps."""
     v = float(when)
+    if base_steps is not None:
+        return min(steps, int((v - 1.0) * steps if "." in when else v - base_steps))
     return min(steps, int(v * steps if "." in when else v))
 
 
-def _collect(node, steps: int, out: set):
+def _collect(node, steps: int, out: set, base_steps: int | None = None):
     if isinstance(node, str):
         return
     if node[0] == "sched":
-        w = _when(node[3], steps)
+        w = _when(node[3], steps, base_steps)
         if w >= 1:
             out.add(w)
-        _collect(node[1], steps, out)
-        _collect(node[2], steps, out)
+        _collect(node[1], steps, out, base_steps)
+        _collect(node[2], steps, out, base_steps)
     elif node[0] == "alt":
         out.update(range(1, steps + 1))
         for n in node[1]:
-            _collect(n, steps, out)
+            _collect(n, steps, out, base_steps)
     else:
         for n in node[1]:
-            _collect(n, steps, out)
+            _collect(n, steps, out, base_steps)
 
 
 def _text(node, step: int, whens: dict) -> str:
@@ -265,24 +270,24 @@ def _text(node, step: int, whens: dict) -> str:
     return "".join(_text(n, step, whens) for n in node[1])
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, base_steps: int | None = None) -> list[tuple[int, str]]:
     """[(end_at_step, text)]: the prompt's text up to and including each step (steps count from 1),
     A1111's ``get_learned_conditioning_prompt_schedules``. A prompt without editing is [(steps,
     prompt)]; brackets that form no group are kept as characters. Extra-network tags are removed
-    first."""
+    first. ``base_steps``: this is a hires pass of ``steps`` after a first pass of that many (``_when``)."""
     prompt = strip_extra_networks(prompt)
     if "[" not in prompt:
         return [(steps, prompt)]
     tree = _Parser(prompt).prompt("")
     bounds = {steps}
-    _collect(tree, steps, bounds)
+    _collect(tree, steps, bounds, base_steps)
     whens: dict = {}
 
     def mark(node):
         if isinstance(node, str):
             return
         if node[0] == "sched":
-            whens[id(node)] = _when(node[3], steps)
+            whens[id(node)] = _when(node[3], steps, base_steps)
             mark(node[1])
             mark(node[2])
         else:

@@ -288,7 +288,7 @@ class Pipeline:
         m = self.model
         plans = []  # per image: [(end_at_step, (text, text_2))]
         for p1, p2 in zip(r.prompts, r.prompts_2):
-            s1, s2 = prompt_schedule(p1, n_steps), prompt_schedule(p2, n_steps)
+            s1, s2 = prompt_schedule(p1, n_steps, r.hires_base), prompt_schedule(p2, n_steps, r.hires_base)
             bounds = sorted({e for e, _ in s1} | {e for e, _ in s2})
             plans.append([(b, (s1[text_at(s1, b)][1], s2[text_at(s2, b)][1])) for b in bounds])
         keys = list(dict.fromkeys(k for plan in plans for _, k in plan))
@@ -704,7 +704,9 @@ class Pipeline:
         if len(sched_steps) == 0:
             return z0.clone()
         clock = {"step": 0}
-        denoise = self.denoiser(r, self.extra_inputs(len(r.prompts), r.width, r.height), clock, r.run_steps)
+        # prompt editing over the steps that run; a hires pass's over its steps, after the first pass's (A1111's)
+        n_steps = r.steps if r.hires_base is not None else r.run_steps
+        denoise = self.denoiser(r, self.extra_inputs(len(r.prompts), r.width, r.height), clock, n_steps)
         noise = self.prepare_noise(z0, r, gens) * (r.request.noise_multiplier if r.kind != "txt2img" else 1.0)
         x = q_sample(z0, noise, sched_steps.alpha_bars[0])
         return self.sample(denoise, x, sched_steps, r, gens, callback, clock)
@@ -717,7 +719,8 @@ class Pipeline:
         width, height = hires_size(r.width, q.hires_scale, f), hires_size(r.height, q.hires_scale, f)
         steps = q.hires_steps or r.steps
         second = dataclasses.replace(r, width=width, height=height, steps=steps, strength=q.hires_strength,
-                                     run_steps=strength_steps(steps, q.hires_strength), subseeds=None)
+                                     run_steps=strength_steps(steps, q.hires_strength), subseeds=None,
+                                     hires_base=r.steps)
         if q.hires_upscaler == "latent":
             z = F.interpolate(z, size=(height // f, width // f), mode="bilinear", align_corners=False)
         else:

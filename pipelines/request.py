@@ -403,6 +403,7 @@ class Resolved:
     negatives_2: list[str] = field(default_factory=list)
     loras: tuple = ()       # (file, text-encoder weight, U-Net weight) per LoRA applied (Request.lora_set)
     lora_limits: Limits | None = None  # ... under these limits (their LoRA folder names the tags' files)
+    hires_base: int | None = None  # a hires pass: the first pass's steps (prompt editing counts them first)
 
     def settings(self) -> dict:
         """What the PNG metadata records."""

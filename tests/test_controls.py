@@ -30,6 +30,20 @@ def test_hires_fix_is_generate_upscale_then_image_to_image(pipe):
             info["Denoising strength"]) == ("64x64", "2", "4", "Lanczos", "0.5")
 
 
+def test_prompt_editing_in_the_hires_pass_is_a1111s(pipe):
+    """[a:b:1.5] switches in the middle of the hires pass (A1111's schedule): the pass equals image-to-image
+    of the first pass's image with a prompt that is "a" for the first half of the hires steps, which the
+    plain schedule over those steps writes [a:b:0.5]; the first pass ran all its steps on "a"."""
+    kw = dict(seed=3, negative_prompt="a square")
+    hires = pipe.text_to_image("a large [red:blue:1.5] circle", steps=6, hires_scale=2, hires_strength=1.0,
+                               hires_steps=4, hires_upscaler="lanczos", **kw)
+    small = pipe.text_to_image("a large red circle", steps=6, **kw).images[0].resize((128, 128), Image.LANCZOS)
+    by_hand = pipe.image_to_image("a large [red:blue:0.5] circle", small, strength=1.0, steps=4, **kw)
+    torch.testing.assert_close(hires.pixels, by_hand.pixels, rtol=0, atol=1e-5)
+    plain = pipe.image_to_image("a large blue circle", small, strength=1.0, steps=4, **kw)
+    assert (hires.pixels - plain.pixels).abs().max() > 1e-2  # the editing is seen
+
+
 def test_latent_hires_fix_upscales_the_latents(pipe):
     steps = []
     res = pipe.text_to_image("a red circle", steps=6, seed=3, hires_scale=1.5, hires_strength=0.5,

@@ -59,6 +59,19 @@ def test_prompt_editing_schedules_as_a1111_documents_them(prompt, expected):
     assert prompt_schedule(prompt, 10) == expected
 
 
+HIRES_SCHEDULES = [  # A1111's doctests with a hires pass: 10 steps after a first pass of 10
+    ("a [b:.5] c", [(10, "a b c")]),
+    ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("a [b:c:15] d", [(5, "a b d"), (10, "a c d")]),  # an integer counts the first pass's steps first
+    ("a [b:c:5] d", [(10, "a c d")]),
+]
+
+
+@pytest.mark.parametrize("prompt,expected", HIRES_SCHEDULES)
+def test_prompt_editing_in_a_hires_pass_counts_the_first_pass_first(prompt, expected):
+    assert prompt_schedule(prompt, 10, base_steps=10) == expected
+
+
 def test_the_entry_in_force_at_each_step():
     sched = prompt_schedule("[a:b:4]", 10)  # A1111 counts sampler steps from 0: "a" for steps 0..4
     assert [sched[text_at(sched, s)][1] for s in range(10)] == ["a"] * 5 + ["b"] * 5
