@@ -39,7 +39,7 @@ from ldm.samplers import SAMPLERS
 
 from . import request as rq
 from .options import OPTIONS, canny_thresholds
-from .pngmeta import parse_parameters
+from .pngmeta import exif_parameters, image_parameters, parse_parameters
 
 log = logging.getLogger("ldm.serve.a1111")
 
@@ -58,7 +58,35 @@ INERT = {"styles": [], "restore_faces": False, "tiling": False, "do_not_save_sam
          "image_cfg_scale": None, "resize_mode": 0, "include_init_images": False, "infotext": None,
          "disable_extra_networks": False, "comments": None, "force_task_id": None, "latent_mask": None,
          "override_settings_restore_afterwards": True}
-SETTINGS_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+# A1111's settings (/sdapi/v1/options, override_settings) that mean something here: type, A1111's default,
+# the values allowed, and what they do. Any other setting is kept and listed as meaning nothing here.
+SAMPLES_FORMATS = ("png", "jpg", "jpeg", "webp")
+SETTINGS = {
+    "sd_model_checkpoint": (str, None, None, "the model (a name of /sdapi/v1/sd-models): switches it"),
+    "CLIP_stop_at_last_layers": (int, 1, (1, 12), "clip skip of requests that give none"),
+    "eta_ddim": (float, 0.0, (0, 1), "DDIM's eta when a request gives none"),
+    "eta_ancestral": (float, 1.0, (0, 1), "the ancestral and SDE samplers' eta when a request gives none"),
+    "samples_format": (str, "png", SAMPLES_FORMATS, "the format of the images answered (and their parameters: "
+                                                    "a PNG chunk, or EXIF for jpg / webp)"),
+}
+SETTINGS_USED = set(SETTINGS)
+
+
+def setting_problem(name: str, value) -> str | None:
+    """Why ``value`` cannot be A1111's setting ``name`` (None when it can, or when the setting means nothing
+    here)."""
+    if name not in SETTINGS:
+        return None
+    tp, _, allowed, _ = SETTINGS[name]
+    ok = isinstance(value, str) if tp is str else (not isinstance(value, bool) and isinstance(
+        value, int if tp is int else (int, float)))
+    if not ok:
+        return f"must be {'a string' if tp is str else 'an integer' if tp is int else 'a number'}, got {value!r}"
+    if isinstance(allowed, tuple) and tp is str and value.lower() not in allowed:
+        return f"must be one of {', '.join(allowed)}, got {value!r}"
+    if isinstance(allowed, tuple) and tp is not str and not allowed[0] <= value <= allowed[1]:
+        return f"must be from {allowed[0]} to {allowed[1]}, got {value!r}"
+    return None
 
 
 class Txt2ImgPayload(BaseModel):
@@ -314,7 +342,24 @@ def answer(result: dict, payload: BaseModel, req: rq.Request, studio) -> dict:
     if "Variation seed" in settings:
         subs = [int(parse_parameters(t)["Variation seed"]) for t in params]
         info.update(subseed=subs[0], all_subseeds=subs)
-    return {"images": result["images"], "parameters": payload.model_dump(), "info": json.dumps(info)}
+    images = result["images"]
+    fmt = studio.a1111_settings.get("samples_format", "png")
+    if fmt != "png":
+        images = [encode_as(b64, text, fmt) for b64, text in zip(images, params)]
+    return {"images": images, "parameters": payload.model_dump(), "info": json.dumps(info)}
+
+
+
+def encode_as(b64_png: str, parameters: str, fmt: str) -> str:
+    """A base64 PNG re-encoded as JPEG or WebP (A1111's samples_format), its parameters in the EXIF
+    UserComment (UNICODE, UTF-16 big-endian: where A1111 writes them and its PNG Info reads them)."""
+    import io
+
+    with Image.open(io.BytesIO(base64.b64decode(b64_png))) as im:
+        rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG" if fmt in ("jpg", "jpeg") else "WEBP", quality=95, exif=exif_parameters(parameters))
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_request, control_unit):
@@ -322,10 +367,22 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     ``bad_request`` exception and the ``control_unit`` body are pipelines.serve's (handed in, so that this
     module imports none of it)."""
     _error, BadRequest, ControlUnit = error, bad_request, control_unit
+    # the settings A1111 clients set (POST /sdapi/v1/options), kept on the studio
+    studio.a1111_settings = {k: v[1] for k, v in SETTINGS.items() if k != "sd_model_checkpoint"}
+    studio.a1111_inert = {}
 
     async def generate(payload: Txt2ImgPayload, request: Request, kind: str, image=None, mask=None):
-        payload = payload.model_copy(update={"eta": _eta_for(payload.sampler_name, payload.eta)})
         o = payload.override_settings or {}
+        bad = [(f"override_settings.{k}", m) for k, v in o.items() if (m := setting_problem(k, v))]
+        if bad:
+            return _error(422, bad)
+        settings = {**studio.a1111_settings, **o}
+        eta = payload.eta
+        if eta is None:  # the settings' eta of the sampler's kind
+            ours, _ = rq.Request(sampler=payload.sampler_name).sampler_schedule() if payload.sampler_name else (None, None)
+            eta = settings["eta_ddim"] if ours == "ddim" else settings["eta_ancestral"]
+        payload = payload.model_copy(update={"eta": _eta_for(payload.sampler_name, eta), "override_settings": {
+            **o, "CLIP_stop_at_last_layers": settings["CLIP_stop_at_last_layers"]}})
         model = o.get("sd_model_checkpoint")  # the job's own model, switched and restored on the worker
         restore = (payload.model_extra or {}).get("override_settings_restore_afterwards", True)
         try:
@@ -440,9 +497,9 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     def options_now() -> dict:
         pipe = studio.pipe
         sampler, steps, guidance = rq.sampling_defaults(pipe.model)
-        return {"sd_model_checkpoint": studio.current_model(), "CLIP_stop_at_last_layers": 1,
-                "samples_format": "png", "outdir_samples": str(studio.output_dir), "eta_ddim": 0.0,
-                "eta_ancestral": 1.0, "sd_checkpoint_hash": None,
+        return {**studio.a1111_inert, **studio.a1111_settings, "sd_model_checkpoint": studio.current_model(),
+                "sd_checkpoint_hash": None, "ldm_settings_used": {k: v[3] for k, v in SETTINGS.items()},
+                "ldm_settings_ignored": sorted(studio.a1111_inert),
                 "ldm_defaults": {"sampler": A1111_SAMPLERS.get(sampler, sampler), "steps": steps,
                                  "cfg_scale": guidance}}
 
@@ -452,13 +509,21 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
 
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict):
-        for k in options:
-            if k != "sd_model_checkpoint":
-                log.warning("option %s ignored (no effect here)", k)
+        """Every setting is kept; those that mean something here (SETTINGS) are checked first, all of them,
+        and a wrong one changes nothing (422); the others are listed as ignored (ldm_settings_ignored)."""
+        bad = [(k, m) for k, v in options.items() if (m := setting_problem(k, v))]
+        if bad:
+            return _error(422, bad)
         if "sd_model_checkpoint" in options:
             switched = await _switch(str(options["sd_model_checkpoint"]))
             if not isinstance(switched, str):
                 return switched
+        for k, v in options.items():
+            if k in SETTINGS and k != "sd_model_checkpoint":
+                studio.a1111_settings[k] = v.lower() if k == "samples_format" else v
+            elif k not in SETTINGS:
+                log.warning("A1111 setting %s kept, but it has no effect here", k)
+                studio.a1111_inert[k] = v
         return None
 
     @app.get("/sdapi/v1/progress")
@@ -496,7 +561,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         from PIL import UnidentifiedImageError
         try:
             with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
-                text = im.info.get("parameters") or ""
+                text = image_parameters(im) or ""
         except (binascii.Error, ValueError):
             return _error(422, [("image", "not valid base64")])
         except UnidentifiedImageError:

@@ -110,6 +110,29 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
             tmp.unlink()
 
 
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # where A1111 writes a JPEG's or WebP's parameters
+
+
+def image_parameters(im: Image.Image) -> str | None:
+    """An open image's A1111 parameters: the PNG chunk, or a JPEG's / WebP's EXIF UserComment (UNICODE:
+    UTF-16 big-endian, or ASCII)."""
+    text = im.info.get("parameters") or getattr(im, "text", {}).get("parameters")
+    if text:
+        return text
+    raw = im.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(raw, bytes) and len(raw) > 8:
+        head, body = raw[:8], raw[8:]
+        return body.decode("utf-16-be" if head.startswith(b"UNICODE") else "latin-1", errors="replace")
+    return raw if isinstance(raw, str) and raw else None
+
+
+def exif_parameters(parameters: str) -> bytes:
+    """EXIF bytes holding ``parameters`` as image_parameters reads them (and A1111 writes them)."""
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    return exif.tobytes()
+
+
 def read_parameters(path: str | Path) -> str | None:
     with Image.open(path) as im:
-        return im.info.get("parameters") or getattr(im, "text", {}).get("parameters")
+        return image_parameters(im)

@@ -5,6 +5,8 @@ infotexts)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 import subprocess
@@ -190,3 +192,44 @@ def test_plms_and_the_lists_clients_read_at_start(api, pipe):
                         ("embeddings", lambda v: v == {"loaded": {}, "skipped": {}})):
         got = httpx.get(f"{base}/{path}", timeout=30)
         assert got.status_code == 200 and check(got.json()), (path, got.text)
+
+
+def test_settings_are_kept_read_back_used_and_checked(api, sd1_dir):
+    from pipelines.pipeline import Pipeline
+
+    base = api.baseurl
+    try:
+        r = httpx.post(f"{base}/options", json={"CLIP_stop_at_last_layers": 2, "eta_ancestral": 0.5,
+                                                "samples_format": "jpg", "show_progressbar": False}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = api.get_options()
+        assert (got["CLIP_stop_at_last_layers"], got["eta_ancestral"], got["samples_format"],
+                got["show_progressbar"]) == (2, 0.5, "jpg", False)
+        assert got["ldm_settings_ignored"] == ["show_progressbar"] and "eta_ddim" in got["ldm_settings_used"]
+        bad = httpx.post(f"{base}/options", json={"CLIP_stop_at_last_layers": "two", "eta_ddim": 3,
+                                                  "samples_format": "tiff"}, timeout=30)
+        assert bad.status_code == 422
+        assert all(k in bad.text for k in ("CLIP_stop_at_last_layers", "eta_ddim", "samples_format"))
+        assert api.get_options()["eta_ddim"] == 0.0  # a refused POST changes nothing
+        # the settings in use: clip skip 2 and Euler a's eta 0.5 where the request gives none; a JPEG answered
+        # with its parameters in EXIF, which png-info reads
+        on_sd1 = {"override_settings": {"sd_model_checkpoint": "tiny-sd1"}}  # (the embedded encoder has no layer to skip)
+        raw = httpx.post(f"{base}/txt2img", json={"prompt": PROMPT, "seed": 6, "steps": 4, "width": 64,
+                                                  "height": 64, "sampler_name": "Euler a", **on_sd1}, timeout=60)
+        assert raw.status_code == 200, raw.text
+        raw = raw.json()
+        data = base64.b64decode(raw["images"][0])
+        assert data[:3] == b"\xff\xd8\xff"  # JPEG
+        info = httpx.post(f"{base}/png-info", json={"image": raw["images"][0]}, timeout=30).json()
+        assert "Clip skip: 2" in info["info"] and info["parameters"]["Seed"] == "6"
+        httpx.post(f"{base}/options", json={"samples_format": "png"}, timeout=30)
+        # (no eta in the payload: webuiapi would send its own 1.0, which wins over the setting, as in A1111)
+        r = httpx.post(f"{base}/txt2img", json={"prompt": PROMPT, "seed": 6, "steps": 4, "width": 64, "height": 64,
+                                                "sampler_name": "Euler a", **on_sd1}, timeout=60).json()
+        got = Image.open(io.BytesIO(base64.b64decode(r["images"][0])))
+        ours = Pipeline.from_pretrained(sd1_dir).text_to_image(PROMPT, seed=6, steps=4, sampler="euler-a", eta=0.5,
+                                                               clip_skip=2, guidance_scale=7.0).images[0]
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(ours))
+    finally:
+        httpx.post(f"{base}/options", json={"CLIP_stop_at_last_layers": 1, "eta_ancestral": 1.0,
+                                            "samples_format": "png"}, timeout=30)
