@@ -269,6 +269,7 @@ class Pipeline:
         kohya's; a file or a directory holding ``pytorch_lora_weights.safetensors``) to the U-Net and,
         when the file has them, the text encoders, for every generation from now on; read from
         safetensors only. A request's own LoRA files and ``<lora:...>`` tags come on top."""
+        self._lora_name(path)  # loaded (or refused) before it joins the LoRA set of every generation
         self._pinned_loras[Path(path).resolve()] = (weight, weight)
         self.set_loras(self._pinned_loras)
 

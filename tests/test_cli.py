@@ -151,7 +151,7 @@ def test_parameters_round_trip_with_commas_in_values():
     ('{"guidance_scale": NaN}', "not valid JSON (NaN is not a number JSON allows"),
     ('{"guidance_scale": 1e30}', "guidance_scale must be a finite number from 0 to 100"),
     ('{"steps": 2.5}', "steps must be a whole number >= 1, got 2.5"),
-    ('{"sampler": "plms"}', "sampler must be one of ddim"),
+    ('{"sampler": "pndm-prk"}', "sampler must be one of ddim"),
 ])
 def test_a_bad_sampling_json_value_is_a_clear_error(sd1_dir, tmp_path, capsys, content, message):
     import shutil

@@ -279,10 +279,13 @@ def test_inpainting_with_a_controlnet_matches_diffusers(sd1_dir, nets, control_i
     expect = ref(PROMPT, image=image, mask_image=Image.fromarray(mask), control_image=control_images[0],
                  strength=1.0, num_inference_steps=6, guidance_scale=5.0, height=64, width=64,
                  controlnet_conditioning_scale=0.9, generator=[torch.Generator().manual_seed(3)],
-                 output_type="np").images
+                 output_type="pil").images[0]
+    # the original laid back over the result (diffusers' own apply_overlay; ours at mask_blur 0), as A1111 does
+    expect = np.asarray(ref.image_processor.apply_overlay(Image.fromarray(mask), image, expect), np.float32)[None] / 255
     got = _np(Pipeline.from_pretrained(sd1_dir).generate(Request(
         PROMPT, kind="inpaint", image=image, mask=Image.fromarray(mask), strength=1.0, steps=6, guidance=5.0,
-        seed=3, sampler="ddim", controls=[{"model": str(nets[0]), "image": control_images[0], "weight": 0.9}])).pixels)
+        seed=3, sampler="ddim", mask_blur=0,
+        controls=[{"model": str(nets[0]), "image": control_images[0], "weight": 0.9}])).pixels)
     assert np.abs(got - expect).max() <= 2 / 255
 
 

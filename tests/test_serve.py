@@ -151,7 +151,7 @@ def _png_b64(size) -> str:
     ("/api/txt2img", {"prompt": "x", "steps": 51}, 422, "steps"),
     ("/api/txt2img", {"prompt": "x", "steps": 1.5}, 422, "steps"),
     ("/api/txt2img", {"prompt": "x", "steps": "ten"}, 422, "steps"),
-    ("/api/txt2img", {"prompt": "x", "sampler": "plms"}, 422, "sampler"),
+    ("/api/txt2img", {"prompt": "x", "sampler": "pndm-prk"}, 422, "sampler"),
     ("/api/txt2img", {"prompt": "x", "guidance": -1}, 422, "guidance"),
     ("/api/txt2img", {"prompt": "x", "lora": ["nope.safetensors"]}, 422, "lora"),
     ("/api/txt2img", {"prompt": "x", "prompt_2": "y"}, 422, "prompt_2"),
