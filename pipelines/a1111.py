@@ -70,6 +70,10 @@ SETTINGS = {
                                                     "a PNG chunk, or EXIF for jpg / webp)"),
 }
 SETTINGS_USED = set(SETTINGS)
+# A1111's UI settings that clients read before they write them back (its defaults): kept, no effect here
+UI_SETTINGS = {"send_seed": True, "send_size": True}
+# the extras tab's image upscalers (A1111's names) here: PIL's resampling filters; "None" leaves the image
+EXTRAS_UPSCALERS = {"None": None, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
 
 
 def setting_problem(name: str, value) -> str | None:
@@ -215,8 +219,11 @@ def _warn_ignored(payload: BaseModel):
     if isinstance(scripts, dict):  # the ControlNet script runs here; any other is ignored
         rest = {k: v for k, v in scripts.items() if k.lower() != "controlnet"}
         fields["alwayson_scripts"] = rest if rest else {}
-    if fields.get("sampler_index") in (None, payload.sampler_name):  # the old name of sampler_name
-        fields.pop("sampler_index", None)
+    if payload.sampler_name is None or fields.get("sampler_index") in (None, payload.sampler_name):
+        fields.pop("sampler_index", None)  # the old name of sampler_name: used when sampler_name is not given
+    for k in ("seed_resize_from_h", "seed_resize_from_w"):  # A1111 resizes seeds only from a side > 0
+        if isinstance(fields.get(k), (int, float)) and fields[k] <= 0:
+            fields.pop(k)
     ignored = [k for k, v in fields.items() if k not in INERT or v != INERT[k] and v not in (None, [], {}, "")]
     for k, v in (payload.override_settings or {}).items():
         if k not in SETTINGS_USED:
@@ -369,7 +376,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     _error, BadRequest, ControlUnit = error, bad_request, control_unit
     # the settings A1111 clients set (POST /sdapi/v1/options), kept on the studio
     studio.a1111_settings = {k: v[1] for k, v in SETTINGS.items() if k != "sd_model_checkpoint"}
-    studio.a1111_inert = {}
+    studio.a1111_inert = dict(UI_SETTINGS)
 
     async def generate(payload: Txt2ImgPayload, request: Request, kind: str, image=None, mask=None):
         o = payload.override_settings or {}
@@ -610,9 +617,68 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         return None  # --models-dir is read at each request: nothing is cached to refresh
 
     @app.get("/sdapi/v1/upscalers")
-    async def upscalers():  # the image upscalers of the hires fix (A1111's list holds "None" first)
+    async def upscalers():  # the image upscalers of the extras tab (A1111's list holds "None" first)
         return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for n in ("None", "Lanczos")]
+                for n in EXTRAS_UPSCALERS]
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(body: dict):
+        """A1111's extras tab on one image: upscaled by upscaling_resize (resize_mode 0) or to
+        upscaling_resize_w x _h (resize_mode 1, cropped to fill with upscaling_crop), with upscaler_1 and,
+        blended in by extras_upscaler_2_visibility, upscaler_2. Face restoration is not a feature here."""
+        import io
+
+        data = body.get("image")
+        if not isinstance(data, str) or not data:
+            return _error(422, [("image", "required: a base64 image")])
+        names = [body.get("upscaler_1", "None"), body.get("upscaler_2", "None")]
+        bad = [(f, f"no upscaler {n!r}; available: {', '.join(EXTRAS_UPSCALERS)}")
+               for f, n in zip(("upscaler_1", "upscaler_2"), names) if n not in EXTRAS_UPSCALERS]
+        mode, scale = body.get("resize_mode", 0), body.get("upscaling_resize", 2)
+        w, h = body.get("upscaling_resize_w", 512), body.get("upscaling_resize_h", 512)
+        visibility = body.get("extras_upscaler_2_visibility", 0)
+        numbers = {"upscaling_resize": scale, "upscaling_resize_w": w, "upscaling_resize_h": h,
+                   "extras_upscaler_2_visibility": visibility}
+        bad += [(k, f"must be a number, got {v!r}") for k, v in numbers.items()
+                if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if mode not in (0, 1):
+            bad.append(("resize_mode", f"must be 0 (by upscaling_resize) or 1 (to upscaling_resize_w x _h), got {mode!r}"))
+        if bad:
+            return _error(422, bad)
+        try:
+            image = await run_in_threadpool(studio.read_image, data, "image")
+        except BadRequest as exc:
+            return _error(422, [(exc.field, exc.message)])
+        size = (round(image.width * scale), round(image.height * scale)) if mode == 0 else (int(w), int(h))
+        limit = studio.limits.max_side
+        if not (1 <= min(size) and max(size) <= limit):
+            return _error(422, [("upscaling_resize" if mode == 0 else "upscaling_resize_w",
+                                 f"makes {size[0]}x{size[1]}; sides must be from 1 to {limit} (--max-side)")])
+        if any(body.get(k, 0) for k in ("gfpgan_visibility", "codeformer_visibility")):
+            log.warning("extras: face restoration is not a feature here; ignored")
+
+        def run():
+            def up(name):
+                resample = EXTRAS_UPSCALERS[name]
+                if resample is None:
+                    return image
+                if mode == 1 and body.get("upscaling_crop", True):  # cover the size, then crop its middle
+                    k = max(size[0] / image.width, size[1] / image.height)
+                    big = image.resize((max(size[0], round(image.width * k)), max(size[1], round(image.height * k))),
+                                       resample)
+                    x, y = (big.width - size[0]) // 2, (big.height - size[1]) // 2
+                    return big.crop((x, y, x + size[0], y + size[1]))
+                return image.resize(size, resample)
+
+            out = up(names[0])
+            if names[1] != "None" and visibility > 0:
+                second = up(names[1])
+                out = Image.blend(out, second.resize(out.size), float(visibility)) if out is not image else out
+            buf = io.BytesIO()
+            out.save(buf, format="PNG")
+            return base64.b64encode(buf.getvalue()).decode()
+
+        return {"html_info": "", "image": await run_in_threadpool(run)}
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():  # any "Latent ..." name upscales the latents bilinearly here

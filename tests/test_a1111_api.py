@@ -183,7 +183,7 @@ def test_plms_and_the_lists_clients_read_at_start(api, pipe):
     assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(ours))
     assert "Sampler: PLMS" in r.info["infotexts"][0]
     base = api.baseurl
-    for path, check in (("upscalers", lambda v: [u["name"] for u in v] == ["None", "Lanczos"]),
+    for path, check in (("upscalers", lambda v: [u["name"] for u in v] == ["None", "Lanczos", "Nearest"]),
                         ("latent-upscale-modes", lambda v: v == [{"name": "Latent"}]),
                         ("memory", lambda v: v["ram"]["total"] > v["ram"]["free"] > 0 and "cuda" in v),
                         ("cmd-flags", lambda v: v["api"] is True and "/" not in json.dumps(v)),
@@ -205,7 +205,8 @@ def test_settings_are_kept_read_back_used_and_checked(api, sd1_dir):
         got = api.get_options()
         assert (got["CLIP_stop_at_last_layers"], got["eta_ancestral"], got["samples_format"],
                 got["show_progressbar"]) == (2, 0.5, "jpg", False)
-        assert got["ldm_settings_ignored"] == ["show_progressbar"] and "eta_ddim" in got["ldm_settings_used"]
+        assert got["ldm_settings_ignored"] == ["send_seed", "send_size", "show_progressbar"]
+        assert "eta_ddim" in got["ldm_settings_used"] and got["send_seed"] is True  # A1111's UI default, read first
         bad = httpx.post(f"{base}/options", json={"CLIP_stop_at_last_layers": "two", "eta_ddim": 3,
                                                   "samples_format": "tiff"}, timeout=30)
         assert bad.status_code == 422
@@ -233,3 +234,18 @@ def test_settings_are_kept_read_back_used_and_checked(api, sd1_dir):
     finally:
         httpx.post(f"{base}/options", json={"CLIP_stop_at_last_layers": 1, "eta_ancestral": 1.0,
                                             "samples_format": "png"}, timeout=30)
+
+
+def test_extras_upscale_one_image(api, pipe):
+    """/sdapi/v1/extra-single-image (A1111's extras tab) with its filter upscalers, as webuiapi calls it."""
+    image = pipe.text_to_image(PROMPT, seed=2, steps=3).images[0]
+    r = api.extra_single_image(image=image, upscaler_1="Lanczos", upscaling_resize=2)
+    assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(image.resize((128, 128), Image.LANCZOS)))
+    r = api.extra_single_image(image=image, upscaler_1="Nearest", resize_mode=1, upscaling_resize_w=96,
+                               upscaling_resize_h=64, upscaling_crop=True)
+    assert r.image.size == (96, 64)
+    expect = image.resize((96, 96), Image.NEAREST).crop((0, 16, 96, 80))
+    assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(expect))
+    assert np.array_equal(np.asarray(api.extra_single_image(image=image).image.convert("RGB")), np.asarray(image))
+    bad = httpx.post(f"{api.baseurl}/extra-single-image", json={"image": "x", "upscaler_1": "ESRGAN_4x"}, timeout=30)
+    assert bad.status_code == 422 and "no upscaler 'ESRGAN_4x'" in bad.text
