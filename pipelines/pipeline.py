@@ -722,6 +722,7 @@ class Pipeline:
         second = dataclasses.replace(r, width=width, height=height, steps=steps, strength=q.hires_strength,
                                      run_steps=strength_steps(steps, q.hires_strength), subseeds=None,
                                      hires_base=r.steps)
+        res = None
         if q.hires_upscaler == "latent":
             z = F.interpolate(z, size=(height // f, width // f), mode="bilinear", align_corners=False)
         else:
@@ -730,19 +731,15 @@ class Pipeline:
             if q.hires_strength == 0:  # the upscaled images themselves: no second pass, no second VAE trip
                 res = Result(torch.stack([to_tensor(im)[0] / 2 + 0.5 for im in big]), z, list(r.seeds),
                              list(r.prompts), list(r.negatives), second.settings())
-                res.settings.update(r.settings(), width=r.width, height=r.height)
-                return res
-            z = torch.cat([self.encode_image(im) for im in big])
-        if q.hires_strength == 0:  # the upscaled latents decoded: no second pass
-            res = self.decode_latents(z, second)
-            res.settings.update(r.settings(), width=r.width, height=r.height)
-            return res
+            else:
+                z = torch.cat([self.encode_image(im) for im in big])
 
         def later(i, xi, x0):
             if callback is not None:
                 callback(r.steps + i, xi, x0)
 
-        res = self.decode_latents(self._sdedit(z, second, _generators(r.seeds), later), second)
+        if res is None:  # (at strength 0 no step runs: the upscaled latents decoded)
+            res = self.decode_latents(self._sdedit(z, second, _generators(r.seeds), later), second)
         res.settings.update(r.settings(), width=r.width, height=r.height)
         return res
 
@@ -790,7 +787,7 @@ class Pipeline:
         noise = noise * q.noise_multiplier
         concat = None
         if self.model.is_inpainting:
-            binary = (to_tensor(work_mask.convert("RGB"))[:, :1] >= 0).float()  # white (>= 0.5) = repaint
+            binary = (self._mask_tensor(work_mask) >= 0.5).float()  # white = repaint
             masked = autoencoder.encode(self.model.vae, (img_t * (1 - binary)).to(self.model.device))
             m_lat = F.interpolate(binary, size=lat_hw)  # nearest, as the inpainting models were trained
             concat = torch.cat([m_lat.to(masked), masked], dim=1).expand(n, -1, -1, -1)
@@ -812,7 +809,7 @@ class Pipeline:
         """The generated ``pixels`` (N, 3, h, w) in [0, 1], resized into ``region`` of the original when
         given, laid over the original by ``mask`` (L, the original's size): the original where it is 0."""
         base = (to_tensor(original.convert("RGB")) / 2 + 0.5).to(pixels)
-        m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None].to(pixels)
+        m = Pipeline._mask_tensor(mask).to(pixels)
         gen = pixels
         if region is not None:
             x1, y1, x2, y2 = region
