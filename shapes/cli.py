@@ -12,6 +12,15 @@ from pipelines.cli import device_for, model_path, sampling_args
 from pipelines.outputs import check_output_dir
 
 
+def _judging_args(p) -> None:
+    """What ldm eval and ldm eval-controlnet both take: the sampling settings, seed, batch, device."""
+    sampling_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
 def register(sub, command: str | None = None) -> None:
     """Add the shapes-world commands to ``ldm``'s subparsers."""
     e = sub.add_parser("eval", help="judge a model on the shapes world (JSON report and grid)")
@@ -19,11 +28,7 @@ def register(sub, command: str | None = None) -> None:
     e.add_argument("--output-dir", type=Path, default=Path("eval"), help="where report.json and grid.png go")
     e.add_argument("--seen", type=int, default=64, help="seen-pair prompts (default 64)")
     e.add_argument("--heldout", type=int, default=48, help="held-out-pair prompts (default 48: all of them)")
-    sampling_args(e)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--device", default=None)
-    e.add_argument("--quiet", action="store_true")
+    _judging_args(e)
     e.set_defaults(func=_eval)
     c = sub.add_parser("eval-controlnet", help="judge a ControlNet of the shapes model: placement, attributes, "
                                                "control against prompt (JSON report and grids)")
@@ -36,11 +41,7 @@ def register(sub, command: str | None = None) -> None:
     c.add_argument("--curve", type=int, default=32, help="star-as-circle cases per point of the control-against-"
                    "prompt curve (default 32; 0: skip it)")
     c.add_argument("--no-baseline", action="store_true", help="skip the uncontrolled arm (chance placement)")
-    sampling_args(c)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--device", default=None)
-    c.add_argument("--quiet", action="store_true")
+    _judging_args(c)
     c.set_defaults(func=_eval_controlnet)
     _register_demos(sub)
     b = sub.add_parser("build-shapes-model", help="train the embedded shapes model from scratch (VAE, CLIP, U-Net)")
