@@ -383,6 +383,7 @@ class ControlNetConfig(TrainConfig, DenoisingLossKeys):
     shapes_conditions: list[str] = field(default_factory=list)  # no data: the shapes world, these conditions
     #                                     (silhouette, canny), shapes at any position and size_range side
     size_range: list[int] = field(default_factory=lambda: [14, 40])  # shapes world: box side, px (inclusive)
+    size_sampling: str = "uniform"      # shapes world: sides drawn uniform or log-uniform (more small ones)
     num_images: int = 20000             # shapes world: scenes rendered and encoded once
     shape_swap_prob: float = 0.0        # shapes world: the caption names another shape this often, so that the
     #                                     condition, not the prompt, decides the shape (control against prompt)

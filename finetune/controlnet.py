@@ -138,8 +138,10 @@ class ControlNetObjective(Objective):
             raise ConfigError(f"size_range must be [low, high], got {cfg.size_range}")
         if self.resolution != shapes.CANVAS:
             raise ConfigError(f"the shapes world is {shapes.CANVAS} px; resolution {self.resolution} does not fit it")
+        if cfg.size_sampling not in ("uniform", "log-uniform"):
+            raise ConfigError(f"size_sampling must be uniform or log-uniform, got {cfg.size_sampling!r}")
         lo, hi = cfg.size_range
-        self.scenes = [shapes.free_scene(cfg.seed, i, lo, hi) for i in range(cfg.num_images)]
+        self.scenes = [shapes.free_scene(cfg.seed, i, lo, hi, sizes=cfg.size_sampling) for i in range(cfg.num_images)]
         self.latents = shapes.encode_scenes(self.model.vae, self.scenes, self.device, progress=self.progress)
         self.data = None
 

@@ -124,6 +124,31 @@ def random_lora(model_dir: str | Path, out_dir: str | Path, sdxl: bool, seed: in
     return Path(out_dir) / name
 
 
+def random_upscaler(path: str | Path, arch: str = "compact", scale: int = 2, seed: int = 0) -> Path:
+    """A small random upscaler network of a real architecture (spandrel's: ``compact``, Real-ESRGAN's
+    SRVGGNetCompact; ``esrgan``, ESRGAN's RRDBNet; ``swinir``), saved at ``path`` (.safetensors, or
+    .pth as a pickle) with the key names of the released files."""
+    from spandrel.architectures.Compact import Compact
+    from spandrel.architectures.ESRGAN import ESRGAN
+    from spandrel.architectures.SwinIR import SwinIR
+
+    torch.manual_seed(seed)
+    nets = {"compact": lambda: Compact(num_feat=8, num_conv=4, upscale=scale),
+            "esrgan": lambda: ESRGAN(num_filters=8, num_blocks=1, scale=scale),
+            "swinir": lambda: SwinIR(img_size=16, embed_dim=12, depths=[2], num_heads=[2], window_size=4,
+                                     upscale=scale, upsampler="pixelshuffledirect")}
+    sd = {k: v.contiguous() for k, v in nets[arch]().state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, str(path))
+    return path
+
+
 def _text_encoder(cls, width: int, s: dict, context_length: int, act: str, pad_token_id: int):
     from transformers import CLIPTextConfig
 

@@ -39,7 +39,7 @@ from ldm.samplers import SAMPLERS
 
 from . import request as rq
 from .options import OPTIONS, canny_thresholds
-from .pngmeta import exif_parameters, image_parameters, parse_parameters
+from .pngmeta import exif_parameters, image_parameters, parse_parameters, png_bytes
 
 log = logging.getLogger("ldm.serve.a1111")
 
@@ -256,13 +256,17 @@ def _images(payload: "Img2ImgPayload", studio, bad_request):
 
 
 def _upscaler(name: str | None) -> str:
+    """A1111's hr_upscaler in this project's terms: its Latent variants the bilinear latent upscale, its
+    image filters Lanczos; any other name a model upscaler of --upscalers-dir (checked with the request)."""
     if name is None or name.lower().startswith("latent"):
         if name not in (None, "Latent"):
             log.warning("hr_upscaler %r: upscaling the latents bilinearly (Latent)", name)
         return "latent"
-    if name != "Lanczos":
-        log.warning("hr_upscaler %r is not available here: using Lanczos", name)
-    return "lanczos"
+    if name in EXTRAS_UPSCALERS:
+        if name != "Lanczos":
+            log.warning("hr_upscaler %r: upscaling the image with Lanczos", name)
+        return "lanczos"
+    return name
 
 
 def to_request(p: Txt2ImgPayload, kind: str = "txt2img", image=None, mask=None) -> rq.Request:
@@ -454,7 +458,6 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     async def controlnet_detect(body: dict):
         """The control maps of images by a module (the preview A1111's ControlNet extension gives)."""
         from ldm.control import preprocess
-        from .pngmeta import png_bytes
 
         module = body.get("controlnet_module", "none")
         images = body.get("controlnet_input_images") or body.get("controlnet_images") or []
@@ -617,23 +620,27 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         return None  # --models-dir is read at each request: nothing is cached to refresh
 
     @app.get("/sdapi/v1/upscalers")
-    async def upscalers():  # the image upscalers of the extras tab (A1111's list holds "None" first)
+    async def upscalers():
+        """The extras tab's upscalers: A1111's filters ("None" first), then --upscalers-dir's models with
+        the scale their networks have (None for a pickle the server may not read)."""
+        models = await run_in_threadpool(lambda: {n: studio.upscaler_scale(p) for n, p in studio.upscaler_files().items()})
         return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for n in EXTRAS_UPSCALERS]
+                for n in EXTRAS_UPSCALERS] + [{"name": n, "model_name": n, "model_path": None, "model_url": None,
+                                               "scale": scale} for n, scale in models.items()]
 
-    @app.post("/sdapi/v1/extra-single-image")
-    async def extra_single_image(body: dict):
-        """A1111's extras tab on one image: upscaled by upscaling_resize (resize_mode 0) or to
-        upscaling_resize_w x _h (resize_mode 1, cropped to fill with upscaling_crop), with upscaler_1 and,
-        blended in by extras_upscaler_2_visibility, upscaler_2. Face restoration is not a feature here."""
-        import io
-
-        data = body.get("image")
-        if not isinstance(data, str) or not data:
-            return _error(422, [("image", "required: a base64 image")])
+    def extras_job(body: dict, images: list):
+        """A1111's extras on images (still base64): the problems found, else a job for the worker that
+        upscales them by upscaling_resize (resize_mode 0) or to upscaling_resize_w x _h (resize_mode 1,
+        cropped to fill with upscaling_crop) with upscaler_1 and, blended in by
+        extras_upscaler_2_visibility, upscaler_2 (a filter, or a model of --upscalers-dir). Face restoration
+        is not a feature here."""
+        models = studio.upscaler_files()
         names = [body.get("upscaler_1", "None"), body.get("upscaler_2", "None")]
-        bad = [(f, f"no upscaler {n!r}; available: {', '.join(EXTRAS_UPSCALERS)}")
-               for f, n in zip(("upscaler_1", "upscaler_2"), names) if n not in EXTRAS_UPSCALERS]
+        bad = [(f, f"no upscaler {n!r}; available: {', '.join([*EXTRAS_UPSCALERS, *models])}")
+               for f, n in zip(("upscaler_1", "upscaler_2"), names) if n not in EXTRAS_UPSCALERS and n not in models]
+        bad += [(f, f"upscaler {n!r} is a pickle file, refused: give the server its .safetensors, or start it with "
+                    f"--allow-pickle") for f, n in zip(("upscaler_1", "upscaler_2"), names)
+                if n in models and models[n].suffix != ".safetensors" and not studio.request_limits().allow_pickle]
         mode, scale = body.get("resize_mode", 0), body.get("upscaling_resize", 2)
         w, h = body.get("upscaling_resize_w", 512), body.get("upscaling_resize_h", 512)
         visibility = body.get("extras_upscaler_2_visibility", 0)
@@ -643,42 +650,82 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
                 if isinstance(v, bool) or not isinstance(v, (int, float))]
         if mode not in (0, 1):
             bad.append(("resize_mode", f"must be 0 (by upscaling_resize) or 1 (to upscaling_resize_w x _h), got {mode!r}"))
+        if not images:
+            bad.append(("imageList", "no image given"))
         if bad:
-            return _error(422, bad)
-        try:
-            image = await run_in_threadpool(studio.read_image, data, "image")
-        except BadRequest as exc:
-            return _error(422, [(exc.field, exc.message)])
-        size = (round(image.width * scale), round(image.height * scale)) if mode == 0 else (int(w), int(h))
+            return bad, None
+        decoded = []
+        for field, data in images:
+            if not isinstance(data, str) or not data:
+                return [(field, "required: a base64 image")], None
+            try:
+                decoded.append(studio.read_image(data, field))
+            except BadRequest as exc:
+                return [(exc.field, exc.message)], None
         limit = studio.limits.max_side
-        if not (1 <= min(size) and max(size) <= limit):
-            return _error(422, [("upscaling_resize" if mode == 0 else "upscaling_resize_w",
-                                 f"makes {size[0]}x{size[1]}; sides must be from 1 to {limit} (--max-side)")])
+        for image in decoded:
+            size = (round(image.width * scale), round(image.height * scale)) if mode == 0 else (int(w), int(h))
+            if not (1 <= min(size) and max(size) <= limit):
+                return [("upscaling_resize" if mode == 0 else "upscaling_resize_w",
+                         f"makes {size[0]}x{size[1]}; sides must be from 1 to {limit} (--max-side)")], None
         if any(body.get(k, 0) for k in ("gfpgan_visibility", "codeformer_visibility")):
             log.warning("extras: face restoration is not a feature here; ignored")
 
         def run():
-            def up(name):
-                resample = EXTRAS_UPSCALERS[name]
-                if resample is None:
+            from ldm.upscalers import upscale
+
+            def up(image, name, size):
+                if name in models:  # a model: run until large enough, then Lanczos (A1111's way)
+                    net = studio.pipe.upscaler(models[name])
+                    resize = lambda im, sz: upscale(net, im, sz)  # noqa: E731
+                elif EXTRAS_UPSCALERS[name] is None:
                     return image
+                else:
+                    resize = lambda im, sz: im.resize(sz, EXTRAS_UPSCALERS[name])  # noqa: E731
                 if mode == 1 and body.get("upscaling_crop", True):  # cover the size, then crop its middle
                     k = max(size[0] / image.width, size[1] / image.height)
-                    big = image.resize((max(size[0], round(image.width * k)), max(size[1], round(image.height * k))),
-                                       resample)
+                    big = resize(image, (max(size[0], round(image.width * k)), max(size[1], round(image.height * k))))
                     x, y = (big.width - size[0]) // 2, (big.height - size[1]) // 2
                     return big.crop((x, y, x + size[0], y + size[1]))
-                return image.resize(size, resample)
+                return resize(image, size)
 
-            out = up(names[0])
-            if names[1] != "None" and visibility > 0:
-                second = up(names[1])
-                out = Image.blend(out, second.resize(out.size), float(visibility)) if out is not image else out
-            buf = io.BytesIO()
-            out.save(buf, format="PNG")
-            return base64.b64encode(buf.getvalue()).decode()
+            info = ", ".join(f"{k}: {v}" for k, v in (  # A1111's postprocessing parameters
+                ("Postprocess upscale by", scale if mode == 0 else None),
+                ("Postprocess upscale to", f"{int(w)}x{int(h)}" if mode == 1 else None),
+                ("Postprocess upscaler", names[0]),
+                ("Postprocess upscaler 2", names[1] if names[1] != "None" and visibility > 0 else None)) if v is not None)
+            out = []
+            for image in decoded:
+                size = (round(image.width * scale), round(image.height * scale)) if mode == 0 else (int(w), int(h))
+                first = up(image, names[0], size)
+                if names[1] != "None" and visibility > 0 and first is not image:
+                    first = Image.blend(first, up(image, names[1], size).resize(first.size), float(visibility))
+                out.append(base64.b64encode(png_bytes(first, info)).decode())
+            return out
 
-        return {"html_info": "", "image": await run_in_threadpool(run)}
+        return [], run
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(body: dict):
+        """A1111's extras tab on one image (extras_job)."""
+        bad, job = extras_job(body, [("image", body.get("image"))])
+        if bad:
+            return _error(422, bad)
+        out = await call_on_worker(studio, job)
+        return {"html_info": "", "image": out[0]} if isinstance(out, list) else out
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch_images(body: dict):
+        """A1111's extras tab on several images: ``imageList`` of {data, name} (extras_job)."""
+        items = body.get("imageList")
+        if not isinstance(items, list):
+            return _error(422, [("imageList", "required: a list of {\"data\": base64 image, \"name\": ...}")])
+        bad, job = extras_job(body, [(f"imageList[{i}]", item.get("data") if isinstance(item, dict) else None)
+                                     for i, item in enumerate(items)])
+        if bad:
+            return _error(422, bad)
+        out = await call_on_worker(studio, job)
+        return {"html_info": "", "images": out} if isinstance(out, list) else out
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():  # any "Latent ..." name upscales the latents bilinearly here

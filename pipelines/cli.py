@@ -32,6 +32,7 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="folder of LoRA .safetensors files that <lora:NAME:WEIGHT> tags in a prompt name (as A1111's "
                         "models/Lora)")
+    upscalers_dir_arg(p)
     p.add_argument("--from-file", type=Path, help="a text file with one prompt a line (blank and #-lines skipped); "
                                                   "each image is written as soon as it is made, a rerun skips images already "
                                                   "written, and under `accelerate launch` the prompts are spread over "
@@ -39,6 +40,13 @@ def _common(p: argparse.ArgumentParser):
     speed_args(p)
     p.add_argument("--vae-slicing", type=int, default=None, metavar="N",
                    help="decode N images at a time (default: 1 at a time for batches over 4)")
+
+
+def upscalers_dir_arg(p: argparse.ArgumentParser):
+    p.add_argument("--upscalers-dir", type=Path, default=None, metavar="DIR",
+                   help="folder of model upscalers (ESRGAN, Real-ESRGAN, SwinIR, 4x-UltraSharp, ... as .safetensors, "
+                        "or .pth with --allow-pickle; A1111's models/ESRGAN) that --hires-upscaler and `ldm upscale` "
+                        "name by file name")
 
 
 def model_args(p: argparse.ArgumentParser):
@@ -91,7 +99,7 @@ def sampling_args(p: argparse.ArgumentParser):
     add_flags(p, SAMPLING)
 
 
-CORE_COMMANDS = ("generate", "img2img", "inpaint", "edit", "convert", "serve", "control-preview")
+CORE_COMMANDS = ("generate", "img2img", "inpaint", "edit", "convert", "serve", "control-preview", "upscale")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -134,6 +142,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--control-resize", default=CONTROL_OPTIONS["resize"].default, choices=list(RESIZE_MODES),
                    help=CONTROL_OPTIONS["resize"].help)
     v.set_defaults(func=_control_preview)
+    u = sub.add_parser("upscale", help="upscale an image with a model upscaler (ESRGAN, SwinIR, ...), tiled")
+    u.add_argument("image", type=Path, help="the image to upscale")
+    u.add_argument("--upscaler", required=True, metavar="NAME_OR_FILE",
+                   help="a name of --upscalers-dir, an upscaler file, or lanczos")
+    upscalers_dir_arg(u)
+    u.add_argument("--scale", type=float, default=None, help="the factor (default: the network's own, e.g. 4)")
+    u.add_argument("--width", type=int, default=None, help="or the output's width and --height (both)")
+    u.add_argument("--height", type=int, default=None)
+    u.add_argument("--output", type=Path, required=True, help="the upscaled image, a .png file")
+    u.add_argument("--tile", type=int, default=None, help="tile side in input px (default 512; smaller fits less memory)")
+    u.add_argument("--tile-overlap", type=int, default=None, help="px tiles overlap by (default 32)")
+    u.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    u.add_argument("--allow-pickle", action="store_true", help="allow a .pth/.pt/.ckpt pickle upscaler (trusted "
+                                                               "files only)")
+    u.set_defaults(func=_upscale)
     c = sub.add_parser("convert", help="a single-file checkpoint (A1111 / ComfyUI layout) to a diffusers directory, "
                                        "a diffusers directory to a single file, or a LoRA between diffusers' "
                                        "and kohya's layouts")
@@ -163,6 +186,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "among (/sdapi/v1/options sd_model_checkpoint)")
     s.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion embeddings, all loaded at start")
     s.add_argument("--lora-dir", type=Path, help="folder of LoRA .safetensors files a request may pick by name")
+    upscalers_dir_arg(s)
     s.add_argument("--controlnet-dir", type=Path, help="folder of ControlNets (diffusers directories) a request's "
                                                        "controls may pick by name")
     from .limits import Limits  # the limits' flags, from their one declaration
@@ -345,6 +369,7 @@ def _serve(args) -> int:
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=limits,
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, models_dir=args.models_dir,
+                        upscalers_dir=args.upscalers_dir,
                         controlnet_dir=args.controlnet_dir,
                         load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle,
                                          config=args.model_config, vae=args.vae),
@@ -378,6 +403,55 @@ def _control_preview(args) -> int:
             out = fit(out, args.width, args.height, args.control_resize)
         written = save_png(out, args.output, f"control map: {args.control_preprocessor} of {args.image.name}")
     except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
+
+
+def _upscale(args) -> int:
+    from PIL import Image
+
+    from ldm.upscalers import MAX_SIDE, OVERLAP, TILE, UpscalerError, upscale
+
+    from .pngmeta import save_png
+    from .request import Limits, upscaler_path, upscaler_problem
+
+    try:
+        check_output_file(args.output)
+        if (args.width is None) != (args.height is None) or (args.width is not None and args.scale is not None):
+            raise ValueError("give --scale, or --width and --height together (not both ways)")
+        if args.scale is not None and not 0 < args.scale <= 16:
+            raise ValueError(f"--scale must be in (0, 16], got {args.scale:g}")
+        limits = Limits(upscalers_dir=args.upscalers_dir, allow_pickle=args.allow_pickle)
+        if args.upscalers_dir is not None and not args.upscalers_dir.is_dir():
+            raise ValueError(f"--upscalers-dir {str(args.upscalers_dir)!r} is not a directory")
+        if (msg := upscaler_problem(args.upscaler, limits)) is not None:
+            raise ValueError(f"--upscaler: {msg}")
+        if not args.image.is_file():
+            raise ValueError(f"{str(args.image)!r} does not exist")
+        with Image.open(args.image) as probe:  # the header only: the size is checked before the pixels are read
+            w, h = probe.size
+        net = None
+        if args.upscaler != "lanczos":
+            from ldm.upscalers import load_upscaler
+
+            net = load_upscaler(upscaler_path(args.upscaler, limits), allow_pickle=args.allow_pickle,
+                                device=device_for(args))
+        scale = args.scale if args.scale is not None else (net.scale if net is not None else 2)
+        size = (args.width, args.height) if args.width is not None else (round(w * scale), round(h * scale))
+        if not (1 <= min(size) and max(size) <= MAX_SIDE):
+            raise ValueError(f"the output would be {size[0]}x{size[1]}; sides must be from 1 to {MAX_SIDE}")
+        from ldm.images import load_image
+
+        image = load_image(args.image)
+        if net is None:
+            out = image.resize(size, Image.LANCZOS)
+        else:
+            out = upscale(net, image, size, args.tile or TILE, OVERLAP if args.tile_overlap is None else args.tile_overlap)
+        written = save_png(out, args.output, f"upscaled {image.width}x{image.height} -> {size[0]}x{size[1]} with "
+                                             f"{Path(args.upscaler).stem}")
+    except (ValueError, UpscalerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(written)
@@ -552,7 +626,7 @@ def run(args) -> list[Path]:
     out_dir = args.output_dir or (None if args.output else Path("outputs"))
     if out_dir is not None:
         check_output_dir(out_dir, "--output-dir" if args.output_dir else "the default --output-dir")
-    limits = Limits(lora_dir=args.lora_dir)
+    limits = Limits(lora_dir=args.lora_dir, upscalers_dir=args.upscalers_dir, allow_pickle=args.allow_pickle)
     req = build_request(args, prompts).check(limits)
 
     rank, world, state = process_state()
@@ -562,7 +636,7 @@ def run(args) -> list[Path]:
     pipe = Pipeline.from_pretrained(model_path(args), device=device, dtype=args.dtype,
                                     allow_pickle=args.allow_pickle, config=args.model_config, vae=args.vae,
                                     attention=args.attention, vae_slice_size=args.vae_slicing)
-    pipe.lora_dir = args.lora_dir
+    pipe.lora_dir, pipe.upscalers_dir = args.lora_dir, args.upscalers_dir
     if args.compile:
         pipe.compile(regional=args.compile == "blocks")
     if getattr(args, "refiner", None):

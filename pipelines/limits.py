@@ -32,9 +32,10 @@ class Limits:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a number >= 1, got {v!r}")
 
-    def for_requests(self, lora_dir: Path | None):
+    def for_requests(self, lora_dir: Path | None, upscalers_dir: Path | None = None, allow_pickle: bool = False):
         """The request-level limits (pipelines.request.Limits) of a request to this server."""
         from . import request as rq
 
         return rq.Limits(self.max_side, self.max_batch, self.max_steps, lora_dir, lora_paths=False,
+                         upscalers_dir=upscalers_dir, allow_pickle=allow_pickle,
                          max_images=self.max_images, max_prompt_chars=self.max_prompt_chars)

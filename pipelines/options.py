@@ -124,9 +124,10 @@ OPTIONS: dict[str, Option] = {
                              metavar="F", kinds=("txt2img",)),
     "hires_steps": Option(int, None, "the hires pass's steps (default: --steps)", low=1, a1111="hr_second_pass_steps",
                           metavar="N", kinds=("txt2img",)),
-    "hires_upscaler": Option(str, "latent", "upscale the latents (bilinear) or the decoded image (Lanczos); default "
-                                            "latent", choices=HIRES_UPSCALERS, a1111="hr_upscaler",
-                             kinds=("txt2img",)),
+    "hires_upscaler": Option(str, "latent", "upscale the latents (latent: bilinear), the decoded image (lanczos), or "
+                                            "the decoded image with a model upscaler: a name of --upscalers-dir (ESRGAN, "
+                                            "SwinIR, ...; a file's path on the command line); default latent",
+                             a1111="hr_upscaler", metavar="NAME", kinds=("txt2img",)),
     "refiner_start": Option(float, None, "the fraction of the schedule the base denoises before the refiner "
                                          "(default 0.8 with --refiner)", low=0, high=1, open_low=True, open_high=True,
                             metavar="F", http=False, kinds=("txt2img",)),

@@ -140,11 +140,16 @@ class Pipeline:
         self._lora_names: dict[Path, str] = {}  # LoRA files loaded as peft adapters: resolved path -> name
         self._pinned_loras: dict[Path, tuple[float, float]] = {}  # load_lora's: active in every generation
         self._active_loras: dict[Path, tuple[float, float]] = {}  # the set in force (set_loras)
+        self.upscalers_dir: Path | None = None  # the folder a hires_upscaler names model upscalers of
+        self.allow_pickle = False  # whether those (and LoRA, embedding files) may be pickles
+        self._upscaler: tuple = (None, None)  # (resolved path, spandrel descriptor): the last one used
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "Pipeline":
         slice_size = kwargs.pop("vae_slice_size", None)
-        return cls(load_model(name_or_path, **kwargs), vae_slice_size=slice_size)
+        pipe = cls(load_model(name_or_path, **kwargs), vae_slice_size=slice_size)
+        pipe.allow_pickle = bool(kwargs.get("allow_pickle", False))
+        return pipe
 
     def compile(self, *, regional: bool = False, backend: str = "inductor") -> "Pipeline":
         """torch.compile the U-Net and the VAE's decoder (in place; the first generation after it pays
@@ -176,7 +181,22 @@ class Pipeline:
     def resolve(self, req: Request, limits=None) -> Resolved:
         """The request for this model, under ``limits`` (default: this pipeline's ``lora_dir`` for the
         prompts' ``<lora:NAME:WEIGHT>`` tags)."""
-        return req.resolve(self.model, limits if limits is not None else Limits(lora_dir=self.lora_dir))
+        return req.resolve(self.model, limits if limits is not None else self.limits())
+
+    def limits(self) -> Limits:
+        """A command line's limits: this pipeline's folders (LoRA, upscalers), and paths allowed."""
+        return Limits(lora_dir=self.lora_dir, upscalers_dir=self.upscalers_dir, allow_pickle=self.allow_pickle)
+
+    def upscaler(self, path: Path):
+        """The model upscaler of a file (spandrel's descriptor on this pipeline's device), kept while the
+        next request asks for the same one."""
+        from ldm.upscalers import load_upscaler
+
+        key = Path(path).resolve()
+        if self._upscaler[0] != key:
+            self._upscaler = (None, None)  # the previous one's memory first
+            self._upscaler = (key, load_upscaler(key, allow_pickle=self.allow_pickle, device=self.model.device))
+        return self._upscaler[1]
 
     def apply_adapters(self, r: Resolved | Request) -> None:
         """Load the request's embeddings and LoRA files that this model does not have yet, and make its
@@ -523,7 +543,8 @@ class Pipeline:
         """The A1111 ``parameters`` text (A1111's "infotext") of each image of ``res``: what its PNG carries."""
         st = res.settings
         sub = st.get("subseed")
-        upscaler = {"latent": "Latent", "lanczos": "Lanczos"}.get(st.get("hires_upscaler"))
+        upscaler = st.get("hires_upscaler")  # a model upscaler by its name (a file's stem), as A1111 writes it
+        upscaler = {"latent": "Latent", "lanczos": "Lanczos"}.get(upscaler, upscaler and Path(upscaler).stem)
         return [format_parameters(p, n, steps=st["steps"], sampler=st["sampler"], guidance=st["guidance"], seed=s,
                                   schedule=st.get("schedule"),
                                   width=st["width"], height=st["height"], model=self.model.name,
@@ -727,7 +748,13 @@ class Pipeline:
             z = F.interpolate(z, size=(height // f, width // f), mode="bilinear", align_corners=False)
         else:
             pixels = autoencoder.decode(self.model.vae, z, self._slice(z.shape[0]))
-            big = [im.resize((width, height), Image.LANCZOS) for im in to_pil(pixels)]
+            if r.upscaler is not None:  # a model upscaler (A1111: run until large enough, then Lanczos to size)
+                from ldm.upscalers import upscale
+
+                net = self.upscaler(r.upscaler)
+                big = [upscale(net, im, (width, height)) for im in to_pil(pixels)]
+            else:
+                big = [im.resize((width, height), Image.LANCZOS) for im in to_pil(pixels)]
             if q.hires_strength == 0:  # the upscaled images themselves: no second pass, no second VAE trip
                 res = Result(torch.stack([to_tensor(im)[0] / 2 + 0.5 for im in big]), z, list(r.seeds),
                              list(r.prompts), list(r.negatives), second.settings())

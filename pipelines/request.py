@@ -25,7 +25,7 @@ from ldm.names import A1111_CONTROL_MODES
 from ldm.prompts import lora_tags
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
 
-from .options import DEFAULT_STRENGTH, KIND_WORDS, KINDS, OPTIONS, UNIT_GROUPS, canny_thresholds
+from .options import DEFAULT_STRENGTH, HIRES_UPSCALERS, KIND_WORDS, KINDS, OPTIONS, UNIT_GROUPS, canny_thresholds
 
 # options checked here by rules of their own (the server's limits, the model's factor, one bound of
 # guidance); every other option's plain check comes from its line in pipelines.options
@@ -42,6 +42,9 @@ class Limits:
     max_steps: int | None = None  # sampling steps
     lora_dir: Path | None = None  # LoRA entries are names of files in this folder (else paths) ...
     lora_paths: bool = True       # ... and without one, whether they may be paths (not over HTTP)
+    upscalers_dir: Path | None = None  # hires_upscaler may name a model upscaler file of this folder (else a path
+    #                                    where lora_paths allows paths)
+    allow_pickle: bool = False    # ... and that file may be a pickle
     max_images: int | None = None  # images per request: prompts x batch_size x n_iter
     max_prompt_chars: int | None = None  # characters of each prompt and negative prompt
 
@@ -184,6 +187,9 @@ class Request:
             for name in ("width", "height"):
                 if getattr(self, name) is not None:
                     add((name, "inpainting keeps the image's size; a working size applies with only_masked"))
+        if self.hires_scale is not None or self.hires_upscaler != OPTIONS["hires_upscaler"].default:
+            if (msg := upscaler_problem(self.hires_upscaler, lim)) is not None:
+                add(("hires_upscaler", msg))
         if self.hires_scale is not None:
             if self.hires_steps is not None and lim.max_steps is not None and isinstance(self.hires_steps, int) \
                     and self.hires_steps > lim.max_steps:
@@ -372,6 +378,7 @@ class Request:
             subseeds = [sub + i for i in range(len(seeds))]
         return Resolved(request=self, kind=self.kind, prompts=prompts, negatives=negatives, seeds=seeds,
                         loras=tuple(self.lora_set(limits)[0]), lora_limits=limits,
+                        upscaler=upscaler_path(self.hires_upscaler, limits or Limits()) if self.hires_scale else None,
                         prompts_2=prompts_2, negatives_2=negatives_2,
                         sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                         guidance_rescale=self.guidance_rescale, clip_skip=self.clip_skip,
@@ -404,6 +411,7 @@ class Resolved:
     loras: tuple = ()       # (file, text-encoder weight, U-Net weight) per LoRA applied (Request.lora_set)
     lora_limits: Limits | None = None  # ... under these limits (their LoRA folder names the tags' files)
     hires_base: int | None = None  # a hires pass: the first pass's steps (prompt editing counts them first)
+    upscaler: Path | None = None   # the hires fix's model upscaler file (hires_upscaler names one)
 
     def settings(self) -> dict:
         """What the PNG metadata records."""
@@ -478,6 +486,41 @@ class Resolved:
 def hires_size(side: int, scale: float, factor: int = 8) -> int:
     """A side after the hires fix's upscale, down to a multiple of the VAE factor (as A1111 rounds)."""
     return int(side * scale) // factor * factor
+
+
+def upscaler_path(name: str, limits: Limits) -> Path | None:
+    """The model upscaler file a hires_upscaler names (None for latent and lanczos, or no such file)."""
+    from ldm.upscalers import upscaler_files
+
+    if name in HIRES_UPSCALERS or not isinstance(name, str):
+        return None
+    if limits.upscalers_dir is not None:
+        files = upscaler_files(limits.upscalers_dir)
+        if name in files:
+            return files[name]
+    return Path(name) if limits.lora_paths and Path(name).is_file() else None
+
+
+def upscaler_problem(name, limits: Limits) -> str | None:
+    """Why ``name`` is no upscaler this request may use; None when it is one."""
+    from ldm.upscalers import SUFFIXES, upscaler_files
+
+    if name in HIRES_UPSCALERS:
+        return None
+    if not isinstance(name, str) or not name:
+        return f"must be latent, lanczos or a model upscaler's name, got {name!r}"
+    path = upscaler_path(name, limits)
+    if path is None:
+        names = [*HIRES_UPSCALERS, *(upscaler_files(limits.upscalers_dir) if limits.upscalers_dir else ())]
+        where = "" if limits.upscalers_dir else (" (model upscalers are named from --upscalers-dir" +
+                                                 (", or given as a file's path)" if limits.lora_paths else ")"))
+        return f"no upscaler {name!r}; available: {', '.join(names)}{where}"
+    if path.suffix not in SUFFIXES:
+        return f"{str(path)!r} is not an upscaler file ({', '.join(SUFFIXES)})"
+    if path.suffix != ".safetensors" and not limits.allow_pickle:
+        return (f"upscaler {name!r} is a pickle file ({path.suffix}), refused by default: use its .safetensors, "
+                "or --allow-pickle if you trust where it came from")
+    return None
 
 
 def lora_files(folder: Path) -> dict[str, Path]:

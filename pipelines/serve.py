@@ -369,7 +369,7 @@ class Studio:
 
     def __init__(self, model_path, *, output_dir, limits: Limits | None = None, device: str = "cpu",
                  embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None, worker_thread: bool = True,
-                 controlnet_dir=None,
+                 controlnet_dir=None, upscalers_dir=None,
                  models_dir=None, compile: str | None = None):
         self.model_path = self._start_model = str(model_path)
         self.models_dir = Path(models_dir) if models_dir else None
@@ -382,8 +382,10 @@ class Studio:
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
+        self.upscalers_dir = Path(upscalers_dir) if upscalers_dir else None
+        self._upscaler_scales: dict[tuple, int | None] = {}  # (file, mtime) -> its network's scale
         for name, d in (("--embeddings-dir", self.embeddings_dir), ("--lora-dir", self.lora_dir),
-                        ("--controlnet-dir", self.controlnet_dir)):
+                        ("--controlnet-dir", self.controlnet_dir), ("--upscalers-dir", self.upscalers_dir)):
             if d is not None and not d.is_dir():
                 raise ValueError(f"{name} {str(d)!r} is not a folder")
         self.queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_size)
@@ -450,11 +452,37 @@ class Studio:
     def lora_files(self) -> dict[str, Path]:
         return {} if self.lora_dir is None else rq.lora_files(self.lora_dir)
 
+    def upscaler_files(self) -> dict[str, Path]:
+        from ldm.upscalers import upscaler_files
+
+        return {} if self.upscalers_dir is None else upscaler_files(self.upscalers_dir)
+
+    def upscaler_scale(self, path: Path) -> int | None:
+        """The scale of an upscaler file's network (read once per file and change; None for a file the
+        server may not or cannot read)."""
+        from ldm.upscalers import UpscalerError, load_upscaler
+
+        key = (Path(path).resolve(), Path(path).stat().st_mtime_ns)
+        if key not in self._upscaler_scales:
+            try:
+                net = load_upscaler(path, allow_pickle=self.request_limits().allow_pickle)
+                self._upscaler_scales[key] = int(net.scale)
+            except UpscalerError as exc:
+                log.warning("upscaler %s: %s", Path(path).name, exc)
+                self._upscaler_scales[key] = None
+        return self._upscaler_scales[key]
+
+    def request_limits(self) -> rq.Limits:
+        """A request's limits on this server: its flags' bounds, its LoRA and upscaler folders, no paths."""
+        return self.limits.for_requests(self.lora_dir, self.upscalers_dir,
+                                        bool(self.load_kwargs.get("allow_pickle", False)))
+
     def _load(self):
         """The model with every embedding of the folder (LoRA files are switched per request)."""
         from .pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(self.model_path, device=self.device, **self.load_kwargs)
+        pipe.upscalers_dir = self.upscalers_dir
         self.embeddings, self.skipped_embeddings = {}, {}
         self.load_embeddings(pipe)
         if self.compile_mode:  # compiled once here and warmed up, so no request pays the compile time
@@ -534,6 +562,7 @@ class Studio:
                 "schedules": list(SCHEDULES),
                 "embeddings": [{"file": f, "tokens": t} for f, t in self.embeddings.items()],
                 "lora": list(self.lora_files()),
+                "upscalers": [*rq.HIRES_UPSCALERS, *self.upscaler_files()],  # hires_upscaler's values
                 "controlnets": list(self.controlnets()),
                 "inpaint": {n: {"default": OPTIONS[n].default, "choices": OPTIONS[n].choices}  # the studio's fields
                             for n in options_for("inpaint", "http") if "inpaint" in OPTIONS[n].kinds
@@ -544,7 +573,7 @@ class Studio:
     def resolve(self, req: rq.Request) -> rq.Resolved:
         """The request checked against this server's limits and the model, defaults filled in and the
         seed drawn; RequestError lists every problem as (field, message)."""
-        return req.resolve(self.pipe.model, self.limits.for_requests(self.lora_dir))
+        return req.resolve(self.pipe.model, self.request_limits())
 
     def read_image(self, data: str, field: str = "image"):
         """A request's base64 image -> RGB PIL image, or BadRequest naming ``field``; an image larger
@@ -712,7 +741,7 @@ class Studio:
         previous = self.current_model()
         self.switch_model(job.model)
         try:
-            job.resolved = job.resolved.request.resolve(self.pipe.model, self.limits.for_requests(self.lora_dir))
+            job.resolved = job.resolved.request.resolve(self.pipe.model, self.request_limits())
             return self._run_on_model(job)
         finally:
             if job.restore_model:

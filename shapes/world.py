@@ -147,16 +147,23 @@ def size_class(side: int) -> str:
     return "small" if side <= SMALL_MAX else "large"
 
 
-def free_scene(seed: int, index: int, lo: int = 14, hi: int = 40, split: str = "train") -> Scene:
-    """Scene ``index`` of a seeded stream whose box side is uniform in [lo, hi] (sizes between the
+def free_scene(seed: int, index: int, lo: int = 14, hi: int = 40, split: str = "train",
+               sizes: str = "uniform") -> Scene:
+    """Scene ``index`` of a seeded stream whose box side is drawn in [lo, hi] (sizes between the
     world's two classes too, named by size_class) anywhere on the canvas (MARGIN from the edges): the
-    placements a control image asks for."""
+    placements a control image asks for. ``sizes``: uniform, or log-uniform (as many sides from 10 to
+    20 px as from 20 to 40: more of the small ones, where a pixel is a larger part of the box)."""
     if not MARGIN * 2 < lo <= hi <= CANVAS - 2 * MARGIN:
         raise ValueError(f"box sides {lo}..{hi}: give {2 * MARGIN} < lo <= hi <= {CANVAS - 2 * MARGIN}")
     rng = np.random.default_rng([seed, index, 97])
     combos = combinations(split)
     _, color, shape, bg = combos[int(rng.integers(len(combos)))]
-    s = int(rng.integers(lo, hi + 1))
+    if sizes == "uniform":
+        s = int(rng.integers(lo, hi + 1))
+    elif sizes == "log-uniform":  # a continuous log-uniform draw over [lo - 0.5, hi + 0.5], rounded
+        s = min(hi, max(lo, int(np.rint(np.exp(rng.uniform(np.log(lo - 0.5), np.log(hi + 0.5)))))))
+    else:
+        raise ValueError(f"sizes must be uniform or log-uniform, got {sizes!r}")
     return Scene(size_class(s), color, shape, bg, s, *_corner(rng, s))
 
 

@@ -29,6 +29,11 @@ def api(tmp_path_factory, sd1_dir):
     models = tmp_path_factory.mktemp("models")
     (models / "tiny-sd1").symlink_to(sd1_dir)
     out = tmp_path_factory.mktemp("out")
+    upscalers = tmp_path_factory.mktemp("upscalers")
+    from ldm.tiny import random_upscaler
+
+    random_upscaler(upscalers / "tiny-esrgan-4x.safetensors", "esrgan", scale=4, seed=5)
+    random_upscaler(upscalers / "tiny-compact-2x.pth", "compact", scale=2, seed=6)  # a pickle: refused
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -37,7 +42,8 @@ def api(tmp_path_factory, sd1_dir):
     # the server's threads are this process's: the images are compared bit for bit with in-process ones, and
     # `--threads auto` would take fewer on a busy machine (another order of float sums, a pixel level off)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--models-dir",
-                             str(models), "--output-dir", str(out), "--max-steps", "60",
+                             str(models), "--output-dir", str(out), "--max-steps", "60", "--upscalers-dir",
+                             str(upscalers),
                              "--threads", str(torch.get_num_threads())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -49,7 +55,7 @@ def api(tmp_path_factory, sd1_dir):
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
             time.sleep(0.2)
     client = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=8)
-    client.proc = proc
+    client.proc, client.upscalers = proc, upscalers
     yield client
     proc.terminate()
     proc.wait(30)
@@ -183,7 +189,9 @@ def test_plms_and_the_lists_clients_read_at_start(api, pipe):
     assert np.array_equal(np.asarray(r.image.convert("RGB")), np.asarray(ours))
     assert "Sampler: PLMS" in r.info["infotexts"][0]
     base = api.baseurl
-    for path, check in (("upscalers", lambda v: [u["name"] for u in v] == ["None", "Lanczos", "Nearest"]),
+    for path, check in (("upscalers", lambda v: [(u["name"], u["scale"]) for u in v][3:] == [
+                            ("tiny-compact-2x", None), ("tiny-esrgan-4x", 4)]  # (the pickle: not read)
+                            and [u["name"] for u in v][:3] == ["None", "Lanczos", "Nearest"]),
                         ("latent-upscale-modes", lambda v: v == [{"name": "Latent"}]),
                         ("memory", lambda v: v["ram"]["total"] > v["ram"]["free"] > 0 and "cuda" in v),
                         ("cmd-flags", lambda v: v["api"] is True and "/" not in json.dumps(v)),
@@ -249,3 +257,34 @@ def test_extras_upscale_one_image(api, pipe):
     assert np.array_equal(np.asarray(api.extra_single_image(image=image).image.convert("RGB")), np.asarray(image))
     bad = httpx.post(f"{api.baseurl}/extra-single-image", json={"image": "x", "upscaler_1": "ESRGAN_4x"}, timeout=30)
     assert bad.status_code == 422 and "no upscaler 'ESRGAN_4x'" in bad.text
+
+
+def test_model_upscalers_in_extras_and_hires(api, pipe):
+    """--upscalers-dir's networks in the extras tab (one image, a batch) and as the hires fix's upscaler, as
+    webuiapi sends them; each image equals ldm.upscalers' own on the same file; a pickle the server was not
+    allowed and an unknown name are 422s naming them."""
+    from ldm.upscalers import load_upscaler, upscale
+
+    net = load_upscaler(api.upscalers / "tiny-esrgan-4x.safetensors")
+    image = pipe.text_to_image(PROMPT, seed=2, steps=3).images[0]
+    near = lambda a, b: np.abs(np.asarray(a.convert("RGB"), dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # noqa: E731
+    r = api.extra_single_image(image=image, upscaler_1="tiny-esrgan-4x", upscaling_resize=2)
+    assert r.image.size == (128, 128) and near(r.image, upscale(net, image, (128, 128)))
+    assert api.png_info(r.image).info == "Postprocess upscale by: 2, Postprocess upscaler: tiny-esrgan-4x"
+    other = image.transpose(Image.FLIP_LEFT_RIGHT)
+    r = api.extra_batch_images(images=[image, other], upscaler_1="tiny-esrgan-4x", upscaling_resize=4)
+    assert [im.size for im in r.images] == [(256, 256)] * 2
+    assert near(r.images[1], upscale(net, other, (256, 256)))
+    r = api.txt2img(prompt=PROMPT, seed=3, steps=4, width=64, height=64, enable_hr=True, hr_scale=2,
+                    hr_upscaler="tiny-esrgan-4x", denoising_strength=0, sampler_name="Euler")
+    first = pipe.text_to_image(PROMPT, seed=3, steps=4, sampler="euler", guidance_scale=7.0).images[0]
+    assert near(r.image, upscale(net, first, (128, 128)))
+    assert "Hires upscaler: tiny-esrgan-4x" in r.info["infotexts"][0]
+    for body in ({"image": "x", "upscaler_1": "tiny-compact-2x"}, {"imageList": [], "upscaler_1": "Lanczos"}):
+        bad = httpx.post(f"{api.baseurl}/extra-{'single-image' if 'image' in body else 'batch-images'}", json=body,
+                         timeout=30)
+        assert bad.status_code == 422 and ("is a pickle file" in bad.text or "no image given" in bad.text), bad.text
+    with pytest.raises(RuntimeError) as e:
+        api.txt2img(prompt=PROMPT, steps=2, width=64, height=64, enable_hr=True, hr_upscaler="R-ESRGAN 4x+")
+    assert e.value.args[0] == 422 and "no upscaler 'R-ESRGAN 4x+'; available: latent, lanczos, tiny-compact-2x" \
+        in e.value.args[1]

@@ -206,3 +206,20 @@ def test_shape_swap_names_another_shape_and_keeps_the_condition(tmp_path, swap):
         assert len(named) == 1 and all(w in shapes.SHAPES or w in sc.caption.split() for w in prompt.split())
         swapped += named[0] != sc.shape
     assert (swapped == 0) if swap == 0 else (0.3 <= swapped / 64 <= 0.7)
+
+
+def test_log_uniform_sizes_follow_the_closed_form():
+    """size_sampling log-uniform: P(side <= s) = ln((s + 0.5) / (lo - 0.5)) / ln((hi + 0.5) / (lo - 0.5)); the
+    uniform draw's is (s - lo + 1) / (hi - lo + 1). 4,000 draws each, within 3 standard errors."""
+    import math
+
+    n, lo, hi = 4000, 10, 48
+    for sizes, cdf in (("log-uniform", lambda s: math.log((s + 0.5) / (lo - 0.5)) / math.log((hi + 0.5) / (lo - 0.5))),
+                       ("uniform", lambda s: (s - lo + 1) / (hi - lo + 1))):
+        sides = np.array([shapes.free_scene(0, i, lo, hi, sizes=sizes).s for i in range(n)])
+        assert sides.min() >= lo and sides.max() <= hi
+        for s in (14, 18, 26, 40):
+            p = cdf(s)
+            assert abs((sides <= s).mean() - p) < 3 * math.sqrt(p * (1 - p) / n), (sizes, s)
+    with pytest.raises(ValueError, match="sizes must be uniform or log-uniform"):
+        shapes.free_scene(0, 0, sizes="normal")

@@ -54,7 +54,7 @@ def test_latent_hires_fix_upscales_the_latents(pipe):
 
 
 def test_hires_fix_rejects_bad_values(pipe):
-    with pytest.raises(ValueError, match="hires_upscaler: must be one of latent, lanczos"):
+    with pytest.raises(ValueError, match="hires_upscaler: no upscaler 'esrgan'; available: latent, lanczos"):
         pipe.text_to_image("x", hires_scale=2, hires_upscaler="esrgan")
     with pytest.raises(ValueError, match="hires_scale: applies to text-to-image"):
         pipe.image_to_image("x", Image.new("RGB", (64, 64)), hires_scale=2)

@@ -54,7 +54,8 @@ def test_request_defaults_and_a1111_names_come_from_the_table():
     ("eta", 1.5, "must be between 0 and 1, got 1.5"),
     ("cache_interval", 0, "must be an integer >= 1, got 0"),
     ("n_iter", True, "must be an integer >= 1, got True"),
-    ("hires_upscaler", "bicubic", "must be one of latent, lanczos, got 'bicubic'"),
+    ("hires_upscaler", "bicubic", "no upscaler 'bicubic'; available: latent, lanczos (model upscalers are named from "
+                                  "--upscalers-dir, or given as a file's path)"),
     ("clip_guidance_scale", -1.0, "must be a number >= 0, got -1.0"),
 ])
 def test_plain_checks_come_from_the_table(name, value, message):
