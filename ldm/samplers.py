@@ -59,11 +59,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (wa * fa + wb * fb).reshape(a.shape).to(a.dtype)
 
 
-def first_order_step(x, x0, ab_t: float, ab_s: float, eta: float = 0.0, generator: Generators = None):
+def first_order_step(x, x0, ab_t: float, ab_s: float, eta: float = 0.0, generator: Generators = None,
+                     s_noise: float = 1.0):
     """One DDIM step (Song et al. 2021, eq. 12) from level ab_t to ab_s with stochasticity eta.
 
-    x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - var) eps + sqrt(var) z,
+    x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - var) eps + s_noise sqrt(var) z,
     var = eta^2 (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s)   (DDIM eq. 16)
+    (s_noise: k-diffusion's and A1111's scale of the fresh noise; 1 is the sampler itself)
     """
     var = 0.0
     if eta > 0 and ab_s < 1.0:
@@ -72,7 +74,7 @@ def first_order_step(x, x0, ab_t: float, ab_s: float, eta: float = 0.0, generato
         return ddim_step(x, x0, ab_t, ab_s)
     eps = eps_from_x0(x, x0, ab_t)  # at ab_t = 0 (zero terminal SNR) this is x itself
     x_s = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - var, 0.0)) * eps
-    return x_s + math.sqrt(var) * randn_like(x, generator)
+    return x_s + s_noise * math.sqrt(var) * randn_like(x, generator)
 
 
 def _loop(denoise: Denoiser, x, steps: Steps, update, callback: Callback):
@@ -135,9 +137,11 @@ def sample_euler(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, callback: 
 
 
 def sample_euler_ancestral(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, eta: float = 1.0,
-                           generator: Generators = None, callback: Callback = None) -> torch.Tensor:
-    """Euler ancestral: an Euler step to sigma_down, then fresh noise of std sigma_up."""
-    return sample_ddim(denoise, x, steps, eta=eta, generator=generator, callback=callback)
+                           generator: Generators = None, callback: Callback = None,
+                           s_noise: float = 1.0) -> torch.Tensor:
+    """Euler ancestral: an Euler step to sigma_down, then fresh noise of std s_noise x sigma_up."""
+    return _loop(denoise, x, steps, lambda i, x, x0, a, b: first_order_step(x, x0, a, b, eta, generator, s_noise),
+                 callback)
 
 
 def _lambda(ab: float) -> float:
@@ -177,11 +181,12 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, callbac
 
 
 def sample_dpmpp_2m_sde(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, eta: float = 1.0,
-                        generator: Generators = None, callback: Callback = None) -> torch.Tensor:
+                        generator: Generators = None, callback: Callback = None,
+                        s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, the SDE variant of Alg. 2; diffusers' ``sde-dpmsolver++``
     with the midpoint correction, k-diffusion's ``sample_dpmpp_2m_sde``). With h = lambda_s - lambda_t,
     x_s = (sigma_s / sigma_t) e^(-eta h) x + alpha_s (1 - e^(-(1 + eta) h)) (D0 + D1 / 2)
-          + sigma_s sqrt(1 - e^(-2 eta h)) z,   D1 = (x0_i - x0_{i-1}) / r,  r = h_{i-1} / h;
+          + s_noise sigma_s sqrt(1 - e^(-2 eta h)) z,   D1 = (x0_i - x0_{i-1}) / r,  r = h_{i-1} / h;
     first order (D1 = 0) at the first step and at a last step that lands on sigma = 0. A fresh z is
     drawn at every step (as diffusers draws it), so the same generators give the same images."""
     state = {"x0": None, "h": None}
@@ -200,7 +205,7 @@ def sample_dpmpp_2m_sde(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, eta
         if sigma_s == 0.0:
             return d
         return (sigma_s / sigma_t * math.exp(-eta * h)) * x - alpha_s * math.expm1(-(1 + eta) * h) * d \
-            + sigma_s * math.sqrt(-math.expm1(-2 * eta * h)) * z
+            + s_noise * sigma_s * math.sqrt(-math.expm1(-2 * eta * h)) * z
 
     return _loop(denoise, x, steps, update, callback)
 
@@ -379,7 +384,7 @@ def _ancestral(s_from: float, s_to: float, eta: float) -> tuple[float, float]:
 
 
 def sample_dpmpp_sde(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, eta: float = 1.0,
-                     generator: Generators = None, callback: Callback = None) -> torch.Tensor:
+                     generator: Generators = None, callback: Callback = None, s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++ SDE (k-diffusion's ``sample_dpmpp_sde``, r = 1/2, the sampler A1111 calls
     "DPM++ SDE"): an ancestral DPM-Solver++ step to the midpoint sigma, the estimate there, and an
     ancestral step over the whole interval with it. The two noises are the Brownian increments over
@@ -392,12 +397,12 @@ def sample_dpmpp_sde(denoise: Denoiser, x: torch.Tensor, steps: Steps, *, eta: f
         t_mid, ab_mid = steps.mids[i]
         s_mid = _sigma(ab_mid)
         down, up = _ancestral(s, s_mid, eta)
-        x2 = x0 + (down / s) * (xk - x0) + up * z1
+        x2 = x0 + (down / s) * (xk - x0) + s_noise * up * z1
         x0_2 = D(x2, t_mid, s_mid)
         down, up = _ancestral(s, s_next, eta)
         d1, d2 = s - s_mid, s_mid - s_next  # the Brownian increment over [s_next, s] = over [s_mid, s] + the rest
         w = (math.sqrt(d1) * z1 + math.sqrt(d2) * z2) / math.sqrt(d1 + d2)
-        return x0_2 + (down / s) * (xk - x0_2) + up * w
+        return x0_2 + (down / s) * (xk - x0_2) + s_noise * up * w
     return _karras_loop(denoise, x, steps, update, callback)
 
 
@@ -413,6 +418,7 @@ class Sampler:
     fn: Callable
     grid: dict              # NoiseSchedule.steps options: the grid of the diffusers scheduler of the same name
     takes_eta: bool = False  # accepts eta (stochasticity)
+    takes_s_noise: bool = False  # accepts s_noise (the scale of its fresh noise: k-diffusion's, A1111's)
     stochastic: bool = False  # draws noise at eta = 0 too (needs the generators)
 
     def needs_generator(self, eta: float) -> bool:
@@ -427,14 +433,15 @@ SAMPLERS = {
     "plms": Sampler(sample_plms, dict(integer=True, final="config")),
     "ddpm": Sampler(sample_ddpm, dict(integer=True, final="zero"), stochastic=True),
     "euler": Sampler(sample_euler, _K),
-    "euler-a": Sampler(sample_euler_ancestral, _K, takes_eta=True, stochastic=True),
+    "euler-a": Sampler(sample_euler_ancestral, _K, takes_eta=True, takes_s_noise=True, stochastic=True),
     "heun": Sampler(sample_heun, _K),
     "dpm2": Sampler(sample_dpm2, dict(_K, midpoints=True)),
     "lms": Sampler(sample_lms, _K),
     "dpmpp-2m": Sampler(sample_dpmpp_2m, dict(integer=True, final="zero", drop_lowest=True)),
     "dpmpp-2m-sde": Sampler(sample_dpmpp_2m_sde, dict(integer=True, final="zero", drop_lowest=True),
-                            takes_eta=True, stochastic=True),
-    "dpmpp-sde": Sampler(sample_dpmpp_sde, dict(_K, midpoints=True), takes_eta=True, stochastic=True),
+                            takes_eta=True, takes_s_noise=True, stochastic=True),
+    "dpmpp-sde": Sampler(sample_dpmpp_sde, dict(_K, midpoints=True), takes_eta=True, takes_s_noise=True,
+                         stochastic=True),
     "unipc": Sampler(sample_unipc, dict(integer=True, final="zero", drop_lowest=True)),
     "lcm": Sampler(sample_lcm, dict(lcm=True, final="zero"), stochastic=True),
 }

@@ -6,11 +6,13 @@ work unchanged: the same routes under ``/sdapi/v1``, payload names and answers.
     GET  /sdapi/v1/samplers    [{"name", "aliases", "options"}] in A1111's names
     GET  /sdapi/v1/schedulers  [{"name", "label", "aliases", ...}]
     GET  /sdapi/v1/sd-models   the models of --models-dir (and the one given at start)
-    GET  /sdapi/v1/options     the settings; POST sets them (sd_model_checkpoint switches the model)
+    GET  /sdapi/v1/options     the settings; POST sets them (sd_model_checkpoint switches the model, sd_vae the VAE)
     GET  /sdapi/v1/progress    the running job's progress
     POST /sdapi/v1/png-info    the parameters an image carries
     POST /sdapi/v1/interrupt   stop the running job (its request answers with what it had: no images)
     GET  /sdapi/v1/scripts     no scripts (clients ask before they send)
+    GET  /sdapi/v1/sd-vae      the VAEs of --vae-dir
+    POST /sdapi/v1/extra-single-image, /extra-batch-images   the extras tab's upscaling (filters, model upscalers)
     GET  /sdapi/v1/loras, /embeddings, /upscalers, /latent-upscale-modes, /memory, /cmd-flags, and empty
          /prompt-styles, /face-restorers, /hypernetworks; POST /sdapi/v1/refresh-loras, -checkpoints, -embeddings
 
@@ -63,13 +65,19 @@ INERT = {"styles": [], "restore_faces": False, "tiling": False, "do_not_save_sam
 SAMPLES_FORMATS = ("png", "jpg", "jpeg", "webp")
 SETTINGS = {
     "sd_model_checkpoint": (str, None, None, "the model (a name of /sdapi/v1/sd-models): switches it"),
+    "sd_vae": (str, "Automatic", None, "the VAE (a name of /sdapi/v1/sd-vae; Automatic or None: the model's own): "
+                                       "switches it"),
     "CLIP_stop_at_last_layers": (int, 1, (1, 12), "clip skip of requests that give none"),
     "eta_ddim": (float, 0.0, (0, 1), "DDIM's eta when a request gives none"),
     "eta_ancestral": (float, 1.0, (0, 1), "the ancestral and SDE samplers' eta when a request gives none"),
+    "s_noise": (float, OPTIONS["s_noise"].default, (OPTIONS["s_noise"].low, OPTIONS["s_noise"].high),
+                "the fresh noise's scale for Euler a, DPM++ SDE and DPM++ 2M SDE (A1111 takes it from the settings, "
+                "not the payload)"),
     "samples_format": (str, "png", SAMPLES_FORMATS, "the format of the images answered (and their parameters: "
                                                     "a PNG chunk, or EXIF for jpg / webp)"),
 }
 SETTINGS_USED = set(SETTINGS)
+SWITCHES = ("sd_model_checkpoint", "sd_vae")  # settings that load weights (on the worker), not kept values
 # A1111's UI settings that clients read before they write them back (its defaults): kept, no effect here
 UI_SETTINGS = {"send_seed": True, "send_size": True}
 # the extras tab's image upscalers (A1111's names) here: PIL's resampling filters; "None" leaves the image
@@ -309,6 +317,7 @@ def to_request(p: Txt2ImgPayload, kind: str = "txt2img", image=None, mask=None) 
                       width=p.width if sized else None, height=p.height if sized else None,
                       batch_size=p.batch_size, n_iter=p.n_iter, subseed=None if p.subseed == -1 else p.subseed,
                       subseed_strength=p.subseed_strength, eta=0.0 if p.eta is None else p.eta,
+                      s_noise=float(o.get("s_noise", 1.0)),
                       clip_skip=int(o.get("CLIP_stop_at_last_layers", 1)), strength=strength, image=image, mask=mask,
                       **hires, **inpainting)
 
@@ -320,6 +329,12 @@ def _eta_for(sampler: str | None, eta: float | None) -> float:
         return 0.0
     ours, _ = rq.Request(sampler=sampler).sampler_schedule()  # None for an unknown name (refused later)
     return eta if ours is not None and not any(f == "eta" for f, _ in rq.sampler_fit(ours, None, eta)) else 0.0
+
+
+def _s_noise_for(sampler: str | None, s_noise: float) -> float:
+    """The settings' s_noise where the sampler takes it (A1111 passes it to those alone), else 1."""
+    ours, _ = rq.Request(sampler=sampler).sampler_schedule() if sampler else (None, None)
+    return s_noise if ours is not None and not rq.sampler_fit(ours, None, 0.0, s_noise) else 1.0
 
 
 def _problems_as_a1111(response):
@@ -379,7 +394,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     module imports none of it)."""
     _error, BadRequest, ControlUnit = error, bad_request, control_unit
     # the settings A1111 clients set (POST /sdapi/v1/options), kept on the studio
-    studio.a1111_settings = {k: v[1] for k, v in SETTINGS.items() if k != "sd_model_checkpoint"}
+    studio.a1111_settings = {k: v[1] for k, v in SETTINGS.items() if k not in SWITCHES}
     studio.a1111_inert = dict(UI_SETTINGS)
 
     async def generate(payload: Txt2ImgPayload, request: Request, kind: str, image=None, mask=None):
@@ -393,8 +408,10 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             ours, _ = rq.Request(sampler=payload.sampler_name).sampler_schedule() if payload.sampler_name else (None, None)
             eta = settings["eta_ddim"] if ours == "ddim" else settings["eta_ancestral"]
         payload = payload.model_copy(update={"eta": _eta_for(payload.sampler_name, eta), "override_settings": {
-            **o, "CLIP_stop_at_last_layers": settings["CLIP_stop_at_last_layers"]}})
-        model = o.get("sd_model_checkpoint")  # the job's own model, switched and restored on the worker
+            **o, "CLIP_stop_at_last_layers": settings["CLIP_stop_at_last_layers"],
+            "s_noise": _s_noise_for(payload.sampler_name, settings["s_noise"])}})
+        model = o.get("sd_model_checkpoint")  # the job's own model and VAE, switched and restored on the worker
+        vae = o.get("sd_vae")
         restore = (payload.model_extra or {}).get("override_settings_restore_afterwards", True)
         try:
             req = to_request(payload, kind, image, mask)
@@ -413,7 +430,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             except ValidationError as exc:
                 return _error(422, [("alwayson_scripts.controlnet.args", f"a unit's value has the wrong type: "
                                                                        f"{exc.errors()[0].get('msg')}")])
-        result = await execute(studio, req, request, model=None if model is None else str(model),
+        result = await execute(studio, req, request, model=None if model is None else str(model), vae=vae,
                                restore_model=restore is not False,
                                interrupted=lambda: {"images": [], "parameters": [], "seeds": [], "model": None})
         if not isinstance(result, dict):
@@ -498,6 +515,10 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
                  "need_inner_model": False} for k, label in A1111_SCHEDULES.items()]
         return out
 
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():  # --vae-dir's VAEs (A1111's filename is a path; names only here)
+        return [{"model_name": name, "filename": name} for name in studio.vae_files()]
+
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
         return [{"title": name, "model_name": name.rsplit(".", 1)[0] if name.endswith(".safetensors") else name,
@@ -508,6 +529,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         pipe = studio.pipe
         sampler, steps, guidance = rq.sampling_defaults(pipe.model)
         return {**studio.a1111_inert, **studio.a1111_settings, "sd_model_checkpoint": studio.current_model(),
+                "sd_vae": studio.vae_name,
                 "sd_checkpoint_hash": None, "ldm_settings_used": {k: v[3] for k, v in SETTINGS.items()},
                 "ldm_settings_ignored": sorted(studio.a1111_inert),
                 "ldm_defaults": {"sampler": A1111_SAMPLERS.get(sampler, sampler), "steps": steps,
@@ -528,8 +550,15 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             switched = await _switch(str(options["sd_model_checkpoint"]))
             if not isinstance(switched, str):
                 return switched
+        if "sd_vae" in options:
+            try:
+                switched = await call_on_worker(studio, lambda: studio.switch_vae(options["sd_vae"]))
+            except BadRequest as exc:
+                return _error(422, [(exc.field, exc.message)])
+            if not isinstance(switched, str):
+                return switched
         for k, v in options.items():
-            if k in SETTINGS and k != "sd_model_checkpoint":
+            if k in SETTINGS and k not in SWITCHES:
                 studio.a1111_settings[k] = v.lower() if k == "samples_format" else v
             elif k not in SETTINGS:
                 log.warning("A1111 setting %s kept, but it has no effect here", k)

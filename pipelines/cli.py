@@ -187,6 +187,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion embeddings, all loaded at start")
     s.add_argument("--lora-dir", type=Path, help="folder of LoRA .safetensors files a request may pick by name")
     upscalers_dir_arg(s)
+    s.add_argument("--vae-dir", type=Path, help="folder of VAEs (.safetensors files, diffusers VAE directories; A1111's "
+                                                "models/VAE) that A1111 clients may switch to (sd_vae)")
     s.add_argument("--controlnet-dir", type=Path, help="folder of ControlNets (diffusers directories) a request's "
                                                        "controls may pick by name")
     from .limits import Limits  # the limits' flags, from their one declaration
@@ -369,7 +371,7 @@ def _serve(args) -> int:
         studio = Studio(model_path(args), output_dir=args.output_dir, device=device_for(args),
                         limits=limits,
                         embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, models_dir=args.models_dir,
-                        upscalers_dir=args.upscalers_dir,
+                        upscalers_dir=args.upscalers_dir, vae_dir=args.vae_dir,
                         controlnet_dir=args.controlnet_dir,
                         load_kwargs=dict(dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle,
                                          config=args.model_config, vae=args.vae),

@@ -88,6 +88,8 @@ OPTIONS: dict[str, Option] = {
     "guidance_rescale": Option(float, 0.0, "guidance rescale phi of Lin et al. 2023, 0 to 1 (default 0)", low=0, high=1),
     "eta": Option(float, 0.0, "stochasticity of ddim, euler-a and the SDE samplers (default 0 for ddim; the others "
                               "use 1)", low=0, high=1, a1111="eta"),
+    "s_noise": Option(float, 1.0, "scale of the fresh noise of euler-a and the SDE samplers (k-diffusion's and A1111's "
+                                  "s_noise; default 1)", low=0, high=1.1, a1111="s_noise", metavar="F"),
     "seed": Option(int, None, "seed of the first image; image i gets seed+i (default: random; 0 with --from-file)"),
     "subseed": Option(int, None, "variation seed (A1111): image i gets subseed+i"),
     "subseed_strength": Option(float, 0.0, "how far each image's noise moves towards its variation seed's, 0 to 1 "

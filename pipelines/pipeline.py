@@ -533,6 +533,8 @@ class Pipeline:
             kwargs["generator"] = generators
         if r.eta:
             kwargs["eta"] = r.eta
+        if r.request.s_noise != 1.0:  # (the request's check allows it only for samplers that take it)
+            kwargs["s_noise"] = r.request.s_noise
         return spec.fn(denoise, x, steps, callback=callback, **kwargs)
 
     def decode_latents(self, latents, r: Resolved) -> Result:

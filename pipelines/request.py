@@ -116,6 +116,7 @@ class Request:
     n_iter: int = OPTIONS["n_iter"].default                 # batches run one after another (A1111's batch count)
     subseed: int | None = OPTIONS["subseed"].default        # variation seed (A1111): the noise is slerped towards
     subseed_strength: float = OPTIONS["subseed_strength"].default  # ... this seed's by this fraction, 0 to 1
+    s_noise: float = OPTIONS["s_noise"].default  # the scale of euler-a's and the SDE samplers' fresh noise
     noise_multiplier: float = OPTIONS["noise_multiplier"].default  # img2img / inpaint: the starting noise's scale
     mask_blur: int = OPTIONS["mask_blur"].default            # inpaint (A1111's way, ldm.inpaint): the mask's blur, px
     mask_invert: bool = OPTIONS["mask_invert"].default       # ... repaint where the mask is black
@@ -176,7 +177,7 @@ class Request:
                 if (msg := option.problem(getattr(self, name))) is not None:
                     add((name, msg))
         if sampler in SAMPLERS:  # named here; else checked in resolve, against the model's default sampler
-            problems += sampler_fit(sampler, schedule, self.eta)
+            problems += sampler_fit(sampler, schedule, self.eta, self.s_noise)
         if self.subseed is not None and not (isinstance(self.subseed, int) and 0 <= self.subseed < MAX_SEED):
             add(("subseed", f"must be an integer from 0 to 2**63 - 1, got {self.subseed!r}"))
         for name, option in OPTIONS.items():  # an option given to a kind it does not apply to
@@ -331,7 +332,7 @@ class Request:
         sampler, implied = parse_sampler(sampler)  # sampling.json may name it as A1111 does ("DPM++ 2M Karras")
         spec = get_sampler(sampler)
         schedule = schedule or implied or "default"
-        problems += sampler_fit(sampler, schedule, self.eta)
+        problems += sampler_fit(sampler, schedule, self.eta, self.s_noise)
         try:  # the schedule's own bound (the model's training timesteps)
             model.schedule.steps(steps, schedule=schedule, **spec.grid)
         except ValueError as exc:
@@ -439,6 +440,8 @@ class Resolved:
                      "Masked area padding": q.only_masked_padding if q.only_masked else None}
         if q.kind != "txt2img" and q.noise_multiplier != 1:
             extra["Noise multiplier"] = q.noise_multiplier
+        if q.s_noise != OPTIONS["s_noise"].default:
+            extra["Sigma noise"] = q.s_noise
         if any(v is not None for v in extra.values()):
             s["a1111"] = {k: v for k, v in extra.items() if v is not None}
         for i, u in enumerate(q.controls):  # as A1111's ControlNet extension writes its units
@@ -566,14 +569,16 @@ def unit_problems(unit: dict, index: int, group: str, options: dict) -> list[tup
     return problems
 
 
-def sampler_fit(sampler: str, schedule: str | None, eta) -> list[tuple[str, str]]:
-    """The one rule of what a sampler takes: eta only the stochastic samplers, a sigma schedule only the
-    samplers that run on one (an eta that is not a number is the eta option's own problem)."""
+def sampler_fit(sampler: str, schedule: str | None, eta, s_noise=1.0) -> list[tuple[str, str]]:
+    """The one rule of what a sampler takes: eta only the stochastic samplers, s_noise other than 1 the
+    ancestral and SDE ones, a sigma schedule only the samplers that run on one (a value that is not a
+    number is its option's own problem)."""
     problems = []
-    number = isinstance(eta, (int, float)) and not isinstance(eta, bool)
-    if number and eta and not SAMPLERS[sampler].takes_eta:
-        problems.append(("eta", f"applies to the {', '.join(n for n, s in SAMPLERS.items() if s.takes_eta)} samplers, "
-                                f"not {sampler}"))
+    for name, value, flag in (("eta", eta, "takes_eta"), ("s_noise", s_noise, "takes_s_noise")):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and value != OPTIONS[name].default and not getattr(SAMPLERS[sampler], flag):
+            problems.append((name, f"applies to the {', '.join(n for n, s in SAMPLERS.items() if getattr(s, flag))} "
+                                   f"samplers, not {sampler}"))
     if schedule not in (None, "default") and sampler not in SCHEDULE_SAMPLERS:
         problems.append(("schedule", f"the {schedule} schedule applies to the {', '.join(SCHEDULE_SAMPLERS)} "
                                      f"samplers, not {sampler}"))

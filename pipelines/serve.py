@@ -63,6 +63,9 @@ from .options import ADAPTER_OPTIONS, CONTROL_OPTIONS, EDIT_OPTIONS, OPTIONS, op
 from .outputs import check_output_dir
 from .pngmeta import png_bytes, save_png
 
+AUTOMATIC_VAE = "Automatic"  # A1111's sd_vae for the model's own VAE ("None" means the same here)
+AUTOMATIC_VAES = (AUTOMATIC_VAE, "None")
+
 log = logging.getLogger("ldm.serve")
 
 STATIC = Path(__file__).parent / "static"
@@ -348,13 +351,14 @@ def to_request(kind: str, body: BaseModel, image=None, units: tuple | None = Non
 
 class Job:
     def __init__(self, resolved: rq.Resolved | None, action=None, edit=None, model: str | None = None,
-                 restore_model: bool = True):
+                 restore_model: bool = True, vae: str | None = None):
         self.id = uuid.uuid4().hex[:12]
         self.resolved = resolved
         self.action = action  # instead of a request: a function the worker runs between jobs
         self.edit = edit  # a pipelines.edit.Edit: the request's settings run as that edit
         self.model = model  # run on this model (models()' name; A1111's override_settings) ...
         self.restore_model = restore_model  # ... and load the one before again afterwards
+        self.vae = vae  # with this VAE (vae_files()' name, or Automatic; A1111's override_settings sd_vae)
         self.interrupted = False  # stopped by /sdapi/v1/interrupt rather than by its client leaving
         self.shutdown = False  # stopped because the server is shutting down
         self.future: concurrent.futures.Future = concurrent.futures.Future()
@@ -369,7 +373,7 @@ class Studio:
 
     def __init__(self, model_path, *, output_dir, limits: Limits | None = None, device: str = "cpu",
                  embeddings_dir=None, lora_dir=None, load_kwargs: dict | None = None, worker_thread: bool = True,
-                 controlnet_dir=None, upscalers_dir=None,
+                 controlnet_dir=None, upscalers_dir=None, vae_dir=None,
                  models_dir=None, compile: str | None = None):
         self.model_path = self._start_model = str(model_path)
         self.models_dir = Path(models_dir) if models_dir else None
@@ -383,9 +387,12 @@ class Studio:
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.upscalers_dir = Path(upscalers_dir) if upscalers_dir else None
+        self.vae_dir = Path(vae_dir) if vae_dir else None
+        self.vae_name = AUTOMATIC_VAE  # the VAE in use: the model's own, or a name of vae_files()
         self._upscaler_scales: dict[tuple, int | None] = {}  # (file, mtime) -> its network's scale
         for name, d in (("--embeddings-dir", self.embeddings_dir), ("--lora-dir", self.lora_dir),
-                        ("--controlnet-dir", self.controlnet_dir), ("--upscalers-dir", self.upscalers_dir)):
+                        ("--controlnet-dir", self.controlnet_dir), ("--upscalers-dir", self.upscalers_dir),
+                        ("--vae-dir", self.vae_dir)):
             if d is not None and not d.is_dir():
                 raise ValueError(f"{name} {str(d)!r} is not a folder")
         self.queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_size)
@@ -472,6 +479,47 @@ class Studio:
                 self._upscaler_scales[key] = None
         return self._upscaler_scales[key]
 
+    def vae_files(self) -> dict[str, Path]:
+        """The VAEs of --vae-dir by name (A1111's models/VAE): single files (.safetensors; .pt / .ckpt
+        pickles, used with --allow-pickle) and diffusers VAE directories."""
+        if self.vae_dir is None:
+            return {}
+        return {p.name: p for p in sorted(self.vae_dir.iterdir())
+                if p.suffix in (".safetensors", ".pt", ".ckpt") or (p / "config.json").is_file()}
+
+    def switch_vae(self, name: str) -> str:
+        """Use the VAE called ``name`` (vae_files(), or Automatic / None: the model's own) from now on, with
+        this model and those switched to later; run on the worker. Raises BadRequest naming the value."""
+        import torch
+
+        from ldm.checkpoints import CheckpointError, load_vae
+
+        files = self.vae_files()
+        if name not in AUTOMATIC_VAES and name not in files:
+            raise BadRequest("sd_vae", f"no VAE {name!r}; available: {', '.join([*AUTOMATIC_VAES, *files])}"
+                                       + ("" if self.vae_dir else " (the server has no --vae-dir)"))
+        own = self._own_vae
+        if name in AUTOMATIC_VAES:
+            vae = own
+        elif name == self.vae_name:
+            return name
+        else:
+            allow = bool(self.load_kwargs.get("allow_pickle", False))
+            if files[name].suffix in (".pt", ".ckpt") and not allow:
+                raise BadRequest("sd_vae", f"VAE {name!r} is a pickle file, refused: give the server its "
+                                           ".safetensors, or start it with --allow-pickle")
+            try:
+                vae = load_vae(files[name], own, allow_pickle=allow, dtype=own.dtype)
+            except (CheckpointError, ValueError, RuntimeError) as exc:
+                raise BadRequest("sd_vae", f"VAE {name!r} does not fit this model: {exc}") from None
+            vae = vae.to(own.device).eval().requires_grad_(False)
+        self.pipe.model.vae = vae
+        self.vae_name = AUTOMATIC_VAE if name in AUTOMATIC_VAES else name
+        if vae is not own:
+            log.info("VAE %s in use", name)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return self.vae_name
+
     def request_limits(self) -> rq.Limits:
         """A request's limits on this server: its flags' bounds, its LoRA and upscaler folders, no paths."""
         return self.limits.for_requests(self.lora_dir, self.upscalers_dir,
@@ -483,6 +531,7 @@ class Studio:
 
         pipe = Pipeline.from_pretrained(self.model_path, device=self.device, **self.load_kwargs)
         pipe.upscalers_dir = self.upscalers_dir
+        self._own_vae = pipe.model.vae  # the model's own VAE, which "Automatic" puts back
         self.embeddings, self.skipped_embeddings = {}, {}
         self.load_embeddings(pipe)
         if self.compile_mode:  # compiled once here and warmed up, so no request pays the compile time
@@ -548,6 +597,12 @@ class Studio:
             except Exception:
                 self.model_path = previous
                 raise
+            keep, self.vae_name = self.vae_name, AUTOMATIC_VAE  # the chosen VAE on this model too (A1111's)
+            if keep != AUTOMATIC_VAE:
+                try:
+                    self.switch_vae(keep)
+                except BadRequest as exc:
+                    log.warning("model %s keeps its own VAE: %s", name, exc.message)
         return name
 
     def info(self) -> dict:
@@ -736,6 +791,15 @@ class Studio:
     def _run(self, job: Job) -> dict:
         """The job on its model: a job that names another model (A1111's override_settings) loads it
         here, in queue order, and the one before is loaded again after it, so no other job sees it."""
+        if job.vae is not None and job.vae != self.vae_name:  # a VAE for this job alone (A1111's override)
+            before, vae = self.vae_name, job.vae
+            self.switch_vae(vae)
+            job.vae = None
+            try:
+                return self._run(job)
+            finally:
+                if job.restore_model:
+                    self.switch_vae(before)
         if job.model is None or job.model == self.current_model():
             return self._run_on_model(job)
         previous = self.current_model()
@@ -822,15 +886,17 @@ async def _client_gone(request: Request):
 
 
 async def execute(studio: "Studio", req: rq.Request, request: Request, *, interrupted=None, edit=None,
-                  model: str | None = None, restore_model: bool = True):
+                  model: str | None = None, restore_model: bool = True, vae: str | None = None):
     """Resolve, queue and await one request: the job's result dict, or an error response (422 naming
     the field, 503 with Retry-After when the queue is full, 499 when the client went away). A job
     stopped by ``/sdapi/v1/interrupt`` answers ``interrupted()`` when given (A1111's clients expect a
     normal answer), else 499."""
     if model is not None and model not in studio.models():
         return _error(422, [("sd_model_checkpoint", f"no model {model!r}; available: {', '.join(studio.models())}")])
+    if vae is not None and vae not in AUTOMATIC_VAES and vae not in studio.vae_files():
+        return _error(422, [("sd_vae", f"no VAE {vae!r}; available: {', '.join([*AUTOMATIC_VAES, *studio.vae_files()])}")])
     try:
-        job = Job(studio.resolve(req), edit=edit, model=model, restore_model=restore_model)
+        job = Job(studio.resolve(req), edit=edit, model=model, restore_model=restore_model, vae=vae)
     except rq.RequestError as exc:
         return _error(422, exc.problems)
     try:

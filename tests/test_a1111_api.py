@@ -34,6 +34,12 @@ def api(tmp_path_factory, sd1_dir):
 
     random_upscaler(upscalers / "tiny-esrgan-4x.safetensors", "esrgan", scale=4, seed=5)
     random_upscaler(upscalers / "tiny-compact-2x.pth", "compact", scale=2, seed=6)  # a pickle: refused
+    vaes = tmp_path_factory.mktemp("vaes")
+    _brighter_vae(vaes / "brighter.safetensors")
+    from ldm.checkpoints import vae_file
+    from ldm.models import load_model
+
+    vae_file(load_model(sd1_dir).vae, vaes / "sd1-vae.safetensors")  # another layout's: does not fit
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -43,7 +49,7 @@ def api(tmp_path_factory, sd1_dir):
     # `--threads auto` would take fewer on a busy machine (another order of float sums, a pixel level off)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--models-dir",
                              str(models), "--output-dir", str(out), "--max-steps", "60", "--upscalers-dir",
-                             str(upscalers),
+                             str(upscalers), "--vae-dir", str(vaes),
                              "--threads", str(torch.get_num_threads())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -55,10 +61,24 @@ def api(tmp_path_factory, sd1_dir):
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
             time.sleep(0.2)
     client = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=8)
-    client.proc, client.upscalers = proc, upscalers
+    client.proc, client.upscalers, client.vaes = proc, upscalers, vaes
     yield client
     proc.terminate()
     proc.wait(30)
+
+
+def _brighter_vae(path):
+    """The embedded model's VAE with its decoder's last bias raised (images come out brighter), as a VAE
+    file in the original keys, as A1111's models/VAE holds them."""
+    import torch
+
+    from ldm.checkpoints import vae_file
+    from ldm.models import load_model
+
+    vae = load_model("ldm/assets/shapes-model").vae
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 0.3
+    return vae_file(vae, path)
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +308,55 @@ def test_model_upscalers_in_extras_and_hires(api, pipe):
         api.txt2img(prompt=PROMPT, steps=2, width=64, height=64, enable_hr=True, hr_upscaler="R-ESRGAN 4x+")
     assert e.value.args[0] == 422 and "no upscaler 'R-ESRGAN 4x+'; available: latent, lanczos, tiny-compact-2x" \
         in e.value.args[1]
+
+
+def test_sd_vae_and_s_noise_settings(api, pipe):
+    """sd_vae switches among --vae-dir's VAEs (and back with Automatic), globally by /options or for one job by
+    override_settings; s_noise scales Euler a's fresh noise, as A1111 takes it from its settings. Each image
+    equals the pipeline's own with that VAE or s_noise; bad values are 422s naming them."""
+    from ldm.checkpoints import load_vae
+
+    base = api.baseurl
+    assert httpx.get(f"{base}/sd-vae", timeout=30).json() == [
+        {"model_name": "brighter.safetensors", "filename": "brighter.safetensors"},
+        {"model_name": "sd1-vae.safetensors", "filename": "sd1-vae.safetensors"}]
+    kw = dict(prompt=PROMPT, seed=8, steps=4, width=64, height=64, sampler_name="Euler")
+    own = pipe.text_to_image(PROMPT, seed=8, steps=4, sampler="euler", guidance_scale=7.0)
+    saved = pipe.model.vae
+    try:
+        pipe.model.vae = load_vae(api.vaes / "brighter.safetensors", saved)
+        bright = pipe.decode_latents(own.latents, pipe.resolve(rq_request())).images[0]
+    finally:
+        pipe.model.vae = saved
+    same = lambda a, b: np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))  # noqa: E731
+    try:
+        assert httpx.post(f"{base}/options", json={"sd_vae": "brighter.safetensors"}, timeout=60).status_code == 200
+        assert api.get_options()["sd_vae"] == "brighter.safetensors"
+        assert same(api.txt2img(**kw).image, bright)
+        assert httpx.post(f"{base}/options", json={"sd_vae": "Automatic"}, timeout=60).status_code == 200
+        assert same(api.txt2img(**kw).image, own.images[0])
+        r = api.txt2img(**kw, override_settings={"sd_vae": "brighter.safetensors"})
+        assert same(r.image, bright) and api.get_options()["sd_vae"] == "Automatic"  # for that job alone
+        assert same(api.txt2img(**kw).image, own.images[0])
+        for value, message in (("nope.safetensors", "no VAE 'nope.safetensors'; available: Automatic, None, bright"),
+                               ("sd1-vae.safetensors", "does not fit this model")):
+            bad = httpx.post(f"{base}/options", json={"sd_vae": value}, timeout=60)
+            assert bad.status_code == 422 and message in bad.text, bad.text
+        assert api.get_options()["sd_vae"] == "Automatic"
+        # s_noise: A1111 reads it from its settings (webuiapi's payload s_noise=1 does not win)
+        assert httpx.post(f"{base}/options", json={"s_noise": 0.5}, timeout=30).status_code == 200
+        r = api.txt2img(**{**kw, "sampler_name": "Euler a"})
+        ours = pipe.text_to_image(PROMPT, seed=8, steps=4, sampler="euler-a", eta=1.0, s_noise=0.5,
+                                  guidance_scale=7.0)
+        assert same(r.image, ours.images[0]) and "Sigma noise: 0.5" in r.info["infotexts"][0]
+        assert same(api.txt2img(**kw).image, own.images[0])  # Euler takes no s_noise: unchanged
+        bad = httpx.post(f"{base}/options", json={"s_noise": 2}, timeout=30)
+        assert bad.status_code == 422 and "s_noise" in bad.text
+    finally:
+        httpx.post(f"{base}/options", json={"sd_vae": "Automatic", "s_noise": 1.0}, timeout=60)
+
+
+def rq_request():
+    from pipelines.request import Request
+
+    return Request(prompt=PROMPT, seed=8, steps=4, sampler="euler", guidance=7.0)

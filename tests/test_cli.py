@@ -88,6 +88,8 @@ def test_img2img_and_inpaint_commands(sd1_dir, tmp_path):
     (["--guidance-rescale", "2"], "--guidance-rescale must be between 0 and 1, got 2.0"),
     (["--eta", "-1"], "--eta must be between 0 and 1, got -1.0"),
     (["--sampler", "euler", "--eta", "0.5"], "--eta applies to the ddim, euler-a, dpmpp-2m-sde, dpmpp-sde samplers, not euler"),
+    (["--sampler", "ddim", "--s-noise", "0.5"], "--s-noise applies to the euler-a, dpmpp-2m-sde, dpmpp-sde samplers, not ddim"),
+    (["--sampler", "euler-a", "--s-noise", "1.5"], "--s-noise must be between 0 and 1.1, got 1.5"),
     (["--output", "x.jpg"], "give a name ending in .png"),
 ])
 def test_bad_arguments_exit_2_with_a_message(sd1_dir, capsys, extra, message):

@@ -270,3 +270,28 @@ def test_the_sampler_table_and_the_names_agree():
     from ldm.names import A1111_SAMPLERS, SAMPLER_NAMES
     assert tuple(SAMPLERS) == SAMPLER_NAMES == tuple(A1111_SAMPLERS)
     assert set(SCHEDULE_SAMPLERS) == set(SAMPLERS) - {"ddim", "plms", "ddpm", "lcm"}
+
+
+@pytest.mark.parametrize("name", ["euler-a", "dpmpp-2m-sde", "dpmpp-sde"])
+def test_s_noise_scales_the_fresh_noise(name):
+    """k-diffusion's s_noise: the noise a step adds, scaled. With the exact (affine) denoiser each step is
+    affine in s_noise, so the first step at 0.5 is the mean of those at 0 and 1; at 1 it is the sampler
+    itself; and below 1 the samples come out narrower than the data."""
+    fn = SAMPLERS[name].fn
+    assert SAMPLERS[name].takes_s_noise
+    steps = SCHED.steps(20, midpoints=True)
+    x = start(steps)[:5000]
+
+    def first_step(**kw):
+        seen = []
+        fn(exact_denoiser, x, steps, generator=torch.Generator().manual_seed(3),
+           callback=lambda i, xi, x0: seen.append(xi) if i == 0 else None, **kw)
+        return seen[0]
+
+    at0, half, at1 = first_step(s_noise=0.0), first_step(s_noise=0.5), first_step(s_noise=1.0)
+    torch.testing.assert_close(half, (at0 + at1) / 2, rtol=0, atol=1e-9)
+    torch.testing.assert_close(at1, first_step(), rtol=0, atol=0)
+    assert (at1 - at0).abs().max() > 0.05  # the noise is there to scale
+    out = fn(exact_denoiser, start(steps), steps, generator=torch.Generator().manual_seed(1), s_noise=0.5)
+    assert float(out.std()) < S - 0.05
+    assert [n for n, s in SAMPLERS.items() if s.takes_s_noise] == ["euler-a", "dpmpp-2m-sde", "dpmpp-sde"]
