@@ -178,22 +178,29 @@ def open_clip_to_ldm(sd: dict, prefix: str) -> dict:
     return out
 
 
+def ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict:
+    """The networks' tensors under the original (A1111 / ComfyUI) keys: SDXL with text_encoder_2 (the
+    refiner without text_encoder), SD 1.x's OpenAI CLIP (quick_gelu) or SD 2.x's OpenCLIP otherwise."""
+    out = unet_to_ldm(unet.state_dict(), dict(unet.config))
+    out.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))
+    if text_encoder_2 is not None and text_encoder is None:
+        out.update(open_clip_to_ldm(text_encoder_2.state_dict(), REFINER_TEXT))
+    elif text_encoder_2 is not None:
+        out.update(clip_to_ldm(text_encoder.state_dict(), SDXL_TEXT_1))
+        out.update(open_clip_to_ldm(text_encoder_2.state_dict(), SDXL_TEXT_2))
+    elif text_encoder.config.hidden_act == "quick_gelu":  # OpenAI's CLIP (SD 1.x)
+        out.update(clip_to_ldm(text_encoder.state_dict(), SD1_TEXT))
+    else:  # OpenCLIP (SD 2.x)
+        out.update(open_clip_to_ldm(text_encoder.state_dict(), SD2_TEXT))
+    return out
+
+
 def to_single_file(model, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (an ldm.models.Model) as one original-layout ``.safetensors`` file, loadable by
     AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``."""
     from safetensors.torch import save_file
 
-    out = unet_to_ldm(model.unet.state_dict(), dict(model.unet.config))
-    out.update(vae_to_ldm(model.vae.state_dict(), dict(model.vae.config)))
-    if model.is_sdxl and model.text_encoder is None:
-        out.update(open_clip_to_ldm(model.text_encoder_2.state_dict(), REFINER_TEXT))
-    elif model.is_sdxl:
-        out.update(clip_to_ldm(model.text_encoder.state_dict(), SDXL_TEXT_1))
-        out.update(open_clip_to_ldm(model.text_encoder_2.state_dict(), SDXL_TEXT_2))
-    elif model.text_encoder.config.hidden_act == "quick_gelu":  # OpenAI's CLIP (SD 1.x)
-        out.update(clip_to_ldm(model.text_encoder.state_dict(), SD1_TEXT))
-    else:  # OpenCLIP (SD 2.x)
-        out.update(open_clip_to_ldm(model.text_encoder.state_dict(), SD2_TEXT))
+    out = ldm_state_dict(model.unet, model.vae, model.text_encoder, model.text_encoder_2)
     out = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in out.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,22 +259,32 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, allo
     sd = read_checkpoint(path, allow_pickle)
     arch = detect(sd.keys(), {k: tuple(v.shape) for k, v in sd.items() if k.endswith("input_blocks.0.0.weight")})
     cfg_dir = Path(config) if config is not None else config_dir_for(arch)
+    family = arch.replace("-inpaint", "")
+    encoders = {"sd1": [("text_encoder", CLIPTextModel, SD1_TEXT, False)],
+                "sd2": [("text_encoder", CLIPTextModel, SD2_TEXT, True)],
+                "sdxl": [("text_encoder", CLIPTextModel, SDXL_TEXT_1, False),
+                         ("text_encoder_2", CLIPTextModelWithProjection, SDXL_TEXT_2, True)],
+                "sdxl-refiner": [("text_encoder_2", CLIPTextModelWithProjection, REFINER_TEXT, True)]}[family]
     parts = {}
     try:
-        unet_cfg = UNet2DConditionModel.load_config(str(cfg_dir / "unet"))
+        unet_cfg = dict(UNet2DConditionModel.load_config(str(cfg_dir / "unet")))
+        vae_cfg = dict(AutoencoderKL.load_config(str(cfg_dir / "vae")))
+        text_cfgs = {name: CLIPTextConfig.from_pretrained(str(cfg_dir / name)).to_dict() for name, *_ in encoders}
+        if config is None:  # the shipped config where the tensors agree with it, what they say where not
+            from . import layouts
+
+            text_cfgs = {name: layouts.text_config(sd, prefix, text_cfgs[name], open_clip)
+                         for name, _, prefix, open_clip in encoders}
+            pooled = text_cfgs.get("text_encoder_2", {}).get("projection_dim")
+            unet_cfg = layouts.unet_config(sd, unet_cfg, family, pooled)
+            vae_cfg = layouts.vae_config(sd, vae_cfg)
         unet = UNet2DConditionModel.from_config(unet_cfg)
         _load(unet, convert_ldm_unet_checkpoint(sd, unet_cfg), "U-Net", path)
-        vae_cfg = AutoencoderKL.load_config(str(cfg_dir / "vae"))
         vae = AutoencoderKL.from_config(vae_cfg)
         _load(vae, convert_ldm_vae_checkpoint(sd, vae_cfg), "VAE", path)
         parts.update(unet=unet.to(dtype), vae=vae.to(dtype))
-        encoders = {"sd1": [("text_encoder", CLIPTextModel, SD1_TEXT, False)],
-                    "sd2": [("text_encoder", CLIPTextModel, SD2_TEXT, True)],
-                    "sdxl": [("text_encoder", CLIPTextModel, SDXL_TEXT_1, False),
-                             ("text_encoder_2", CLIPTextModelWithProjection, SDXL_TEXT_2, True)],
-                    "sdxl-refiner": [("text_encoder_2", CLIPTextModelWithProjection, REFINER_TEXT, True)]}
-        for name, cls, prefix, open_clip in encoders[arch.replace("-inpaint", "")]:
-            text_cfg = CLIPTextConfig.from_pretrained(str(cfg_dir / name))
+        for name, cls, prefix, open_clip in encoders:
+            text_cfg = CLIPTextConfig(**text_cfgs[name])
             model = cls(text_cfg)
             if open_clip:
                 weights = convert_open_clip_checkpoint(model, sd, prefix=prefix)

@@ -28,6 +28,10 @@ KINDS = ("sd1", "sd2", "inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint")
 SIZES = {
     "tiny": dict(unet_channels=(32, 64), layers=1, text_width=32, text_layers=2, text_heads=4,
                  vae_channels=(8, 16, 16, 16), vae_groups=8, resolution=64),
+    # the families' head conventions hold at this size (heads of 64 channels for SD 2.x / SDXL's U-Net and every
+    # text encoder; SD 1.x's 8 heads), so single files of it load with the configs read from their tensors
+    "small": dict(unet_channels=(64, 128), layers=1, text_width=64, text_layers=2, text_heads=1, head_channels=64,
+                  vae_channels=(32, 64, 64, 64), vae_groups=32, resolution=64),
     "bench": dict(unet_channels=(64, 128, 256), layers=2, text_width=256, text_layers=4, text_heads=4,
                   vae_channels=(32, 64, 64, 64), vae_groups=32, resolution=256),
 }
@@ -58,7 +62,7 @@ def build_checkpoint(directory: str | Path, kind: str = "sd1", size: str = "tiny
         down_block_types=("CrossAttnDownBlock2D",) * (n_blocks - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_blocks - 1),
         cross_attention_dim=text_width,
-        attention_head_dim=tuple(c // 16 for c in s["unet_channels"]) if v else 8,
+        attention_head_dim=tuple(c // s.get("head_channels", 16) for c in s["unet_channels"]) if v else 8,
         use_linear_projection=v,
         norm_num_groups=32,
     )
@@ -175,7 +179,7 @@ def _build_sdxl(directory: Path, kind: str, s: dict, seed: int, context_length: 
         block_out_channels=channels, layers_per_block=s["layers"],
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",),
-        attention_head_dim=tuple(max(c // 16, 1) for c in channels), use_linear_projection=True,
+        attention_head_dim=tuple(max(c // s.get("head_channels", 16), 1) for c in channels), use_linear_projection=True,
         transformer_layers_per_block=tuple(range(1, len(channels) + 1)),
         cross_attention_dim=width2 if refiner else width1 + width2,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,

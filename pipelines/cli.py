@@ -54,8 +54,8 @@ def model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", help="a diffusers-format model directory, a single-file checkpoint (.safetensors in "
                                    "the A1111 / ComfyUI layout) or a hub id (default: the embedded model)")
     p.add_argument("--model-config", type=Path, default=None, metavar="DIR",
-                   help="for a single file of a layout other than SD 1.x / 2.x / SDXL: a diffusers directory of "
-                        "its layout (default: the one shipped for the detected architecture)")
+                   help="for a single file: a diffusers directory of its layout (default: the configuration read "
+                        "from the file's tensors, on the shipped one of the detected SD 1.x / 2.x / SDXL family)")
     p.add_argument("--vae", type=Path, default=None, metavar="DIR_OR_FILE",
                    help="replace the model's VAE: a diffusers VAE or model directory, or a VAE .safetensors file "
                         "(e.g. SDXL's fp16-fix VAE)")
