@@ -27,13 +27,21 @@ def embedded_controlnet(name: str) -> str | None:
     return str(d) if d is not None and (d / "config.json").is_file() else None
 
 
+def controlnet_named(path: str) -> str:
+    """``path`` itself when it holds a ControlNet (a file, or a folder with config.json), else the embedded
+    ControlNet of that name (``shapes``: the embedded model's, silhouette and canny conditions; a folder
+    ``shapes/`` without a ControlNet in it, such as this repository's package, does not hide it), else
+    ``path`` as given."""
+    p = Path(path).expanduser()
+    if p.is_file() or (p / "config.json").is_file():
+        return str(p)
+    return embedded_controlnet(path) or (str(p) if p.exists() else path)
+
+
 def locate_controlnet(path: str) -> str:
-    """``path`` itself when it exists, else the embedded ControlNet of that name (``shapes``: the embedded
-    model's, silhouette and canny conditions); ModelError naming both otherwise."""
-    if Path(path).expanduser().exists():
-        return str(Path(path).expanduser())
-    if (embedded := embedded_controlnet(path)) is not None:
-        return embedded
+    """controlnet_named(path) when it exists; ModelError naming the path and the embedded ones otherwise."""
+    if Path(found := controlnet_named(path)).exists():
+        return found
     names = ", ".join(n for n, d in EMBEDDED_CONTROLNETS.items() if (d / "config.json").is_file())
     raise ModelError(f"ControlNet {str(path)!r}: no such file or folder"
                      + (f", and not an embedded one ({names})" if names else ""))

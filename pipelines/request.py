@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ldm.guidance import scale_problem
-from ldm.locate import embedded_controlnet
+from ldm.locate import controlnet_named
 from ldm.names import A1111_CONTROL_MODES
 from ldm.prompts import lora_tags
 from ldm.samplers import SAMPLERS, SCHEDULE_SAMPLERS, get_sampler, parse_sampler, parse_schedule
@@ -544,8 +544,8 @@ def unit_problems(unit: dict, index: int, group: str, options: dict) -> list[tup
         problems.append((model_field, f"unknown unit field(s) {', '.join(unknown)}{which}"))
     model = unit.get("model")
     files = group == "control"  # a ControlNet may be one .safetensors file
-    if files and isinstance(model, str) and not Path(model).exists():
-        model = embedded_controlnet(model) or model  # the name of an embedded one (shapes)
+    if files and isinstance(model, str):
+        model = controlnet_named(model)  # a path, or the name of an embedded one (shapes)
     if model is None or not (isinstance(model, torch.nn.Module) or Path(model).is_dir() or
                              files and Path(model).suffix == ".safetensors" and Path(model).is_file()):
         problems.append((model_field, f"{str(model)!r} is neither a {what} directory (diffusers' layout)"
