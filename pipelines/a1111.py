@@ -10,6 +10,7 @@ work unchanged: the same routes under ``/sdapi/v1``, payload names and answers.
     GET  /sdapi/v1/progress    the running job's progress
     POST /sdapi/v1/png-info    the parameters an image carries
     POST /sdapi/v1/interrupt   stop the running job (its request answers with what it had: no images)
+    POST /sdapi/v1/skip        drop the running batch of the job; its next batch (n_iter) runs
     GET  /sdapi/v1/scripts     no scripts (clients ask before they send)
     GET  /sdapi/v1/sd-vae      the VAEs of --vae-dir
     POST /sdapi/v1/extra-single-image, /extra-batch-images   the extras tab's upscaling (filters, model upscalers)
@@ -585,6 +586,13 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         if job is not None:
             job.interrupted = True
             job.cancel.set()
+        return None
+
+    @app.post("/sdapi/v1/skip")
+    async def skip():  # the running batch is dropped; the job's next batch (n_iter) runs
+        job = studio.current
+        if job is not None:
+            job.skip.set()
         return None
 
     @app.post("/sdapi/v1/png-info")

@@ -291,6 +291,10 @@ class BadRequest(ValueError):
         self.field, self.message = field, message
 
 
+class Skipped(Exception):
+    """The running batch was skipped (A1111's /sdapi/v1/skip); the job goes on with its next batch."""
+
+
 class Cancelled(Exception):
     """The client went away; the job stopped."""
 
@@ -363,6 +367,7 @@ class Job:
         self.shutdown = False  # stopped because the server is shutting down
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.cancel = threading.Event()
+        self.skip = threading.Event()  # A1111's skip: drop the running batch, go on with the next
         self.step, self.steps = 0, 0
 
 
@@ -822,6 +827,9 @@ class Studio:
             job.step += 1  # counted over the whole job (its batches and hires passes)
             if job.cancel.is_set():
                 raise Cancelled()
+            if job.skip.is_set():
+                job.skip.clear()
+                raise Skipped()
 
         # the request's LoRA names as files (an edit resolves its request itself); r.loras has them already
         files_by_name = self.lora_files()
@@ -866,7 +874,13 @@ class Studio:
         else:
             try:
                 with torch.inference_mode():
-                    pipe.generate(runnable, step, on_batch=lambda res: keep(res, pipe.infotexts(res)))
+                    for part in runnable.iterations():  # batch by batch, so that a skipped one is only that
+                        done = job.step
+                        try:
+                            pipe.generate(part, step, on_batch=lambda res: keep(res, pipe.infotexts(res)))
+                        except Skipped:
+                            log.info("batch of seeds %s skipped", part.seeds)
+                            job.step = done + part.progress_steps()
             except Cancelled as exc:
                 exc.partial = {"images": images, "parameters": parameters, "seeds": seeds, "files": files,
                                "model": pipe.model.name, "model_name": self.current_model(),

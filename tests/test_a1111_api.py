@@ -40,6 +40,15 @@ def api(tmp_path_factory, sd1_dir):
     from ldm.models import load_model
 
     vae_file(load_model(sd1_dir).vae, vaes / "sd1-vae.safetensors")  # another layout's: does not fit
+    loras, embeds = tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("embeds")
+    import torch
+
+    from ldm.embeddings import write_embeddings
+    from ldm.tiny import random_lora
+
+    random_lora("ldm/assets/shapes-model", loras, sdxl=False, seed=4, name="shapes-lora.safetensors")
+    width = load_model("ldm/assets/shapes-model").text_encoder.config.hidden_size
+    write_embeddings(embeds / "glow.safetensors", {"<glow>": torch.randn(1, width, generator=torch.Generator().manual_seed(0))})
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -49,7 +58,8 @@ def api(tmp_path_factory, sd1_dir):
     # `--threads auto` would take fewer on a busy machine (another order of float sums, a pixel level off)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--models-dir",
                              str(models), "--output-dir", str(out), "--max-steps", "60", "--upscalers-dir",
-                             str(upscalers), "--vae-dir", str(vaes),
+                             str(upscalers), "--vae-dir", str(vaes), "--lora-dir", str(loras), "--embeddings-dir",
+                             str(embeds),
                              "--threads", str(torch.get_num_threads())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -167,26 +177,38 @@ def test_options_switch_models_and_override_settings(api):
     assert api.get_options()["sd_model_checkpoint"] == "shapes-model"  # restored afterwards, as A1111 does
 
 
-def test_progress_and_interrupt(api):
+def _while_sampling(api, when, **payload):
+    """Start a txt2img of ``payload`` in a thread; return once ``when(progress)`` holds (60 s at most), with
+    the thread and a dict that gets the answer under "r"."""
     done = {}
-
-    def long_job():
-        done["r"] = api.txt2img(prompt=PROMPT, seed=1, steps=60, batch_size=4, n_iter=3, width=64, height=64)
-
-    t = threading.Thread(target=long_job)
+    t = threading.Thread(target=lambda: done.update(r=api.txt2img(prompt=PROMPT, width=64, height=64, **payload)))
     t.start()
     deadline = time.time() + 60
-    while True:
-        p = api.get_progress()
-        # (the job before may still be current a moment, loading its model back after override_settings)
-        if p["state"]["sampling_step"] > 0 and p["state"]["sampling_steps"] == 180:
-            break
+    while not when(p := api.get_progress()):
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.02)
+    return t, done, p
+
+
+def test_progress_and_interrupt(api):
+    # (the job before may still be current a moment, loading its model back after override_settings)
+    t, done, p = _while_sampling(api, lambda p: p["state"]["sampling_step"] > 0 and p["state"]["sampling_steps"] == 180,
+                                 seed=1, steps=60, batch_size=4, n_iter=3)
     assert 0 < p["progress"] < 1
     api.interrupt()
     t.join(60)
     assert not t.is_alive() and done["r"].images == []
+
+
+def test_skip_drops_the_running_batch_and_the_job_goes_on(api):
+    """A1111's skip: the batch being sampled is dropped; the job's next batches (n_iter) are made and
+    answered, with their own seeds."""
+    t, done, _ = _while_sampling(api, lambda p: 0 < p["state"]["sampling_step"] < 40,  # the first batch samples
+                                 seed=10, steps=40, batch_size=2, n_iter=3)
+    api.skip()
+    t.join(120)
+    assert not t.is_alive()
+    assert len(done["r"].images) == 4 and done["r"].info["all_seeds"] == [12, 13, 14, 15]
 
 
 def test_hires_strength_zero_and_hr_resize_values(api, pipe):
@@ -216,8 +238,8 @@ def test_plms_and_the_lists_clients_read_at_start(api, pipe):
                         ("memory", lambda v: v["ram"]["total"] > v["ram"]["free"] > 0 and "cuda" in v),
                         ("cmd-flags", lambda v: v["api"] is True and "/" not in json.dumps(v)),
                         ("prompt-styles", lambda v: v == []), ("face-restorers", lambda v: v == []),
-                        ("hypernetworks", lambda v: v == []), ("loras", lambda v: v == []),
-                        ("embeddings", lambda v: v == {"loaded": {}, "skipped": {}})):
+                        ("hypernetworks", lambda v: v == []), ("loras", lambda v: [x["name"] for x in v] == ["shapes-lora"]),
+                        ("embeddings", lambda v: list(v["loaded"]) == ["<glow>"] and v["skipped"] == {})):
         got = httpx.get(f"{base}/{path}", timeout=30)
         assert got.status_code == 200 and check(got.json()), (path, got.text)
 
@@ -360,3 +382,75 @@ def rq_request():
     from pipelines.request import Request
 
     return Request(prompt=PROMPT, seed=8, steps=4, sampler="euler", guidance=7.0)
+
+
+def test_webuiapi_calls_for_loras_settings_inpainting_and_upscalers(api, pipe):
+    """Issue 54's acceptance: every webuiapi call for LoRA and embeddings, settings and lists, inpainting and
+    upscalers answers as A1111 would (each checked for its answer's shape; the images' equality with the
+    pipeline's is checked by the tests above). The count goes into docs/serve.md."""
+    image = pipe.text_to_image(PROMPT, seed=2, steps=3).images[0]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    small = dict(steps=3, width=64, height=64, sampler_name="Euler")
+    calls = {
+        # 1. LoRA and embeddings
+        "get_loras": (lambda: api.get_loras(), lambda v: v[0]["name"] == "shapes-lora"),
+        "get_embeddings": (lambda: api.get_embeddings(), lambda v: "<glow>" in v["loaded"]),
+        "refresh_checkpoints": (lambda: api.refresh_checkpoints(), lambda v: True),
+        "txt2img <lora:...> and an embedding": (
+            lambda: api.txt2img(prompt="<glow> a red circle <lora:shapes-lora:0.6>", seed=1, **small),
+            lambda v: "Lora hashes" in v.info["infotexts"][0] and v.image.size == (64, 64)),
+        # 2. settings and lists
+        "get_options": (lambda: api.get_options(), lambda v: v["sd_vae"] == "Automatic"),
+        "set_options": (lambda: api.set_options({"eta_ddim": 0.0, "s_noise": 1.0}), lambda v: True),
+        "get_sd_vae": (lambda: api.get_sd_vae(), lambda v: v[0]["model_name"] == "brighter.safetensors"),
+        "get_upscalers": (lambda: api.get_upscalers(), lambda v: "tiny-esrgan-4x" in [u["name"] for u in v]),
+        "get_latent_upscale_modes": (lambda: api.get_latent_upscale_modes(), lambda v: v[0]["name"] == "Latent"),
+        "get_cmd_flags": (lambda: api.get_cmd_flags(), lambda v: v["api"] is True),
+        "get_memory": (lambda: api.get_memory(), lambda v: v["ram"]["total"] > 0),
+        "get_prompt_styles": (lambda: api.get_prompt_styles(), lambda v: v == []),
+        "get_face_restorers": (lambda: api.get_face_restorers(), lambda v: v == []),
+        "get_hypernetworks": (lambda: api.get_hypernetworks(), lambda v: v == []),
+        "get_realesrgan_models": (lambda: api.get_realesrgan_models(), lambda v: v == []),
+        "get_samplers (PLMS)": (lambda: api.get_samplers(), lambda v: "PLMS" in [x["name"] for x in v]),
+        "get_schedulers": (lambda: api.get_schedulers(), lambda v: len(v) >= 4),
+        "get_scripts": (lambda: api.get_scripts(), lambda v: "txt2img" in v),
+        "get_sd_models": (lambda: api.get_sd_models(), lambda v: len(v) == 2),
+        "get_progress": (lambda: api.get_progress(), lambda v: "progress" in v),
+        "util_get_model_names": (lambda: api.util_get_model_names(), lambda v: "tiny-sd1" in v),
+        "util_get_sampler_names": (lambda: api.util_get_sampler_names(), lambda v: "PLMS" in v),
+        "util_get_scheduler_names": (lambda: api.util_get_scheduler_names(), lambda v: "karras" in v),
+        "util_get_current_model": (lambda: api.util_get_current_model(), lambda v: v == "shapes-model"),
+        "util_set_model": (lambda: api.util_set_model("shapes-model"), lambda v: True),
+        "util_wait_for_ready": (lambda: api.util_wait_for_ready(check_interval=0.1), lambda v: True),
+        "png_info": (lambda: api.png_info(image), lambda v: True),
+        "txt2img hires at strength 0": (
+            lambda: api.txt2img(prompt=PROMPT, seed=3, enable_hr=True, hr_scale=2, denoising_strength=0,
+                                hr_upscaler="Lanczos", **small), lambda v: v.image.size == (128, 128)),
+        # 3. inpainting
+        "img2img with a mask (A1111's inpainting fields)": (
+            lambda: api.img2img(images=[image], mask_image=mask, prompt=PROMPT, seed=4, mask_blur=2, inpainting_fill=1,
+                                inpaint_full_res=True, inpaint_full_res_padding=8, inpainting_mask_invert=0,
+                                initial_noise_multiplier=1.0, denoising_strength=0.8, **small),
+            lambda v: v.image.size == (64, 64)),
+        # 4. upscalers
+        "extra_single_image (model)": (
+            lambda: api.extra_single_image(image=image, upscaler_1="tiny-esrgan-4x", upscaling_resize=2),
+            lambda v: v.image.size == (128, 128)),
+        "extra_batch_images (model, Lanczos)": (
+            lambda: api.extra_batch_images(images=[image, image], upscaler_1="tiny-esrgan-4x", upscaler_2="Lanczos",
+                                           extras_upscaler_2_visibility=0.5, upscaling_resize=2),
+            lambda v: [im.size for im in v.images] == [(128, 128)] * 2),
+        "txt2img hires with a model upscaler": (
+            lambda: api.txt2img(prompt=PROMPT, seed=3, enable_hr=True, hr_scale=2, denoising_strength=0.5,
+                                hr_upscaler="tiny-esrgan-4x", **small), lambda v: v.image.size == (128, 128)),
+    }
+    failed = {}
+    for name, (call, check) in calls.items():
+        try:
+            if not check(call()):
+                failed[name] = "unexpected answer"
+        except Exception as exc:  # noqa: BLE001 (each call's failure is recorded, then all are reported)
+            failed[name] = f"{type(exc).__name__}: {exc}"[:300]
+    assert not failed, failed
+    assert len(calls) == 32
