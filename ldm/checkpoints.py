@@ -20,13 +20,8 @@ from pathlib import Path
 
 import torch
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-SD1_TEXT = "cond_stage_model.transformer."
-SD2_TEXT = "cond_stage_model.model."
-SDXL_TEXT_1 = "conditioner.embedders.0.transformer."
-SDXL_TEXT_2 = "conditioner.embedders.1.model."
-REFINER_TEXT = "conditioner.embedders.0.model."
+from .layouts import (REFINER_TEXT, SD1_TEXT, SD2_TEXT, SDXL_TEXT_1, SDXL_TEXT_2, UNET, VAE,  # noqa: F401
+                      CheckpointError)
 
 # resnet parameter names: diffusers -> original
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -37,10 +32,6 @@ _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                "self_attn.out_proj": "attn.out_proj"}
-
-
-class CheckpointError(ValueError):
-    """A single file that cannot be read as a Stable Diffusion checkpoint, with what was found."""
 
 
 # --- which architecture ---------------------------------------------------------------------------

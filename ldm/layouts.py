@@ -17,9 +17,20 @@ from __future__ import annotations
 
 import re
 
-from .checkpoints import UNET, VAE, CheckpointError
+# the key prefixes of the original (LDM / A1111 / ComfyUI) single-file layout
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD1_TEXT = "cond_stage_model.transformer."
+SD2_TEXT = "cond_stage_model.model."
+SDXL_TEXT_1 = "conditioner.embedders.0.transformer."
+SDXL_TEXT_2 = "conditioner.embedders.1.model."
+REFINER_TEXT = "conditioner.embedders.0.model."
 
 GROUPS = (32, 16, 8, 4, 2, 1)
+
+
+class CheckpointError(ValueError):
+    """A single file that cannot be read as a Stable Diffusion checkpoint, with what was found."""
 
 
 def _count(keys, prefix: str) -> int:
