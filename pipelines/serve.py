@@ -623,6 +623,7 @@ class Studio:
                 "embeddings": [{"file": f, "tokens": t} for f, t in self.embeddings.items()],
                 "lora": list(self.lora_files()),
                 "upscalers": [*rq.HIRES_UPSCALERS, *self.upscaler_files()],  # hires_upscaler's values
+                "hires": {"strength": OPTIONS["hires_strength"].default},
                 "controlnets": list(self.controlnets()),
                 "inpaint": {n: {"default": OPTIONS[n].default, "choices": OPTIONS[n].choices}  # the studio's fields
                             for n in options_for("inpaint", "http") if "inpaint" in OPTIONS[n].kinds

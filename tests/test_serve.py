@@ -386,6 +386,21 @@ def test_the_page_in_a_headless_browser(server):
             text = page.inner_text(".card pre >> nth=0")
             assert 'ControlNet 0: "Module: canny, Model: cn, Weight: 0.5' in text or \
                 "ControlNet 0: Module: canny, Model: cn, Weight: 0.5" in text, text
+            # the hires fix: its upscalers are the server's (latent, lanczos and --upscalers-dir's models)
+            page.reload()
+            page.wait_for_function("document.getElementById('hires-upscaler').options.length > 0")
+            assert [o.strip() for o in page.locator("#hires-upscaler option").all_inner_texts()] == ["latent", "lanczos"]
+            page.fill("#prompt", PROMPT)
+            page.fill("#steps", "4")
+            page.check("#hires")
+            page.select_option("#hires-upscaler", "lanczos")
+            page.fill("#hires-strength", "0.5")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('.card img').length > 0 && "
+                                   "document.querySelector('.card img').naturalWidth > 0", timeout=60000)
+            assert page.eval_on_selector(".card img", "img => img.naturalWidth") == 128
+            text = page.inner_text(".card pre >> nth=0")
+            assert "Hires upscale: 2" in text and "Hires upscaler: Lanczos" in text, text
         finally:
             browser.close()
 
