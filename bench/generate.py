@@ -6,6 +6,7 @@ means ours is faster) and where our time goes (text encoder, U-Net, VAE, the res
 
     python bench/generate.py                      # a random 'bench'-size SD1-layout model (256 px)
     python bench/generate.py --model DIR --steps 30 --batch-size 2 --sampler euler
+    python bench/generate.py --model DIR --dtype auto   # ours at auto vs ours / diffusers fp32, diffusers bf16
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both pipelines)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="both pipelines' weights")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                    help="both pipelines' weights; auto: ours at auto (bf16 on a CPU with native bf16 units) against "
+                         "ours and diffusers at fp32 and diffusers at bf16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,32 +60,52 @@ def main():
     if model is None:
         tmp = tempfile.TemporaryDirectory()
         model = str(build_checkpoint(tmp.name, "sd1", size="bench", seed=0))
-    # the same dtype for both (the embedded model stores fp16, which diffusers would otherwise keep)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, torch_dtype=dtype).to(args.device)
-    ref.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.sampler].from_config(
-        ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    ours = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     prompt = "a large red circle on a blue background"
     n = args.batch_size
 
-    def run_ours():
-        return ours.text_to_image(prompt, steps=args.steps, guidance_scale=args.guidance, seed=0, batch_size=n,
-                                  sampler=args.sampler).pixels
+    def diffusers_runner(dtype):
+        # (the embedded model stores fp16, which diffusers would otherwise keep: its dtype is given)
+        ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, torch_dtype=dtype).to(args.device)
+        ref.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.sampler].from_config(
+            ref.scheduler.config)
+        ref.set_progress_bar_config(disable=True)
 
-    def run_ref():
-        gens = [torch.Generator().manual_seed(i) for i in range(n)]
-        return ref(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens,
-                   num_images_per_prompt=n, output_type="pt").images
+        def run():
+            gens = [torch.Generator().manual_seed(i) for i in range(n)]
+            return ref(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens,
+                       num_images_per_prompt=n, output_type="pt").images
+        return run
+
+    def ours_runner(pipe):
+        def run():
+            return pipe.text_to_image(prompt, steps=args.steps, guidance_scale=args.guidance, seed=0, batch_size=n,
+                                      sampler=args.sampler).pixels
+        return run
+
+    if args.dtype == "auto":  # ours at auto against ours and diffusers at fp32, and diffusers at bf16
+        ours = Pipeline.from_pretrained(model, device=args.device, dtype="auto")
+        label = f"ours auto ({ours.dtype_name() or 'fp32'})"
+        runners = {label: ours_runner(ours),
+                   "ours fp32": ours_runner(Pipeline.from_pretrained(model, device=args.device, dtype="fp32")),
+                   "diffusers fp32": diffusers_runner(torch.float32),
+                   "diffusers bf16": diffusers_runner(torch.bfloat16)}
+        ratios = [(label, "ours fp32"), (label, "diffusers fp32"), (label, "diffusers bf16"),
+                  ("ours fp32", "diffusers fp32")]
+        same = ("ours fp32", "diffusers fp32")
+    else:  # the same dtype for both
+        ours = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
+        runners = {"ours": ours_runner(ours), "diffusers": diffusers_runner(dtypes[args.dtype])}
+        ratios = [("ours", "diffusers")]
+        same = ("ours", "diffusers")
 
     with torch.inference_mode():
-        a, b = run_ours(), run_ref()  # warm-up, and a check that both made the same images
-        max_diff = float((a.float().cpu() - b.float().cpu()).abs().max())
+        made = {k: fn() for k, fn in runners.items()}  # warm-up, and a check that they made the same images
+        max_diff = float((made[same[0]].float().cpu() - made[same[1]].float().cpu()).abs().max())
         times = defaultdict(list)
         for _ in range(args.repeats):
-            for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+            for name, fn in runners.items():
                 sync()
                 t0 = time.perf_counter()
                 fn()
@@ -92,7 +115,7 @@ def main():
         m = ours.model
         handles = timed_modules({"text encoder": m.text_encoder, "U-Net": m.unet, "VAE decode": m.vae.decoder}, parts)
         t0 = time.perf_counter()
-        run_ours()
+        runners[next(iter(runners))]()
         total = time.perf_counter() - t0
         for h in handles:
             h.remove()
@@ -103,11 +126,16 @@ def main():
     print(f"model: {model} (U-Net {unet_params:.1f} M parameters), {w}x{h}, sampler {args.sampler}, "
           f"{args.steps} steps, batch {n}, guidance {args.guidance}, {args.device} {args.dtype}, "
           f"threads {torch.get_num_threads()}")
-    print(f"max pixel difference ours vs diffusers: {max_diff:.2e}")
-    for k in ("ours", "diffusers"):
-        print(f"{k:>10}: {ips[k]:.3f} images/s (median of {args.repeats}: "
+    print(f"max pixel difference {same[0]} vs {same[1]}: {max_diff:.2e}")
+    if args.dtype == "auto":
+        first = next(iter(runners))
+        print(f"max pixel difference {first} vs ours fp32: "
+              f"{float((made[first].float() - made['ours fp32'].float()).abs().max()):.2e}")
+    for k in runners:
+        print(f"{k:>24}: {ips[k]:.3f} images/s (median of {args.repeats}: "
               f"{', '.join(f'{t:.2f}' for t in times[k])} s)")
-    print(f"     ratio: {ips['ours'] / ips['diffusers']:.3f} (ours / diffusers, images/s)")
+    for a, b in ratios:
+        print(f"ratio {a} / {b}: {ips[a] / ips[b]:.3f} (images/s)")
     if args.device != "cpu":
         print("(where the time goes is timed on the CPU only: forward hooks would time kernel launches here)")
         parts.clear()

@@ -269,8 +269,9 @@ def native_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":
-        cpu = torch.cpu
-        return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        from ldm.models import cpu_bf16
+
+        return cpu_bf16()[0]  # the one rule, which generation's dtype auto follows too
     return False
 
 

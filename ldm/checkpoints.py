@@ -236,11 +236,12 @@ def config_dir_for(arch: str) -> Path:
 
 
 def load_single_file(path: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False,
-                     dtype: torch.dtype = torch.float32):
+                     dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None):
     """The parts of a single-file checkpoint as diffusers / transformers models, keyed as in a diffusers
     directory (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2), plus its architecture
     and the config directory used (``config``: a diffusers directory of the same layout; default the
-    shipped one for the detected architecture)."""
+    configuration read from the tensors over the shipped one of the detected family). ``vae_dtype``: the
+    VAE's, where it differs from ``dtype``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
@@ -273,7 +274,7 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, allo
         _load(unet, convert_ldm_unet_checkpoint(sd, unet_cfg), "U-Net", path)
         vae = AutoencoderKL.from_config(vae_cfg)
         _load(vae, convert_ldm_vae_checkpoint(sd, vae_cfg), "VAE", path)
-        parts.update(unet=unet.to(dtype), vae=vae.to(dtype))
+        parts.update(unet=unet.to(dtype), vae=vae.to(vae_dtype or dtype))
         for name, cls, prefix, open_clip in encoders:
             text_cfg = CLIPTextConfig(**text_cfgs[name])
             model = cls(text_cfg)

@@ -61,7 +61,8 @@ def model_args(p: argparse.ArgumentParser):
                         "(e.g. SDXL's fp16-fix VAE)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="weights' dtype (default auto: fp16 on CUDA, fp32 on CPU)")
+                   help="weights' dtype (default auto: fp16 on CUDA; on a CPU bf16 where it has native bf16 units, AMX or "
+                        "AVX512-BF16, with the VAE in fp32, else fp32; LDM_CPU_BF16=0/1 overrides)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"],
                    help="attention kernel (default auto: xformers when installed on CUDA, else SDPA)")
     p.add_argument("--allow-pickle", action="store_true",

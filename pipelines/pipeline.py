@@ -560,8 +560,17 @@ class Pipeline:
                                       "Refiner": st.get("refiner"), "Refiner switch at": st.get("refiner_start"),
                                       **{k: v for k, v in st.items() if k.startswith("ControlNet ")},
                                       **st.get("a1111", {}),
-                                      **self.adapter_parameters(f"{p} {n}")})
+                                      **self.adapter_parameters(f"{p} {n}"), "Dtype": self.dtype_name()})
                 for k, (p, n, s) in enumerate(zip(res.prompts, res.negative_prompts, res.seeds))]
+
+    def dtype_name(self) -> str | None:
+        """The U-Net's dtype where it is not fp32 (the PNG records it then: bf16 on a CPU, fp16 on CUDA),
+        with the VAE's where that differs."""
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        unet, vae = (names.get(m.dtype, str(m.dtype)) for m in (self.model.unet, self.model.vae))
+        if unet == "fp32":
+            return None
+        return unet if vae == unet else f"{unet} (VAE {vae})"
 
     def adapter_parameters(self, text: str = "") -> dict:
         """What A1111 records of the files applied: ``VAE`` (a replaced VAE's file name), ``Lora hashes``

@@ -13,11 +13,14 @@ from pipelines.outputs import check_output_dir
 
 
 def _judging_args(p) -> None:
-    """What ldm eval and ldm eval-controlnet both take: the sampling settings, seed, batch, device."""
+    """What ldm eval and ldm eval-controlnet both take: the sampling settings, seed, batch, device, dtype."""
     sampling_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "auto", "bf16", "fp16"],
+                   help="the model's dtype (default fp32 on every machine, so that the figures compare; auto as "
+                        "ldm generate chooses it)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -70,7 +73,7 @@ def _eval(args) -> int:
         if args.seen == 0 and args.heldout == 0:
             raise ValueError("--seen 0 and --heldout 0 leave nothing to judge; ask for some prompts of either")
         check_output_dir(args.output_dir)
-        pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args))
+        pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args), dtype=args.dtype)
         report = evaluate(pipe, seen=args.seen, heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,
                           steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, schedule=args.schedule,
                           output_dir=args.output_dir, progress=not args.quiet)
@@ -97,7 +100,7 @@ def _eval_controlnet(args) -> int:
         if args.n < 1 or args.curve < 0 or args.batch_size < 1:
             raise ValueError("--n and --batch-size must be 1 or more, --curve 0 or more")
         check_output_dir(args.output_dir)
-        pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args))
+        pipe = Pipeline.from_pretrained(model_path(args), device=device_for(args), dtype=args.dtype)
         net = pipe.load_controlnet(args.controlnet)
         sampling = dict(zip(("sampler", "steps", "guidance_scale"),
                             pipe.sampling_settings(args.sampler, args.steps, args.guidance)), schedule=args.schedule)

@@ -117,7 +117,7 @@ def textual_inversion_demo(output_dir: Path, *, model: str | None = None, per_ca
     seeds = [10_000 + i for i in range(len(cases))]
     words = [shapes.caption(**c) for c in cases]
     concept = [f"a {c['size']} {token} on a {c['background']} background" for c in cases]
-    base = Pipeline.from_pretrained(base_model_path(model))
+    base = Pipeline.from_pretrained(base_model_path(model), dtype="fp32")  # measured: fp32 on every machine
     base_rows, base_images = judge_prompts(base, words, cases, seeds)
     base.load_embedding(output_dir / "embedding" / "learned_embeds.safetensors")
     ti_rows, ti_images = judge_prompts(base, concept, cases, seeds)
@@ -156,7 +156,7 @@ def _measure_dreambooth(model_dir: Path, per_case: int, prior_per_case: int) -> 
     from pipelines.pipeline import Pipeline
 
     (sub, sub_prompts), (pri, pri_prompts) = dreambooth_cases(per_case, prior_per_case)
-    pipe = Pipeline.from_pretrained(model_dir)
+    pipe = Pipeline.from_pretrained(model_dir, dtype="fp32")
     sub_rows, sub_images = judge_prompts(pipe, sub_prompts, sub, [20_000 + i for i in range(len(sub))])
     pri_rows, pri_images = judge_prompts(pipe, pri_prompts, pri, [30_000 + i for i in range(len(pri))])
     out = {"subject": _rates(sub_rows), "prior": _rates(pri_rows),

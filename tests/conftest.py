@@ -1,6 +1,12 @@
+import os
+
 import pytest
 
 from ldm.tiny import build_checkpoint
+
+# the suite runs in fp32 on every machine (dtype auto would be bf16 on a CPU with native bf16 units):
+# its images are compared with diffusers' and with each other bit for bit; tests/test_dtype.py sets it back
+os.environ["LDM_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")
