@@ -1,9 +1,6 @@
 """Model upscalers (ldm.upscalers): files of real architectures read through spandrel, safely; tiling
 against one untiled pass; A1111's way to a scale; the hires fix and `ldm upscale` with them."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -96,25 +93,28 @@ def test_hires_fix_with_a_model_upscaler(pipe, folder):
         pipe.text_to_image("x", hires_scale=2, hires_upscaler="nope")
 
 
-def _ldm(*args):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True)
+def test_ldm_upscale(folder, tmp_path, capsys):
+    from pipelines.cli import main
 
+    def ldm(*args):
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
 
-def test_ldm_upscale(folder, tmp_path):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 26, 3), dtype=np.uint8))
     image.save(tmp_path / "in.png")
-    r = _ldm("upscale", tmp_path / "in.png", "--upscaler", "compact-2x", "--upscalers-dir", folder, "--scale", 3,
-             "--tile", 24, "--tile-overlap", 16, "--output", tmp_path / "out.png", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    code, err = ldm("upscale", tmp_path / "in.png", "--upscaler", "compact-2x", "--upscalers-dir", folder, "--scale", 3,
+                    "--tile", 24, "--tile-overlap", 16, "--output", tmp_path / "out.png", "--device", "cpu")
+    assert code == 0, err
     net = load_upscaler(folder / "compact-2x.safetensors")
     ref = upscale(net, image, (78, 90))  # one tile: the untiled pass (two passes of 2x, then Lanczos down)
     out = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"), dtype=int)
     diff = np.abs(out - np.asarray(ref, dtype=int))  # (the network reaches 6 px: under half the overlap)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # (a level of float rounding where it falls on .5)
-    r = _ldm("upscale", tmp_path / "in.png", "--upscaler", folder / "old-2x.pth", "--output", tmp_path / "b.png")
-    assert r.returncode == 2 and "pickle file (.pth), refused by default" in r.stderr
-    r = _ldm("upscale", tmp_path / "in.png", "--upscaler", folder / "old-2x.pth", "--allow-pickle",
-             "--output", tmp_path / "b.png", "--device", "cpu")
-    assert r.returncode == 0 and Image.open(tmp_path / "b.png").size == (52, 60)
-    r = _ldm("upscale", tmp_path / "in.png", "--upscaler", "x4", "--upscalers-dir", folder, "--output", tmp_path / "c.png")
-    assert r.returncode == 2 and "no upscaler 'x4'; available: latent, lanczos, compact-2x" in r.stderr
+    code, err = ldm("upscale", tmp_path / "in.png", "--upscaler", folder / "old-2x.pth", "--output", tmp_path / "b.png")
+    assert code == 2 and "pickle file (.pth), refused by default" in err
+    code, err = ldm("upscale", tmp_path / "in.png", "--upscaler", folder / "old-2x.pth", "--allow-pickle",
+                    "--output", tmp_path / "b.png", "--device", "cpu")
+    assert code == 0 and Image.open(tmp_path / "b.png").size == (52, 60)
+    code, err = ldm("upscale", tmp_path / "in.png", "--upscaler", "x4", "--upscalers-dir", folder, "--output",
+                    tmp_path / "c.png")
+    assert code == 2 and "no upscaler 'x4'; available: latent, lanczos, compact-2x" in err
