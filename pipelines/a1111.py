@@ -671,13 +671,12 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         cropped to fill with upscaling_crop) with upscaler_1 and, blended in by
         extras_upscaler_2_visibility, upscaler_2 (a filter, or a model of --upscalers-dir). Face restoration
         is not a feature here."""
-        models = studio.upscaler_files()
+        models, limits = studio.upscaler_files(), studio.request_limits()
         names = [body.get("upscaler_1", "None"), body.get("upscaler_2", "None")]
         bad = [(f, f"no upscaler {n!r}; available: {', '.join([*EXTRAS_UPSCALERS, *models])}")
                for f, n in zip(("upscaler_1", "upscaler_2"), names) if n not in EXTRAS_UPSCALERS and n not in models]
-        bad += [(f, f"upscaler {n!r} is a pickle file, refused: give the server its .safetensors, or start it with "
-                    f"--allow-pickle") for f, n in zip(("upscaler_1", "upscaler_2"), names)
-                if n in models and models[n].suffix != ".safetensors" and not studio.request_limits().allow_pickle]
+        bad += [(f, msg) for f, n in zip(("upscaler_1", "upscaler_2"), names)  # a pickle the server may not read
+                if n in models and (msg := rq.upscaler_problem(n, limits)) is not None]
         mode, scale = body.get("resize_mode", 0), body.get("upscaling_resize", 2)
         w, h = body.get("upscaling_resize_w", 512), body.get("upscaling_resize_h", 512)
         visibility = body.get("extras_upscaler_2_visibility", 0)
@@ -700,8 +699,9 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
             except BadRequest as exc:
                 return [(exc.field, exc.message)], None
         limit = studio.limits.max_side
-        for image in decoded:
-            size = (round(image.width * scale), round(image.height * scale)) if mode == 0 else (int(w), int(h))
+        sizes = [(round(im.width * scale), round(im.height * scale)) if mode == 0 else (int(w), int(h))
+                 for im in decoded]
+        for size in sizes:
             if not (1 <= min(size) and max(size) <= limit):
                 return [("upscaling_resize" if mode == 0 else "upscaling_resize_w",
                          f"makes {size[0]}x{size[1]}; sides must be from 1 to {limit} (--max-side)")], None
@@ -732,8 +732,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
                 ("Postprocess upscaler", names[0]),
                 ("Postprocess upscaler 2", names[1] if names[1] != "None" and visibility > 0 else None)) if v is not None)
             out = []
-            for image in decoded:
-                size = (round(image.width * scale), round(image.height * scale)) if mode == 0 else (int(w), int(h))
+            for image, size in zip(decoded, sizes):
                 first = up(image, names[0], size)
                 if names[1] != "None" and visibility > 0 and first is not image:
                     first = Image.blend(first, up(image, names[1], size).resize(first.size), float(visibility))
@@ -745,7 +744,7 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
     @app.post("/sdapi/v1/extra-single-image")
     async def extra_single_image(body: dict):
         """A1111's extras tab on one image (extras_job)."""
-        bad, job = extras_job(body, [("image", body.get("image"))])
+        bad, job = await run_in_threadpool(extras_job, body, [("image", body.get("image"))])  # (decodes them)
         if bad:
             return _error(422, bad)
         out = await call_on_worker(studio, job)
@@ -757,8 +756,8 @@ def add_routes(app: FastAPI, studio, *, execute, call_on_worker, error, bad_requ
         items = body.get("imageList")
         if not isinstance(items, list):
             return _error(422, [("imageList", "required: a list of {\"data\": base64 image, \"name\": ...}")])
-        bad, job = extras_job(body, [(f"imageList[{i}]", item.get("data") if isinstance(item, dict) else None)
-                                     for i, item in enumerate(items)])
+        bad, job = await run_in_threadpool(extras_job, body, [
+            (f"imageList[{i}]", item.get("data") if isinstance(item, dict) else None) for i, item in enumerate(items)])
         if bad:
             return _error(422, bad)
         out = await call_on_worker(studio, job)

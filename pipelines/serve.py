@@ -492,6 +492,14 @@ class Studio:
         return {p.name: p for p in sorted(self.vae_dir.iterdir())
                 if p.suffix in (".safetensors", ".pt", ".ckpt") or (p / "config.json").is_file()}
 
+    def vae_problem(self, name) -> str | None:
+        """Why ``name`` is no VAE of this server (vae_files(), Automatic, None); None when it is one."""
+        files = self.vae_files()
+        if name in AUTOMATIC_VAES or name in files:
+            return None
+        return (f"no VAE {name!r}; available: {', '.join([*AUTOMATIC_VAES, *files])}"
+                + ("" if self.vae_dir else " (the server has no --vae-dir)"))
+
     def switch_vae(self, name: str) -> str:
         """Use the VAE called ``name`` (vae_files(), or Automatic / None: the model's own) from now on, with
         this model and those switched to later; run on the worker. Raises BadRequest naming the value."""
@@ -499,17 +507,16 @@ class Studio:
 
         from ldm.checkpoints import CheckpointError, load_vae
 
+        if (problem := self.vae_problem(name)) is not None:
+            raise BadRequest("sd_vae", problem)
         files = self.vae_files()
-        if name not in AUTOMATIC_VAES and name not in files:
-            raise BadRequest("sd_vae", f"no VAE {name!r}; available: {', '.join([*AUTOMATIC_VAES, *files])}"
-                                       + ("" if self.vae_dir else " (the server has no --vae-dir)"))
         own = self._own_vae
         if name in AUTOMATIC_VAES:
             vae = own
         elif name == self.vae_name:
             return name
         else:
-            allow = bool(self.load_kwargs.get("allow_pickle", False))
+            allow = self.request_limits().allow_pickle
             if files[name].suffix in (".pt", ".ckpt") and not allow:
                 raise BadRequest("sd_vae", f"VAE {name!r} is a pickle file, refused: give the server its "
                                            ".safetensors, or start it with --allow-pickle")
@@ -522,7 +529,8 @@ class Studio:
         self.vae_name = AUTOMATIC_VAE if name in AUTOMATIC_VAES else name
         if vae is not own:
             log.info("VAE %s in use", name)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return self.vae_name
 
     def request_limits(self) -> rq.Limits:
@@ -908,8 +916,8 @@ async def execute(studio: "Studio", req: rq.Request, request: Request, *, interr
     normal answer), else 499."""
     if model is not None and model not in studio.models():
         return _error(422, [("sd_model_checkpoint", f"no model {model!r}; available: {', '.join(studio.models())}")])
-    if vae is not None and vae not in AUTOMATIC_VAES and vae not in studio.vae_files():
-        return _error(422, [("sd_vae", f"no VAE {vae!r}; available: {', '.join([*AUTOMATIC_VAES, *studio.vae_files()])}")])
+    if vae is not None and (problem := studio.vae_problem(vae)) is not None:
+        return _error(422, [("sd_vae", problem)])
     try:
         job = Job(studio.resolve(req), edit=edit, model=model, restore_model=restore_model, vae=vae)
     except rq.RequestError as exc:
